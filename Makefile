@@ -1,0 +1,45 @@
+# restorer: the commands a user and CI run. `make help` lists them.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch that this kind of machine keeps on local disk; GPU users
+# install the torch build for their CUDA first, and `pip install -e .` keeps it.
+TORCH_CPU ?= torch==2.13.0
+SHARDS ?= data/shards
+RUN ?= runs/demo
+
+.PHONY: help setup shards test bench demo clean
+
+help:
+	@echo "make setup   create $(VENV), install torch (CPU wheel here) and restorer[dev]"
+	@echo "make shards  build WebDataset shards into $(SHARDS) (embedded default images; ARGS='--bsds PATH ...')"
+	@echo "make test    run the test suite (what CI runs)"
+	@echo "make bench   run the benchmarks in bench/"
+	@echo "make demo    shards -> 2-process CPU training -> eval -> comparison picture"
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_CPU)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+shards: setup
+	$(BIN)/python -m shard_tools build --out $(SHARDS) $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python bench/shards.py
+	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/restore.py
+
+clean:
+	rm -rf $(VENV) data runs .pytest_cache

@@ -1,0 +1,129 @@
+"""One typed config per program: dataclass defaults, then a YAML file, then CLI flags.
+
+Every program declares a dataclass; :func:`parse_config` turns its fields into
+``--flag`` options (``snake_case`` -> ``--kebab-case``), reads ``--config FILE.yaml``
+first and lets explicit flags win. :func:`dump_config` writes the resolved config
+next to whatever the program produces.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+from restorer.errors import UserError
+
+T = TypeVar("T")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """Return (element type, is_list) for a field annotation (Optional unwrapped)."""
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return _base_type(args[0])
+    if origin in (list, tuple, Sequence):
+        return (args[0] if args else str), True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one option per dataclass field; defaults are left as None (= not given)."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.metadata.get("cli") is False:
+            continue
+        tp, is_list = _base_type(hints[field.name])
+        help_text = field.metadata.get("help", "")
+        default = field.default if field.default is not dataclasses.MISSING else (
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
+        help_text = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
+        kwargs: dict[str, Any] = {"dest": field.name, "default": None, "help": help_text}
+        if "choices" in field.metadata:
+            kwargs["choices"] = field.metadata["choices"]
+        if tp is bool:
+            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+        elif is_list:
+            kwargs.update(type=tp if tp in (int, float) else str, nargs="+")
+            if field.metadata.get("append"):
+                kwargs.update(action="extend")
+        else:
+            kwargs.update(type=tp if tp in (int, float) else str)
+        parser.add_argument(_flag(field.name), **kwargs)
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: expected a mapping of option: value at the top level")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(cls: type[T], overrides: dict[str, Any], source: str = "config") -> T:
+    """Instantiate ``cls`` from a dict, rejecting unknown keys with one clear line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise UserError(f"{source}: unknown option(s) {', '.join(unknown)} for {cls.__name__}")
+    cfg = cls(**overrides)
+    check = getattr(cfg, "validate", None)
+    if callable(check):
+        check()
+    return cfg
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None = None, *, prog: str | None = None,
+                 description: str | None = None, epilog: str | None = None,
+                 parser: argparse.ArgumentParser | None = None) -> T:
+    """Parse ``argv`` into ``cls``: defaults < ``--config`` YAML < explicit flags."""
+    if parser is None:
+        parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="YAML file of option: value pairs (flags given here win)")
+    add_dataclass_arguments(parser, cls)
+    ns = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if ns.config:
+        values.update(load_yaml(ns.config))
+    values.update({k: v for k, v in vars(ns).items() if k != "config" and v is not None})
+    return build_config(cls, values, source=ns.config or "command line")
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def dump_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML, atomically."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    os.replace(tmp, p)
+    return p
