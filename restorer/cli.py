@@ -1,15 +1,55 @@
-"""The `restorer` command line (subcommands are added as the project grows)."""
-import argparse
+"""The `restorer` command line: `restorer <command> [options]`; `restorer <command> --help` for each.
+
+Each command lives in its own module with a ``main(argv) -> int``; this file only dispatches.
+"""
+from __future__ import annotations
+
+import importlib
 import sys
 
+# command -> (module, one-line summary). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "restore": ("restorer.restore", "restore JPEG photos with trained weights (tiled, any size)"),
+    "eval": ("restorer.evaluate", "PSNR / SSIM / PSNR-B of JPEG vs restored on reference images"),
+    "compare": ("restorer.compare", "side-by-side panel: JPEG | restored | original"),
+    "model-info": ("restorer.model_info", "parameters and FLOPs per megapixel of a model preset"),
+    "plot": ("restorer.plot", "loss and PSNR curves of a run (from metrics.jsonl) to a PNG"),
+}
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="restorer", description=__doc__)
-    parser.add_subparsers(dest="command")
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-    return 0
+USAGE = """usage: restorer <command> [options]
+
+commands:
+{commands}
+
+examples:
+  restorer restore photo.jpg -o restored/ --weights runs/demo/model.safetensors
+  restorer eval --weights runs/demo/model.safetensors --images data/val --quality 10 20 30 40
+  restorer model-info --preset default
+Run `restorer <command> --help` for a command's options.
+"""
+
+
+def _usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    return USAGE.format(commands="\n".join(f"  {c:<{width}}  {s}" for c, (_, s) in COMMANDS.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from restorer import __version__
+
+        print(f"restorer {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
 
 
 if __name__ == "__main__":
