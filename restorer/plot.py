@@ -1,0 +1,94 @@
+"""`restorer plot RUN_DIR`: loss and PSNR curves of a training run, drawn from its metrics.jsonl.
+
+For people who trained offline (or without W&B at all): every run writes ``metrics.jsonl``, one
+JSON object per logged event with a ``step``. Keys containing ``loss`` go in the left panel, keys
+containing ``psnr`` or ``gain`` (train PSNR, val PSNR and gain per quality) in the right one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from restorer.errors import UserError, cli_entry
+
+EPILOG = """examples:
+  restorer plot runs/demo                      # writes runs/demo/curves.png
+  restorer plot runs/demo -o curves.png --log-loss
+"""
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Series name -> [(step, value)], skipping non-numeric values and lines cut short by a kill."""
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    with open(path) as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a run killed mid-write leaves at most one partial last line
+            step = row.get("step")
+            if not isinstance(step, int):
+                continue
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        and math.isfinite(value):
+                    series[key].append((step, float(value)))
+    return dict(series)
+
+
+def _panel(ax, series: dict[str, list[tuple[int, float]]], keys: list[str], title: str, ylabel: str) -> None:
+    for key in keys:
+        steps, values = zip(*series[key])
+        ax.plot(steps, values, label=key, marker="o" if len(steps) < 30 else None, markersize=3)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if keys:
+        ax.legend(fontsize=7)
+
+
+def plot_run(run_dir: Path, out: Path, log_loss: bool = False) -> Path:
+    metrics = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
+    if not metrics.is_file():
+        raise UserError(f"{metrics}: no metrics.jsonl here (pass a run directory made by launch/train.py)")
+    series = read_metrics(metrics)
+    loss_keys = sorted(k for k in series if "loss" in k)
+    psnr_keys = sorted(k for k in series if ("psnr" in k or "gain" in k) and "loss" not in k)
+    if not loss_keys and not psnr_keys:
+        raise UserError(f"{metrics}: holds no loss or PSNR values yet")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    _panel(left, series, loss_keys, "loss", "MSE")
+    if log_loss:
+        left.set_yscale("log")
+    _panel(right, series, psnr_keys, "PSNR (RGB, dB)", "dB")
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="restorer plot", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="run directory holding metrics.jsonl (or the file itself)")
+    parser.add_argument("-o", "--out", type=Path, default=None, help="PNG to write (default RUN_DIR/curves.png)")
+    parser.add_argument("--log-loss", action="store_true", help="log scale for the loss panel")
+    args = parser.parse_args(argv)
+    out = args.out or ((args.run_dir if args.run_dir.is_dir() else args.run_dir.parent) / "curves.png")
+    print(plot_run(args.run_dir, out, args.log_loss))
+    return 0
