@@ -1,0 +1,110 @@
+"""``python -m shard_tools {build,verify,merge}``: pack image datasets into WebDataset shards."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from restorer.config import parse_config
+from restorer.errors import UserError, cli_entry, setup_logging
+
+BUILD_EPILOG = """\
+examples:
+  python -m shard_tools build                       # scikit-image's photos (offline demo set)
+  python -m shard_tools build --out data/shards --bsds ~/datasets/BSR --workers 4
+  python -m shard_tools build --div2k ~/dl --bsds ~/dl/BSR_bsds500.tgz --folder ~/photos
+  python -m shard_tools build --openimages ~/oi/train_0 ~/oi/validation \\
+        ~/oi/train-images-boxable-with-rotation.csv --max-images 20000
+  python -m shard_tools build --config shards.yaml --verify
+  # two machines, then join:
+  python -m shard_tools build --div2k D --out part0 --num-jobs 2 --job-index 0
+  python -m shard_tools build --div2k D --out part1 --num-jobs 2 --job-index 1
+  python -m shard_tools merge data/shards part0 part1
+
+Output: OUT/<split>/shard-NNNNNN.tar (+ sizes.json) and OUT/manifest.json. Re-running the same
+command skips the shards that are already complete; an interrupted build resumes.
+Exit status: 0 ok, 1 verify found problems, 2 bad input/output (one line on stderr).
+"""
+
+VERIFY_EPILOG = """\
+examples:
+  python -m shard_tools verify data/shards
+
+Re-hashes every shard listed in DIR/manifest.json; prints one line per missing, resized or
+changed shard (and shards not in the manifest); exit status 1 when any.
+"""
+
+MERGE_EPILOG = """\
+examples:
+  python -m shard_tools merge data/shards part0 part1 part2
+
+Joins the outputs of `build --num-jobs K --job-index I` runs (same settings) into OUT: shards are
+hard-linked (or copied) and renumbered, manifests and sizes.json combined.
+"""
+
+
+def _build(argv: list[str]) -> int:
+    from shard_tools.build import build
+    from shard_tools.config import BuildConfig
+
+    cfg = parse_config(BuildConfig, argv, prog="python -m shard_tools build",
+                       description="Build WebDataset shards of lossless image tiles.",
+                       epilog=BUILD_EPILOG)
+    manifest = build(cfg)
+    return 1 if manifest.get("verify_problems") else 0
+
+
+def _verify(argv: list[str]) -> int:
+    from shard_tools.writer import verify
+
+    p = argparse.ArgumentParser(prog="python -m shard_tools verify", epilog=VERIFY_EPILOG,
+                                description="Check shards against their manifest.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", help="shard folder (holding manifest.json)")
+    ns = p.parse_args(argv)
+    problems = verify(Path(ns.dir))
+    for line in problems:
+        print(line)
+    if not problems:
+        print(f"{ns.dir}: all shards match the manifest")
+    return 1 if problems else 0
+
+
+def _merge(argv: list[str]) -> int:
+    from shard_tools.writer import merge
+
+    p = argparse.ArgumentParser(prog="python -m shard_tools merge", epilog=MERGE_EPILOG,
+                                description="Join the parts of a multi-machine build.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="output shard folder")
+    p.add_argument("parts", nargs="+", help="part folders written by build --job-index")
+    ns = p.parse_args(argv)
+    m = merge(Path(ns.out), [Path(x) for x in ns.parts])
+    for split, info in m["splits"].items():
+        print(f"{split}: {info['samples']} samples in {len(info['shards'])} shards")
+    return 0
+
+
+COMMANDS = {"build": _build, "verify": _verify, "merge": _merge}
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m shard_tools {build,verify,merge} [--help]\n\n"
+              "  build   pack datasets into shards (python -m shard_tools build --help)\n"
+              "  verify  re-hash shards against the manifest\n"
+              "  merge   join the parts of a multi-machine build", file=sys.stderr
+              if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        if argv and argv[0] not in ("-h", "--help"):
+            raise UserError(f"unknown command {argv[0]!r} (choose build, verify or merge)")
+        return 0 if argv else 2
+    setup_logging()
+    logging.getLogger("PIL").setLevel(logging.WARNING)
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
