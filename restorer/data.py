@@ -1,0 +1,800 @@
+"""Training and validation streams: WebDataset shards -> patches -> JPEG-degraded uint8 batches.
+
+Train stream, one epoch, per rank and DataLoader worker (a "slot")::
+
+    shard list (manifest / sizes.json / URL spec)
+      -> this slot's shards (the epoch's shard permutation, balanced by sample count)  | or resampled
+      -> tar members -> samples -> decode tile -> ``patches_per_image`` augmented patches (augment.py)
+      -> patch shuffle buffer -> JPEG round trip at the patch's quality -> uint8 batch in the worker
+
+Guarantees (see ``make_train_loader``):
+
+* Every rank yields exactly ``loader.batches_per_epoch`` batches per epoch, computed in the main
+  process from the shard sample counts, so DDP ranks never wait on each other.
+* Without ``resampled`` no sample is read twice in an epoch: the shards are split between the
+  ``world_size x num_workers`` slots (greedy balance by sample count over the epoch's shard
+  permutation, so slot sizes are the same every epoch and only which shard goes where changes);
+  the epoch length is the smallest slot total, so larger slots leave a few samples for next epoch.
+  With ``resampled`` each slot draws shards with replacement (weighted by sample count).
+* More slots than shards would starve workers: the worker count is capped at
+  ``shards // world_size`` (with a warning); with more ranks than shards the stream falls back to
+  resampling (with a warning).
+* A corrupt sample or shard (truncated tar, undecodable image, missing or vanished file, failing
+  pipe) is logged (rate-limited), skipped and counted (``loader.stats()``, and one log line per
+  epoch). A slot that runs short because of that tops up from the epoch's other shards (counted as
+  ``refill_tiles``), so batch counts stay equal. A stream that yields nothing raises
+  :class:`~restorer.errors.UserError` naming the path instead of hanging.
+* Given (seed, epoch, rank, worker) the stream is reproducible: numpy's Generator and Python's
+  ``random`` are seeded from all four; the epoch is read from :class:`SharedEpoch` in each worker.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import json
+import logging
+import multiprocessing as mp
+import os
+import random
+import re
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from restorer import augment
+from restorer.augment import AugmentParams, TileTooSmall
+from restorer.degrade import SUBSAMPLING, jpeg_roundtrip, parse_quality
+from restorer.errors import UserError
+
+log = logging.getLogger("restorer.data")
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+# ----------------------------------------------------------------------------------------- config
+
+@dataclasses.dataclass
+class StreamConfig:
+    shards: str = dataclasses.field(default="", metadata={
+        "help": "shards dir with manifest.json, or URLs: shard-{000000..000099}.tar, pipe:CMD, s3://, https:// "
+                "('::' separates several)"})
+    splits: list[str] = dataclasses.field(default_factory=lambda: ["train"], metadata={"help": "splits of a shards dir"})
+    patch_size: int = 128
+    patches_per_image: int = 4
+    quality: str = dataclasses.field(default="10", metadata={"help": "JPEG quality, or a range like 10-90 drawn per patch"})
+    rescale_p: float = 0.5
+    rescale_scales: tuple = (0.9, 0.8, 0.7, 0.6)
+    rotate_p: float = 0.5
+    flip_p: float = 0.0
+    chroma_subsampling: str = dataclasses.field(default="4:2:0", metadata={"choices": list(SUBSAMPLING)})
+    grayscale: bool = False
+    shuffle_buffer: int = dataclasses.field(default=1000, metadata={"help": "patches held per worker for shuffling"})
+    resampled: bool = False
+    seed: int = 0
+
+    def augment_params(self) -> AugmentParams:
+        return AugmentParams(patch_size=int(self.patch_size), rescale_p=float(self.rescale_p),
+                             rescale_scales=tuple(float(s) for s in self.rescale_scales),
+                             rotate_p=float(self.rotate_p), flip_p=float(self.flip_p))
+
+    def validate(self) -> None:
+        try:
+            parse_quality(self.quality)
+            self.augment_params().validate()
+        except ValueError as exc:
+            raise UserError(f"stream config: {exc}") from None
+        if self.chroma_subsampling not in SUBSAMPLING:
+            raise UserError(f"stream config: chroma_subsampling must be one of {', '.join(SUBSAMPLING)}, "
+                            f"got {self.chroma_subsampling!r}")
+        if self.patches_per_image < 1 or self.shuffle_buffer < 0 or self.seed < 0:
+            raise UserError("stream config: patches_per_image >= 1, shuffle_buffer >= 0 and seed >= 0 required")
+        if not str(self.shards).strip():
+            raise UserError("stream config: no shards given (a shards dir or a URL pattern)")
+
+
+class SharedEpoch:
+    """An epoch number the trainer sets and every DataLoader worker (forked or spawned) reads."""
+
+    def __init__(self, epoch: int = 0):
+        self.value = mp.Value("i", int(epoch))
+
+    def set_value(self, epoch: int) -> None:
+        self.value.value = int(epoch)
+
+    def get_value(self) -> int:
+        return int(self.value.value)
+
+
+def to_device_float(t: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
+    """uint8 [B,C,H,W] -> float32 in [0, 1] on ``device`` (the copy moves bytes, not floats)."""
+    out = t.to(device, non_blocking=True).float().div_(255.0)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+# ------------------------------------------------------------------------------------ shard lists
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: Optional[int]  # None when no manifest/sizes.json gives the count
+
+
+def _scheme(url: str) -> str:
+    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*):", url)
+    # one letter before ':' is a Windows drive, not a scheme
+    return m.group(1).lower() if m and len(m.group(1)) > 1 else ""
+
+
+def _is_local(url: str) -> bool:
+    return _scheme(url) in ("", "file")
+
+
+def _local_path(url: str) -> Path:
+    return Path(re.sub(r"^file://?", "/", url) if url.startswith("file:") else url)
+
+
+def _read_text(url: str) -> str:
+    if _is_local(url):
+        return _local_path(url).read_text()
+    if _scheme(url) in ("http", "https"):
+        with urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310 (user-given shard URL)
+            return resp.read().decode()
+    import fsspec
+
+    with fsspec.open(url, "rt") as f:
+        return f.read()
+
+
+def _join(base: str, rel: str) -> str:
+    return str(Path(base) / rel) if _is_local(base) else base.rstrip("/") + "/" + rel
+
+
+def _from_manifest(base: str, text: str, splits: Sequence[str]) -> list[Shard]:
+    where = _join(base, "manifest.json")
+    try:
+        manifest = json.loads(text)
+        known = manifest["splits"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{where}: not a shard manifest (expected JSON with 'splits')") from None
+    if manifest.get("format") != 1:
+        raise UserError(f"{where}: manifest format {manifest.get('format')!r} is not supported (expected 1)")
+    shards = []
+    for split in splits:
+        if split not in known:
+            raise UserError(f"{where}: no split {split!r} (has {', '.join(sorted(known)) or 'none'})")
+        for entry in known[split]["shards"]:
+            shards.append(Shard(_join(base, entry["path"]), int(entry["samples"])))
+    return shards
+
+
+def _sizes_for(paths: Sequence[Path]) -> dict[Path, int]:
+    """Counts from the sizes.json next to local shards (the builder writes one per split dir)."""
+    out: dict[Path, int] = {}
+    for folder in {p.parent for p in paths}:
+        sizes = folder / "sizes.json"
+        if sizes.is_file():
+            try:
+                for name, n in json.loads(sizes.read_text()).items():
+                    out[folder / name] = int(n)
+            except (ValueError, AttributeError, TypeError):
+                log.warning("%s: unreadable, shard sizes unknown", sizes)
+    return out
+
+
+def resolve_shards(spec: str, splits: Sequence[str] = ("train",)) -> tuple[list[Shard], int]:
+    """Shards named by ``spec``, with sample counts where known; and how many listed local shards
+    are missing (skipped with a warning). Raises UserError when nothing usable is named."""
+    spec = str(spec).strip()
+    if not spec:
+        raise UserError("no shards given")
+    braces = "{" in spec or "::" in spec
+    is_tar = spec.lower().endswith(TAR_SUFFIXES)
+    if not braces and not is_tar and _scheme(spec) != "pipe":
+        if _is_local(spec):
+            root = _local_path(spec)
+            if not root.exists():
+                raise UserError(f"{root}: no such shards directory or file")
+            if root.is_dir():
+                if (root / "manifest.json").is_file():
+                    shards = _from_manifest(str(root), (root / "manifest.json").read_text(), splits)
+                else:  # a folder of tars, or of split folders of tars
+                    tars = sorted(p for s in splits if (root / s).is_dir() for p in (root / s).glob("*.tar"))
+                    tars = tars or sorted(root.glob("*.tar"))
+                    if not tars:
+                        raise UserError(f"{root}: no manifest.json and no .tar shards")
+                    sizes = _sizes_for(tars)
+                    shards = [Shard(str(p), sizes.get(p)) for p in tars]
+                return _check_local(shards, spec)
+        else:  # remote shards dir: read its manifest
+            try:
+                text = _read_text(_join(spec, "manifest.json"))
+            except Exception as exc:  # noqa: BLE001 (any transport error)
+                raise UserError(f"{_join(spec, 'manifest.json')}: cannot read ({exc})") from None
+            return _from_manifest(spec, text, splits), 0
+    import webdataset as wds
+
+    urls = wds.shardlists.expand_urls(spec)
+    local = [_local_path(u) for u in urls if _is_local(u)]
+    sizes = _sizes_for(local)
+    shards = [Shard(u, sizes.get(_local_path(u)) if _is_local(u) else None) for u in urls]
+    return _check_local(shards, spec)
+
+
+def _check_local(shards: list[Shard], spec: str) -> tuple[list[Shard], int]:
+    present = [s for s in shards if not _is_local(s.url) or _local_path(s.url).is_file()]
+    missing = len(shards) - len(present)
+    if not present:
+        first = shards[0].url if shards else spec
+        raise UserError(f"{spec}: none of the {len(shards)} shard file(s) exist (first: {first})")
+    if missing:
+        log.warning("%s: %d of %d shard files missing, skipped", spec, missing, len(shards))
+    present = [s for s in present if s.samples != 0]
+    if not present:
+        raise UserError(f"{spec}: every shard is empty")
+    return present, missing
+
+
+# ------------------------------------------------------------------------------------ tar reading
+
+class _Source:
+    """An open shard byte stream (local file, webdataset ``pipe:``/curl handlers, or fsspec)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        scheme = _scheme(url)
+        if scheme in ("", "file"):
+            self.stream = open(_local_path(url), "rb")  # noqa: SIM115 (closed in close())
+        else:
+            import webdataset as wds
+
+            if scheme in wds.gopen.gopen_schemes:
+                self.stream = wds.gopen.gopen(url, "rb")
+            else:
+                import fsspec
+
+                self.stream = fsspec.open(url, "rb").open()
+
+    def close(self, finished: bool) -> None:
+        """Close; a failing exit (e.g. of a pipe) only matters when the stream was read to the end."""
+        try:
+            self.stream.close()
+        except Exception:
+            if finished:
+                raise
+
+
+def iter_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) for each sample of a tar shard, grouping consecutive members by key
+    (the name up to the first dot of its last path component). Errors propagate to the caller."""
+    src = _Source(url)
+    finished = False
+    try:
+        with tarfile.open(fileobj=src.stream, mode="r|*") as tar:
+            key, sample = None, {}
+            for member in tar:
+                if not member.isreg():
+                    continue
+                name = member.name
+                base = name.rsplit("/", 1)[-1]
+                dot = base.find(".")
+                if dot <= 0 or base.startswith("__"):
+                    continue
+                k, ext = name[:len(name) - len(base) + dot], base[dot + 1:].lower()
+                data = tar.extractfile(member).read()
+                tar.members = []  # stream mode: do not keep every header
+                if k != key:
+                    if sample:
+                        yield key, sample
+                    key, sample = k, {}
+                sample[ext] = data
+            if sample:
+                yield key, sample
+        finished = True
+    finally:
+        src.close(finished)
+
+
+def image_of(sample: dict[str, bytes]) -> tuple[str, bytes]:
+    for ext in augment.IMAGE_EXTS:
+        if ext in sample:
+            return ext, sample[ext]
+    raise ValueError(f"no image member (has {', '.join(sorted(sample)) or 'nothing'})")
+
+
+# ------------------------------------------------------------------------------------- bookkeeping
+
+COUNTERS = ("tiles", "patches", "batches", "corrupt_samples", "bad_shards", "small_tiles", "refill_tiles")
+
+
+class _Counters:
+    """Counts shared by the workers and the main process (one multiprocessing array)."""
+
+    def __init__(self):
+        self.array = mp.Array("q", len(COUNTERS))
+
+    def add(self, local: dict[str, int]) -> None:
+        if not any(local.values()):
+            return
+        with self.array.get_lock():
+            for i, name in enumerate(COUNTERS):
+                self.array[i] += local[name]
+        for name in local:
+            local[name] = 0
+
+    def snapshot(self) -> dict[str, int]:
+        with self.array.get_lock():
+            return {name: int(self.array[i]) for i, name in enumerate(COUNTERS)}
+
+
+class _RateLimitedLog:
+    """The first few warnings, then at most one every ``every_s`` seconds (with a suppressed count)."""
+
+    def __init__(self, first: int = 5, every_s: float = 30.0):
+        self.first, self.every_s = first, every_s
+        self.count, self.suppressed, self.last = 0, 0, 0.0
+
+    def warning(self, msg: str, *args) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.count <= self.first or now - self.last >= self.every_s:
+            if self.suppressed:
+                msg += f" ({self.suppressed} similar messages suppressed)"
+            log.warning(msg, *args)
+            self.last, self.suppressed = now, 0
+        else:
+            self.suppressed += 1
+
+
+_warn = _RateLimitedLog()
+
+
+def _worker_seed(*parts: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([int(p) for p in parts])
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+def assign_shards(counts: Sequence[int], slots: int, seed: int, epoch: int) -> list[list[int]]:
+    """Split shard indices between ``slots``: the epoch's permutation of the shards, stably sorted
+    by sample count, dealt greedily to the least-loaded slot. Slot totals depend only on the
+    counts (so they are the same every epoch); which shard lands where changes with the epoch."""
+    perm = np.random.default_rng(_worker_seed(seed, epoch, 0x5A4D)).permutation(len(counts))
+    order = sorted(perm.tolist(), key=lambda i: -counts[i])
+    heap = [(0, s) for s in range(slots)]
+    out: list[list[int]] = [[] for _ in range(slots)]
+    for i in order:
+        load, s = heapq.heappop(heap)
+        out[s].append(i)
+        heapq.heappush(heap, (load + counts[i], s))
+    return out
+
+
+def _split_quota(total: int, capacity: Sequence[int]) -> list[int]:
+    """Share ``total`` batches between workers, none above its capacity, roughly in proportion."""
+    cap_sum = sum(capacity)
+    quota = [min(c, total * c // cap_sum) if cap_sum else 0 for c in capacity]
+    rest = total - sum(quota)
+    while rest > 0:
+        spare = [i for i, c in enumerate(capacity) if quota[i] < c]
+        i = max(spare, key=lambda j: (capacity[j] - quota[j], -j))
+        quota[i] += 1
+        rest -= 1
+    return quota
+
+
+@dataclasses.dataclass
+class _Plan:
+    spec: str
+    shards: list[Shard]
+    counts: list[int]  # known or estimated samples per shard
+    counts_known: bool
+    resampled: bool
+    world_size: int
+    num_workers: int  # effective (>= 1 slot per rank even when the DataLoader runs in-process)
+    batch_size: int
+    seed: int
+    quotas: list[list[int]]  # [rank][worker] batches per epoch
+    batches_per_epoch: int
+    tiles_per_epoch: int  # tiles the plan reads per epoch, all ranks (expected)
+
+    def own_shards(self, epoch: int, rank: int, worker: int) -> list[int]:
+        slots = assign_shards(self.counts, self.world_size * self.num_workers, self.seed, epoch)
+        return slots[rank * self.num_workers + worker]
+
+
+def _make_plan(cfg: StreamConfig, batch_size: int, num_workers: int, world_size: int,
+               epoch_samples: Optional[int]) -> tuple[_Plan, tuple[int, int]]:
+    shards, missing = resolve_shards(cfg.shards, cfg.splits)
+    known = all(s.samples is not None for s in shards)
+    if not known and not epoch_samples:
+        raise UserError(f"{cfg.shards}: shard sample counts unknown (no manifest.json or sizes.json next to "
+                        "the shards): pass epoch_samples (tiles per epoch, all ranks)")
+    if known:
+        counts = [int(s.samples) for s in shards]
+    else:  # spread the given epoch size over the shards; short shards are topped up at run time
+        counts = [max(1, int(epoch_samples) // len(shards))] * len(shards)
+    nslots_workers = max(1, num_workers)
+    resampled = bool(cfg.resampled)
+    if not resampled and world_size > len(shards):
+        log.warning("%s: %d shards for %d ranks: falling back to resampled shards (with replacement)",
+                    cfg.shards, len(shards), world_size)
+        resampled = True
+    if not resampled and world_size * nslots_workers > len(shards):
+        capped = len(shards) // world_size
+        log.warning("%s: %d shards cannot feed %d ranks x %d workers: using %d worker(s) per rank",
+                    cfg.shards, len(shards), world_size, nslots_workers, capped)
+        nslots_workers = capped
+        num_workers = capped if num_workers > 0 else 0
+    ppi = cfg.patches_per_image
+    total = sum(counts)
+    if resampled:
+        tiles = int(epoch_samples or total)
+        bpe = tiles * ppi // world_size // batch_size
+        base, extra = divmod(bpe, nslots_workers)
+        quotas = [[base + (w < extra) for w in range(nslots_workers)] for _ in range(world_size)]
+    else:
+        slots = assign_shards(counts, world_size * nslots_workers, cfg.seed, 0)
+        cap = [[sum(counts[i] for i in slots[r * nslots_workers + w]) * ppi // batch_size
+                for w in range(nslots_workers)] for r in range(world_size)]
+        bpe = min(sum(c) for c in cap)
+        if epoch_samples:
+            want = int(epoch_samples) * ppi // world_size // batch_size
+            if want > bpe and known:
+                log.warning("%s: epoch_samples=%d is more than one pass over the data gives; using %d batches "
+                            "per rank (set resampled to repeat samples)", cfg.shards, epoch_samples, bpe)
+            bpe = min(bpe, want) if known else want
+        quotas = [_split_quota(bpe, c) for c in cap]
+        tiles = bpe * batch_size * world_size // ppi
+        if known and bpe * batch_size * world_size < 0.9 * total * ppi and not epoch_samples:
+            log.warning("%s: uneven shards: an epoch uses %d of %d patches (the rest wait for later epochs)",
+                        cfg.shards, bpe * batch_size * world_size, total * ppi)
+    if bpe < 1:
+        raise UserError(f"{cfg.shards}: {total} tiles x {ppi} patches over {world_size} rank(s) give no "
+                        f"batch of {batch_size}: use more data, more patches_per_image or a smaller batch")
+    plan = _Plan(spec=cfg.shards, shards=shards, counts=counts, counts_known=known, resampled=resampled,
+                 world_size=world_size, num_workers=nslots_workers, batch_size=batch_size, seed=cfg.seed,
+                 quotas=quotas, batches_per_epoch=bpe, tiles_per_epoch=tiles)
+    return plan, (num_workers, missing)
+
+
+# -------------------------------------------------------------------------------- train worker
+
+class _TrainStream(IterableDataset):
+    def __init__(self, plan: _Plan, cfg: StreamConfig, rank: int, shared_epoch: SharedEpoch, counters: _Counters):
+        super().__init__()
+        self.plan, self.cfg, self.rank = plan, cfg, rank
+        self.shared_epoch, self.counters = shared_epoch, counters
+        self.params = cfg.augment_params()
+        self.qrange = parse_quality(cfg.quality)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        epoch = self.shared_epoch.get_value()
+        return self.batches(epoch, worker)
+
+    # one slot's shard order: its own shards, then (only if they ran short) top-ups from all shards
+    def _shard_order(self, rng: np.random.Generator, epoch: int, worker: int) -> Iterator[tuple[int, bool]]:
+        plan = self.plan
+        n = len(plan.shards)
+        if plan.resampled:
+            weights = np.asarray(plan.counts, dtype=np.float64)
+            weights /= weights.sum()
+            while True:
+                yield int(rng.choice(n, p=weights)), False
+        own = plan.own_shards(epoch, self.rank, worker)
+        for i in rng.permutation(own).tolist():
+            yield i, False
+        yield -1, False  # end of own shards: drain the shuffle buffer before any top-up
+        while True:
+            for i in rng.permutation(n).tolist():
+                yield i, True
+
+    def _patches(self, rng: np.random.Generator, epoch: int, worker: int, local: dict[str, int]):
+        cfg, plan = self.cfg, self.plan
+        empty_run, first_error = 0, None
+        own_count = 0 if plan.resampled else len(plan.own_shards(epoch, self.rank, worker))
+        limit = own_count + 2 * len(plan.shards) + (8 if plan.resampled else 0)
+        for index, refill in self._shard_order(rng, epoch, worker):
+            if index < 0:
+                yield None
+                continue
+            url = plan.shards[index].url
+            got = 0
+            try:
+                for key, sample in iter_samples(url):
+                    try:
+                        ext, data = image_of(sample)
+                        img = augment.decode_image(data, grayscale=cfg.grayscale)
+                        patches = augment.random_patches(img, cfg.patches_per_image, rng, self.params)
+                    except TileTooSmall as exc:
+                        local["small_tiles"] += 1
+                        _warn.warning("%s: sample %s skipped: %s", url, key, exc)
+                        continue
+                    except Exception as exc:  # noqa: BLE001 (any decode failure = corrupt sample)
+                        local["corrupt_samples"] += 1
+                        _warn.warning("%s: corrupt sample %s skipped: %s", url, key, exc)
+                        continue
+                    got += 1
+                    local["tiles"] += 1
+                    local["refill_tiles"] += int(refill)
+                    for patch in patches:
+                        yield patch, augment.draw_quality(rng, self.qrange)
+            except Exception as exc:  # noqa: BLE001 (unreadable, truncated or vanished shard)
+                local["bad_shards"] += 1
+                first_error = first_error or f"{url}: {exc}"
+                _warn.warning("%s: bad shard skipped after %d samples: %s", url, got, exc)
+            empty_run = 0 if got else empty_run + 1
+            if empty_run >= limit:
+                raise UserError(
+                    f"{plan.spec}: no usable samples in {empty_run} shard reads "
+                    f"({local['bad_shards']} unreadable, {local['corrupt_samples']} corrupt samples, "
+                    f"{local['small_tiles']} tiles smaller than patch_size {cfg.patch_size}); "
+                    f"first error: {first_error or 'none'}")
+
+    def batches(self, epoch: int, worker: int):
+        cfg, plan = self.cfg, self.plan
+        quota = plan.quotas[self.rank][worker] if worker < len(plan.quotas[self.rank]) else 0
+        if quota <= 0:
+            return
+        seq = _worker_seed(cfg.seed, epoch, self.rank, worker)
+        rng = np.random.default_rng(seq)
+        random.seed(int(seq.generate_state(1)[0]))
+        local = dict.fromkeys(COUNTERS, 0)
+        size, bsz = cfg.shuffle_buffer, plan.batch_size
+        buf: list = []
+        batch: list = []
+        produced = 0
+
+        def emit(item):
+            patch, q = item
+            batch.append((jpeg_roundtrip(patch, q, cfg.chroma_subsampling), patch, q))
+
+        def make_batch():
+            deg = torch.from_numpy(augment.to_chw([b[0] for b in batch]))
+            clean = torch.from_numpy(augment.to_chw([b[1] for b in batch]))
+            qual = torch.tensor([b[2] for b in batch], dtype=torch.int64)
+            batch.clear()
+            local["patches"] += bsz
+            local["batches"] += 1
+            self.counters.add(local)
+            return deg, clean, qual
+
+        try:
+            for item in self._patches(rng, epoch, worker, local):
+                if item is None:  # own shards done: drain the buffer in random order
+                    for j in rng.permutation(len(buf)).tolist():
+                        emit(buf[j])
+                        if len(batch) == bsz:
+                            yield make_batch()
+                            produced += 1
+                            if produced >= quota:
+                                return
+                    buf.clear()
+                    continue
+                if len(buf) < size:
+                    buf.append(item)
+                    continue
+                j = int(rng.integers(size))
+                item, buf[j] = buf[j], item
+                emit(item)
+                if len(batch) == bsz:
+                    yield make_batch()
+                    produced += 1
+                    if produced >= quota:
+                        return
+        finally:
+            self.counters.add(local)
+
+
+# --------------------------------------------------------------------------------- train loader
+
+def _unwrap_worker_error(exc: UserError) -> UserError:
+    """DataLoader re-raises a worker's UserError with the worker traceback as its message: keep the
+    one line the worker meant."""
+    text = str(exc)
+    marker = "UserError: "
+    idx = text.rfind(marker)
+    line = text[idx + len(marker):].strip() if "Traceback" in text and idx >= 0 else text
+    return UserError(line.splitlines()[0] if line else text)
+
+
+class TrainLoader:
+    """Iterate once = one epoch of exactly ``batches_per_epoch`` batches of
+    ``(degraded uint8 [B,C,P,P], clean uint8 [B,C,P,P], quality int64 [B])``."""
+
+    def __init__(self, cfg: StreamConfig, *, batch_size: int, num_workers: int, rank: int, world_size: int,
+                 shared_epoch: Optional[SharedEpoch], pin_memory: bool, epoch_samples: Optional[int]):
+        cfg.validate()
+        if batch_size < 1 or num_workers < 0 or world_size < 1 or not 0 <= rank < world_size:
+            raise UserError(f"train loader: need batch_size >= 1, num_workers >= 0 and 0 <= rank < world_size "
+                            f"(got {batch_size}, {num_workers}, {rank}, {world_size})")
+        self.cfg = cfg
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.plan, (self.num_workers, self.missing_shards) = _make_plan(
+            cfg, batch_size, num_workers, world_size, epoch_samples)
+        self.batches_per_epoch = self.plan.batches_per_epoch
+        self.num_samples = self.batches_per_epoch * batch_size * world_size  # patches per epoch, all ranks
+        self.num_tiles = self.plan.tiles_per_epoch
+        self.resampled = self.plan.resampled
+        self._own_epoch = shared_epoch is None
+        self.shared_epoch = shared_epoch or SharedEpoch(0)
+        self._next_epoch = self.shared_epoch.get_value()
+        self._counters = _Counters()
+        dataset = _TrainStream(self.plan, cfg, rank, self.shared_epoch, self._counters)
+        extra = dict(persistent_workers=True, prefetch_factor=2,
+                     worker_init_fn=_init_worker) if self.num_workers > 0 else {}
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                  pin_memory=pin_memory, **extra)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def stats(self) -> dict[str, int]:
+        """Cumulative counts since the loader was made (tiles, patches, batches, corrupt_samples,
+        bad_shards, small_tiles, refill_tiles, missing_shards)."""
+        return {**self._counters.snapshot(), "missing_shards": self.missing_shards}
+
+    def __iter__(self):
+        if self._own_epoch:
+            self.shared_epoch.set_value(self._next_epoch)
+            self._next_epoch += 1
+        epoch = self.shared_epoch.get_value()
+        before = self.stats()
+        start = time.perf_counter()
+        n = 0
+        try:
+            for batch in self._loader:
+                n += 1
+                yield batch
+        except UserError as exc:
+            raise _unwrap_worker_error(exc) from None
+        after = self.stats()
+        delta = {k: after[k] - before[k] for k in after if k != "missing_shards"}
+        if n != self.batches_per_epoch:
+            log.error("rank %d epoch %d: %d batches instead of %d", self.rank, epoch, n, self.batches_per_epoch)
+        log.info("data rank %d epoch %d: %d batches in %.1fs, %d tiles, %d corrupt samples, %d bad shards, "
+                 "%d small tiles, %d refill tiles", self.rank, epoch, n, time.perf_counter() - start,
+                 delta["tiles"], delta["corrupt_samples"], delta["bad_shards"], delta["small_tiles"],
+                 delta["refill_tiles"])
+
+
+def _init_worker(worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def make_train_loader(cfg: StreamConfig, *, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1,
+                      shared_epoch: Optional[SharedEpoch] = None, pin_memory: bool = False,
+                      epoch_samples: Optional[int] = None) -> TrainLoader:
+    """The training stream of rank ``rank`` of ``world_size`` (see the module docstring).
+
+    ``epoch_samples``: tiles per epoch over all ranks (default: the manifest's count; required
+    when the shard counts are unknown, e.g. ``pipe:`` URLs without sizes.json). Without
+    ``resampled`` it can only shorten an epoch. If ``shared_epoch`` is None the loader counts
+    epochs itself (0, 1, ... per iteration); otherwise the caller sets it before each epoch.
+    """
+    return TrainLoader(cfg, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
+                       shared_epoch=shared_epoch, pin_memory=pin_memory, epoch_samples=epoch_samples)
+
+
+# ----------------------------------------------------------------------------------- validation
+
+def val_crop_size(height: int, width: int, crop: int) -> int:
+    """Side of the centre crop of a val tile: ``crop``, or the tile's short side when smaller,
+    rounded down to a multiple of 8 (whole JPEG blocks)."""
+    return min(crop, height, width) // 8 * 8
+
+
+class _ValStream(IterableDataset):
+    def __init__(self, shards: list[Shard], spec: str, qualities: Sequence[int], crop: int, rank: int,
+                 world_size: int, batch_size: int, grayscale: bool, subsampling: str, counters: _Counters):
+        super().__init__()
+        self.shards, self.spec, self.qualities, self.crop = shards, spec, tuple(qualities), crop
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.grayscale, self.subsampling, self.counters = grayscale, subsampling, counters
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        local = dict.fromkeys(COUNTERS, 0)
+        pending: list = []
+
+        def flush():
+            deg = torch.from_numpy(augment.to_chw([p[0] for p in pending]))
+            clean = torch.from_numpy(augment.to_chw([p[1] for p in pending]))
+            qual = torch.tensor([p[2] for p in pending], dtype=torch.int64)
+            pending.clear()
+            local["batches"] += 1
+            return deg, clean, qual
+
+        offset = 0  # global sample index at the start of each shard (from the counts when known)
+        try:
+            for shard in self.shards:
+                index = offset
+                try:
+                    for key, sample in iter_samples(shard.url):
+                        mine = index % self.world_size == self.rank and (index // self.world_size) % nw == worker
+                        index += 1
+                        if not mine:
+                            continue
+                        try:
+                            img = augment.decode_image(image_of(sample)[1], grayscale=self.grayscale)
+                        except Exception as exc:  # noqa: BLE001
+                            local["corrupt_samples"] += 1
+                            _warn.warning("%s: corrupt val sample %s skipped: %s", shard.url, key, exc)
+                            continue
+                        c = val_crop_size(img.height, img.width, self.crop)
+                        if c < 8:
+                            local["small_tiles"] += 1
+                            continue
+                        y, x = (img.height - c) // 2, (img.width - c) // 2
+                        clean = np.asarray(img.crop((x, y, x + c, y + c)))
+                        local["tiles"] += 1
+                        for q in self.qualities:
+                            if pending and pending[0][1].shape != clean.shape:
+                                yield flush()
+                            pending.append((jpeg_roundtrip(clean, q, self.subsampling), clean, int(q)))
+                            local["patches"] += 1
+                            if len(pending) == self.batch_size:
+                                yield flush()
+                except Exception as exc:  # noqa: BLE001
+                    local["bad_shards"] += 1
+                    _warn.warning("%s: bad val shard skipped: %s", shard.url, exc)
+                offset = offset + shard.samples if shard.samples is not None else index
+            if pending:
+                yield flush()
+        finally:
+            self.counters.add(local)
+
+
+class ValLoader:
+    """Deterministic validation batches: centre crops of the split at each quality; this rank's
+    share is the samples with global index % world_size == rank (disjoint, near-equal)."""
+
+    def __init__(self, shards: str, *, split: str, qualities: Sequence[int], crop: int, rank: int, world_size: int,
+                 batch_size: int, num_workers: int, grayscale: bool, chroma_subsampling: str):
+        if not qualities or any(not 1 <= int(q) <= 100 for q in qualities):
+            raise UserError(f"val qualities must lie in 1..100, got {list(qualities)}")
+        if chroma_subsampling not in SUBSAMPLING or crop < 8 or batch_size < 1 or not 0 <= rank < world_size:
+            raise UserError("val loader: need crop >= 8, batch_size >= 1, 0 <= rank < world_size and a known "
+                            "chroma_subsampling")
+        self.spec = shards
+        self.shards, self.missing_shards = resolve_shards(shards, [split])
+        self.rank, self.world_size = rank, world_size
+        self.qualities = tuple(int(q) for q in qualities)
+        total = sum(s.samples for s in self.shards) if all(s.samples is not None for s in self.shards) else None
+        self.num_tiles = None if total is None else len(range(rank, total, world_size))  # this rank
+        self._counters = _Counters()
+        dataset = _ValStream(self.shards, shards, self.qualities, crop, rank, world_size, batch_size, grayscale,
+                             chroma_subsampling, self._counters)
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+
+    def stats(self) -> dict[str, int]:
+        return {**self._counters.snapshot(), "missing_shards": self.missing_shards}
+
+    def __iter__(self):
+        before = self.stats()["patches"]
+        try:
+            yield from self._loader
+        except UserError as exc:
+            raise _unwrap_worker_error(exc) from None
+        if self.num_tiles and self.stats()["patches"] == before:
+            raise UserError(f"{self.spec}: no readable validation samples (rank {self.rank}: "
+                            f"{self.stats()['bad_shards']} bad shards, {self.stats()['corrupt_samples']} corrupt)")
+
+
+def make_val_loader(shards: str, *, split: str = "val", qualities: Sequence[int] = (10, 20, 30, 40), crop: int = 256,
+                    rank: int = 0, world_size: int = 1, batch_size: int = 8, num_workers: int = 0,
+                    grayscale: bool = False, chroma_subsampling: str = "4:2:0") -> ValLoader:
+    """Validation stream (see :class:`ValLoader`). Crops are ``crop`` px squares from the tile
+    centre, or the tile's short side (rounded down to a multiple of 8) for smaller tiles; a batch
+    holds crops of one size only. Each sample gives one item per quality, in order."""
+    return ValLoader(shards, split=split, qualities=qualities, crop=crop, rank=rank, world_size=world_size,
+                     batch_size=batch_size, num_workers=num_workers, grayscale=grayscale,
+                     chroma_subsampling=chroma_subsampling)
