@@ -1,0 +1,108 @@
+"""Fault-injection hooks for the reliability tests, off unless ``RESTORER_FAULTS`` is set.
+
+``RESTORER_FAULTS`` is a comma-separated list of:
+
+``nan@S``            rank 0's batch at optimizer step S is NaN, once (the step must be skipped)
+``nan@S+``           rank 0's batches are NaN at every attempt from step S on (training must stop
+                     after ``--max-nonfinite`` in a row)
+``kill_in_save@S``   the main process SIGKILLs itself while writing the checkpoint of step S, after
+                     Accelerate's files are in the temporary directory and before it is complete
+``enospc_in_save@S`` writing the checkpoint of step S fails with ENOSPC ("No space left on
+                     device") after part of a file is written, as a full disk would
+``slow_rank@R:SEC``  rank R sleeps SEC seconds before each training batch and validation pass
+
+They exist so that tests exercise the real code paths (the real save, the real skip logic) rather
+than mocks; a user never needs them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from restorer.errors import UserError
+
+ENV = "RESTORER_FAULTS"
+
+
+@dataclasses.dataclass
+class Faults:
+    nan_step: Optional[int] = None
+    nan_forever: bool = False
+    kill_in_save: Optional[int] = None
+    enospc_in_save: Optional[int] = None
+    slow_rank: Optional[int] = None
+    slow_seconds: float = 0.0
+    _nan_done: bool = False
+
+    @classmethod
+    def from_env(cls, text: Optional[str] = None) -> "Faults":
+        text = os.environ.get(ENV, "") if text is None else text
+        faults = cls()
+        for item in filter(None, (t.strip() for t in text.split(","))):
+            name, _, arg = item.partition("@")
+            try:
+                if name == "nan":
+                    faults.nan_forever = arg.endswith("+")
+                    faults.nan_step = int(arg.rstrip("+"))
+                elif name == "kill_in_save":
+                    faults.kill_in_save = int(arg)
+                elif name == "enospc_in_save":
+                    faults.enospc_in_save = int(arg)
+                elif name == "slow_rank":
+                    rank, _, sec = arg.partition(":")
+                    faults.slow_rank, faults.slow_seconds = int(rank), float(sec)
+                else:
+                    raise ValueError(name)
+            except ValueError:
+                raise UserError(f"{ENV}: cannot parse {item!r} (see restorer/faults.py)") from None
+        return faults
+
+    def poison_batch(self, step: int, rank: int) -> bool:
+        """True when this rank's batch at this optimizer step must be made NaN."""
+        if self.nan_step is None or rank != 0 or step < self.nan_step:
+            return False
+        if self.nan_forever:
+            return True
+        if step == self.nan_step and not self._nan_done:
+            self._nan_done = True
+            return True
+        return False
+
+    def maybe_sleep(self, rank: int) -> None:
+        if self.slow_rank == rank and self.slow_seconds > 0:
+            time.sleep(self.slow_seconds)
+
+    def after_accelerate_save(self, step: int, tmp_dir: Path, is_main: bool) -> None:
+        """Called once Accelerate's files are written into the temporary checkpoint directory."""
+        if self.kill_in_save == step and is_main:
+            (tmp_dir / "partial.bin").write_bytes(b"\0" * 4096)  # a file cut short by the kill
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    @contextmanager
+    def during_save(self, step: int, tmp_dir: Path, is_main: bool) -> Iterator[None]:
+        """While Accelerate writes the checkpoint: make ``torch.save`` hit a full disk if asked."""
+        if self.enospc_in_save != step or not is_main:
+            yield
+            return
+        real_save = torch.save
+
+        def full_disk_save(obj, f, *args, **kwargs):
+            if isinstance(f, (str, os.PathLike)) and Path(f).parent == tmp_dir:
+                with open(f, "wb") as fh:
+                    fh.write(b"\0" * 1024)  # what fitted before the disk filled up
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+            return real_save(obj, f, *args, **kwargs)
+
+        torch.save = full_disk_save
+        try:
+            yield
+        finally:
+            torch.save = real_save

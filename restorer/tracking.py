@@ -1,0 +1,185 @@
+"""Experiment tracking: W&B through Accelerate's trackers, plus a local ``metrics.jsonl``.
+
+Only the main process logs. ``metrics.jsonl`` is always written (one JSON object per log event,
+with ``"step"``), so a run can be plotted (``restorer plot RUN``) without W&B.
+
+W&B without credentials: wandb 0.31 raises ``UsageError: No API key configured`` in ``init``
+unless ``WANDB_MODE`` is set. :func:`prepare_wandb` looks for credentials the way wandb does
+(``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, a ``.netrc`` entry for the W&B host, an
+``api_key`` in wandb's settings file) and, if there are none and ``WANDB_MODE`` is unset, sets
+``WANDB_MODE=offline``; the run is then kept under ``RUN/wandb/`` and can be uploaded later with
+``wandb sync RUN/wandb/offline-run-*``.
+"""
+from __future__ import annotations
+
+import configparser
+import json
+import math
+import netrc
+import os
+import struct
+from pathlib import Path
+from typing import Any, Iterator, Optional
+from urllib.parse import urlparse
+
+import numpy as np
+
+
+def _netrc_path() -> Path:
+    if os.environ.get("NETRC"):
+        return Path(os.environ["NETRC"]).expanduser()
+    for name in ("~/.netrc", "~/_netrc"):
+        p = Path(name).expanduser()
+        if p.exists():
+            return p
+    return Path("~/.netrc").expanduser()
+
+
+def wandb_credentials_present() -> bool:
+    """True when wandb would find an API key without asking (env, .netrc or settings file)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        auth = netrc.netrc(str(_netrc_path())).authenticators(host)
+        if auth and auth[2]:
+            return True
+    except (OSError, netrc.NetrcParseError):
+        pass
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR", "~/.config/wandb")).expanduser()
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(config_dir / "settings")
+        return bool(parser.get("default", "api_key", fallback=""))
+    except configparser.Error:
+        return False
+
+
+def prepare_wandb(run_dir: Path) -> Optional[str]:
+    """Point W&B at ``run_dir`` and go offline when there are no credentials; return a note for
+    the user (how to sync) when it went offline, else None. Call before ``init_trackers``."""
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    if os.environ.get("WANDB_MODE") or wandb_credentials_present():
+        if os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
+            return f"W&B is offline (WANDB_MODE={os.environ['WANDB_MODE']}); upload later with: " \
+                   f"wandb sync {run_dir}/wandb/offline-run-*"
+        return None
+    os.environ["WANDB_MODE"] = "offline"
+    return (f"W&B: no API key found (WANDB_API_KEY, ~/.netrc, `wandb login`), logging offline to "
+            f"{run_dir}/wandb; upload later with: wandb sync {run_dir}/wandb/offline-run-*")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no inf/nan; keep the line parseable
+    return value
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; each line is flushed so a killed run loses at most one line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(path, "a", buffering=1)
+
+    def write(self, values: dict[str, Any], step: int) -> None:
+        row = {"step": int(step), **{k: _jsonable(v) for k, v in values.items()}}
+        self._fh.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class Tracker:
+    """Logs scalars to ``metrics.jsonl`` and the Accelerate trackers, images to W&B and PNGs;
+    every method is a no-op on non-main processes."""
+
+    def __init__(self, accelerator, run_dir: Path, use_wandb: bool):
+        self.accelerator = accelerator
+        self.run_dir = run_dir
+        self.use_wandb = use_wandb
+        self.main = accelerator.is_main_process
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl") if self.main else None
+
+    def log(self, values: dict[str, Any], step: int) -> None:
+        if not self.main:
+            return
+        self.metrics.write(values, step)
+        if self.use_wandb:
+            self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+    def log_panel(self, panel: np.ndarray, step: int, caption: str) -> Path | None:
+        """Save a uint8 HxWx3 panel as ``RUN/panels/step-XXXXXXX.png`` and send it to W&B."""
+        if not self.main:
+            return None
+        from PIL import Image
+
+        out = self.run_dir / "panels" / f"step-{step:07d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(panel).save(out)
+        if self.use_wandb:
+            import wandb
+
+            self.accelerator.get_tracker("wandb").log(
+                {"val/panel": wandb.Image(panel, caption=caption)}, step=step)
+        return out
+
+    def close(self) -> None:
+        if self.main:
+            self.metrics.close()
+        self.accelerator.end_training()
+
+
+# --- reading a .wandb file (offline runs keep everything there; used by tests and debugging) ---
+
+_HEADER = struct.Struct("<4sHB")  # b":W&B", magic 0xBEE1, version 0
+_BLOCK = 32768
+_REC = struct.Struct("<IHB")  # crc32, length, type (1 full, 2 first, 3 middle, 4 last)
+
+
+def read_wandb_records(path: str | os.PathLike) -> Iterator[Any]:
+    """Yield the ``wandb_internal_pb2.Record`` messages of a ``run-<id>.wandb`` file (a LevelDB-style
+    log of 32 KiB blocks after a 7-byte header)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    ident, magic, version = _HEADER.unpack_from(data, 0)
+    if ident != b":W&B" or magic != 0xBEE1:
+        raise ValueError(f"{path}: not a .wandb transaction log")
+    pos, pending = _HEADER.size, b""
+    while pos + _REC.size <= len(data):
+        left_in_block = _BLOCK - pos % _BLOCK
+        if left_in_block < _REC.size:  # block trailer padding
+            pos += left_in_block
+            continue
+        _crc, length, kind = _REC.unpack_from(data, pos)
+        pos += _REC.size
+        chunk = data[pos:pos + length]
+        pos += length
+        if kind == 0 and length == 0:
+            continue
+        if kind in (1, 2):
+            pending = chunk
+        else:
+            pending += chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
+
+
+def wandb_history(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The ``history`` rows of a .wandb file as dicts of key -> decoded JSON value."""
+    rows = []
+    for record in read_wandb_records(path):
+        if record.WhichOneof("record_type") == "history":
+            row = {}
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                row[key] = json.loads(item.value_json)
+            rows.append(row)
+    return rows

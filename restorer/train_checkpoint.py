@@ -1,0 +1,207 @@
+"""Training checkpoints: ``RUN/checkpoints/step-XXXXXXX/``, atomic, verified before loading.
+
+Layout of one checkpoint (Accelerate's ``save_state`` plus our own files)::
+
+    model.safetensors          Accelerate: model weights (safetensors)
+    optimizer.bin              Accelerate: AdamW state (torch.save of tensors and numbers)
+    scaler.pt                  Accelerate: fp16 loss-scaler state (fp16 runs only)
+    random_states_<rank>.pkl   Accelerate: python/numpy/torch RNG of each process
+    ema.safetensors            ours: EMA weights
+    train_state.json           ours: global step, data epoch, counters
+    COMPLETE                   ours: written last; a directory without it is never loaded
+
+Atomicity: everything is written into ``.tmp-step-XXXXXXX``; once every rank has finished, the
+main process fsyncs the files, writes ``COMPLETE`` and renames the directory into place, then
+deletes all but the newest ``keep`` checkpoints. A run killed at any moment leaves the previous
+checkpoints intact; a stale ``.tmp-*`` directory is removed when training starts again.
+
+Safety: no file of a checkpoint is unpickled with ``weights_only=False``. Accelerate 1.15 loads
+models from safetensors and optimizer/scaler/RNG files through ``accelerate.utils.other.load``,
+which defaults to ``weights_only=True`` (tensors, numbers, containers and numpy arrays only) -- but
+it would load ``custom_checkpoint_*.pkl`` files (objects registered with
+``register_for_checkpointing``) with ``weights_only=False``, and it silently ignores an RNG file it
+cannot read. So we register nothing (the EMA is saved with safetensors), and before handing a
+directory to ``load_state`` we load every file ourselves the same restricted way, refusing the
+directory with one line if any file is not plain data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from restorer.errors import UserError
+
+MARKER = "COMPLETE"
+STATE_NAME = "train_state.json"
+EMA_NAME = "ema.safetensors"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+TMP_PREFIX = ".tmp-"
+PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        m = _STEP_RE.match(entry.name)
+        if m and entry.is_dir() and (entry / MARKER).is_file():
+            found.append((int(m.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def remove_stale_temp(root: str | os.PathLike) -> list[Path]:
+    """Delete ``.tmp-*`` directories left by a run killed while saving (main process only)."""
+    root = Path(root)
+    removed = []
+    if root.is_dir():
+        for entry in root.iterdir():
+            if entry.name.startswith(TMP_PREFIX) and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Check that ``path`` is a complete checkpoint made of plain data; return its train state.
+
+    Raises a one-line :class:`UserError` for a missing/incomplete directory or for any file that
+    would need arbitrary unpickling (nothing in it is executed)."""
+    from accelerate.utils.other import load as accelerate_load  # weights_only=True + numpy RNG types
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: checkpoint directory not found")
+    if not (path / MARKER).is_file():
+        raise UserError(f"{path}: incomplete checkpoint (no {MARKER} marker); "
+                        f"it was being written when the run stopped")
+    for file in sorted(path.iterdir()):
+        if file.name.startswith("custom_checkpoint_"):
+            raise UserError(f"{file}: refused to load (restorer never writes custom_checkpoint files, "
+                            f"and Accelerate would unpickle it without restrictions)")
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt") as fh:
+                    list(fh.keys())
+            except Exception as exc:
+                raise UserError(f"{file}: refused to load (not a safetensors file: {_first_line(exc)})") from None
+        elif file.suffix in PICKLE_SUFFIXES:
+            try:
+                accelerate_load(str(file), map_location="cpu", weights_only=True)
+            except Exception as exc:  # UnpicklingError for code, RuntimeError for garbage
+                raise UserError(f"{file}: refused to load (not a plain-tensor checkpoint file: "
+                                f"{_first_line(exc)})") from None
+    try:
+        state = json.loads((path / STATE_NAME).read_text())
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path / STATE_NAME}: missing or malformed ({_first_line(exc)})") from None
+    return state
+
+
+def save_checkpoint(accelerator, root: str | os.PathLike, step: int, state: dict[str, Any], ema=None,
+                    keep: int = 3, faults=None) -> Path:
+    """Save the full training state of ``step`` atomically (call on every process).
+
+    A write error (a full disk, say) on any process removes the temporary directory and raises a
+    one-line :class:`UserError` naming the file on every process; earlier checkpoints stay valid."""
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = root / f"{TMP_PREFIX}{final.name}"
+    main = accelerator.is_main_process
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+    error: Optional[str] = None
+    try:
+        if faults is not None:
+            with faults.during_save(step, tmp, main):
+                accelerator.save_state(str(tmp))
+            faults.after_accelerate_save(step, tmp, main)
+        else:
+            accelerator.save_state(str(tmp))
+        if main:
+            if ema is not None:
+                ema.save(tmp / EMA_NAME)
+            (tmp / STATE_NAME).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
+            for file in tmp.iterdir():
+                _fsync_path(file)
+    except OSError as exc:
+        where = exc.filename or tmp
+        error = f"{where}: cannot write checkpoint of step {step}: {exc.strerror or _first_line(exc)}"
+
+    failed = torch.tensor([1.0 if error else 0.0], device=accelerator.device)
+    failed = accelerator.reduce(failed, reduction="sum")
+    if float(failed.item()) > 0:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(root)
+        tail = f" (the last complete checkpoint, {previous}, is intact)" if previous else ""
+        raise UserError((error or f"checkpoint of step {step} failed on another process") + tail)
+
+    if main:
+        marker = tmp / MARKER
+        marker.write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
+        _fsync_path(marker)
+        _fsync_path(tmp)
+        if final.exists():  # a checkpoint of the same step from an earlier attempt
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_path(root)
+        for _, old in complete_checkpoints(root)[:-max(1, keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: str | os.PathLike, ema=None) -> dict[str, Any]:
+    """Verify ``path`` (see :func:`verify_checkpoint`), then restore model, optimizer, scaler, RNG
+    and EMA; return the train state (step, epoch, ...)."""
+    path = Path(path)
+    state = verify_checkpoint(path)
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise UserError(f"{path}: does not match this model/optimizer ({_first_line(exc)})") from None
+    if ema is not None:
+        if not (path / EMA_NAME).is_file():
+            raise UserError(f"{path / EMA_NAME}: missing (the run was saved without EMA; pass --ema-decay 0)")
+        try:
+            ema.load(path / EMA_NAME)
+        except (RuntimeError, KeyError) as exc:
+            raise UserError(f"{path / EMA_NAME}: does not match this model ({_first_line(exc)})") from None
+    return state
