@@ -251,10 +251,10 @@ class _Source:
         if scheme in ("", "file"):
             self.stream = open(_local_path(url), "rb")  # noqa: SIM115 (closed in close())
         else:
-            import webdataset as wds
+            from webdataset.gopen import gopen, gopen_schemes
 
-            if scheme in wds.gopen.gopen_schemes:
-                self.stream = wds.gopen.gopen(url, "rb")
+            if scheme in gopen_schemes:
+                self.stream = gopen(url, "rb")
             else:
                 import fsspec
 
@@ -498,7 +498,7 @@ class _TrainStream(IterableDataset):
 
     def _patches(self, rng: np.random.Generator, epoch: int, worker: int, local: dict[str, int]):
         cfg, plan = self.cfg, self.plan
-        empty_run, first_error = 0, None
+        empty_run, first_error, bad = 0, None, set()
         own_count = 0 if plan.resampled else len(plan.own_shards(epoch, self.rank, worker))
         limit = own_count + 2 * len(plan.shards) + (8 if plan.resampled else 0)
         for index, refill in self._shard_order(rng, epoch, worker):
@@ -507,6 +507,11 @@ class _TrainStream(IterableDataset):
                 continue
             url = plan.shards[index].url
             got = 0
+            if refill and index in bad:  # failed once this epoch: do not retry it for top-ups
+                empty_run += 1
+                if empty_run >= limit:
+                    raise self._nothing_usable(empty_run, local, first_error)
+                continue
             try:
                 for key, sample in iter_samples(url):
                     try:
@@ -528,15 +533,19 @@ class _TrainStream(IterableDataset):
                         yield patch, augment.draw_quality(rng, self.qrange)
             except Exception as exc:  # noqa: BLE001 (unreadable, truncated or vanished shard)
                 local["bad_shards"] += 1
+                bad.add(index)
                 first_error = first_error or f"{url}: {exc}"
                 _warn.warning("%s: bad shard skipped after %d samples: %s", url, got, exc)
             empty_run = 0 if got else empty_run + 1
             if empty_run >= limit:
-                raise UserError(
-                    f"{plan.spec}: no usable samples in {empty_run} shard reads "
-                    f"({local['bad_shards']} unreadable, {local['corrupt_samples']} corrupt samples, "
-                    f"{local['small_tiles']} tiles smaller than patch_size {cfg.patch_size}); "
-                    f"first error: {first_error or 'none'}")
+                raise self._nothing_usable(empty_run, local, first_error)
+
+    def _nothing_usable(self, tries: int, local: dict[str, int], first_error: Optional[str]) -> UserError:
+        return UserError(
+            f"{self.plan.spec}: no usable samples in {tries} shard tries "
+            f"({local['bad_shards']} unreadable, {local['corrupt_samples']} corrupt samples, "
+            f"{local['small_tiles']} tiles smaller than patch_size {self.cfg.patch_size}); "
+            f"first error: {first_error or 'none'}")
 
     def batches(self, epoch: int, worker: int):
         cfg, plan = self.cfg, self.plan

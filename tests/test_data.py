@@ -1,0 +1,307 @@
+"""Training and validation streams (restorer.data) over tiny real-photo shards."""
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_shards
+from restorer import data
+from restorer.data import SharedEpoch, StreamConfig, make_train_loader, make_val_loader, to_device_float
+from restorer.errors import UserError
+from restorer.metrics import psnr
+
+
+def cfg_for(root, **kw) -> StreamConfig:
+    base = dict(shards=str(root), patch_size=64, shuffle_buffer=16, seed=0)
+    base.update(kw)
+    return StreamConfig(**base)
+
+
+def batches(loader) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    return list(loader)
+
+
+def test_batch_shapes_dtypes_ranges(tiny_shards):
+    loader = make_train_loader(cfg_for(tiny_shards, quality="10-90"), batch_size=4, num_workers=0)
+    assert loader.batches_per_epoch == 12 * 4 // 4 and len(loader) == 12
+    assert loader.num_samples == 48
+    got = batches(loader)
+    assert len(got) == loader.batches_per_epoch
+    for deg, clean, q in got:
+        assert deg.shape == clean.shape == (4, 3, 64, 64)
+        assert deg.dtype == clean.dtype == torch.uint8
+        assert q.dtype == torch.int64 and q.shape == (4,)
+        assert int(q.min()) >= 10 and int(q.max()) <= 90
+    qualities = torch.cat([b[2] for b in got])
+    assert len(set(qualities.tolist())) > 5  # drawn per patch
+    stats = loader.stats()
+    assert stats["tiles"] == 12 and stats["patches"] == 48 and stats["batches"] == 12
+    assert stats["corrupt_samples"] == stats["bad_shards"] == stats["refill_tiles"] == 0
+
+
+def test_grayscale_gives_one_channel(tiny_shards):
+    loader = make_train_loader(cfg_for(tiny_shards, grayscale=True), batch_size=6, num_workers=0)
+    deg, clean, _ = next(iter(loader))
+    assert deg.shape == clean.shape == (6, 1, 64, 64)
+
+
+def test_jpeg_really_applied(tiny_shards):
+    def mean_psnr(q: str) -> float:
+        loader = make_train_loader(cfg_for(tiny_shards, quality=q), batch_size=8, num_workers=0)
+        deg, clean, qual = next(iter(loader))
+        assert set(qual.tolist()) == {int(q)}
+        return float(psnr(to_device_float(deg, "cpu"), to_device_float(clean, "cpu")).mean())
+
+    low, high = mean_psnr("10"), mean_psnr("90")
+    assert low < 33 and high > low + 8, (low, high)
+
+
+def test_to_device_float():
+    t = torch.tensor([[[[0, 255], [128, 1]]]], dtype=torch.uint8)
+    out = to_device_float(t, "cpu")
+    assert out.dtype == torch.float32 and float(out.max()) == 1.0 and float(out.min()) == 0.0
+    cl = to_device_float(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "cpu", channels_last=True)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_same_seed_same_batches_other_epoch_other_order(tiny_shards):
+    cfg = cfg_for(tiny_shards)
+    a = make_train_loader(cfg, batch_size=4, num_workers=0)
+    b = make_train_loader(cfg, batch_size=4, num_workers=0)
+    a0, b0 = batches(a), batches(b)
+    for x, y in zip(a0, b0):
+        assert all(torch.equal(u, v) for u, v in zip(x, y))
+    a1 = batches(a)  # the loader counts epochs itself when no SharedEpoch is given
+    assert not all(torch.equal(x[1], y[1]) for x, y in zip(a0, a1))
+    other = batches(make_train_loader(cfg_for(tiny_shards, seed=1), batch_size=4, num_workers=0))
+    assert not torch.equal(other[0][1], a0[0][1])
+
+
+def test_shared_epoch_reaches_persistent_workers(tiny_shards):
+    cfg = cfg_for(tiny_shards)
+    epoch = SharedEpoch()
+    loader = make_train_loader(cfg, batch_size=4, num_workers=2, shared_epoch=epoch)
+    first, again, second = [], [], []
+    for target, e in ((first, 0), (second, 1), (again, 0)):
+        epoch.set_value(e)
+        target.extend(loader)
+    assert len(first) == len(second) == loader.batches_per_epoch
+    assert all(torch.equal(x[1], y[1]) for x, y in zip(first, again))  # (seed, epoch) reproduces
+    assert not all(torch.equal(x[1], y[1]) for x, y in zip(first, second))
+
+
+def _record_reads(monkeypatch) -> list[str]:
+    seen: list[str] = []
+    real = data.iter_samples
+
+    def recording(url):
+        seen.append(url)
+        yield from real(url)
+
+    monkeypatch.setattr(data, "iter_samples", recording)
+    return seen
+
+
+@pytest.mark.parametrize("train", [16, 14, 18])  # 4 equal shards; 4 shards, last short; 5 shards for 4 slots
+def test_two_ranks_two_workers_split(tmp_path, monkeypatch, train):
+    root = write_shards(tmp_path / "s", splits={"train": train}, samples_per_shard=4, tile=96)
+    cfg = cfg_for(root, patch_size=32, patches_per_image=2)
+    loaders = [make_train_loader(cfg, batch_size=2, num_workers=2, rank=r, world_size=2) for r in range(2)]
+    assert loaders[0].batches_per_epoch == loaders[1].batches_per_epoch > 0
+    all_urls = sorted(s.url for s in loaders[0].plan.shards)
+    for epoch in (0, 1):
+        seen = _record_reads(monkeypatch)
+        owners: dict[str, tuple[int, int]] = {}
+        for rank, loader in enumerate(loaders):
+            stream = loader._loader.dataset
+            count = 0
+            for worker in range(loader.num_workers):
+                start = len(seen)
+                count += sum(1 for _ in stream.batches(epoch, worker))
+                for url in seen[start:]:
+                    assert url not in owners, f"{url} read by {owners[url]} and {(rank, worker)}"
+                    owners[url] = (rank, worker)
+            assert count == loader.batches_per_epoch
+        # the plan hands every shard to exactly one slot; those not read this epoch were not needed
+        planned = sorted(loaders[0].plan.shards[i].url for r in range(2) for w in range(2)
+                         for i in loaders[0].plan.own_shards(epoch, r, w))
+        assert planned == all_urls
+        assert set(owners) <= set(all_urls)
+        assert loaders[0].stats()["refill_tiles"] == 0
+    # the real multi-process path gives the same counts on both ranks
+    assert [len(batches(loader)) for loader in loaders] == [loaders[0].batches_per_epoch] * 2
+
+
+def test_shard_assignment_changes_with_epoch_but_not_slot_sizes():
+    counts = [4] * 9 + [2]
+    a, b = data.assign_shards(counts, 4, seed=0, epoch=0), data.assign_shards(counts, 4, seed=0, epoch=1)
+    assert a != b
+    assert sorted(sum(counts[i] for i in s) for s in a) == sorted(sum(counts[i] for i in s) for s in b)
+    assert sorted(i for s in a for i in s) == list(range(10))
+
+
+def test_more_slots_than_shards(tmp_path, caplog):
+    root = write_shards(tmp_path / "s", splits={"train": 12}, samples_per_shard=4, tile=96)  # 3 shards
+    cfg = cfg_for(root, patch_size=32)
+    with caplog.at_level(logging.WARNING, logger="restorer.data"):
+        capped = make_train_loader(cfg, batch_size=2, num_workers=4, rank=0, world_size=2)
+    assert capped.num_workers == 1 and not capped.resampled
+    assert "worker(s) per rank" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="restorer.data"):
+        resampled = make_train_loader(cfg, batch_size=2, num_workers=1, rank=3, world_size=4)
+    assert resampled.resampled and "resampled" in caplog.text
+    assert len(batches(resampled)) == resampled.batches_per_epoch == 12 * 4 // 4 // 2
+
+
+def test_resampled_stream(tiny_shards):
+    loader = make_train_loader(cfg_for(tiny_shards, resampled=True), batch_size=4, num_workers=0, epoch_samples=20)
+    assert loader.batches_per_epoch == 20 * 4 // 4
+    assert len(batches(loader)) == 20
+
+
+def _rewrite(path: Path, change) -> None:
+    """Rewrite a tar shard, passing each (name, bytes) through ``change`` (None drops it)."""
+    members = []
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            members.append((m.name, tar.extractfile(m).read()))
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            out = change(name, payload)
+            if out is None:
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(out)
+            tar.addfile(info, io.BytesIO(out))
+
+
+def test_corrupt_shards_are_skipped_and_counted(tmp_path, caplog):
+    root = write_shards(tmp_path / "s", splits={"train": 24}, samples_per_shard=4, tile=96)  # 6 shards
+    shard = lambda i: root / "train" / f"shard-{i:06d}.tar"  # noqa: E731
+    blob = shard(0).read_bytes()
+    shard(0).write_bytes(blob[: len(blob) // 2])  # truncated tar
+    first = {"done": False}
+
+    def garbage(name, payload):
+        if name.endswith(".png") and not first["done"]:
+            first["done"] = True
+            return b"this is not a png"
+        return payload
+
+    _rewrite(shard(1), garbage)  # one undecodable member
+    shard(2).write_bytes(b"\x00garbage" * 300)  # not a tar at all
+    cfg = cfg_for(root, patch_size=32)
+    loader = make_train_loader(cfg, batch_size=4, num_workers=0)
+    shard(3).unlink()  # disappears after the loader was made
+    with caplog.at_level(logging.WARNING, logger="restorer.data"):
+        got = batches(loader)
+    assert len(got) == loader.batches_per_epoch  # topped up from the readable shards
+    stats = loader.stats()
+    assert stats["corrupt_samples"] >= 1  # counted per read: a top-up may read that shard again
+    assert stats["bad_shards"] == 3  # truncated, not-a-tar, vanished (not retried during top-ups)
+    assert stats["refill_tiles"] > 0
+    assert "bad shard skipped" in caplog.text and "corrupt sample" in caplog.text
+
+
+def test_missing_listed_shard_is_warned_and_counted(tmp_path):
+    root = write_shards(tmp_path / "s", splits={"train": 12}, samples_per_shard=4, tile=96)
+    (root / "train" / "shard-000002.tar").unlink()
+    loader = make_train_loader(cfg_for(root, patch_size=32), batch_size=4, num_workers=0)
+    assert loader.stats()["missing_shards"] == 1
+    assert len(batches(loader)) == loader.batches_per_epoch == 8 * 4 // 4
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_stream_of_bad_shards_raises_clear_error(tmp_path, workers):
+    root = write_shards(tmp_path / "s", splits={"train": 8}, samples_per_shard=4, tile=96)
+    for p in (root / "train").glob("*.tar"):
+        p.write_bytes(b"not a tar file" * 100)
+    loader = make_train_loader(cfg_for(root, patch_size=32), batch_size=4, num_workers=workers)
+    with pytest.raises(UserError, match=str(root)) as err:
+        batches(loader)
+    assert "\n" not in str(err.value) and "no usable samples" in str(err.value)
+
+
+def test_wrong_paths_raise_user_error(tmp_path, tiny_shards):
+    with pytest.raises(UserError, match="no such shards"):
+        make_train_loader(cfg_for(tmp_path / "nope"), batch_size=4, num_workers=0)
+    with pytest.raises(UserError, match="none of the 3 shard"):
+        make_train_loader(cfg_for(f"{tmp_path}/x-{{0..2}}.tar"), batch_size=4, num_workers=0)
+    with pytest.raises(UserError, match="no split 'test'"):
+        make_train_loader(cfg_for(tiny_shards, splits=["test"]), batch_size=4, num_workers=0)
+    with pytest.raises(UserError, match="no batch"):
+        make_train_loader(cfg_for(tiny_shards), batch_size=1000, num_workers=0)
+    with pytest.raises(UserError, match="quality"):
+        make_train_loader(cfg_for(tiny_shards, quality="0-200"), batch_size=4, num_workers=0)
+
+
+def test_tiles_smaller_than_patch_fail_clearly(tiny_shards):
+    loader = make_train_loader(cfg_for(tiny_shards, patch_size=256), batch_size=4, num_workers=0)
+    with pytest.raises(UserError, match="smaller than patch_size 256"):
+        batches(loader)
+
+
+def test_brace_pattern_and_pipe_urls(tiny_shards):
+    brace = f"{tiny_shards}/train/shard-{{000000..000002}}.tar"
+    loader = make_train_loader(cfg_for(brace), batch_size=4, num_workers=0)
+    assert loader.batches_per_epoch == 12  # counts from train/sizes.json
+    assert len(batches(loader)) == 12
+    piped = f"pipe:cat {tiny_shards}/train/shard-{{000000..000002}}.tar"
+    with pytest.raises(UserError, match="epoch_samples"):
+        make_train_loader(cfg_for(piped), batch_size=4, num_workers=0)
+    loader = make_train_loader(cfg_for(piped), batch_size=4, num_workers=1, epoch_samples=12)
+    assert len(batches(loader)) == loader.batches_per_epoch == 12
+    assert loader.stats()["tiles"] == 12 and loader.stats()["bad_shards"] == 0
+    # a shorter epoch stops reading a pipe mid-shard: closed quietly, not counted as bad
+    short = make_train_loader(cfg_for(piped, shuffle_buffer=0), batch_size=4, num_workers=0, epoch_samples=6)
+    assert len(batches(short)) == 6 and short.stats()["bad_shards"] == 0
+    # a plain folder of tars without a manifest, and '::'-joined URLs
+    joined = "::".join(str(p) for p in sorted((tiny_shards / "train").glob("*.tar"))[:2])
+    assert len(batches(make_train_loader(cfg_for(joined), batch_size=4, num_workers=0))) == 8
+
+
+def _val_items(loader) -> list[tuple[bytes, int]]:
+    out = []
+    for deg, clean, q in loader:
+        assert deg.dtype == clean.dtype == torch.uint8 and deg.shape == clean.shape
+        out.extend((clean[i].numpy().tobytes(), int(q[i])) for i in range(len(q)))
+    return out
+
+
+def test_val_stream_deterministic_and_disjoint(tmp_path):
+    root = write_shards(tmp_path / "s", splits={"val": 7}, samples_per_shard=3, tile=96)
+    whole = make_val_loader(str(root), crop=64, batch_size=3)
+    first = _val_items(whole)
+    assert first == _val_items(whole)
+    assert len(first) == 7 * 4 and Counter(q for _, q in first) == {10: 7, 20: 7, 30: 7, 40: 7}
+    parts = [_val_items(make_val_loader(str(root), crop=64, batch_size=3, rank=r, world_size=2)) for r in range(2)]
+    assert len(parts[0]) == 4 * 4 and len(parts[1]) == 3 * 4
+    assert not {c for c, _ in parts[0]} & {c for c, _ in parts[1]}
+    assert sorted(parts[0] + parts[1]) == sorted(first)
+    with_workers = _val_items(make_val_loader(str(root), crop=64, batch_size=3, num_workers=2))
+    assert sorted(with_workers) == sorted(first)
+
+
+def test_val_crops_centre_and_small_tiles(tiny_shards):
+    # 192 px tiles, crop 256: the whole tile (a multiple of 8) is used
+    loader = make_val_loader(str(tiny_shards), crop=256, batch_size=4, qualities=(10, 90))
+    got = list(loader)
+    assert all(b[0].shape[-2:] == (192, 192) for b in got)
+    deg, clean, q = got[0]
+    scores = psnr(to_device_float(deg, "cpu"), to_device_float(clean, "cpu"))
+    assert float(scores[q == 10].mean()) + 8 < float(scores[q == 90].mean())
+    assert data.val_crop_size(100, 300, 256) == 96
+
+
+def test_val_unreadable_split_raises(tmp_path):
+    root = write_shards(tmp_path / "s", splits={"val": 4}, samples_per_shard=4, tile=96)
+    (root / "val" / "shard-000000.tar").write_bytes(b"junk" * 50)
+    with pytest.raises(UserError, match="no readable validation samples"):
+        list(make_val_loader(str(root)))
