@@ -590,8 +590,9 @@ class _TrainStream(IterableDataset):
                 if len(buf) < size:
                     buf.append(item)
                     continue
-                j = int(rng.integers(size))
-                item, buf[j] = buf[j], item
+                if size:
+                    j = int(rng.integers(size))
+                    item, buf[j] = buf[j], item
                 emit(item)
                 if len(batch) == bsz:
                     yield make_batch()
