@@ -39,11 +39,14 @@ log = logging.getLogger("shard_tools.build")
 
 # Measured by bench/shards.py (see images.py); recorded in every manifest with the choice.
 ENCODING_MEASUREMENT = {
-    "what": "decode ms per 512px RGB tile / bytes per pixel, Pillow 13, 1 core (bench/shards.py)",
-    "ppm": [0.17, 3.00], "png1": [4.8, 1.74], "png6": [4.3, 1.68], "png9": [4.4, 1.67],
-    "webp_lossless_m0": [2.9, 1.26], "webp_lossless_m4": [3.1, 1.16],
-    "choice": "webp (lossless, method 0): smallest of the fast-to-encode options and faster to "
-              "decode than PNG; ppm when the loader is decode-bound on fast local disk",
+    "what": "512px RGB tiles of real photos, Pillow 13, 1 core of a shared 2-core machine, "
+            "bench/shards.py: [decode ms/tile, encode ms/tile, bytes/pixel]",
+    "webp_lossless_m0": [3.51, 6.4, 1.255], "webp_lossless_m4": [3.59, 82.5, 1.138],
+    "png1": [5.83, 15.4, 1.670], "png6": [5.69, 50.7, 1.584], "png9": [7.83, 113.4, 1.572],
+    "ppm": [0.30, 0.2, 3.000],
+    "choice": "webp (lossless, method 0): 1.33x smaller than PNG-1 and 1.66x faster to decode, "
+              "2.4x smaller than PPM; --encoding ppm when the loader is decode-bound on fast "
+              "local disk (decodes ~12x faster)",
 }
 
 SPLIT_ORDER = ("train", "val", "test")
@@ -191,6 +194,19 @@ def _tasks(order: list[sources.Ref], start: int, start_tile: int, max_file_bytes
             cur.close()
 
 
+def _worker_init(parent: int) -> None:
+    """Workers exit on their own when the builder dies (e.g. SIGKILL), instead of lingering."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _results(tasks, params: dict, workers: int):
     """Ordered results with at most 2*workers+2 in flight."""
     if workers <= 1:
@@ -201,7 +217,8 @@ def _results(tasks, params: dict, workers: int):
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
                                       else "spawn")
     window: collections.deque = collections.deque()
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                initargs=(os.getpid(),)) as ex:
         for idx, ref, data, reason, skip_tiles in tasks:
             fut = None if reason else ex.submit(_process, ref, data, skip_tiles, params)
             window.append((idx, ref, fut, reason))

@@ -27,14 +27,15 @@ Rules (the README repeats them):
   the remainder column/row becomes narrower tiles, kept when both sides are >= ``min_size`` and
   dropped otherwise. Tile keys use pixel offsets ``<y>_<x>``.
 
-Encoding (chosen by measurement, see ``bench/shards.py``): 512 px RGB tiles from skimage photos
-and BSDS500, Pillow 13, one core of the 2-core build machine (decode ms per tile / bytes per pixel
-/ encode ms): PPM 0.17 / 3.00 / 0.2, PNG level 1 4.8 / 1.74 / 12.7, PNG level 6 4.3 / 1.68 / 49,
-PNG level 9 4.4 / 1.67 / 95, WebP lossless (method 0) 2.9-3.3 / 1.26 / 8, WebP lossless (method 4)
-3.1 / 1.16 / 110. **Default: WebP lossless, method 0** -- 1.38x smaller than PNG and decodes
-faster than any PNG level, 2.4x smaller than PPM; encode is as cheap as PNG level 1. PPM decodes
-~17x faster and is the better choice when shards sit on fast local disk and the loader is
-decode-bound (``--encoding ppm``); PNG is offered for tools that cannot read WebP.
+Encoding (chosen by measurement, ``bench/shards.py``; 512 px RGB tiles of real photos, Pillow 13,
+one core of a shared 2-core machine; decode ms per tile / encode ms per tile / bytes per pixel):
+WebP lossless method 0 3.51 / 6.4 / 1.255, WebP lossless method 4 3.59 / 82.5 / 1.138,
+PNG level 1 5.83 / 15.4 / 1.670, PNG level 6 5.69 / 50.7 / 1.584, PNG level 9 7.83 / 113.4 / 1.572,
+PPM 0.30 / 0.2 / 3.000. **Default: WebP lossless, method 0**: 1.25-1.33x smaller than PNG and
+>= 1.6x faster to decode than any PNG level, 2.4x smaller than PPM, and as cheap to encode as PNG level 1
+(method 4 saves 9% more bytes for 13x the encode time). PPM decodes ~12x faster and is the
+better choice when shards sit on fast local disk and the loader is decode-bound
+(``--encoding ppm``); PNG is offered for tools without WebP.
 """
 from __future__ import annotations
 
@@ -181,7 +182,8 @@ def decode(data: bytes, *, encoding: str = "webp", tile: int = 512, min_size: in
     if w <= 0 or h <= 0:
         raise Skip(f"invalid declared size {w}x{h}")
     if w * h > max_pixels:
-        raise Skip(f"decompression bomb: declares {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+        raise Skip(f"decompression bomb: declares {w}x{h} = {w * h} pixels "
+                   f"> max_pixels {max_pixels}")
     fmt, mode = img.format or "?", img.mode
     try:
         with warnings.catch_warnings():

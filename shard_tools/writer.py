@@ -282,7 +282,8 @@ def clean_split_dir(split_dir: Path, keep: int) -> None:
     """Remove temporary files of killed runs and shards numbered >= keep (from older builds)."""
     for p in split_dir.iterdir():
         m = SHARD_RE.match(p.name)
-        if (p.name.startswith(".shard-") and p.name.endswith(".tmp")) or (m and int(m.group(1)) >= keep):
+        tmp = p.name.startswith(".shard-") and p.name.endswith(".tmp")
+        if tmp or (m and int(m.group(1)) >= keep):
             p.unlink(missing_ok=True)
 
 
@@ -308,7 +309,8 @@ def load_manifest(out: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{path}: no manifest (not a shard folder, or the build did not finish)") from None
+        raise UserError(f"{path}: no manifest (not a shard folder, or the build did not "
+                        "finish)") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: unreadable manifest ({exc})") from None
 
@@ -400,7 +402,8 @@ def merge(out: Path, parts: list[Path]) -> dict:
     base = manifests[0][1]
     missing = sorted(set(range(base["config"]["num_jobs"])) - set(seen_jobs))
     manifest = {"format": FORMAT, "package_version": base["package_version"],
-                "encoding": base["encoding"], "encoding_measurement": base.get("encoding_measurement"),
+                "encoding": base["encoding"],
+                "encoding_measurement": base.get("encoding_measurement"),
                 "splits": splits, "sources": {k: dict(v) for k, v in sources.items()},
                 "skipped": skipped,
                 "config": {**base["config"], "out": str(out), "job_index": None},

@@ -100,7 +100,8 @@ def layouts(tmp_path_factory) -> dict:
     exif = Image.Exif()
     exif[0x0112] = 3  # upside down
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(crops[21][::-1, ::-1])).save(buf, "PNG", exif=exif.tobytes())
+    upside_down = np.ascontiguousarray(crops[21][::-1, ::-1])
+    Image.fromarray(upside_down).save(buf, "PNG", exif=exif.tobytes())
     (f / "rotated.png").write_bytes(buf.getvalue())
     files["rotated.png"] = crops[21]
     for name, data in BROKEN.items():
