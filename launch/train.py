@@ -229,6 +229,18 @@ def validate(net, cfg: TrainConfig, accelerator, faults, *, with_ssim: bool) -> 
     return results, panel
 
 
+def _rank_fingerprints(accelerator, model) -> list[str]:
+    """First 8 bytes of the SHA-256 of each process's weights, gathered from all processes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    local = torch.tensor(list(digest.digest()[:8]), dtype=torch.int64, device=accelerator.device)
+    every = accelerator.gather(local).cpu().view(-1, 8)
+    return [bytes(int(b) for b in row).hex() for row in every]
+
+
 class _StopRequest:
     """SIGTERM / SIGUSR1 (SLURM preemption) set a flag; processes agree on it at the next step."""
 
@@ -316,9 +328,9 @@ def train(cfg: TrainConfig) -> int:
         wandb_id = state.get("wandb_id")
         say(f"resumed from {resume_from} at step {step} (data epoch {epoch})")
     if use_wandb and wandb_id is None:
-        import wandb
+        import secrets
 
-        wandb_id = wandb.util.generate_id()
+        wandb_id = secrets.token_hex(4)  # kept in every checkpoint, so a resumed run continues this W&B run
 
     # --- data -------------------------------------------------------------------------------------
     stream = StreamConfig(shards=cfg.shards, splits=list(cfg.train_splits), patch_size=cfg.patch_size,
@@ -499,6 +511,14 @@ def train(cfg: TrainConfig) -> int:
         say(f"stop requested: saved step {step}; continue with --resume auto")
         tracker.close()
         return 0
+    # DDP keeps replicas identical; check it (cheap, once) and record it for the user and the tests
+    fingerprints = _rank_fingerprints(accelerator, unwrap(model))
+    if main:
+        info.update(end_step=step, weight_fingerprint_by_rank=fingerprints,
+                    weights_identical_across_ranks=len(set(fingerprints)) == 1)
+        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    if len(set(fingerprints)) != 1:
+        say(f"warning: model weights differ between processes: {fingerprints}")
     run_validation(final=True)
     checkpoint(batch_in_epoch)
     say(f"done: {step} steps; weights in {run_dir / 'model.safetensors'}")

@@ -1,0 +1,207 @@
+"""End-to-end training: real 2-process CPU DDP runs of launch/train.py (gloo), shared between tests.
+
+One reference run (module fixture) overfits two 48 px tiles per rank -- every batch is the same,
+so the loss must fall -- and logs to an offline W&B run. A second run is SIGKILLed while writing
+a checkpoint and a third resumes it; their steps, LRs and losses are compared with the reference.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_shards
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "launch" / "train.py"
+CPU2 = REPO / "launch" / "accelerate" / "cpu2.yaml"
+
+# Overfitting setup: patch = whole 48 px tile, no augmentation, one quality: identical batches.
+FIT_ARGS = ["--preset", "tiny", "--patch-size", "48", "--batch-size", "2", "--patches-per-image", "1",
+            "--rescale-p", "0", "--rotate-p", "0", "--quality", "10", "--val-qualities", "10", "20",
+            "--val-crop", "48", "--num-workers", "0", "--lr", "3e-3", "--warmup-steps", "3",
+            "--log-every", "1", "--seed", "0"]
+REF_ARGS = FIT_ARGS + ["--max-steps", "30", "--save-every", "10", "--keep-checkpoints", "2", "--val-every", "15"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """No W&B credentials anywhere (so train.py must go offline by itself), CPU DDP."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("WANDB_", "RESTORER_FAULTS", "ACCELERATE_")) and k not in ("RANK", "WORLD_SIZE")}
+    env.update(NETRC=str(tmp / "no-netrc"), WANDB_CONFIG_DIR=str(tmp / "wandb-config"),
+               ACCELERATE_USE_CPU="true", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def launch(args: list[str], tmp: Path, *, processes: int = 2, faults: str | None = None,
+           timeout: float = 240) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file launch/accelerate/cpu2.yaml launch/train.py ARGS``."""
+    env = clean_env(tmp, **({"RESTORER_FAULTS": faults} if faults else {}))
+    if processes == 1:
+        cmd = [sys.executable, str(TRAIN), *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU2),
+               "--num_processes", str(processes), "--main_process_port", str(free_port()), str(TRAIN), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_rows(run: Path) -> dict[int, dict]:
+    """step -> the last train row logged at that step (a resumed run re-logs steps after its checkpoint)."""
+    return {r["step"]: r for r in metrics(run) if "train/loss" in r}
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def fit_shards(tmp_path_factory) -> Path:
+    # 2 shards of 2 tiles: one shard (two tiles, one batch) per rank
+    return write_shards(tmp_path_factory.mktemp("fit") / "shards", splits={"train": 4, "val": 2},
+                        samples_per_shard=2, tile=48)
+
+
+@pytest.fixture(scope="module")
+def reference(fit_shards, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("ref")
+    run = tmp / "run"
+    check(launch(["--shards", str(fit_shards), "--run-dir", str(run), "--tracker", "wandb", *REF_ARGS], tmp))
+    return run
+
+
+@pytest.mark.slow
+def test_two_processes_really_train_together(reference):
+    info = json.loads((reference / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["distributed_type"].endswith("MULTI_CPU")
+    assert info["omp_num_threads"] == "1" and info["torch_threads"] == 1  # 2 processes on 2 cores
+    assert all(r["world_size"] == 2 for r in metrics(reference) if "world_size" in r)
+    # DDP keeps the replicas bit-identical after 30 optimizer steps
+    assert info["end_step"] == 30
+    assert len(info["weight_fingerprint_by_rank"]) == 2 and info["weights_identical_across_ranks"]
+
+
+@pytest.mark.slow
+def test_loss_falls_when_overfitting(reference):
+    rows = train_rows(reference)
+    assert sorted(rows) == list(range(1, 31))
+    losses = [rows[s]["train/loss"] for s in range(1, 31)]
+    assert losses[-1] < 0.95 * losses[0], losses
+    assert sum(losses[-5:]) < sum(losses[:5]), losses
+    assert rows[30]["train/psnr"] > rows[1]["train/psnr"]
+
+
+@pytest.mark.slow
+def test_checkpoints_config_and_validation(reference):
+    ckpts = sorted(p.name for p in (reference / "checkpoints").iterdir())
+    assert ckpts == ["step-0000020", "step-0000030"]  # --keep-checkpoints 2
+    for name in ckpts:
+        files = {p.name for p in (reference / "checkpoints" / name).iterdir()}
+        assert {"COMPLETE", "model.safetensors", "optimizer.bin", "ema.safetensors", "train_state.json",
+                "random_states_0.pkl", "random_states_1.pkl"} <= files
+    assert "max_steps: 30" in (reference / "config.yaml").read_text()
+    final = [r for r in metrics(reference) if "val/ssim_q10" in r]
+    assert len(final) == 1 and final[0]["step"] == 30
+    for q in (10, 20):
+        assert abs(final[0][f"val/gain_q{q}"] - (final[0][f"val/psnr_q{q}"] - final[0][f"val/jpeg_psnr_q{q}"])) < 1e-9
+    assert final[0]["val/images"] == 4  # 2 val tiles x 2 qualities, counted once over both ranks
+    assert (reference / "panels" / "step-0000030.png").is_file()
+
+
+@pytest.mark.slow
+def test_offline_wandb_run_holds_loss_and_psnr(reference):
+    from restorer.tracking import wandb_history
+
+    files = glob.glob(str(reference / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1
+    history = wandb_history(files[0])
+    logged = {row["_step"]: row for row in history}
+    ours = train_rows(reference)
+    assert logged[30]["train/loss"] == pytest.approx(ours[30]["train/loss"])
+    assert logged[30]["train/psnr"] == pytest.approx(ours[30]["train/psnr"])
+    assert "val/psnr_q10" in logged[30] and "val/gain_q20" in logged[30]
+    assert "val/panel/path" in logged[30]
+    assert {"lr", "perf/patches_per_s", "perf/data_wait_frac", "perf/peak_rss_gb"} <= set(logged[30])
+
+
+@pytest.mark.slow
+def test_exported_weights_reproduce_the_ema_model(reference):
+    from safetensors.torch import load_file
+
+    from restorer.checkpoint import load_weights
+    from restorer.model import ModelConfig, build_model
+
+    model, meta = load_weights(reference / "model.safetensors")
+    facts = meta["facts"]
+    assert facts["steps"] == 30 and facts["quality_range"] == [10, 10] and facts["train_patch_size"] == 48
+    assert set(facts["val_psnr"]) == {"10", "20"} and facts["condition_on_quality"] is False
+    fresh = build_model(ModelConfig(preset="tiny"))
+    ema = load_file(str(reference / "checkpoints" / "step-0000030" / "ema.safetensors"))
+    fresh.load_state_dict({k[len("model."):]: v for k, v in ema.items() if k.startswith("model.")})
+    x = torch.rand(2, 3, 40, 56)
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh.eval()(x))
+        assert not torch.equal(model(x), x)  # trained: no longer the identity
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_then_resume_matches_uninterrupted_run(reference, fit_shards, tmp_path):
+    run = tmp_path / "run"
+    args = ["--shards", str(fit_shards), "--run-dir", str(run), "--tracker", "none", *REF_ARGS]
+    killed = launch(args, tmp_path, faults="kill_in_save@20")
+    assert killed.returncode != 0
+    ckpt = run / "checkpoints"
+    assert (ckpt / "step-0000010" / "COMPLETE").is_file()
+    assert (ckpt / ".tmp-step-0000020").is_dir() and not (ckpt / "step-0000020").exists()
+
+    resumed = check(launch(args, tmp_path))  # --resume auto is the default
+    assert "removed incomplete checkpoint" in resumed.stdout
+    assert "at step 10" in resumed.stdout
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["start_step"] == 10 and info["resumed_from"].endswith("step-0000010") and info["end_step"] == 30
+    assert not (ckpt / ".tmp-step-0000020").exists()
+
+    ref, ours = train_rows(reference), train_rows(run)
+    assert sorted(ours) == list(range(1, 31))
+    for s in range(11, 31):
+        assert ours[s]["lr"] == pytest.approx(ref[s]["lr"], rel=1e-12)  # LR schedule continues exactly
+        assert ours[s]["train/loss"] == pytest.approx(ref[s]["train/loss"], rel=1e-3)
+    # EMA was restored too: the final validation of both runs agrees
+    final = [r for r in metrics(run) if "val/ssim_q10" in r][-1]
+    ref_final = [r for r in metrics(reference) if "val/ssim_q10" in r][-1]
+    assert final["val/psnr_q10"] == pytest.approx(ref_final["val/psnr_q10"], abs=0.01)
+
+
+def test_help_lists_flags_and_examples():
+    proc = subprocess.run([sys.executable, str(TRAIN), "--help"], capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
+    assert proc.returncode == 0
+    for flag in ("--shards", "--run-dir", "--max-steps", "--batch-size", "--patch-size", "--quality", "--lr",
+                 "--mixed-precision", "--tracker", "--resume", "--preset", "--channels", "--units",
+                 "--condition-on-quality", "--train-splits", "--val-split", "--val-every", "--save-every",
+                 "--keep-checkpoints", "--num-workers", "--grad-accum", "--clip-grad", "--warmup-steps",
+                 "--ema-decay", "--channels-last", "--compile", "--seed", "--max-nonfinite", "--config"):
+        assert flag in proc.stdout, flag
+    assert "accelerate launch" in proc.stdout and "examples:" in proc.stdout
