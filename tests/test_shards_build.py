@@ -265,3 +265,32 @@ def test_cli_missing_input_and_unwritable_output(tmp_path, layouts):
     for cmd in ("build", "verify", "merge"):
         h = _cli(cmd, "--help")
         assert h.returncode == 0 and "examples:" in h.stdout
+
+
+def test_openimages_tar_bsr_parent_folder_and_max_images(tmp_path, layouts):
+    import tarfile
+
+    oi = tmp_path / "oi"
+    oi.mkdir()
+    src = layouts["openimages"]
+    with tarfile.open(oi / "validation.tar.gz", "w:gz") as tf:
+        tf.add(src / "validation", arcname="validation")
+    (oi / "validation-images-with-rotation.csv").write_bytes(
+        (src / "validation-images-with-rotation.csv").read_bytes())
+    bsr_parent = tmp_path / "datasets"
+    for split, named in layouts["bsr_files"].items():
+        d = bsr_parent / "BSR" / "BSDS500" / "data" / "images" / split
+        d.mkdir(parents=True)
+        for name, data in named.items():
+            (d / name).write_bytes(data)
+        (d / "Thumbs.db").write_bytes(b"\0" * 64)
+    out = tmp_path / "o"
+    m = run(out, openimages=[str(oi)], bsds=[str(bsr_parent)], downscale_lossy=1.0)
+    samples = read_shards(out)
+    for image_id, (split, upright) in layouts["oi_uprights"].items():
+        if split == "val":
+            check_image(samples, f"openimages/{image_id}", upright, split)
+    assert m["sources"]["bsds"] == {"train": 2, "val": 1, "test": 1}
+    m2 = run(tmp_path / "cap", bsds=[str(bsr_parent)], folder=[str(layouts["folder"])],
+             max_images=1)
+    assert all(n <= 1 for per in m2["sources"].values() for n in per.values())
