@@ -69,7 +69,7 @@ class StreamConfig:
     patches_per_image: int = 4
     quality: str = dataclasses.field(default="10", metadata={"help": "JPEG quality, or a range like 10-90 drawn per patch"})
     rescale_p: float = 0.5
-    rescale_scales: tuple = (0.9, 0.8, 0.7, 0.6)
+    rescale_scales: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6)
     rotate_p: float = 0.5
     flip_p: float = 0.0
     chroma_subsampling: str = dataclasses.field(default="4:2:0", metadata={"choices": list(SUBSAMPLING)})

@@ -1,0 +1,274 @@
+"""Loader throughput: the original design's per-sample file reads vs the shard pipeline.
+
+For each image set, 128 px patches at JPEG quality 10 (4:2:0), the same augmentation draw
+(rescale p=0.5 from {0.9,0.8,0.7,0.6} bicubic, rotation p=0.5), batches of 32:
+
+* baseline -- what the original design does per sample: open and decode the whole source image
+  file from a folder, rescale and rotate the whole image, crop one patch, JPEG round trip.
+* pipeline -- restorer.data over shards of 512 px lossless tiles: decode a tile once, cut
+  ``patches_per_image`` patches, resampling only each patch's region (augment.crop_first).
+
+Image sets: the real BSDS500 (500 JPEGs, 481x321) and a 2K-class set of lossless PNGs at DIV2K's
+size (2040x1356), each a 4x4 mosaic of 16 BSDS500 photos resized bicubic to 2040x1356 (real
+photo content at about native scale). Shards are made by ``python -m shard_tools build`` (both
+its default encoding, PNG and PPM); a webdataset ShardWriter fallback is used if the builder fails.
+
+"per worker" = one process doing everything (num_workers=0); "total" = a DataLoader with
+``--workers`` worker processes. The last line is ``speedup: <ratio>x`` (pipeline with the
+builder's default encoding over baseline, per worker, 2K-class set).
+
+    python bench/loader.py [--seconds 6] [--workers N] [--cache DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from restorer import augment  # noqa: E402
+from restorer.data import StreamConfig, make_train_loader  # noqa: E402
+from restorer.degrade import jpeg_roundtrip  # noqa: E402
+
+BSDS = REPO.parent / "shared" / "datasets" / "BSR"
+PATCH, QUALITY, BATCH = 128, 10, 32
+PARAMS = augment.AugmentParams(patch_size=PATCH)  # the design's defaults: rescale 0.5, rotate 0.5
+
+
+# ------------------------------------------------------------------------------------ image sets
+
+def bsds_files() -> list[Path]:
+    root = BSDS / "BSDS500" / "data" / "images"
+    files = sorted(root.glob("*/*.jpg"))
+    if not files:
+        sys.exit(f"error: BSDS500 not found under {root} (CI and developers have it in ../shared)")
+    return files
+
+
+def make_2k_set(out: Path, n: int) -> list[Path]:
+    """``n`` 2040x1356 PNGs (Pillow default compression, like DIV2K's), each a 4x4 mosaic of
+    landscape BSDS500 photos resized bicubic from 1924x1284."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / f"mosaic_{i:03d}.png" for i in range(n)]
+    if all(f.is_file() for f in files):
+        return files
+    photos = [p for p in bsds_files() if Image.open(p).size == (481, 321)]
+    rng = np.random.default_rng(0)
+    for i, f in enumerate(files):
+        pick = rng.choice(len(photos), 16, replace=False)
+        canvas = Image.new("RGB", (4 * 481, 4 * 321))
+        for k, j in enumerate(pick):
+            with Image.open(photos[j]) as im:
+                canvas.paste(im.convert("RGB"), ((k % 4) * 481, (k // 4) * 321))
+        tmp = f.with_suffix(".tmp")
+        canvas.resize((2040, 1356), Image.Resampling.BICUBIC).save(tmp, format="PNG")
+        os.replace(tmp, f)
+    return files
+
+
+def build_shards(out: Path, source_args: list[str], encoding: str, fallback_files: list[Path]) -> tuple[Path, str]:
+    """Shards via the builder (preferred); else 512 px tiles written here with ShardWriter."""
+    if (out / "manifest.json").is_file():
+        return out, json.loads((out / "manifest.json").read_text()).get("_made_by", "shard_tools build")
+    cmd = [sys.executable, "-m", "shard_tools", "build", "--out", str(out), "--tile", "512",
+           "--encoding", encoding, "--workers", str(min(4, os.cpu_count() or 1)), *source_args]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if res.returncode == 0 and (out / "manifest.json").is_file():
+        return out, "shard_tools build"
+    print(f"note: shard_tools build failed ({res.stderr.strip().splitlines()[-1:] or res.returncode}); "
+          "writing shards with webdataset.ShardWriter", file=sys.stderr)
+    write_shards_fallback(out, fallback_files, encoding)
+    return out, "ShardWriter fallback"
+
+
+def write_shards_fallback(out: Path, files: list[Path], encoding: str) -> None:
+    import webdataset as wds
+
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    pattern = str(out / "train" / "shard-%06d.tar")
+    counts: dict[str, int] = {}
+    with wds.ShardWriter(pattern, maxcount=64, verbose=0) as sink:
+        for f in files:
+            with Image.open(f) as im:
+                img = im.convert("RGB")
+            for y in range(0, img.height - 127, 512):
+                for x in range(0, img.width - 127, 512):
+                    tile = img.crop((x, y, min(x + 512, img.width), min(y + 512, img.height)))
+                    buf = io.BytesIO()
+                    if encoding == "webp":
+                        tile.save(buf, "WEBP", lossless=True, quality=0, method=0, exact=True)
+                    else:
+                        tile.save(buf, "PNG", compress_level=1)
+                    meta = {"source": "bench", "source_id": f.stem, "split": "train", "orig_size": list(img.size),
+                            "tile": {"y": y, "x": x, "h": tile.height, "w": tile.width}}
+                    sink.write({"__key__": f"bench/{f.stem}/{y}_{x}", encoding: buf.getvalue(),
+                                "json": json.dumps(meta).encode()})
+                    name = Path(sink.fname).name  # the shard this sample went to
+                    counts[name] = counts.get(name, 0) + 1
+    shards = [{"path": f"train/{n}", "samples": c} for n, c in sorted(counts.items())]
+    (out / "train" / "sizes.json").write_text(json.dumps(dict(sorted(counts.items()))))
+    (out / "manifest.json").write_text(json.dumps({"format": 1, "encoding": encoding, "_made_by": "ShardWriter fallback",
+                                                   "splits": {"train": {"samples": sum(counts.values()),
+                                                                        "shards": shards}}}))
+
+
+def splits_of(shards: Path) -> list[str]:
+    return sorted(json.loads((shards / "manifest.json").read_text())["splits"])
+
+
+# ---------------------------------------------------------------------------------- measurements
+
+def ceiling(seconds: float) -> float:
+    """Pillow crop + JPEG round trip of a 128 px patch from an already decoded 512 px tile."""
+    with Image.open(bsds_files()[0]) as im:
+        tile = im.convert("RGB").resize((512, 512))
+    rng = np.random.default_rng(0)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        y, x = rng.integers(0, 512 - PATCH, size=2)
+        jpeg_roundtrip(np.asarray(tile.crop((x, y, x + PATCH, y + PATCH))), QUALITY)
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+class Baseline(IterableDataset):
+    """The original design's read path, batched like the pipeline."""
+
+    def __init__(self, files: list[Path]):
+        self.files = [str(f) for f in files]
+
+    def __iter__(self):
+        info = get_worker_info()
+        rng = np.random.default_rng([1, info.id if info else 0])
+        while True:
+            deg, clean = [], []
+            for _ in range(BATCH):
+                with Image.open(self.files[int(rng.integers(len(self.files)))]) as im:
+                    img = im.convert("RGB")  # the whole file, every sample
+                d = augment.draw(rng, img.height, img.width, PARAMS)
+                patch = augment.whole_image(img, d, PATCH)
+                clean.append(patch)
+                deg.append(jpeg_roundtrip(patch, QUALITY))
+            yield (torch.from_numpy(augment.to_chw(deg)), torch.from_numpy(augment.to_chw(clean)),
+                   torch.full((BATCH,), QUALITY, dtype=torch.int64))
+
+
+def rate(batches, seconds: float) -> float:
+    """Patches/s after the first batch (start-up and the shuffle buffer's first fill excluded)."""
+    it = iter(batches)
+    next(it)
+    n, start = 0, time.perf_counter()
+    for deg, _, _ in it:
+        n += deg.shape[0]
+        if time.perf_counter() - start >= seconds:
+            break
+    return n / (time.perf_counter() - start)
+
+
+def baseline_rate(files: list[Path], workers: int, seconds: float) -> float:
+    if workers == 0:
+        return rate(Baseline(files), seconds)
+    loader = DataLoader(Baseline(files), batch_size=None, num_workers=workers, prefetch_factor=2)
+    return rate(loader, seconds)
+
+
+def pipeline_rate(shards: Path, workers: int, seconds: float) -> float:
+    cfg = StreamConfig(shards=str(shards), splits=splits_of(shards), patch_size=PATCH, quality=str(QUALITY),
+                       resampled=True)  # a continuous stream however small the set; default buffer (1000)
+    loader = make_train_loader(cfg, batch_size=BATCH, num_workers=workers, epoch_samples=10**6)
+    return rate(loader, seconds)
+
+
+def gpu_estimate(per_worker: float, per_worker_ppm: float) -> list[str]:
+    from restorer.model import ModelConfig, build_model, flops_per_pixel
+
+    fwd = flops_per_pixel(build_model(ModelConfig(preset="default")))
+    train_per_patch = 3 * fwd * PATCH * PATCH
+    peak = 989e12  # H100 SXM dense bf16 tensor-core peak
+    lines = [f"GPU feed estimate (default model: {fwd / 1e6:.2f} MFLOP/pixel forward, training ~3x = "
+             f"{train_per_patch / 1e9:.1f} GFLOP per {PATCH} px patch; H100 dense bf16 peak 989 TFLOPS):"]
+    # 64-channel 3x3 convs sit near the H100's compute/bandwidth ridge (~290 FLOP/byte in bf16) and
+    # the 1x1 convs, PReLUs and skip adds are bandwidth-bound: 20-35% of peak is a realistic range.
+    for util in (0.20, 0.25, 0.35):
+        patches = util * peak / train_per_patch
+        lines.append(f"  at {util:.0%} of peak ({util * peak / 1e12:.0f} TFLOPS): {patches:,.0f} patches/s "
+                     f"-> {patches / per_worker:.1f} loader workers on webp shards ({per_worker:.0f}/s each), "
+                     f"{patches / per_worker_ppm:.1f} on ppm shards ({per_worker_ppm:.0f}/s each)")
+    lines.append("  (assumption, not measured on a GPU here; bench/train_step.py measures the real step rate)")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=6.0, help="timing window per measurement")
+    ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="workers for the totals")
+    ap.add_argument("--images", type=int, default=16, help="2K-class images to generate")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "restorer-bench-loader")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    sec = args.seconds
+
+    files_2k = make_2k_set(args.cache / "div2k_class", args.images)
+    files_bsds = bsds_files()
+    sh_2k_default, made_by = build_shards(args.cache / "shards_2k_webp", ["--folder", str(files_2k[0].parent),
+                                          "--val-fraction", "0"], "webp", files_2k)
+    sh_2k_png, _ = build_shards(args.cache / "shards_2k_png", ["--folder", str(files_2k[0].parent),
+                                "--val-fraction", "0"], "png", files_2k)
+    sh_2k_ppm, _ = build_shards(args.cache / "shards_2k_ppm", ["--folder", str(files_2k[0].parent),
+                                "--val-fraction", "0"], "ppm", files_2k)
+    sh_bsds, _ = build_shards(args.cache / "shards_bsds_webp", ["--bsds", str(BSDS)], "webp", files_bsds)
+    prep = time.perf_counter() - t0
+
+    rows = []
+    ceil = ceiling(min(sec, 3.0))
+    b2k = baseline_rate(files_2k, 0, sec * 1.5)
+    p2k = pipeline_rate(sh_2k_default, 0, sec)
+    p2k_png = pipeline_rate(sh_2k_png, 0, sec)
+    p2k_ppm = pipeline_rate(sh_2k_ppm, 0, sec)
+    b2k_tot = baseline_rate(files_2k, args.workers, sec)
+    p2k_tot = pipeline_rate(sh_2k_default, args.workers, sec)
+    bb = baseline_rate(files_bsds, 0, sec)
+    pb = pipeline_rate(sh_bsds, 0, sec)
+    rows = [
+        ("ceiling: Pillow crop + JPEG q10, no decode", ceil, None, ceil / b2k),
+        ("2K-class  baseline: whole PNG file per sample", b2k, b2k_tot, 1.0),
+        ("2K-class  pipeline: webp tile shards (builder default)", p2k, p2k_tot, p2k / b2k),
+        ("2K-class  pipeline: png tile shards", p2k_png, None, p2k_png / b2k),
+        ("2K-class  pipeline: ppm tile shards (builder --encoding ppm)", p2k_ppm, None, p2k_ppm / b2k),
+        ("BSDS500   baseline: whole JPEG file per sample", bb, None, 1.0),
+        ("BSDS500   pipeline: webp shards (tile = whole photo)", pb, None, pb / bb),
+    ]
+    print(f"loader benchmark: {PATCH} px patches, JPEG q{QUALITY} 4:2:0, batch {BATCH}, rescale p=0.5 "
+          f"{PARAMS.rescale_scales}, rotate p=0.5, patches_per_image 4, shuffle buffer 1000")
+    print(f"data: 2K-class = {len(files_2k)} PNGs 2040x1356 (4x4 mosaics of BSDS500 photos, bicubic); "
+          f"BSDS500 = {len(files_bsds)} JPEGs; shards by {made_by} (512 px tiles); prep {prep:.0f}s")
+    print(f"machine: {os.cpu_count()} cpu(s) (shared); totals use {args.workers} DataLoader workers; "
+          f"{sec:.0f}s windows, steady state (after the first batch)")
+    print(f"{'':56s} {'patches/s/worker':>16s} {'total':>9s} {'ratio/worker':>13s}")
+    for name, pw, tot, ratio in rows:
+        total = f"{tot:9.1f}" if tot is not None else f"{'-':>9s}"
+        print(f"{name:56s} {pw:16.1f} {total} {ratio:12.1f}x")
+    print(f"pipeline share of the ceiling (per worker, 2K webp): {p2k / ceil:.0%}")
+    for line in gpu_estimate(p2k, p2k_ppm):
+        print(line)
+    print(f"bench time: {time.perf_counter() - t0:.0f}s")
+    print(f"speedup: {p2k / b2k:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
