@@ -1,0 +1,122 @@
+"""Reliability faults of training, each on a real launch of launch/train.py (see restorer/faults.py
+for the injection hooks): full disk while checkpointing, non-finite losses, a slow rank with fewer
+shards, and a malicious checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_shards
+from test_train import FIT_ARGS, check, error_lines, launch, metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fit_shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("fit") / "shards", splits={"train": 4, "val": 2},
+                        samples_per_shard=2, tile=48)
+
+
+def test_disk_full_during_checkpoint_keeps_previous_one(fit_shards, tmp_path):
+    from restorer.train_checkpoint import verify_checkpoint
+
+    run = tmp_path / "run"
+    proc = launch(["--shards", str(fit_shards), "--run-dir", str(run), "--tracker", "none", *FIT_ARGS,
+                   "--max-steps", "6", "--save-every", "2", "--val-every", "100"], tmp_path,
+                  faults="enospc_in_save@4")
+    assert proc.returncode != 0
+    errors = error_lines(proc)
+    assert len(errors) == 1, proc.stdout + proc.stderr
+    assert ".tmp-step-0000004/optimizer.bin" in errors[0] and "No space left on device" in errors[0]
+    assert "step-0000002" in errors[0]  # names the checkpoint that is still good
+    ckpt = run / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-0000002"]  # temp dir removed, nothing half-made
+    assert verify_checkpoint(ckpt / "step-0000002")["step"] == 2
+
+
+def test_nonfinite_step_is_skipped_and_counted_bf16(fit_shards, tmp_path):
+    run = tmp_path / "run"
+    proc = check(launch(["--shards", str(fit_shards), "--run-dir", str(run), "--tracker", "none", *FIT_ARGS,
+                         "--max-steps", "6", "--save-every", "100", "--val-every", "100",
+                         "--mixed-precision", "bf16", "--channels-last"], tmp_path, faults="nan@3"))
+    assert "step 3: non-finite loss or gradient, step skipped (1 in a row, 1 in total)" in proc.stdout
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["mixed_precision"] == "bf16" and info["world_size"] == 2
+    assert info["weights_identical_across_ranks"]  # both ranks skipped, though only rank 0 saw the NaN
+    rows = [r for r in metrics(run) if "train/loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # the skipped attempt did not count as a step
+    assert rows[-1]["train/nonfinite_skipped"] == 1
+    assert all(r["train/loss"] == r["train/loss"] for r in rows)  # no NaN reached the logged loss
+
+
+def test_too_many_nonfinite_losses_stop_with_one_line(fit_shards, tmp_path):
+    from restorer.train_checkpoint import verify_checkpoint
+
+    run = tmp_path / "run"
+    proc = launch(["--shards", str(fit_shards), "--run-dir", str(run), "--tracker", "none", *FIT_ARGS,
+                   "--max-steps", "10", "--save-every", "2", "--val-every", "100", "--max-nonfinite", "3"],
+                  tmp_path, faults="nan@4+")
+    assert proc.returncode != 0  # the launcher reports 1 when a process exits with 2
+    errors = error_lines(proc)
+    assert len(errors) == 1, proc.stdout + proc.stderr
+    assert "3 non-finite losses in a row at step 4" in errors[0] and "step-0000004" in errors[0]
+    ckpt = run / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-0000002", "step-0000004"]
+    assert verify_checkpoint(ckpt / "step-0000004")["step"] == 4
+
+
+def test_slow_rank_with_fewer_shards_does_not_deadlock(tmp_path):
+    # 3 train shards over 2 ranks: rank 0 reads two, rank 1 one; rank 1 also sleeps before every batch
+    shards = write_shards(tmp_path / "shards")
+    run = tmp_path / "run"
+    proc = check(launch(["--shards", str(shards), "--run-dir", str(run), "--tracker", "none", "--preset", "tiny",
+                         "--patch-size", "32", "--batch-size", "2", "--num-workers", "0", "--max-steps", "6",
+                         "--val-every", "3", "--save-every", "3", "--val-crop", "64", "--log-every", "3"],
+                        tmp_path, faults="slow_rank@1:0.3", timeout=180))
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["end_step"] == 6 and info["weights_identical_across_ranks"]
+    assert (run / "checkpoints" / "step-0000006" / "COMPLETE").is_file()
+    assert "val q10" in proc.stdout
+
+
+class _Evil:
+    def __init__(self, mark: Path):
+        self.mark = mark
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.mark}",))
+
+
+@pytest.mark.parametrize("target", ["optimizer.bin", "model.safetensors"])
+def test_malicious_checkpoint_is_refused_and_nothing_runs(fit_shards, tmp_path, target):
+    run = tmp_path / "run"
+    args = ["--shards", str(fit_shards), "--run-dir", str(run), "--tracker", "none", *FIT_ARGS,
+            "--val-every", "100", "--save-every", "2"]
+    check(launch([*args, "--max-steps", "2"], tmp_path, processes=1))
+    step = run / "checkpoints" / "step-0000002"
+    mark = tmp_path / "pwned"
+    (step / target).unlink()
+    torch.save({"state": _Evil(mark)}, step / target)  # a pickle whose loading would run a command
+    proc = launch([*args, "--max-steps", "4"], tmp_path, processes=1)
+    assert proc.returncode == 2
+    errors = error_lines(proc)
+    assert len(errors) == 1 and f"{target}: refused to load" in errors[0], proc.stderr
+    assert not mark.exists()
+    assert not (run / "checkpoints" / "step-0000004").exists()
+
+
+def test_resume_none_refuses_a_run_dir_with_checkpoints(fit_shards, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-0000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-0000002" / "COMPLETE").write_text("{}")
+    proc = launch(["--shards", str(fit_shards), "--run-dir", str(run), "--tracker", "none", *FIT_ARGS,
+                   "--resume", "none"], tmp_path, processes=1)
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1
+    assert "--resume auto" in error_lines(proc)[0]
+    shutil.rmtree(run)

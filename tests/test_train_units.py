@@ -1,0 +1,161 @@
+"""Pieces of the trainer that need no launch: LR schedule, EMA, fault spec, W&B credential
+detection, metrics log, and checkpoint verification (malicious and incomplete directories)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from restorer.errors import UserError
+
+
+def test_warmup_then_cosine():
+    from restorer.schedule import lr_at
+
+    kw = dict(base_lr=1e-3, warmup_steps=10, total_steps=110, min_ratio=0.1)
+    assert lr_at(0, **kw) == pytest.approx(1e-4)
+    assert lr_at(9, **kw) == pytest.approx(1e-3)
+    assert lr_at(10, **kw) == pytest.approx(1e-3)
+    assert lr_at(60, **kw) == pytest.approx(0.55e-3)  # half way down the cosine
+    assert lr_at(110, **kw) == pytest.approx(1e-4) == lr_at(500, **kw)
+    lrs = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(0, base_lr=1.0, warmup_steps=0, total_steps=10) == 1.0
+
+
+def test_ema_follows_weights_and_round_trips(tmp_path):
+    from restorer.ema import EMA
+    from restorer.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig(preset="tiny"))
+    ema = EMA(model, decay=0.9)
+    start = [p.clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    d = ema.current_decay()
+    assert d == pytest.approx(0.1)  # (1 + 0) / (10 + 0): early updates follow the weights closely
+    ema.update(model)
+    for s, e in zip(start, ema.model.parameters()):
+        assert torch.allclose(e, s + (1 - d) * 1.0)
+    ema.save(tmp_path / "ema.safetensors")
+    other = EMA(build_model(ModelConfig(preset="tiny")), decay=0.9)
+    other.load(tmp_path / "ema.safetensors")
+    assert other.updates == 1
+    assert all(torch.equal(a, b) for a, b in zip(other.model.parameters(), ema.model.parameters()))
+    with pytest.raises(ValueError):
+        EMA(model, decay=1.0)
+
+
+def test_fault_spec_parsing():
+    from restorer.faults import Faults
+
+    f = Faults.from_env("nan@3, kill_in_save@20,slow_rank@1:0.5")
+    assert (f.nan_step, f.nan_forever, f.kill_in_save, f.slow_rank, f.slow_seconds) == (3, False, 20, 1, 0.5)
+    assert [f.poison_batch(s, 0) for s in (2, 3, 3, 4)] == [False, True, False, False]  # once
+    assert not f.poison_batch(3, 1)
+    g = Faults.from_env("nan@2+")
+    assert [g.poison_batch(s, 0) for s in (1, 2, 2, 9)] == [False, True, True, True]
+    assert Faults.from_env("") == Faults()
+    with pytest.raises(UserError, match="RESTORER_FAULTS"):
+        Faults.from_env("explode@3")
+
+
+def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
+    from restorer.tracking import prepare_wandb, wandb_credentials_present
+
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_DIR", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "cfg"))
+    assert not wandb_credentials_present()
+    note = prepare_wandb(tmp_path / "run")
+    assert os.environ["WANDB_MODE"] == "offline" and "wandb sync" in note
+    assert os.environ["WANDB_DIR"] == str(tmp_path / "run")
+
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "a" * 40 + "\n")
+    assert wandb_credentials_present()
+    assert prepare_wandb(tmp_path / "run") is None and "WANDB_MODE" not in os.environ
+    (tmp_path / "netrc").write_text("machine example.org login u password p\n")
+    assert not wandb_credentials_present()
+    monkeypatch.setenv("WANDB_API_KEY", "b" * 40)
+    assert wandb_credentials_present()
+
+
+def test_metrics_log_lines(tmp_path):
+    from restorer.tracking import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"train/loss": torch.tensor(0.5), "val/psnr": float("inf")}, step=3)
+    log.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "train/loss": 0.5, "val/psnr": "inf"}
+
+
+# --- checkpoint directories ---------------------------------------------------------------------
+
+def _fake_checkpoint(path: Path, step: int = 4) -> Path:
+    """The files Accelerate and train.py write, with the same kinds of content."""
+    path.mkdir(parents=True)
+    save_file({"w": torch.zeros(3)}, str(path / "model.safetensors"))
+    torch.save({"state": {0: {"exp_avg": torch.zeros(3), "step": torch.tensor(4.0)}},
+                "param_groups": [{"lr": 1e-3, "params": [0]}]}, path / "optimizer.bin")
+    torch.save({"step": 0, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
+                "torch_manual_seed": torch.get_rng_state()}, path / "random_states_0.pkl")
+    save_file({"model.w": torch.zeros(3), "updates": torch.tensor(4)}, str(path / "ema.safetensors"))
+    (path / "train_state.json").write_text(json.dumps({"step": step, "epoch": 1}))
+    (path / "COMPLETE").write_text("{}")
+    return path
+
+
+class _Evil:
+    def __init__(self, mark: Path):
+        self.mark = mark
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.mark}",))
+
+
+def test_verify_accepts_what_accelerate_writes(tmp_path):
+    from restorer.train_checkpoint import verify_checkpoint
+
+    assert verify_checkpoint(_fake_checkpoint(tmp_path / "step-0000004"))["step"] == 4
+
+
+@pytest.mark.parametrize("target", ["optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
+                                    "model.safetensors", "scaler.pt"])
+def test_verify_refuses_code_in_any_file(tmp_path, target):
+    from restorer.train_checkpoint import verify_checkpoint
+
+    ckpt = _fake_checkpoint(tmp_path / "step-0000004")
+    mark = tmp_path / "pwned"
+    torch.save([_Evil(mark)], ckpt / target)
+    with pytest.raises(UserError, match="refused to load") as err:
+        verify_checkpoint(ckpt)
+    assert target in str(err.value) and "\n" not in str(err.value)
+    assert not mark.exists()
+
+
+def test_incomplete_and_stale_directories(tmp_path):
+    from restorer.train_checkpoint import (complete_checkpoints, latest_checkpoint, remove_stale_temp,
+                                           verify_checkpoint)
+
+    root = tmp_path / "checkpoints"
+    _fake_checkpoint(root / "step-0000002", 2)
+    _fake_checkpoint(root / "step-0000010", 10)
+    (root / "step-0000012").mkdir()  # no marker: killed before completion on a non-atomic filesystem
+    (root / ".tmp-step-0000014").mkdir()
+    assert [s for s, _ in complete_checkpoints(root)] == [2, 10]
+    assert latest_checkpoint(root).name == "step-0000010"
+    with pytest.raises(UserError, match="incomplete checkpoint"):
+        verify_checkpoint(root / "step-0000012")
+    with pytest.raises(UserError, match="not found"):
+        verify_checkpoint(root / "step-0000099")
+    assert [p.name for p in remove_stale_temp(root)] == [".tmp-step-0000014"]
+    assert complete_checkpoints(tmp_path / "nothing") == []
