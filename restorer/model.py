@@ -6,7 +6,7 @@ Presets
 -------
 ``seed``     the original network, kept as the reference row: units 3->128->64->32, then
              Conv1x1 32->16, PReLU, Conv5x5 16->3, predicting the clean image directly, no skips,
-             weights initialised N(0, 0.001) as the original did (313,194 parameters).
+             weights initialised N(0, 0.001) as the original did (313,066 parameters).
 ``tiny`` / ``small`` / ``default`` / ``large``
              residual presets: a head unit (in->C), N units C->C each with a skip connection, a
              3x3 tail conv C->in, and a global residual (output = input + predicted correction).
