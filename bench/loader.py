@@ -110,6 +110,8 @@ def write_shards_fallback(out: Path, files: list[Path], encoding: str) -> None:
                     buf = io.BytesIO()
                     if encoding == "webp":
                         tile.save(buf, "WEBP", lossless=True, quality=0, method=0, exact=True)
+                    elif encoding == "ppm":
+                        tile.save(buf, "PPM")
                     else:
                         tile.save(buf, "PNG", compress_level=1)
                     meta = {"source": "bench", "source_id": f.stem, "split": "train", "orig_size": list(img.size),
@@ -140,6 +142,18 @@ def ceiling(seconds: float) -> float:
     while time.perf_counter() - start < seconds:
         y, x = rng.integers(0, 512 - PATCH, size=2)
         jpeg_roundtrip(np.asarray(tile.crop((x, y, x + PATCH, y + PATCH))), QUALITY)
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def augment_rate(files: list[Path], fn, seconds: float) -> float:
+    """Augmentation alone (no decode, no JPEG): patches/s from a decoded 512 px tile."""
+    with Image.open(files[0]) as im:
+        tile = im.convert("RGB").crop((0, 0, 512, 512))
+    rng = np.random.default_rng(0)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn(tile, augment.draw(rng, 512, 512, PARAMS), PATCH)
         n += 1
     return n / (time.perf_counter() - start)
 
@@ -241,6 +255,8 @@ def main(argv=None) -> int:
     p2k_ppm = pipeline_rate(sh_2k_ppm, 0, sec)
     b2k_tot = baseline_rate(files_2k, args.workers, sec)
     p2k_tot = pipeline_rate(sh_2k_default, args.workers, sec)
+    aug_whole = augment_rate(files_2k, augment.whole_image, min(sec, 2.0))
+    aug_crop = augment_rate(files_2k, augment.crop_first, min(sec, 2.0))
     bb = baseline_rate(files_bsds, 0, sec)
     pb = pipeline_rate(sh_bsds, 0, sec)
     rows = [
@@ -248,7 +264,7 @@ def main(argv=None) -> int:
         ("2K-class  baseline: whole PNG file per sample", b2k, b2k_tot, 1.0),
         ("2K-class  pipeline: webp tile shards (builder default)", p2k, p2k_tot, p2k / b2k),
         ("2K-class  pipeline: png tile shards", p2k_png, None, p2k_png / b2k),
-        ("2K-class  pipeline: ppm tile shards (builder --encoding ppm)", p2k_ppm, None, p2k_ppm / b2k),
+        ("2K-class  pipeline: ppm tile shards (--encoding ppm)", p2k_ppm, None, p2k_ppm / b2k),
         ("BSDS500   baseline: whole JPEG file per sample", bb, None, 1.0),
         ("BSDS500   pipeline: webp shards (tile = whole photo)", pb, None, pb / bb),
     ]
@@ -262,6 +278,8 @@ def main(argv=None) -> int:
     for name, pw, tot, ratio in rows:
         total = f"{tot:9.1f}" if tot is not None else f"{'-':>9s}"
         print(f"{name:56s} {pw:16.1f} {total} {ratio:12.1f}x")
+    print(f"augment only, 512 px tile -> {PATCH} px patch: whole-tile rescale/rotate {aug_whole:.0f}/s, "
+          f"crop-first {aug_crop:.0f}/s ({aug_crop / aug_whole:.1f}x)")
     print(f"pipeline share of the ceiling (per worker, 2K webp): {p2k / ceil:.0%}")
     for line in gpu_estimate(p2k, p2k_ppm):
         print(line)

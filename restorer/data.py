@@ -22,7 +22,8 @@ Guarantees (see ``make_train_loader``):
 * A corrupt sample or shard (truncated tar, undecodable image, missing or vanished file, failing
   pipe) is logged (rate-limited), skipped and counted (``loader.stats()``, and one log line per
   epoch). A slot that runs short because of that tops up from the epoch's other shards (counted as
-  ``refill_tiles``), so batch counts stay equal. A stream that yields nothing raises
+  ``refill_tiles``), so batch counts stay equal. The plan depends only on the shard listing
+  (manifest, sizes.json, URL spec), so every rank computes the same ``batches_per_epoch``. A stream that yields nothing raises
   :class:`~restorer.errors.UserError` naming the path instead of hanging.
 * Given (seed, epoch, rank, worker) the stream is reproducible: numpy's Generator and Python's
   ``random`` are seeded from all four; the epoch is read from :class:`SharedEpoch` in each worker.
@@ -227,17 +228,21 @@ def resolve_shards(spec: str, splits: Sequence[str] = ("train",)) -> tuple[list[
 
 
 def _check_local(shards: list[Shard], spec: str) -> tuple[list[Shard], int]:
+    """Fail when no listed local shard exists. Missing ones are only warned about and counted:
+    they stay in the list (and fail, counted, when read) so that the plan -- and so the batch
+    count -- depends on the listing alone, never on what one node's file system shows."""
     present = [s for s in shards if not _is_local(s.url) or _local_path(s.url).is_file()]
     missing = len(shards) - len(present)
     if not present:
         first = shards[0].url if shards else spec
         raise UserError(f"{spec}: none of the {len(shards)} shard file(s) exist (first: {first})")
     if missing:
-        log.warning("%s: %d of %d shard files missing, skipped", spec, missing, len(shards))
-    present = [s for s in present if s.samples != 0]
-    if not present:
+        log.warning("%s: %d of %d shard files missing (they will be skipped and counted as bad shards)",
+                    spec, missing, len(shards))
+    shards = [s for s in shards if s.samples != 0]
+    if not shards:
         raise UserError(f"{spec}: every shard is empty")
-    return present, missing
+    return shards, missing
 
 
 # ------------------------------------------------------------------------------------ tar reading
