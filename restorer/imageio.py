@@ -1,0 +1,230 @@
+"""Safe image reading and atomic writing, shared by ``restorer restore / eval / compare``.
+
+:func:`open_image` turns any file into a :class:`LoadedImage` or raises a one-line
+:class:`~restorer.errors.UserError` naming the file: unreadable, truncated, not an image, or
+declaring more pixels than ``max_pixels`` (checked from the header, *before* decoding, so a
+decompression bomb never allocates its pixels). It also
+
+* applies the EXIF orientation (pixels come back upright; the EXIF kept for the output has its
+  Orientation reset to 1),
+* keeps the ICC profile and EXIF bytes so the output can carry them,
+* splits off an alpha channel (restoration never touches it),
+* reports the JPEG quality estimated from the quantisation tables (``degrade.estimate_quality``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from restorer.degrade import estimate_quality
+from restorer.errors import UserError
+
+# 200 megapixels: a 24 MP photo is far below, a 50000x50000 "bomb" far above. --max-pixels changes it.
+DEFAULT_MAX_PIXELS = 200_000_000
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".webp", ".ppm", ".pgm")
+ORIENTATION_TAG = 0x0112
+
+
+@dataclasses.dataclass
+class LoadedImage:
+    path: Path
+    pixels: np.ndarray  # uint8 [H, W] (gray) or [H, W, 3] (RGB), upright
+    alpha: Optional[np.ndarray]  # uint8 [H, W] or None
+    format: str  # Pillow's format name: "JPEG", "PNG", ...
+    quality: Optional[int]  # estimated JPEG quality, None when not a JPEG
+    icc_profile: Optional[bytes]
+    exif: Optional[bytes]  # with Orientation reset to 1
+    orientation: int  # the Orientation the file carried (1 = none)
+    notes: list[str]  # lossy conversions made while reading (e.g. 16-bit -> 8-bit)
+
+    @property
+    def is_gray(self) -> bool:
+        return self.pixels.ndim == 2
+
+    @property
+    def is_jpeg(self) -> bool:
+        return self.format in ("JPEG", "MPO")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.pixels.shape[1], self.pixels.shape[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Read ``path`` safely (see module docstring). Raises :class:`UserError` with one line."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not an image")
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check is replaced by ours (max_pixels); keep its errors as errors.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width <= 0 or height <= 0:
+                    raise UserError(f"{path}: image declares an empty size {width}x{height}")
+                if width * height > max_pixels:
+                    raise UserError(f"{path}: image declares {width}x{height} = {width * height / 1e6:.0f} "
+                                    f"megapixels, over the limit of {max_pixels / 1e6:.0f} (--max-pixels)")
+                fmt = img.format or "unknown"
+                quality = estimate_quality(img) if fmt in ("JPEG", "MPO") else None
+                img.load()  # decode now: truncation and corrupt data surface here
+                icc = img.info.get("icc_profile") or None
+                exif = img.getexif()
+                orientation = int(exif.get(ORIENTATION_TAG, 1) or 1)
+                upright = ImageOps.exif_transpose(img) if orientation != 1 else img
+                pixels, alpha, notes = _to_arrays(upright)
+                if orientation != 1:
+                    exif[ORIENTATION_TAG] = 1
+                exif_bytes = exif.tobytes() if len(exif) else None
+                if img.mode == "CMYK" and icc:
+                    notes.append("CMYK converted to RGB; its ICC profile (for CMYK) was dropped")
+                    icc = None
+    except UserError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"{path}: refused as a decompression bomb ({_first_line(exc)})") from None
+    except Image.UnidentifiedImageError:
+        raise UserError(f"{path}: not an image Pillow can read") from None
+    except MemoryError:
+        raise UserError(f"{path}: not enough memory to decode this image") from None
+    except Exception as exc:  # truncated (OSError), corrupt headers (SyntaxError, ValueError, ...)
+        raise UserError(f"{path}: unreadable image ({type(exc).__name__}: {_first_line(exc)})") from None
+    return LoadedImage(path, pixels, alpha, fmt, quality, icc, exif_bytes, orientation, notes)
+
+
+def _to_arrays(img: Image.Image) -> tuple[np.ndarray, Optional[np.ndarray], list[str]]:
+    """Pixels as uint8 L or RGB, alpha split off; other modes converted (with a note)."""
+    notes: list[str] = []
+    mode = img.mode
+    alpha = None
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    elif mode == "PA":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("LA", "La"):
+        img = img.convert("LA") if mode == "La" else img
+        alpha = np.asarray(img.getchannel("A")).copy()
+        return np.asarray(img.getchannel("L")).copy(), alpha, notes
+    if mode in ("RGBA", "RGBa"):
+        img = img.convert("RGBA") if mode == "RGBa" else img
+        alpha = np.asarray(img.getchannel("A")).copy()
+        return np.asarray(img.convert("RGB")), alpha, notes
+    if mode == "L":
+        return np.asarray(img).copy(), None, notes
+    if mode == "1":
+        return np.asarray(img.convert("L")).copy(), None, notes
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64) if mode != "I" else np.asarray(img).astype(np.float64)
+        scale = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        notes.append(f"{mode} pixels reduced to 8 bits")
+        return np.clip(np.round(arr / scale * 255.0), 0, 255).astype(np.uint8), None, notes
+    if mode == "RGB":
+        return np.asarray(img).copy(), None, notes
+    notes.append(f"{mode} converted to RGB")
+    return np.asarray(img.convert("RGB")).copy(), None, notes
+
+
+def find_images(inputs: list[str], recursive: bool = False) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """Expand files, folders and globs into (file, relative output stem) pairs, plus one error
+    line per input that matched nothing. Folder contents are filtered by image suffix; a file
+    named explicitly is always tried (its content decides, not its extension)."""
+    import glob
+
+    found: list[tuple[Path, Path]] = []
+    errors: list[str] = []
+    seen: set[Path] = set()
+
+    def add(p: Path, rel: Path) -> None:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            found.append((p, rel))
+
+    for item in inputs:
+        p = Path(item)
+        if p.is_file():
+            add(p, Path(p.stem))
+        elif p.is_dir():
+            pattern = "**/*" if recursive else "*"
+            files = sorted(f for f in p.glob(pattern) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                errors.append(f"{p}: no images in this folder")
+            for f in files:
+                add(f, f.relative_to(p).with_suffix(""))
+        elif glob.has_magic(item):
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            files = [m for m in matches if m.is_file()]
+            if not files:
+                errors.append(f"{item}: no files match this pattern")
+            for f in files:
+                add(f, Path(f.stem))
+        else:
+            errors.append(f"{p}: no such file or folder")
+    return found, errors
+
+
+OUTPUT_FORMATS = {"png": ("PNG", ".png"), "tiff": ("TIFF", ".tif"), "jpeg": ("JPEG", ".jpg")}
+
+
+def save_image(pixels: np.ndarray, alpha: Optional[np.ndarray], out: Path, *, fmt: str = "png",
+               icc_profile: Optional[bytes] = None, exif: Optional[bytes] = None,
+               overwrite: bool = False, jpeg_quality: int = 95) -> list[str]:
+    """Write atomically (temporary file in the same folder, then rename); never replaces an
+    existing file unless ``overwrite``. Returns notes about what could not be kept."""
+    pil_format, _ = OUTPUT_FORMATS[fmt]
+    notes: list[str] = []
+    img = Image.fromarray(pixels)
+    if alpha is not None:
+        if pil_format == "JPEG":
+            notes.append("JPEG output cannot hold alpha; alpha dropped")
+        else:
+            img.putalpha(Image.fromarray(alpha))
+    kwargs: dict = {}
+    if icc_profile:
+        kwargs["icc_profile"] = icc_profile
+    if exif:
+        kwargs["exif"] = exif
+    if pil_format == "PNG":
+        kwargs["compress_level"] = 6
+    elif pil_format == "JPEG":
+        kwargs.update(quality=jpeg_quality, subsampling=0)
+    elif pil_format == "TIFF":
+        kwargs["compression"] = "tiff_lzw"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: output exists (use --overwrite to replace it)")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        img.save(tmp, format=pil_format, **kwargs)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, out)
+        else:
+            try:  # link fails if the name appeared meanwhile: no clobbering even in a race
+                os.link(tmp, out)
+            except FileExistsError:
+                raise UserError(f"{out}: output exists (use --overwrite to replace it)") from None
+            except OSError:  # filesystems without hard links
+                if out.exists():
+                    raise UserError(f"{out}: output exists (use --overwrite to replace it)") from None
+                os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return notes
