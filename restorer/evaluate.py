@@ -1,0 +1,288 @@
+"""``restorer eval``: PSNR / SSIM / PSNR-B of JPEG and restored images against references.
+
+Protocol (stated in every table): each reference image is compressed with Pillow at each
+``--quality`` (``degrade.jpeg_roundtrip``, 4:2:0 chroma subsampling, baseline, the encoder of the
+published BSDS500/LIVE1 JPEG rows), restored, and rounded to 8 bits like a saved output. Metrics
+are computed per image, then averaged per quality (mean of per-image values, not PSNR of the mean
+MSE), on RGB and on BT.601 Y (Y = 16 + 65.481 R + 128.553 G + 24.966 B for RGB in [0, 1], then
+/255, not rounded), peak 255, after cropping ``--crop-border`` pixels from each side (default 0).
+PSNR-B (Yim & Bovik 2011) uses the 8x8 grid of the JPEG (shifted by the crop).
+With ``--jpeg-dir``, already-compressed JPEGs are paired with the references by base name and
+grouped by the quality estimated from their quantisation tables.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from restorer import metrics
+from restorer.degrade import SUBSAMPLING, jpeg_roundtrip
+from restorer.errors import UserError, cli_entry, setup_logging
+from restorer.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, open_image
+from restorer.infer import DEFAULT_TILE, set_threads, choose_restorer, load_restorers, pick_device
+
+log = logging.getLogger("restorer.evaluate")
+
+EXAMPLES = """\
+examples:
+  restorer eval --weights runs/demo/model.safetensors --images data/BSR/BSDS500/data/images/test --quality 10 20 30 40
+  restorer eval --weights none --images data/BSR --quality 10 20          # plain JPEG baseline (BSR root ok)
+  restorer eval --weights w.safetensors --images refs/ --jpeg-dir jpegs/ --csv per_image.csv
+  restorer eval --weights q10/ q20/ q30/ q40/ --images refs/ --crop-border 8 --json results.json
+"""
+
+METRICS = ("psnr", "ssim", "psnrb")
+SPACES = ("rgb", "y")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="restorer eval", description=__doc__.split("\n\n")[0].strip("`"),
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", nargs="+", default=None, metavar="W",
+                   help="weights file(s)/folder(s); 'none' evaluates the JPEG alone")
+    p.add_argument("--identity", action="store_true", help="same as --weights none")
+    p.add_argument("--images", required=True, metavar="DIR",
+                   help="folder of reference images, or a BSR/BSDS500 root (uses --split)")
+    p.add_argument("--split", default="test", help="BSDS500 split when --images is a BSR root (default test)")
+    p.add_argument("--quality", type=int, nargs="+", default=[10, 20, 30, 40], help="JPEG qualities (default 10 20 30 40)")
+    p.add_argument("--jpeg-dir", default=None, metavar="DIR",
+                   help="use these already-compressed JPEGs (matched to references by base name) instead of compressing")
+    p.add_argument("--subsampling", choices=sorted(SUBSAMPLING), default="4:2:0", help="chroma subsampling (default 4:2:0)")
+    p.add_argument("--crop-border", type=int, default=0, help="pixels cropped from each side before metrics (default 0)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by name)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write per-image results and means as JSON")
+    p.add_argument("--csv", default=None, metavar="PATH", help="write per-image results as CSV")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile side for inference, 0 = whole image")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def resolve_images_dir(path: Path, split: str = "test") -> Path:
+    """A folder of images as is; a BSR root / BSDS500 folder / data folder -> images/<split>."""
+    if not path.is_dir():
+        raise UserError(f"{path}: not a folder")
+    if any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.iterdir() if f.is_file()):
+        return path
+    for sub in ("BSDS500/data/images", "data/images", "images"):
+        cand = path / sub / split
+        if cand.is_dir():
+            return cand
+    raise UserError(f"{path}: no images here, and no BSDS500/data/images/{split} below")
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.array(a, dtype=np.uint8, copy=True))
+    t = t.unsqueeze(-1) if t.ndim == 2 else t
+    return t.permute(2, 0, 1).unsqueeze(0).double().div(255)
+
+
+def image_metrics(test: np.ndarray, ref: np.ndarray, crop: int = 0) -> dict[str, float]:
+    """PSNR, SSIM, PSNR-B on RGB (or gray) and Y of one uint8 image against its reference."""
+    x, r = _tensor(test), _tensor(ref)
+    x, r = metrics.crop_border(x, crop), metrics.crop_border(r, crop)
+    offset = ((-crop) % 8, (-crop) % 8)
+    out = {}
+    for space in SPACES:
+        a, b = (x, r) if space == "rgb" else (metrics.rgb_to_y(x), metrics.rgb_to_y(r))
+        out[f"psnr_{space}"] = float(metrics.psnr(a, b))
+        out[f"ssim_{space}"] = float(metrics.ssim(a, b))
+        out[f"psnrb_{space}"] = float(metrics.psnr_b(a, b, offset=offset))
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if v is not None]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def summarise(rows: list[dict], identity: bool) -> list[dict]:
+    """Mean of per-image values for each quality."""
+    by_q: dict[int, list[dict]] = {}
+    for row in rows:
+        by_q.setdefault(row["quality"], []).append(row)
+    out = []
+    for q in sorted(by_q):
+        group = by_q[q]
+        s: dict = {"quality": q, "images": len(group)}
+        for space in SPACES:
+            for m in METRICS:
+                s[f"jpeg_{m}_{space}"] = _mean([g[f"jpeg_{m}_{space}"] for g in group])
+                if not identity:
+                    s[f"restored_{m}_{space}"] = _mean([g[f"restored_{m}_{space}"] for g in group])
+            if not identity:
+                s[f"gain_psnr_{space}"] = s[f"restored_psnr_{space}"] - s[f"jpeg_psnr_{space}"]
+        out.append(s)
+    return out
+
+
+def markdown_table(summary: list[dict], identity: bool, crop: int, source: str) -> str:
+    lines = [f"JPEG {source}; mean of per-image values; peak 255; border crop {crop} px; "
+             f"Y = BT.601 luma (16-235); PSNR-B on the 8x8 grid", ""]
+    if identity:
+        head = ["quality", "images", "space", "JPEG PSNR", "JPEG SSIM", "JPEG PSNR-B"]
+    else:
+        head = ["quality", "images", "space", "JPEG PSNR", "restored PSNR", "gain", "JPEG SSIM",
+                "restored SSIM", "JPEG PSNR-B", "restored PSNR-B"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join("---:" for _ in head) + "|")
+    for s in summary:
+        for space in SPACES:
+            j = lambda m: s[f"jpeg_{m}_{space}"]
+            cells = [str(s["quality"]), str(s["images"]), space.upper() if space == "rgb" else "Y"]
+            if identity:
+                cells += [f"{j('psnr'):.2f}", f"{j('ssim'):.4f}", f"{j('psnrb'):.2f}"]
+            else:
+                rr = lambda m: s[f"restored_{m}_{space}"]
+                cells += [f"{j('psnr'):.2f}", f"{rr('psnr'):.2f}", f"{s[f'gain_psnr_{space}']:+.2f}",
+                          f"{j('ssim'):.4f}", f"{rr('ssim'):.4f}", f"{j('psnrb'):.2f}", f"{rr('psnrb'):.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@cli_entry
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.identity:
+        args.weights = ["none"]
+    if not args.weights:
+        raise UserError("give --weights W (or --weights none / --identity for the plain JPEG baseline)")
+    if args.crop_border < 0:
+        raise UserError("--crop-border must be >= 0")
+    for q in args.quality:
+        if not 1 <= q <= 100:
+            raise UserError(f"--quality must be 1..100, got {q}")
+    failures = 0
+
+    def err(msg: str) -> None:
+        nonlocal failures
+        failures += 1
+        print(f"error: {msg}", file=sys.stderr)
+
+    set_threads(args.threads)
+    device = pick_device(args.device)
+    restorers, werrs = load_restorers(args.weights, device, args.tile, None, args.bf16)
+    for line in werrs:
+        err(line)
+    if not restorers:
+        raise UserError("no usable weights among: " + " ".join(args.weights))
+    identity = all(r.model is None for r in restorers)
+
+    folder = resolve_images_dir(Path(args.images), args.split)
+    refs = list_images(folder)[: args.limit]
+    if not refs:
+        raise UserError(f"{folder}: no images")
+    jpeg_dir = Path(args.jpeg_dir) if args.jpeg_dir else None
+    jpeg_index: dict[str, Path] = {}
+    if jpeg_dir is not None:
+        if not jpeg_dir.is_dir():
+            raise UserError(f"{jpeg_dir}: not a folder")
+        for f in sorted(jpeg_dir.iterdir()):
+            if f.suffix.lower() in (".jpg", ".jpeg", ".jpe", ".jfif"):
+                jpeg_index.setdefault(f.stem, f)
+    source = (f"from {jpeg_dir} (quality estimated from quantisation tables)" if jpeg_dir else
+              f"by Pillow at quality {' '.join(map(str, args.quality))}, {args.subsampling}")
+    log.info("%d reference images in %s; weights: %s", len(refs), folder, "; ".join(r.describe() for r in restorers))
+
+    from tqdm import tqdm
+
+    rows: list[dict] = []
+    total = len(refs) * (1 if jpeg_dir else len(args.quality))
+    bar = tqdm(total=total, unit="img", disable=args.no_progress, file=sys.stderr)
+    for ref_path in refs:
+        try:
+            ref_img = open_image(ref_path, args.max_pixels)
+            ref = ref_img.pixels
+            if jpeg_dir is not None:
+                jp = jpeg_index.get(ref_path.stem)
+                if jp is None:
+                    raise UserError(f"{ref_path}: no JPEG named {ref_path.stem}.jpg in {jpeg_dir}")
+                jimg = open_image(jp, args.max_pixels)
+                if not jimg.is_jpeg:
+                    raise UserError(f"{jp}: not a JPEG")
+                jpeg = jimg.pixels
+                if jpeg.ndim != ref.ndim:  # gray JPEG of a colour reference or vice versa
+                    jpeg = np.repeat(jpeg[:, :, None], 3, axis=2) if jpeg.ndim == 2 else jpeg.mean(axis=2).round().astype(np.uint8)
+                if jpeg.shape != ref.shape:
+                    raise UserError(f"{jp}: size {jpeg.shape[1]}x{jpeg.shape[0]} differs from its reference "
+                                    f"{ref.shape[1]}x{ref.shape[0]}")
+                pairs = [(jimg.quality, jpeg)]
+            else:
+                pairs = [(q, jpeg_roundtrip(ref, q, args.subsampling)) for q in args.quality]
+            for q, jpeg in pairs:
+                restorer = choose_restorer(restorers, q)
+                row = {"image": ref_path.name, "quality": q, "weights": str(restorer.path),
+                       "width": ref.shape[1], "height": ref.shape[0], "crop_border": args.crop_border}
+                jm = image_metrics(jpeg, ref, args.crop_border)
+                row.update({f"jpeg_{k}": v for k, v in jm.items()})
+                if not identity:
+                    restored = restorer.restore(jpeg, q)
+                    rm = image_metrics(restored, ref, args.crop_border)
+                    row.update({f"restored_{k}": v for k, v in rm.items()})
+                    for space in SPACES:
+                        row[f"gain_psnr_{space}"] = rm[f"psnr_{space}"] - jm[f"psnr_{space}"]
+                rows.append(row)
+                bar.update(1)
+        except UserError as exc:
+            err(str(exc))
+        except ValueError as exc:  # e.g. an image smaller than the SSIM window after cropping
+            err(f"{ref_path}: {exc}")
+    bar.close()
+    if not rows:
+        raise UserError("no image could be evaluated")
+    summary = summarise(rows, identity)
+    print(markdown_table(summary, identity, args.crop_border, source))
+    if args.json:
+        doc = {"protocol": {"images": str(folder), "jpeg": source, "crop_border": args.crop_border,
+                            "y": "BT.601 16 + 65.481 R + 128.553 G + 24.966 B, /255",
+                            "weights": [r.describe() for r in restorers]},
+               "mean": [{k: _jsonable(v) for k, v in s.items()} for s in summary],
+               "images": [{k: _jsonable(v) for k, v in r.items()} for r in rows]}
+        _atomic_text(Path(args.json), json.dumps(doc, indent=1) + "\n")
+    if args.csv:
+        import io
+
+        buf = io.StringIO()
+        fields = list(rows[0].keys())
+        writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+        _atomic_text(Path(args.csv), buf.getvalue())
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
