@@ -147,6 +147,13 @@ def test_shard_assignment_changes_with_epoch_but_not_slot_sizes():
     assert sorted(i for s in a for i in s) == list(range(10))
 
 
+def test_split_quota():
+    assert data._split_quota(6, [4, 4]) == [3, 3]
+    assert data._split_quota(5, [4, 2]) == [4, 1]
+    assert sum(data._split_quota(7, [4, 2])) == 7  # estimated capacities may fall short
+    assert data._split_quota(3, [5, 0, 5]) == [2, 0, 1]
+
+
 def test_more_slots_than_shards(tmp_path, caplog):
     root = write_shards(tmp_path / "s", splits={"train": 12}, samples_per_shard=4, tile=96)  # 3 shards
     cfg = cfg_for(root, patch_size=32)
@@ -259,6 +266,8 @@ def test_brace_pattern_and_pipe_urls(tiny_shards):
     piped = f"pipe:cat {tiny_shards}/train/shard-{{000000..000002}}.tar"
     with pytest.raises(UserError, match="epoch_samples"):
         make_train_loader(cfg_for(piped), batch_size=4, num_workers=0)
+    odd = make_train_loader(cfg_for(piped), batch_size=4, num_workers=2, epoch_samples=10)  # 3 per shard, 10 asked
+    assert odd.batches_per_epoch == 10 and sum(odd.plan.quotas[0]) == 10
     loader = make_train_loader(cfg_for(piped), batch_size=4, num_workers=1, epoch_samples=12)
     assert len(batches(loader)) == loader.batches_per_epoch == 12
     assert loader.stats()["tiles"] == 12 and loader.stats()["bad_shards"] == 0
