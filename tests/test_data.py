@@ -317,3 +317,13 @@ def test_val_unreadable_split_raises(tmp_path):
     (root / "val" / "shard-000000.tar").write_bytes(b"junk" * 50)
     with pytest.raises(UserError, match="no readable validation samples"):
         list(make_val_loader(str(root)))
+
+
+def test_stream_config_from_cli_flags():
+    from restorer.config import parse_config
+
+    cfg = parse_config(StreamConfig, ["--shards", "x", "--rescale-scales", "0.9", "0.8", "--splits", "train", "val",
+                                      "--grayscale", "--quality", "10-90"])
+    assert cfg.augment_params().rescale_scales == (0.9, 0.8) and cfg.splits == ["train", "val"] and cfg.grayscale
+    with pytest.raises(UserError, match="rotate_p"):
+        parse_config(StreamConfig, ["--shards", "x", "--rotate-p", "2"])
