@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use these already-compressed JPEGs (matched to references by base name) instead of compressing")
     p.add_argument("--subsampling", choices=sorted(SUBSAMPLING), default="4:2:0", help="chroma subsampling (default 4:2:0)")
     p.add_argument("--crop-border", type=int, default=0, help="pixels cropped from each side before metrics (default 0)")
+    p.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS),
+                   help="metrics to compute (default: psnr ssim psnrb)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by name)")
     p.add_argument("--json", default=None, metavar="PATH", help="write per-image results and means as JSON")
     p.add_argument("--csv", default=None, metavar="PATH", help="write per-image results as CSV")
@@ -95,7 +97,7 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     return t.permute(2, 0, 1).unsqueeze(0).double().div(255)
 
 
-def image_metrics(test: np.ndarray, ref: np.ndarray, crop: int = 0) -> dict[str, float]:
+def image_metrics(test: np.ndarray, ref: np.ndarray, crop: int = 0, which=METRICS) -> dict[str, float]:
     """PSNR, SSIM, PSNR-B on RGB (or gray) and Y of one uint8 image against its reference."""
     x, r = _tensor(test), _tensor(ref)
     x, r = metrics.crop_border(x, crop), metrics.crop_border(r, crop)
@@ -103,9 +105,12 @@ def image_metrics(test: np.ndarray, ref: np.ndarray, crop: int = 0) -> dict[str,
     out = {}
     for space in SPACES:
         a, b = (x, r) if space == "rgb" else (metrics.rgb_to_y(x), metrics.rgb_to_y(r))
-        out[f"psnr_{space}"] = float(metrics.psnr(a, b))
-        out[f"ssim_{space}"] = float(metrics.ssim(a, b))
-        out[f"psnrb_{space}"] = float(metrics.psnr_b(a, b, offset=offset))
+        if "psnr" in which:
+            out[f"psnr_{space}"] = float(metrics.psnr(a, b))
+        if "ssim" in which:
+            out[f"ssim_{space}"] = float(metrics.ssim(a, b))
+        if "psnrb" in which:
+            out[f"psnrb_{space}"] = float(metrics.psnr_b(a, b, offset=offset))
     return out
 
 
@@ -114,7 +119,7 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def summarise(rows: list[dict], identity: bool) -> list[dict]:
+def summarise(rows: list[dict], identity: bool, which=METRICS) -> list[dict]:
     """Mean of per-image values for each quality."""
     by_q: dict[int, list[dict]] = {}
     for row in rows:
@@ -124,36 +129,37 @@ def summarise(rows: list[dict], identity: bool) -> list[dict]:
         group = by_q[q]
         s: dict = {"quality": q, "images": len(group)}
         for space in SPACES:
-            for m in METRICS:
+            for m in which:
                 s[f"jpeg_{m}_{space}"] = _mean([g[f"jpeg_{m}_{space}"] for g in group])
                 if not identity:
                     s[f"restored_{m}_{space}"] = _mean([g[f"restored_{m}_{space}"] for g in group])
-            if not identity:
+            if not identity and "psnr" in which:
                 s[f"gain_psnr_{space}"] = s[f"restored_psnr_{space}"] - s[f"jpeg_psnr_{space}"]
         out.append(s)
     return out
 
 
-def markdown_table(summary: list[dict], identity: bool, crop: int, source: str) -> str:
+def markdown_table(summary: list[dict], identity: bool, crop: int, source: str, which=METRICS) -> str:
     lines = [f"JPEG {source}; mean of per-image values; peak 255; border crop {crop} px; "
              f"Y = BT.601 luma (16-235); PSNR-B on the 8x8 grid", ""]
-    if identity:
-        head = ["quality", "images", "space", "JPEG PSNR", "JPEG SSIM", "JPEG PSNR-B"]
-    else:
-        head = ["quality", "images", "space", "JPEG PSNR", "restored PSNR", "gain", "JPEG SSIM",
-                "restored SSIM", "JPEG PSNR-B", "restored PSNR-B"]
+    label = {"psnr": "PSNR", "ssim": "SSIM", "psnrb": "PSNR-B"}
+    fmt = {"psnr": "{:.2f}", "ssim": "{:.4f}", "psnrb": "{:.2f}"}
+    cols: list[tuple[str, str, str]] = []  # (header, key prefix, metric)
+    for m in which:
+        cols.append((f"JPEG {label[m]}", "jpeg", m))
+        if not identity:
+            cols.append((f"restored {label[m]}", "restored", m))
+            if m == "psnr":
+                cols.append(("gain", "gain", m))
+    head = ["quality", "images", "space"] + [c[0] for c in cols]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join("---:" for _ in head) + "|")
     for s in summary:
         for space in SPACES:
-            j = lambda m: s[f"jpeg_{m}_{space}"]
-            cells = [str(s["quality"]), str(s["images"]), space.upper() if space == "rgb" else "Y"]
-            if identity:
-                cells += [f"{j('psnr'):.2f}", f"{j('ssim'):.4f}", f"{j('psnrb'):.2f}"]
-            else:
-                rr = lambda m: s[f"restored_{m}_{space}"]
-                cells += [f"{j('psnr'):.2f}", f"{rr('psnr'):.2f}", f"{s[f'gain_psnr_{space}']:+.2f}",
-                          f"{j('ssim'):.4f}", f"{rr('ssim'):.4f}", f"{j('psnrb'):.2f}", f"{rr('psnrb'):.2f}"]
+            cells = [str(s["quality"]), str(s["images"]), "RGB" if space == "rgb" else "Y"]
+            for _, prefix, m in cols:
+                value = s[f"{prefix}_{m}_{space}"]
+                cells.append(f"{value:+.2f}" if prefix == "gain" else fmt[m].format(value))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -245,13 +251,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 restorer = choose_restorer(restorers, q)
                 row = {"image": ref_path.name, "quality": q, "weights": str(restorer.path),
                        "width": ref.shape[1], "height": ref.shape[0], "crop_border": args.crop_border}
-                jm = image_metrics(jpeg, ref, args.crop_border)
+                jm = image_metrics(jpeg, ref, args.crop_border, args.metrics)
                 row.update({f"jpeg_{k}": v for k, v in jm.items()})
                 if not identity:
                     restored = restorer.restore(jpeg, q)
-                    rm = image_metrics(restored, ref, args.crop_border)
+                    rm = image_metrics(restored, ref, args.crop_border, args.metrics)
                     row.update({f"restored_{k}": v for k, v in rm.items()})
-                    for space in SPACES:
+                    for space in SPACES if "psnr" in args.metrics else ():
                         row[f"gain_psnr_{space}"] = rm[f"psnr_{space}"] - jm[f"psnr_{space}"]
                 rows.append(row)
                 bar.update(1)
@@ -262,8 +268,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     bar.close()
     if not rows:
         raise UserError("no image could be evaluated")
-    summary = summarise(rows, identity)
-    print(markdown_table(summary, identity, args.crop_border, source))
+    summary = summarise(rows, identity, args.metrics)
+    print(markdown_table(summary, identity, args.crop_border, source, args.metrics))
     if args.json:
         doc = {"protocol": {"images": str(folder), "jpeg": source, "crop_border": args.crop_border,
                             "y": "BT.601 16 + 65.481 R + 128.553 G + 24.966 B, /255",

@@ -68,10 +68,13 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not an image")
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
-            # Pillow's own bomb check is replaced by ours (max_pixels); keep its errors as errors.
+            # Pillow's own bomb check (MAX_IMAGE_PIXELS) is replaced by ours, from the header,
+            # so that --max-pixels can also raise the limit and the message names it.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = None
             with Image.open(path) as img:
                 width, height = img.size
                 if width <= 0 or height <= 0:
@@ -103,6 +106,8 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise UserError(f"{path}: not enough memory to decode this image") from None
     except Exception as exc:  # truncated (OSError), corrupt headers (SyntaxError, ValueError, ...)
         raise UserError(f"{path}: unreadable image ({type(exc).__name__}: {_first_line(exc)})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
     return LoadedImage(path, pixels, alpha, fmt, quality, icc, exif_bytes, orientation, notes)
 
 

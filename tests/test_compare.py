@@ -1,0 +1,65 @@
+"""`restorer compare`: a JPEG | restored | original panel with PSNR captions and a sensible crop."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from restorer.compare import auto_crop, main as compare_main
+from test_infer import small_q10_weights  # noqa: F401  (session fixture: in-test trained model)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_panel_from_a_real_photo(tmp_path, capsys, small_q10_weights):
+    src = tmp_path / "chelsea.png"
+    Image.fromarray(data.chelsea()[:, 224:]).save(src)  # the right half, unseen in training
+    out = tmp_path / "panel.png"
+    code = compare_main([str(src), "--weights", str(small_q10_weights), "--quality", "10", "-o", str(out),
+                         "--crop-size", "64", "--zoom", "3"])
+    text = capsys.readouterr().out
+    assert code == 0
+    with Image.open(out) as panel:
+        w, h = panel.size
+        assert w == 3 * 64 * 3 + 4 * 8 and h > 64 * 3 + 20  # three 192 px crops, gaps, captions
+        arr = np.asarray(panel)
+    # captions drawn below the crops: dark text pixels in the caption band of every column
+    band = arr[8 + 192 + 2:, :, :].min(axis=2)
+    for col in range(3):
+        x0 = 8 + col * (192 + 8)
+        assert (band[:, x0:x0 + 192] < 100).any()
+    jpeg_db, restored_db = (float(t.split(" dB")[0].split()[-1]) for t in text.split(",")[:2])
+    assert restored_db > jpeg_db
+    # the crop shown equals the original, enlarged with nearest neighbour
+    x, y, cw, ch = (int(v) for v in text.strip().split("crop ")[-1].split(","))
+    orig = data.chelsea()[:, 224:][y:y + ch, x:x + cw]
+    shown = arr[8:8 + 192, 8 + 2 * 200:8 + 2 * 200 + 192]
+    assert np.array_equal(shown[::3, ::3], orig)
+
+
+def test_explicit_crop_and_overwrite(tmp_path, capsys):
+    src = tmp_path / "a.png"
+    Image.fromarray(data.astronaut()[:128, :128]).save(src)
+    out = tmp_path / "p.png"
+    assert compare_main([str(src), "--weights", "none", "--crop", "16,24,40,32", "-o", str(out)]) == 0
+    assert Image.open(out).size == (3 * 120 + 32, Image.open(out).size[1])
+    assert compare_main([str(src), "--weights", "none", "-o", str(out)]) == 2  # exists
+    assert "--overwrite" in capsys.readouterr().err
+    assert compare_main([str(src), "--weights", "none", "--crop", "100,100,64,64", "-o", str(out),
+                         "--overwrite"]) == 2  # does not fit
+
+
+def test_auto_crop_finds_the_largest_error():
+    err = np.zeros((200, 300))
+    err[120:150, 210:250] = 1.0
+    x, y, w, h = auto_crop(err, 48)
+    assert (w, h) == (48, 48) and x % 8 == 0 and y % 8 == 0
+    assert x <= 210 and x + w >= 250 - 8 and y <= 120 and y + h >= 150

@@ -1,0 +1,114 @@
+"""`restorer eval`: metrics per image agree with scikit-image, tables/JSON/CSV, --jpeg-dir, BSR layout."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from restorer.degrade import jpeg_roundtrip
+from restorer.evaluate import main as eval_main
+from test_infer import small_q10_weights  # noqa: F401  (session fixture: in-test trained model)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory) -> Path:
+    """Three reference PNGs (crops of real photos, one grayscale), right halves of the photos."""
+    d = tmp_path_factory.mktemp("refs")
+    Image.fromarray(data.astronaut()[:200, 256:456]).save(d / "astronaut.png")
+    Image.fromarray(data.coffee()[:200, 304:504]).save(d / "coffee.png")
+    Image.fromarray(data.camera()[:96, 256:400]).save(d / "camera.png")
+    (d / "notes.txt").write_text("not an image; ignored by suffix")
+    return d
+
+
+def test_identity_metrics_match_skimage(refs, tmp_path, capsys):
+    js, cs = tmp_path / "r.json", tmp_path / "r.csv"
+    code = eval_main(["--weights", "none", "--images", str(refs), "--quality", "10", "30", "--json", str(js),
+                      "--csv", str(cs), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| 10 | 3 | RGB |" in out and "| 30 | 3 | Y |" in out and "border crop 0 px" in out
+    doc = json.loads(js.read_text())
+    assert len(doc["images"]) == 6 and doc["protocol"]["crop_border"] == 0
+    for row in doc["images"]:
+        ref = np.asarray(Image.open(refs / row["image"]))
+        jpeg = jpeg_roundtrip(ref, row["quality"])
+        assert row["jpeg_psnr_rgb"] == pytest.approx(peak_signal_noise_ratio(ref, jpeg, data_range=255), abs=1e-9)
+        expected_ssim = structural_similarity(ref / 255.0, jpeg / 255.0, data_range=1.0, gaussian_weights=True,
+                                              sigma=1.5, use_sample_covariance=False,
+                                              channel_axis=-1 if ref.ndim == 3 else None)
+        assert row["jpeg_ssim_rgb"] == pytest.approx(expected_ssim, abs=1e-7)
+        assert row["jpeg_psnrb_y"] <= row["jpeg_psnr_y"] + 1e-9  # BEF only ever adds error
+        assert "restored_psnr_rgb" not in row
+    means = {m["quality"]: m for m in doc["mean"]}
+    q10 = [r["jpeg_psnr_rgb"] for r in doc["images"] if r["quality"] == 10]
+    assert means[10]["jpeg_psnr_rgb"] == pytest.approx(np.mean(q10))
+    assert means[10]["jpeg_psnr_rgb"] < means[30]["jpeg_psnr_rgb"]
+    assert f"{means[10]['jpeg_psnr_rgb']:.2f}" in out
+    rows = list(csv.DictReader(cs.open()))
+    assert len(rows) == 6 and float(rows[0]["jpeg_psnr_rgb"]) == pytest.approx(doc["images"][0]["jpeg_psnr_rgb"], abs=1e-5)
+
+
+def test_trained_weights_gain_and_crop_border(refs, tmp_path, capsys, small_q10_weights):
+    js = tmp_path / "r.json"
+    code = eval_main(["--weights", str(small_q10_weights), "--images", str(refs), "--quality", "10",
+                      "--crop-border", "4", "--json", str(js), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "restored PSNR" in out and "border crop 4 px" in out
+    doc = json.loads(js.read_text())
+    for row in doc["images"]:
+        assert row["gain_psnr_rgb"] == pytest.approx(row["restored_psnr_rgb"] - row["jpeg_psnr_rgb"])
+        ref = np.asarray(Image.open(refs / row["image"]))[4:-4, 4:-4]
+        jpeg = jpeg_roundtrip(np.asarray(Image.open(refs / row["image"])), 10)[4:-4, 4:-4]
+        assert row["jpeg_psnr_rgb"] == pytest.approx(peak_signal_noise_ratio(ref, jpeg, data_range=255), abs=1e-9)
+    assert doc["mean"][0]["gain_psnr_rgb"] > 0.1  # the in-test trained model really helps
+
+
+def test_jpeg_dir_pairs_by_name_and_bsr_layout(refs, tmp_path, capsys):
+    bsr = tmp_path / "BSR" / "BSDS500" / "data" / "images" / "test"
+    bsr.mkdir(parents=True)
+    jdir = tmp_path / "jpegs"
+    jdir.mkdir()
+    for p in sorted(refs.glob("*.png"))[:2]:
+        (bsr / p.name).write_bytes(p.read_bytes())
+        Image.open(p).save(jdir / f"{p.stem}.jpg", quality=30)
+    js1, js2 = tmp_path / "a.json", tmp_path / "b.json"
+    assert eval_main(["--identity", "--images", str(tmp_path / "BSR"), "--jpeg-dir", str(jdir),
+                      "--json", str(js1), "--no-progress"]) == 0
+    assert eval_main(["--identity", "--images", str(bsr), "--quality", "30", "--json", str(js2), "--no-progress"]) == 0
+    a, b = json.loads(js1.read_text()), json.loads(js2.read_text())
+    assert [r["quality"] for r in a["images"]] == [30, 30]  # estimated from the quantisation tables
+    for ra, rb in zip(a["images"], b["images"]):
+        assert ra["image"] == rb["image"] and ra["jpeg_psnr_rgb"] == pytest.approx(rb["jpeg_psnr_rgb"])
+    # a reference without its JPEG: one line naming it, the rest evaluated, exit 1
+    (jdir / f"{sorted(refs.glob('*.png'))[0].stem}.jpg").unlink()
+    capsys.readouterr()
+    assert eval_main(["--identity", "--images", str(bsr), "--jpeg-dir", str(jdir), "--no-progress"]) == 1
+    cap = capsys.readouterr()
+    assert len([line for line in cap.err.splitlines() if line.startswith("error:")]) == 1
+    assert "| 30 | 1 | RGB |" in cap.out
+
+
+def test_bsds500_jpeg_row_reproduces_published_q10(bsr_root, capsys):
+    """Pillow JPEG on the real BSDS500 test split: the published colour JPEG row, 25.84 dB at q10."""
+    code = eval_main(["--identity", "--images", str(bsr_root), "--quality", "10", "--metrics", "psnr",
+                      "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("| 10 | 200 | RGB |"))
+    assert row.split("|")[4].strip() == "25.84"

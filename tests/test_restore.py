@@ -1,0 +1,252 @@
+"""`restorer restore` end to end: real photos, metadata kept, every bad input one line, hostile files."""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageCms
+from skimage import data
+
+from restorer.checkpoint import export_weights
+from restorer.errors import UserError
+from restorer.imageio import open_image
+from restorer.model import ModelConfig, build_model
+from restorer.restore import main as restore_main
+from test_infer import photos, small_q10_weights  # noqa: F401  (session fixture: in-test trained model)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def identity_weights(tmp_path_factory) -> Path:
+    """An untrained residual net: exactly the identity, so pixel checks are exact."""
+    cfg = ModelConfig(preset="tiny")
+    return export_weights(build_model(cfg), cfg, tmp_path_factory.mktemp("ident"), facts={"quality": "10-90"})
+
+
+def run(argv, capsys):
+    code = restore_main([str(a) for a in argv] + ["--no-progress"])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def jpeg_file(path: Path, arr: np.ndarray, quality: int = 10, **kw) -> Path:
+    Image.fromarray(arr).save(path, format="JPEG", quality=quality, **kw)
+    return path
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_round_trip_on_real_photos_improves_psnr(tmp_path, capsys, small_q10_weights):
+    src = tmp_path / "in"
+    src.mkdir()
+    refs = {}
+    for name, ref in photos().items():
+        refs[name] = ref
+        jpeg_file(src / f"{name}.jpg", ref, 10)
+    code, out, err = run([src, "-o", tmp_path / "out", "--weights", small_q10_weights, "--tile", "160"], capsys)
+    assert code == 0, err
+    for name, ref in refs.items():
+        restored = np.asarray(Image.open(tmp_path / "out" / f"{name}.png"))
+        jpeg = np.asarray(Image.open(src / f"{name}.jpg"))
+        mse = lambda a: np.mean((a.astype(float) - ref.astype(float)) ** 2)
+        assert restored.shape == ref.shape
+        assert 10 * np.log10(mse(jpeg) / mse(restored)) > 0.1, name
+        assert f"{name}.jpg" in out and "quality 10 (quantisation tables)" in out
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_orientation_icc_exif_kept(tmp_path, capsys, identity_weights):
+    arr = data.astronaut()[:64, :96]  # wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    exif[0x010F] = "TestCam"
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    src = jpeg_file(tmp_path / "rot.jpg", arr, 90, exif=exif.tobytes(), icc_profile=icc)
+    code, out, err = run([src, "-o", tmp_path / "rot.png", "--weights", identity_weights], capsys)
+    assert code == 0, err
+    with Image.open(tmp_path / "rot.png") as res:
+        assert res.size == (64, 96)  # upright: portrait
+        assert res.info.get("icc_profile") == icc
+        assert res.getexif().get(0x010F) == "TestCam"
+        assert res.getexif().get(0x0112) == 1
+        upright = np.asarray(Image.open(src).transpose(Image.Transpose.ROTATE_270))
+        assert np.array_equal(np.asarray(res), upright)
+    assert "orientation 6 applied" in out
+
+
+def test_grayscale_stays_grayscale(tmp_path, capsys, identity_weights):
+    src = jpeg_file(tmp_path / "g.jpg", data.camera()[:80, :72], 20)
+    gray_model = export_weights(build_model(ModelConfig(preset="tiny", in_channels=1)),
+                                ModelConfig(preset="tiny", in_channels=1), tmp_path / "gray_w")
+    for i, w in enumerate((identity_weights, gray_model)):
+        code, _, err = run([src, "-o", tmp_path / f"o{i}", "--weights", w], capsys)
+        assert code == 0, err
+        with Image.open(tmp_path / f"o{i}" / "g.png") as res:
+            assert res.mode == "L"
+            assert np.array_equal(np.asarray(res), np.asarray(Image.open(src)))
+
+
+def test_alpha_kept_and_non_jpeg_warned(tmp_path, capsys, small_q10_weights):
+    rgba = np.dstack([data.coffee()[:64, :64], np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    code, out, err = run([tmp_path / "a.png", "-o", tmp_path / "out", "--weights", small_q10_weights], capsys)
+    assert code == 0, err
+    assert "warning:" in err and "not a JPEG" in err and "a.png" in err
+    with Image.open(tmp_path / "out" / "a.png") as res:
+        assert res.mode == "RGBA"
+        assert np.array_equal(np.asarray(res)[:, :, 3], rgba[:, :, 3])
+
+
+def _bomb_png(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares width x height (its data is tiny and wrong)."""
+    def chunk(tag, payload):
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_bad_inputs_one_line_each_others_processed(tmp_path, capsys, identity_weights, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = jpeg_file(tmp_path / "good.jpg", data.chelsea()[:48, :48], 30)
+    full = (tmp_path / "full.jpg")
+    jpeg_file(full, data.coffee(), 50)
+    (tmp_path / "trunc.jpg").write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])
+    (tmp_path / "text.jpg").write_text("this is not an image\n")
+    (tmp_path / "random.png").write_bytes(np.random.default_rng(0).bytes(3000))
+    _bomb_png(tmp_path / "bomb.png", 60000, 60000)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    bad = ["trunc.jpg", "text.jpg", "random.png", "bomb.png", "empty.jpg", "missing.jpg"]
+    # weights: one good, one missing, one garbage, two pickles (as .safetensors and .pt)
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 100)
+    (tmp_path / "evil.safetensors").write_bytes(pickle.dumps({"w": _Evil()}))
+    torch.save({"w": _Evil()}, tmp_path / "evil.pt")
+    bad_w = ["missing.safetensors", "garbage.safetensors", "evil.safetensors", "evil.pt"]
+    code, out, err = run([good, *bad, "-o", tmp_path / "out", "--weights", identity_weights, *bad_w], capsys)
+    assert code == 1
+    lines = error_lines(err)
+    for name in bad + bad_w:
+        assert sum(name in line for line in lines) == 1, (name, lines)
+    assert len(lines) == len(bad) + len(bad_w)
+    assert "megapixels" in next(line for line in lines if "bomb.png" in line)
+    assert (tmp_path / "out" / "good.png").is_file() and "good.jpg" in out
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+    # only bad weights: refused, nothing run, one line per file plus the summary
+    code = restore_main([str(good), "-o", str(tmp_path / "o2"), "--weights", "evil.pt", "evil.safetensors"])
+    assert code == 2 and not (tmp_path / "o2").exists()
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+def test_max_pixels_is_configurable(tmp_path, capsys, identity_weights):
+    src = jpeg_file(tmp_path / "p.jpg", data.coffee()[:100, :100], 30)
+    code, _, err = run([src, "-o", tmp_path / "o", "--weights", identity_weights, "--max-pixels", "5000"], capsys)
+    assert code == 1 and "p.jpg" in err and "--max-pixels" in err
+
+
+def test_overwrite(tmp_path, capsys, identity_weights):
+    src = jpeg_file(tmp_path / "x.jpg", data.coffee()[:40, :40], 30)
+    target = tmp_path / "out" / "x.png"
+    target.parent.mkdir()
+    target.write_bytes(b"precious")
+    code, _, err = run([src, "-o", tmp_path / "out", "--weights", identity_weights], capsys)
+    assert code == 1 and "x.png" in err and "--overwrite" in err
+    assert target.read_bytes() == b"precious"
+    code, _, err = run([src, "-o", tmp_path / "out", "--weights", identity_weights, "--overwrite"], capsys)
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(target)), np.asarray(Image.open(src)))
+
+
+def test_globs_and_nearest_weights_printed(tmp_path, capsys):
+    for q in (10, 40):
+        jpeg_file(tmp_path / f"img_q{q}.jpg", data.chelsea()[:40, :56], q)
+    cfg = ModelConfig(preset="tiny")
+    for q in ("10", "30-50"):
+        export_weights(build_model(cfg), cfg, tmp_path / "weights" / f"w{q}", facts={"quality": q})
+    code, out, err = run([str(tmp_path / "img_*.jpg"), "-o", tmp_path / "out", "--weights", tmp_path / "weights"],
+                         capsys)
+    assert code == 0, err
+    line10 = next(line for line in out.splitlines() if "img_q10.jpg" in line)
+    line40 = next(line for line in out.splitlines() if "img_q40.jpg" in line)
+    assert "w10" in line10 and "quality 10" in line10
+    assert "w30-50" in line40 and "trained on quality 30-50" in line40
+    code, out, _ = run([str(tmp_path / "img_*.jpg"), "-o", tmp_path / "out2", "--weights", tmp_path / "weights",
+                        "--quality", "45"], capsys)
+    assert code == 0 and out.count("w30-50") == 2 and "quality 45 (--quality)" in out
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as exc:
+        restore_main(["--help"])
+    assert exc.value.code == 0
+    assert "examples:" in capsys.readouterr().out
+
+
+# --- hostile files: a clear UserError or a valid image, never a crash, hang or huge allocation --------
+_REAL_JPEG = io.BytesIO()
+Image.fromarray(data.astronaut()[:128, :128]).save(_REAL_JPEG, format="JPEG", quality=50)
+_REAL_JPEG = _REAL_JPEG.getvalue()
+
+
+def _check_hostile(path: Path) -> None:
+    try:
+        img = open_image(path, max_pixels=4_000_000)
+    except UserError as exc:
+        text = str(exc)
+        assert "\n" not in text and str(path) in text
+        return
+    assert img.pixels.dtype == np.uint8 and img.pixels.size <= 3 * 4_000_000
+
+
+@settings(max_examples=50, deadline=3000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["random", "prefix", "flip", "wrong_ext", "huge"]), blob=st.binary(max_size=2048),
+       cut=st.integers(0, len(_REAL_JPEG)), w=st.integers(1, 2 ** 31 - 1), h=st.integers(1, 2 ** 31 - 1))
+def test_hostile_images_never_crash(tmp_path, kind, blob, cut, w, h):
+    path = tmp_path / {"random": "r.jpg", "prefix": "p.jpg", "flip": "f.jpg", "wrong_ext": "w.png", "huge": "h.png"}[kind]
+    if kind == "random":
+        path.write_bytes(blob)
+    elif kind == "prefix":
+        path.write_bytes(_REAL_JPEG[:cut])
+    elif kind == "flip":  # corrupt a few bytes inside a real JPEG
+        raw = bytearray(_REAL_JPEG)
+        for i, b in enumerate(blob[:16]):
+            raw[(cut + 97 * i) % len(raw)] = b
+        path.write_bytes(bytes(raw))
+    elif kind == "wrong_ext":
+        path.write_bytes(_REAL_JPEG)
+    else:
+        _bomb_png(path, w, h)
+    _check_hostile(path)
+
+
+def test_huge_declared_jpeg_refused_before_decoding(tmp_path):
+    # patch the SOF0 frame size of a real JPEG to 65500 x 65500
+    raw = bytearray(_REAL_JPEG)
+    sof = raw.index(b"\xff\xc0")
+    raw[sof + 5:sof + 9] = struct.pack(">HH", 65500, 65500)
+    (tmp_path / "big.jpg").write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="megapixels"):
+        open_image(tmp_path / "big.jpg")
