@@ -1,0 +1,213 @@
+"""Shard listing and reading for restorer.data: shard specs as users write them -> (url, count)
+lists, and tar shards -> samples, over local files, webdataset's ``pipe:``/curl handlers or fsspec.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import tarfile
+import urllib.request
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from restorer import augment
+from restorer.errors import UserError
+
+log = logging.getLogger("restorer.data")
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+# ------------------------------------------------------------------------------------ shard lists
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: Optional[int]  # None when no manifest/sizes.json gives the count
+
+
+def _scheme(url: str) -> str:
+    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*):", url)
+    # one letter before ':' is a Windows drive, not a scheme
+    return m.group(1).lower() if m and len(m.group(1)) > 1 else ""
+
+
+def _is_local(url: str) -> bool:
+    return _scheme(url) in ("", "file")
+
+
+def _local_path(url: str) -> Path:
+    return Path(re.sub(r"^file://?", "/", url) if url.startswith("file:") else url)
+
+
+def _read_text(url: str) -> str:
+    if _is_local(url):
+        return _local_path(url).read_text()
+    if _scheme(url) in ("http", "https"):
+        with urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310 (user-given shard URL)
+            return resp.read().decode()
+    import fsspec
+
+    with fsspec.open(url, "rt") as f:
+        return f.read()
+
+
+def _join(base: str, rel: str) -> str:
+    return str(Path(base) / rel) if _is_local(base) else base.rstrip("/") + "/" + rel
+
+
+def _from_manifest(base: str, text: str, splits: Sequence[str]) -> list[Shard]:
+    where = _join(base, "manifest.json")
+    try:
+        manifest = json.loads(text)
+        known = manifest["splits"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{where}: not a shard manifest (expected JSON with 'splits')") from None
+    if manifest.get("format") != 1:
+        raise UserError(f"{where}: manifest format {manifest.get('format')!r} is not supported (expected 1)")
+    shards = []
+    for split in splits:
+        if split not in known:
+            raise UserError(f"{where}: no split {split!r} (has {', '.join(sorted(known)) or 'none'})")
+        for entry in known[split]["shards"]:
+            shards.append(Shard(_join(base, entry["path"]), int(entry["samples"])))
+    return shards
+
+
+def _sizes_for(paths: Sequence[Path]) -> dict[Path, int]:
+    """Counts from the sizes.json next to local shards (the builder writes one per split dir)."""
+    out: dict[Path, int] = {}
+    for folder in {p.parent for p in paths}:
+        sizes = folder / "sizes.json"
+        if sizes.is_file():
+            try:
+                for name, n in json.loads(sizes.read_text()).items():
+                    out[folder / name] = int(n)
+            except (ValueError, AttributeError, TypeError):
+                log.warning("%s: unreadable, shard sizes unknown", sizes)
+    return out
+
+
+def resolve_shards(spec: str, splits: Sequence[str] = ("train",)) -> tuple[list[Shard], int]:
+    """Shards named by ``spec``, with sample counts where known; and how many listed local shards
+    are missing (skipped with a warning). Raises UserError when nothing usable is named."""
+    spec = str(spec).strip()
+    if not spec:
+        raise UserError("no shards given")
+    braces = "{" in spec or "::" in spec
+    is_tar = spec.lower().endswith(TAR_SUFFIXES)
+    if not braces and not is_tar and _scheme(spec) != "pipe":
+        if _is_local(spec):
+            root = _local_path(spec)
+            if not root.exists():
+                raise UserError(f"{root}: no such shards directory or file")
+            if root.is_dir():
+                if (root / "manifest.json").is_file():
+                    shards = _from_manifest(str(root), (root / "manifest.json").read_text(), splits)
+                else:  # a folder of tars, or of split folders of tars
+                    tars = sorted(p for s in splits if (root / s).is_dir() for p in (root / s).glob("*.tar"))
+                    tars = tars or sorted(root.glob("*.tar"))
+                    if not tars:
+                        raise UserError(f"{root}: no manifest.json and no .tar shards")
+                    sizes = _sizes_for(tars)
+                    shards = [Shard(str(p), sizes.get(p)) for p in tars]
+                return _check_local(shards, spec)
+        else:  # remote shards dir: read its manifest
+            try:
+                text = _read_text(_join(spec, "manifest.json"))
+            except Exception as exc:  # noqa: BLE001 (any transport error)
+                raise UserError(f"{_join(spec, 'manifest.json')}: cannot read ({exc})") from None
+            return _from_manifest(spec, text, splits), 0
+    import webdataset as wds
+
+    urls = wds.shardlists.expand_urls(spec)
+    local = [_local_path(u) for u in urls if _is_local(u)]
+    sizes = _sizes_for(local)
+    shards = [Shard(u, sizes.get(_local_path(u)) if _is_local(u) else None) for u in urls]
+    return _check_local(shards, spec)
+
+
+def _check_local(shards: list[Shard], spec: str) -> tuple[list[Shard], int]:
+    """Fail when no listed local shard exists. Missing ones are only warned about and counted:
+    they stay in the list (and fail, counted, when read) so that the plan -- and so the batch
+    count -- depends on the listing alone, never on what one node's file system shows."""
+    present = [s for s in shards if not _is_local(s.url) or _local_path(s.url).is_file()]
+    missing = len(shards) - len(present)
+    if not present:
+        first = shards[0].url if shards else spec
+        raise UserError(f"{spec}: none of the {len(shards)} shard file(s) exist (first: {first})")
+    if missing:
+        log.warning("%s: %d of %d shard files missing (they will be skipped and counted as bad shards)",
+                    spec, missing, len(shards))
+    shards = [s for s in shards if s.samples != 0]
+    if not shards:
+        raise UserError(f"{spec}: every shard is empty")
+    return shards, missing
+
+
+# ------------------------------------------------------------------------------------ tar reading
+
+class _Source:
+    """An open shard byte stream (local file, webdataset ``pipe:``/curl handlers, or fsspec)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        scheme = _scheme(url)
+        if scheme in ("", "file"):
+            self.stream = open(_local_path(url), "rb")  # noqa: SIM115 (closed in close())
+        else:
+            from webdataset.gopen import gopen, gopen_schemes
+
+            if scheme in gopen_schemes:
+                self.stream = gopen(url, "rb")
+            else:
+                import fsspec
+
+                self.stream = fsspec.open(url, "rb").open()
+
+    def close(self, finished: bool) -> None:
+        """Close; a failing exit (e.g. of a pipe) only matters when the stream was read to the end."""
+        try:
+            self.stream.close()
+        except Exception:
+            if finished:
+                raise
+
+
+def iter_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) for each sample of a tar shard, grouping consecutive members by key
+    (the name up to the first dot of its last path component). Errors propagate to the caller."""
+    src = _Source(url)
+    finished = False
+    try:
+        with tarfile.open(fileobj=src.stream, mode="r|*") as tar:
+            key, sample = None, {}
+            for member in tar:
+                if not member.isreg():
+                    continue
+                name = member.name
+                base = name.rsplit("/", 1)[-1]
+                dot = base.find(".")
+                if dot <= 0 or base.startswith("__"):
+                    continue
+                k, ext = name[:len(name) - len(base) + dot], base[dot + 1:].lower()
+                data = tar.extractfile(member).read()
+                tar.members = []  # stream mode: do not keep every header
+                if k != key:
+                    if sample:
+                        yield key, sample
+                    key, sample = k, {}
+                sample[ext] = data
+            if sample:
+                yield key, sample
+        finished = True
+    finally:
+        src.close(finished)
+
+
+def image_of(sample: dict[str, bytes]) -> tuple[str, bytes]:
+    for ext in augment.IMAGE_EXTS:
+        if ext in sample:
+            return ext, sample[ext]
+    raise ValueError(f"no image member (has {', '.join(sorted(sample)) or 'nothing'})")
