@@ -46,7 +46,7 @@ SPACES = ("rgb", "y")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="restorer eval", description=__doc__.split("\n\n")[0].strip("`"),
+    p = argparse.ArgumentParser(prog="restorer eval", description="PSNR / SSIM / PSNR-B of JPEG and restored images against references.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", nargs="+", default=None, metavar="W",
                    help="weights file(s)/folder(s); 'none' evaluates the JPEG alone")

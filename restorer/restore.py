@@ -63,12 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_SUFFIX_FORMATS = {".png": "png", ".tif": "tiff", ".tiff": "tiff", ".jpg": "jpeg", ".jpeg": "jpeg"}
+
+
 def _suffix_format(path: Path) -> Optional[str]:
-    suffix = path.suffix.lower()
-    for name, (_, ext) in OUTPUT_FORMATS.items():
-        if suffix in (ext, "." + name) or (name == "jpeg" and suffix == ".jpeg") or (name == "tiff" and suffix == ".tiff"):
-            return name
-    return None
+    return _SUFFIX_FORMATS.get(path.suffix.lower())
 
 
 @cli_entry
@@ -155,12 +154,17 @@ def _restore_one(path: Path, target: Path, fmt: str, restorers, args) -> None:
     restorer = choose_restorer(restorers, quality)
     if restorer.conditioned and quality is None:
         quality, source = restorer.default_quality(), "unknown; middle of the trained range"
-    pixels = restorer.restore(img.pixels, quality)
+    from tqdm import tqdm
+
+    w, h = img.size
+    # a per-tile bar for big photos (minutes on a CPU); the per-file bar covers many small ones
+    with tqdm(total=w * h, unit="px", unit_scale=True, leave=False, file=sys.stderr, desc=path.name,
+              disable=args.no_progress or w * h < 4_000_000) as tiles:
+        pixels = restorer.restore(img.pixels, quality, progress=tiles.update)
     notes = save_image(pixels, img.alpha, target, fmt=fmt, icc_profile=img.icc_profile, exif=img.exif,
                        overwrite=args.overwrite)
     for note in notes:
         _write(f"warning: {path}: {note}", sys.stderr)
-    w, h = img.size
     q_text = f"quality {quality} ({source})" if quality is not None else "quality unknown"
     extras = [s for s in ("gray" if img.is_gray else "", "alpha kept" if img.alpha is not None else "",
                           f"orientation {img.orientation} applied" if img.orientation != 1 else "") if s]

@@ -64,11 +64,17 @@ def train_small_q10(steps: int = TRAIN_STEPS, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+_TRAINED: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="session")
 def small_q10_weights(tmp_path_factory) -> Path:
-    """model.safetensors of the in-test trained model (facts quality "10")."""
-    out = tmp_path_factory.mktemp("small_q10")
-    return export_weights(train_small_q10(), SMALL, out, facts={"quality": "10", "steps": TRAIN_STEPS})
+    """model.safetensors of the in-test trained model (facts quality "10"). Other test modules
+    import this fixture, which makes one fixture per module: the cache trains only once."""
+    if "q10" not in _TRAINED:
+        out = tmp_path_factory.mktemp("small_q10")
+        _TRAINED["q10"] = export_weights(train_small_q10(), SMALL, out, facts={"quality": "10", "steps": TRAIN_STEPS})
+    return _TRAINED["q10"]
 
 
 def _random_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
