@@ -479,6 +479,7 @@ def train(cfg: TrainConfig) -> int:
         if ema is not None:
             ema.update(model)
         step += 1
+        faults.after_step(step, main)
         window["loss"] += global_loss
         window["grad_norm"] += grad_norm
         window["steps"] += 1
@@ -493,6 +494,12 @@ def train(cfg: TrainConfig) -> int:
                       "world_size": world, **_peak_memory_gb(device)}
             if fp16:
                 values["train/loss_scale"] = float(accelerator.scaler.get_scale())
+            # skipped input, summed over ranks (every rank reaches this line at the same step)
+            counts = loader.stats()
+            skipped = accelerator.reduce(torch.tensor([float(counts["corrupt_samples"]), float(counts["bad_shards"])],
+                                                      device=device), reduction="sum")
+            values.update({"data/corrupt_samples": int(skipped[0]), "data/bad_shards": int(skipped[1]),
+                           "data/missing_shards": int(counts["missing_shards"])})
             tracker.log(values, step)
             say(f"step {step}/{cfg.max_steps} loss {mean_loss:.5f} ({values['train/psnr']:.2f} dB) lr {lr:.2e} "
                 f"{values['perf/patches_per_s']:.1f} patches/s, data wait {100 * values['perf/data_wait_frac']:.0f}%")
@@ -527,6 +534,11 @@ def train(cfg: TrainConfig) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    import logging
+
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     cfg = parse_config(TrainConfig, argv, prog="accelerate launch launch/train.py", description=__doc__.split("\n\n")[0],
                        epilog=EXAMPLES)
     return train(cfg)

@@ -10,6 +10,8 @@
 ``enospc_in_save@S`` writing the checkpoint of step S fails with ENOSPC ("No space left on
                      device") after part of a file is written, as a full disk would
 ``slow_rank@R:SEC``  rank R sleeps SEC seconds before each training batch and validation pass
+``vanish@S:PATH``    the main process deletes the file PATH after optimizer step S (a shard that
+                     disappears mid-run: the loader must skip it, count it and go on)
 
 They exist so that tests exercise the real code paths (the real save, the real skip logic) rather
 than mocks; a user never needs them.
@@ -40,6 +42,8 @@ class Faults:
     enospc_in_save: Optional[int] = None
     slow_rank: Optional[int] = None
     slow_seconds: float = 0.0
+    vanish_step: Optional[int] = None
+    vanish_path: Optional[str] = None
     _nan_done: bool = False
 
     @classmethod
@@ -59,6 +63,9 @@ class Faults:
                 elif name == "slow_rank":
                     rank, _, sec = arg.partition(":")
                     faults.slow_rank, faults.slow_seconds = int(rank), float(sec)
+                elif name == "vanish":
+                    step, _, path = arg.partition(":")
+                    faults.vanish_step, faults.vanish_path = int(step), path
                 else:
                     raise ValueError(name)
             except ValueError:
@@ -79,6 +86,10 @@ class Faults:
     def maybe_sleep(self, rank: int) -> None:
         if self.slow_rank == rank and self.slow_seconds > 0:
             time.sleep(self.slow_seconds)
+
+    def after_step(self, step: int, is_main: bool) -> None:
+        if is_main and self.vanish_step == step and self.vanish_path:
+            Path(self.vanish_path).unlink(missing_ok=True)
 
     def after_accelerate_save(self, step: int, tmp_dir: Path, is_main: bool) -> None:
         """Called once Accelerate's files are written into the temporary checkpoint directory."""

@@ -120,3 +120,39 @@ def test_resume_none_refuses_a_run_dir_with_checkpoints(fit_shards, tmp_path):
     assert proc.returncode == 2 and len(error_lines(proc)) == 1
     assert "--resume auto" in error_lines(proc)[0]
     shutil.rmtree(run)
+
+
+def test_bad_shards_skipped_training_goes_on_and_counts_are_logged(tmp_path):
+    """A truncated shard, a shard with a garbage member, and a shard deleted mid-run (after step 2):
+    2-process training finishes every step and logs what its loaders skipped."""
+    from test_data import _rewrite
+
+    shards = write_shards(tmp_path / "shards", splits={"train": 16, "val": 2}, samples_per_shard=2, tile=48)
+    shard = lambda i: shards / "train" / f"shard-{i:06d}.tar"  # noqa: E731
+    blob = shard(0).read_bytes()
+    shard(0).write_bytes(blob[: len(blob) // 2])
+    _rewrite(shard(1), lambda name, payload: b"not a png" if name.endswith(".png") else payload)
+    run = tmp_path / "run"
+    proc = check(launch(["--shards", str(shards), "--run-dir", str(run), "--tracker", "none", *FIT_ARGS,
+                         "--max-steps", "12", "--save-every", "100", "--val-every", "100"], tmp_path,
+                        faults=f"vanish@2:{shard(5)}"))
+    assert not shard(5).exists()
+    rows = [r for r in metrics(run) if "train/loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    last = rows[-1]
+    assert last["data/corrupt_samples"] >= 2  # the garbage members, counted each time they are read
+    assert last["data/bad_shards"] >= 2  # truncated + vanished (each epoch that meets them)
+    assert "bad shard skipped" in proc.stdout + proc.stderr
+    assert json.loads((run / "run_info.json").read_text())["weights_identical_across_ranks"]
+
+
+def test_every_shard_bad_stops_with_one_line(tmp_path):
+    shards = write_shards(tmp_path / "shards", splits={"train": 4, "val": 2}, samples_per_shard=2, tile=48)
+    for p in (shards / "train").glob("*.tar"):
+        p.write_bytes(b"not a tar" * 100)
+    proc = launch(["--shards", str(shards), "--run-dir", str(tmp_path / "run"), "--tracker", "none", *FIT_ARGS,
+                   "--max-steps", "4"], tmp_path, timeout=120)
+    assert proc.returncode != 0
+    errors = error_lines(proc)
+    assert len(errors) == 1 and "no usable samples" in errors[0] and str(shards) in errors[0], \
+        proc.stdout + proc.stderr
