@@ -9,14 +9,15 @@ TORCH_CPU ?= torch==2.13.0
 SHARDS ?= data/shards
 RUN ?= runs/demo
 
-.PHONY: help setup shards test bench demo clean
+.PHONY: help setup shards test bench bench-model-choice demo clean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU wheel here) and restorer[dev]"
 	@echo "make shards  build WebDataset shards into $(SHARDS) (embedded default images; ARGS='--bsds PATH ...')"
 	@echo "make test    run the test suite (what CI runs)"
 	@echo "make bench   run the benchmarks in bench/"
-	@echo "make demo    shards -> 2-process CPU training -> eval -> comparison picture"
+	@echo "make demo    shards -> 2-process CPU training -> eval -> comparison picture (about 8 min)"
+	@echo "make bench-model-choice  train each candidate preset for the same time budget (about 25 min)"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,6 +41,13 @@ bench: setup
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/restore.py
+
+demo: setup
+	$(BIN)/python launch/demo.py --run-dir $(RUN)
+
+bench-model-choice: setup
+	$(BIN)/python -m shard_tools build --bsds ../shared/datasets/BSR --out data/bsr --max-samples 16
+	$(BIN)/python bench/model_choice.py --shards data/bsr --minutes 4
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache
