@@ -236,8 +236,13 @@ class ShardSink:
                                        start_shard=self.start_shard, verbose=0,
                                        opener=self._open, encoder=False, mtime=0,
                                        format="PAX_FORMAT")
+        self._guarded(self._writer.write, sample)
+        self._count += 1
+
+    def _guarded(self, op, *args) -> None:
+        """Run a write on the shard writer; on failure drop the unfinished shard and raise one line."""
         try:
-            self._writer.write(sample)
+            op(*args)
         except UserError:
             self.abort()
             raise
@@ -245,7 +250,6 @@ class ShardSink:
             name = self._fname or str(self.dir)
             self.abort()
             raise UserError(f"{name}: cannot write shard ({exc.strerror or exc})") from None
-        self._count += 1
 
     def note_image(self, source: str) -> None:
         self._sources[source] += 1
@@ -257,15 +261,7 @@ class ShardSink:
         """Finish the last shard and journal the split as complete."""
         self._pos = list(end)
         if self._writer is not None:
-            try:
-                self._writer.close()
-            except UserError:
-                self.abort()
-                raise
-            except OSError as exc:
-                name = self._fname or str(self.dir)
-                self.abort()
-                raise UserError(f"{name}: cannot write shard ({exc.strerror or exc})") from None
+            self._guarded(self._writer.close)
             self._writer = None
         self.journal.append({"final": True, "end": list(end), "sources": dict(self._sources),
                              "skipped": self._skipped})

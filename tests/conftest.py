@@ -78,3 +78,15 @@ def bsr_root() -> Path:
     if not (SHARED_BSR / "BSDS500" / "data" / "images").is_dir():
         pytest.skip(f"real BSDS500 not found at {SHARED_BSR} (CI and developers have it in ../shared)")
     return SHARED_BSR
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The test machines are shared: one torch thread avoids OpenMP spin-waiting (seen: 10x slower
+    with 2 threads while other processes run). Use with ``pytest.mark.usefixtures``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

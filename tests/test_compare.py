@@ -11,12 +11,7 @@ from restorer.compare import auto_crop, main as compare_main
 from test_infer import small_q10_weights  # noqa: F401  (session fixture: in-test trained model)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_panel_from_a_real_photo(tmp_path, capsys, small_q10_weights):

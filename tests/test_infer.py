@@ -19,13 +19,7 @@ SMALL = ModelConfig(preset="tiny", channels=16, units=1)
 TRAIN_STEPS = 150
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The test machines are shared: one torch thread avoids OpenMP spin-waiting (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def photos() -> dict[str, np.ndarray]:

@@ -24,12 +24,7 @@ from restorer.restore import main as restore_main
 from test_infer import photos, small_q10_weights  # noqa: F401  (session fixture: in-test trained model)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
