@@ -11,6 +11,22 @@ class UserError(Exception):
     """A problem with the user's input or environment; its message is printed as one line."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-blank line of ``str(exc)`` (at most ``limit`` characters), or the
+    exception's type name when it has no message: for one-line error reports."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(exc).__name__
+
+
+def describe(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line`` (just ``Type`` when the exception has no message)."""
+    name = type(exc).__name__
+    line = first_line(exc, limit)
+    return name if line == name else f"{name}: {line}"
+
+
 def cli_entry(func: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap a CLI ``main``: a :class:`UserError` becomes ``error: <message>`` and exit code 2;
     Ctrl-C exits 130 quietly. Set RESTORER_DEBUG=1 to see the traceback."""

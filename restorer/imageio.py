@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -23,11 +22,15 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from restorer.degrade import estimate_quality
-from restorer.errors import UserError
+from restorer.errors import UserError, first_line
+from restorer.fsutil import atomic_write
 
 # 200 megapixels: a 24 MP photo is far below, a 50000x50000 "bomb" far above. --max-pixels changes it.
 DEFAULT_MAX_PIXELS = 200_000_000
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".webp", ".ppm", ".pgm")
+# The one list of image file suffixes, used when a folder is scanned (here, by ``restorer eval``
+# and by the shard builder, shard_tools.images.IMAGE_EXTENSIONS).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".webp", ".ppm",
+                  ".pgm", ".pnm", ".gif")
 ORIENTATION_TAG = 0x0112
 
 
@@ -56,11 +59,6 @@ class LoadedImage:
         return self.pixels.shape[1], self.pixels.shape[0]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
-
-
 def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Read ``path`` safely (see module docstring). Raises :class:`UserError` with one line."""
     path = Path(path)
@@ -70,42 +68,39 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise UserError(f"{path}: is a folder, not an image")
     pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            # Pillow's own bomb check (MAX_IMAGE_PIXELS) is replaced by ours, from the header,
-            # so that --max-pixels can also raise the limit and the message names it.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = None
-            with Image.open(path) as img:
-                width, height = img.size
-                if width <= 0 or height <= 0:
-                    raise UserError(f"{path}: image declares an empty size {width}x{height}")
-                if width * height > max_pixels:
-                    raise UserError(f"{path}: image declares {width}x{height} = {width * height / 1e6:.0f} "
-                                    f"megapixels, over the limit of {max_pixels / 1e6:.0f} (--max-pixels)")
-                fmt = img.format or "unknown"
-                quality = estimate_quality(img) if fmt in ("JPEG", "MPO") else None
-                img.load()  # decode now: truncation and corrupt data surface here
-                icc = img.info.get("icc_profile") or None
-                exif = img.getexif()
-                orientation = int(exif.get(ORIENTATION_TAG, 1) or 1)
-                upright = ImageOps.exif_transpose(img) if orientation != 1 else img
-                pixels, alpha, notes = _to_arrays(upright)
-                if orientation != 1:
-                    exif[ORIENTATION_TAG] = 1
-                exif_bytes = exif.tobytes() if len(exif) else None
-                if img.mode == "CMYK" and icc:
-                    notes.append("CMYK converted to RGB; its ICC profile (for CMYK) was dropped")
-                    icc = None
+        # Pillow's own bomb check (MAX_IMAGE_PIXELS: a warning, then an error at twice it) is
+        # switched off and replaced by ours, from the header, so that --max-pixels can also
+        # raise the limit and the message names it. Restored in ``finally``.
+        Image.MAX_IMAGE_PIXELS = None
+        with Image.open(path) as img:
+            width, height = img.size
+            if width <= 0 or height <= 0:
+                raise UserError(f"{path}: image declares an empty size {width}x{height}")
+            if width * height > max_pixels:
+                raise UserError(f"{path}: image declares {width}x{height} = {width * height / 1e6:.0f} "
+                                f"megapixels, over the limit of {max_pixels / 1e6:.0f} (--max-pixels)")
+            fmt = img.format or "unknown"
+            quality = estimate_quality(img) if fmt in ("JPEG", "MPO") else None
+            img.load()  # decode now: truncation and corrupt data surface here
+            icc = img.info.get("icc_profile") or None
+            exif = img.getexif()
+            orientation = int(exif.get(ORIENTATION_TAG, 1) or 1)
+            upright = ImageOps.exif_transpose(img) if orientation != 1 else img
+            pixels, alpha, notes = _to_arrays(upright)
+            if orientation != 1:
+                exif[ORIENTATION_TAG] = 1
+            exif_bytes = exif.tobytes() if len(exif) else None
+            if img.mode == "CMYK" and icc:
+                notes.append("CMYK converted to RGB; its ICC profile (for CMYK) was dropped")
+                icc = None
     except UserError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise UserError(f"{path}: refused as a decompression bomb ({_first_line(exc)})") from None
     except Image.UnidentifiedImageError:
         raise UserError(f"{path}: not an image Pillow can read") from None
     except MemoryError:
         raise UserError(f"{path}: not enough memory to decode this image") from None
     except Exception as exc:  # truncated (OSError), corrupt headers (SyntaxError, ValueError, ...)
-        raise UserError(f"{path}: unreadable image ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise UserError(f"{path}: unreadable image ({type(exc).__name__}: {first_line(exc)})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = pillow_limit
     return LoadedImage(path, pixels, alpha, fmt, quality, icc, exif_bytes, orientation, notes)
@@ -214,22 +209,8 @@ def save_image(pixels: np.ndarray, alpha: Optional[np.ndarray], out: Path, *, fm
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: output exists (use --overwrite to replace it)")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        img.save(tmp, format=pil_format, **kwargs)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, out)
-        else:
-            try:  # link fails if the name appeared meanwhile: no clobbering even in a race
-                os.link(tmp, out)
-            except FileExistsError:
-                raise UserError(f"{out}: output exists (use --overwrite to replace it)") from None
-            except OSError:  # filesystems without hard links
-                if out.exists():
-                    raise UserError(f"{out}: output exists (use --overwrite to replace it)") from None
-                os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    try:  # no-clobber unless --overwrite: hard-linked into place, so even a race cannot clobber
+        atomic_write(out, lambda tmp: img.save(tmp, format=pil_format, **kwargs), replace=overwrite)
+    except FileExistsError:
+        raise UserError(f"{out}: output exists (use --overwrite to replace it)") from None
     return notes

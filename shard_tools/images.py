@@ -42,19 +42,20 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from restorer.errors import first_line
+from restorer.imageio import IMAGE_SUFFIXES
+
 log = logging.getLogger("shard_tools.images")
 Image.init()  # register every plugin, so that formats= below can name them
 
 ALLOWED_FORMATS = ["JPEG", "PNG", "WEBP", "TIFF", "BMP", "PPM", "GIF"]
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".tif", ".tiff", ".bmp", ".ppm",
-                    ".pgm", ".pnm", ".gif"}
+IMAGE_EXTENSIONS = frozenset(IMAGE_SUFFIXES)  # one list for the whole project (restorer.imageio)
 ENCODINGS = ("webp", "png", "ppm")
 
 
@@ -158,24 +159,12 @@ def tile_grid(w: int, h: int, tile: int, min_size: int) -> Iterator[tuple[int, i
             yield y, x, th, tw
 
 
-def decode(data: bytes, *, encoding: str = "webp", tile: int = 512, min_size: int = 128,
-           max_pixels: int = 100_000_000, rotation: int | None = None,
-           downscale: float = 1.0, skip_tiles: int = 0) -> Decoded:
-    """Decode ``data`` and return its tiles (encoded). Raises :class:`Skip` with a reason.
-
-    ``skip_tiles``: the first N tiles are computed but not encoded (resume inside an image).
-    """
-    if not data:
-        raise Skip("empty file (0 bytes)")
-    sha = hashlib.sha256(data).hexdigest()
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Parse the header only; refuse what is not an allowed image or declares > ``max_pixels``."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         raise Skip("not an image (unrecognised or unsupported format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise Skip(f"decompression bomb ({exc})") from None
     except Exception as exc:  # header parsers raise many types on garbage
         raise Skip(f"corrupt header ({type(exc).__name__}: {exc})") from None
     w, h = img.size
@@ -184,16 +173,40 @@ def decode(data: bytes, *, encoding: str = "webp", tile: int = 512, min_size: in
     if w * h > max_pixels:
         raise Skip(f"decompression bomb: declares {w}x{h} = {w * h} pixels "
                    f"> max_pixels {max_pixels}")
+    return img
+
+
+def decode(data: bytes, *, encoding: str = "webp", tile: int = 512, min_size: int = 128,
+           max_pixels: int = 100_000_000, rotation: int | None = None,
+           downscale: float = 1.0, skip_tiles: int = 0) -> Decoded:
+    """Decode ``data`` and return its tiles (encoded). Raises :class:`Skip` with a reason.
+
+    ``skip_tiles``: the first N tiles are computed but not encoded (resume inside an image).
+    ``max_pixels`` is the one limit on the declared size: Pillow's own bomb check
+    (``Image.MAX_IMAGE_PIXELS``, 89.5 MP: a warning, then an error at twice it) is off while
+    decoding, so a limit above Pillow's works (and the reason names ours).
+    """
+    if not data:
+        raise Skip("empty file (0 bytes)")
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        return _decode(data, encoding, tile, min_size, max_pixels, rotation, downscale, skip_tiles)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
+def _decode(data: bytes, encoding: str, tile: int, min_size: int, max_pixels: int,
+            rotation: int | None, downscale: float, skip_tiles: int) -> Decoded:
+    sha = hashlib.sha256(data).hexdigest()
+    img = _open_checked(data, max_pixels)
     fmt, mode = img.format or "?", img.mode
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()
-    except Skip:
-        raise
+        img.load()
+    except MemoryError:
+        raise Skip("out of memory while decoding") from None
     except Exception as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise Skip(f"corrupt or truncated ({msg})") from None
+        raise Skip(f"corrupt or truncated ({first_line(exc)})") from None
     img, rot = _orient(img, rotation)
     img = to_rgb8(img)
     orig_size = img.size

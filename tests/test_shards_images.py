@@ -112,6 +112,27 @@ def test_bad_inputs_skip_with_reason():
         decode(png_bytes(PHOTO), max_pixels=1000)
 
 
+def test_max_pixels_above_pillows_own_limit():
+    """95 MP is over Pillow's MAX_IMAGE_PIXELS (89.5 MP) but under --max-pixels 200M: the header
+    check lets it through (this forged PNG then fails as truncated, without allocating 95 MP);
+    under --max-pixels 50M it is a bomb. Pillow's global limit is restored afterwards."""
+    forged = png_bomb(10_000, 9_500)
+    limit = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(Skip) as info:
+        decode(forged, max_pixels=200_000_000)
+    assert "bomb" not in str(info.value) and "truncated" in str(info.value)
+    with pytest.raises(Skip, match="decompression bomb: declares 10000x9500"):
+        decode(forged, max_pixels=50_000_000)
+    assert Image.MAX_IMAGE_PIXELS == limit
+
+
+def test_one_list_of_image_extensions():
+    from restorer.imageio import IMAGE_SUFFIXES
+    from shard_tools.images import IMAGE_EXTENSIONS
+
+    assert set(IMAGE_EXTENSIONS) == set(IMAGE_SUFFIXES) >= {".jfif", ".gif", ".pnm", ".jpg"}
+
+
 def test_downscale_lossy_bicubic():
     dec = decode(jpeg_bytes(PHOTO), tile=512, min_size=16, downscale=0.5, encoding="png")
     assert dec.orig_size == (140, 100) and dec.size == (70, 50)
