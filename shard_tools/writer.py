@@ -26,6 +26,8 @@ from typing import Any
 from webdataset import ShardWriter
 
 from restorer.errors import UserError
+from restorer.fsutil import atomic_write_text, fsync_dir
+from shard_tools.config import NON_CONTENT_FIELDS
 
 log = logging.getLogger("shard_tools.writer")
 
@@ -33,19 +35,6 @@ SHARD_PATTERN = "shard-%06d.tar"
 SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
 JOURNAL = ".journal.jsonl"
 FORMAT = 1
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -56,17 +45,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
             return
     except (OSError, UnicodeDecodeError):
         pass
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    fsync_dir(path.parent)
+    atomic_write_text(path, text)
 
 
 def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
@@ -152,18 +131,9 @@ class Journal:
 
     def start(self) -> None:
         """Rewrite the journal as header + the kept records (atomically)."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        try:
-            with open(tmp, "w") as fh:
-                fh.write(json.dumps({"format": FORMAT, "fingerprint": self.fingerprint}) + "\n")
-                for rec in self.records:
-                    fh.write(json.dumps(rec) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise UserError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+        lines = [json.dumps({"format": FORMAT, "fingerprint": self.fingerprint})]
+        lines += [json.dumps(rec) for rec in self.records]
+        atomic_write_text(self.path, "\n".join(lines) + "\n")
 
     def append(self, rec: dict) -> None:
         try:
@@ -360,11 +330,11 @@ def merge(out: Path, parts: list[Path]) -> dict:
         if not part.is_dir():
             raise UserError(f"{part}: part folder not found")
         manifests.append((part, load_manifest(part)))
-    ref_cfg = {k: v for k, v in manifests[0][1]["config"].items() if k not in ("out", "job_index",
-                                                                                 "workers")}
+    ignored = NON_CONTENT_FIELDS + ("job_index",)  # may differ between the parts
+    ref_cfg = {k: v for k, v in manifests[0][1]["config"].items() if k not in ignored}
     seen_jobs: dict[int, Path] = {}
     for part, m in manifests:
-        cfg = {k: v for k, v in m["config"].items() if k not in ("out", "job_index", "workers")}
+        cfg = {k: v for k, v in m["config"].items() if k not in ignored}
         if cfg != ref_cfg or m["encoding"] != manifests[0][1]["encoding"]:
             raise UserError(f"{part}: built with different settings than {manifests[0][0]}")
         j = m["config"]["job_index"]

@@ -223,8 +223,8 @@ def test_jobs_and_merge(tmp_path, layouts):
     kw = dict(div2k=[str(layouts["div2k_zip"])], bsds=[str(layouts["bsr_tgz"])])
     whole = run(tmp_path / "whole", **kw)
     parts = [tmp_path / f"part{i}" for i in range(2)]
-    for i, p in enumerate(parts):
-        run(p, **kw, num_jobs=2, job_index=i)
+    for i, p in enumerate(parts):  # --verify, --progress, --workers differ: not the content
+        run(p, **kw, num_jobs=2, job_index=i, verify=bool(i), progress=bool(i), workers=1 + i)
     a, b = read_shards(parts[0]), read_shards(parts[1])
     assert a and b and not set(a) & set(b)
     assert main(["merge", str(tmp_path / "merged"), *map(str, parts)]) == 0
