@@ -12,6 +12,8 @@
 ``slow_rank@R:SEC``  rank R sleeps SEC seconds before each training batch and validation pass
 ``vanish@S:PATH``    the main process deletes the file PATH after optimizer step S (a shard that
                      disappears mid-run: the loader must skip it, count it and go on)
+``fail@S:R``         rank R alone raises a UserError after optimizer step S (an error only one
+                     process meets: it must print its line and exit, not leave the others blocked)
 
 They exist so that tests exercise the real code paths (the real save, the real skip logic) rather
 than mocks; a user never needs them.
@@ -44,6 +46,8 @@ class Faults:
     slow_seconds: float = 0.0
     vanish_step: Optional[int] = None
     vanish_path: Optional[str] = None
+    fail_step: Optional[int] = None
+    fail_rank: Optional[int] = None
     _nan_done: bool = False
 
     @classmethod
@@ -66,6 +70,9 @@ class Faults:
                 elif name == "vanish":
                     step, _, path = arg.partition(":")
                     faults.vanish_step, faults.vanish_path = int(step), path
+                elif name == "fail":
+                    step, _, rank = arg.partition(":")
+                    faults.fail_step, faults.fail_rank = int(step), int(rank)
                 else:
                     raise ValueError(name)
             except ValueError:
@@ -87,9 +94,11 @@ class Faults:
         if self.slow_rank == rank and self.slow_seconds > 0:
             time.sleep(self.slow_seconds)
 
-    def after_step(self, step: int, is_main: bool) -> None:
+    def after_step(self, step: int, is_main: bool, rank: int = 0) -> None:
         if is_main and self.vanish_step == step and self.vanish_path:
             Path(self.vanish_path).unlink(missing_ok=True)
+        if self.fail_step == step and self.fail_rank == rank:
+            raise UserError(f"injected failure after step {step} ({ENV})")
 
     def after_accelerate_save(self, step: int, tmp_dir: Path, is_main: bool) -> None:
         """Called once Accelerate's files are written into the temporary checkpoint directory."""

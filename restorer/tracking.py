@@ -78,12 +78,32 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``; each line is flushed so a killed run loses at most one line."""
+    """Append-only ``metrics.jsonl``; each line is flushed so a killed run loses at most one line.
 
-    def __init__(self, path: Path):
+    ``start_step`` (the step a run starts or resumes at): rows of a later step, logged by an earlier
+    attempt after its last checkpoint, are dropped first (the file is rewritten atomically), so a
+    resumed run does not log those steps twice; a line that is not JSON (cut short by a kill) is
+    dropped too."""
+
+    def __init__(self, path: Path, start_step: Optional[int] = None):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        if start_step is not None and path.is_file():
+            self._truncate(int(start_step))
         self._fh = open(path, "a", buffering=1)
+
+    def _truncate(self, start_step: int) -> None:
+        kept = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a partial line: the earlier attempt was killed while writing it
+            if int(step) <= start_step:
+                kept.append(line + "\n")
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
 
     def write(self, values: dict[str, Any], step: int) -> None:
         row = {"step": int(step), **{k: _jsonable(v) for k, v in values.items()}}
@@ -97,12 +117,12 @@ class Tracker:
     """Logs scalars to ``metrics.jsonl`` and the Accelerate trackers, images to W&B and PNGs;
     every method is a no-op on non-main processes."""
 
-    def __init__(self, accelerator, run_dir: Path, use_wandb: bool):
+    def __init__(self, accelerator, run_dir: Path, use_wandb: bool, start_step: Optional[int] = None):
         self.accelerator = accelerator
         self.run_dir = run_dir
         self.use_wandb = use_wandb
         self.main = accelerator.is_main_process
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl") if self.main else None
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", start_step) if self.main else None
 
     def log(self, values: dict[str, Any], step: int) -> None:
         if not self.main:

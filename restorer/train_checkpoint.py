@@ -11,9 +11,12 @@ Layout of one checkpoint (Accelerate's ``save_state`` plus our own files)::
     COMPLETE                   ours: written last; a directory without it is never loaded
 
 Atomicity: everything is written into ``.tmp-step-XXXXXXX``; once every rank has finished, the
-main process fsyncs the files, writes ``COMPLETE`` and renames the directory into place, then
-deletes all but the newest ``keep`` checkpoints. A run killed at any moment leaves the previous
-checkpoints intact; a stale ``.tmp-*`` directory is removed when training starts again.
+main process fsyncs every rank's files, writes ``COMPLETE`` and renames the directory into place,
+then deletes all but the newest ``keep`` checkpoints. Re-saving a step that already has a
+checkpoint first renames the old one aside (``.tmp-old-step-XXXXXXX``), then renames the new one
+into place, then deletes the old one. A run killed at any moment leaves the previous checkpoints
+intact; when training starts again a complete ``.tmp-step-*`` whose step has no checkpoint (killed
+between those two renames) is moved into place, and every other ``.tmp-*`` directory is removed.
 
 Safety: no file of a checkpoint is unpickled with ``weights_only=False``. Accelerate 1.15 loads
 models from safetensors and optimizer/scaler/RNG files through ``accelerate.utils.other.load``,
@@ -43,7 +46,18 @@ STATE_NAME = "train_state.json"
 EMA_NAME = "ema.safetensors"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"
+OLD_PREFIX = TMP_PREFIX + "old-"
 PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
+
+
+class AgreedError(UserError):
+    """An error every process raises together with the same text (decided after an all-reduce, or
+    from the command line alone): ``launch/train.py`` prints it once, on rank 0."""
+
+
+class PeerError(UserError):
+    """This process stops because another one failed, and that one prints the reason:
+    ``launch/train.py`` prints nothing for it."""
 
 
 def step_dir_name(step: int) -> str:
@@ -69,10 +83,18 @@ def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
 
 
 def remove_stale_temp(root: str | os.PathLike) -> list[Path]:
-    """Delete ``.tmp-*`` directories left by a run killed while saving (main process only)."""
+    """Delete ``.tmp-*`` directories left by a run killed while saving (main process only); a
+    complete ``.tmp-step-*`` (it has ``COMPLETE``) whose ``step-*`` is missing -- the run was killed
+    while re-saving a step, between renaming the old copy aside and the new one into place -- is
+    renamed into place instead. Returns the removed directories."""
     root = Path(root)
     removed = []
     if root.is_dir():
+        for entry in root.iterdir():
+            final = root / entry.name[len(TMP_PREFIX):]
+            if (entry.name.startswith(TMP_PREFIX) and _STEP_RE.match(final.name) and (entry / MARKER).is_file()
+                    and not final.exists()):
+                os.rename(entry, final)
         for entry in root.iterdir():
             if entry.name.startswith(TMP_PREFIX) and entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
@@ -135,8 +157,9 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, state: dict
                     keep: int = 3, faults=None) -> Path:
     """Save the full training state of ``step`` atomically (call on every process).
 
-    A write error (a full disk, say) on any process removes the temporary directory and raises a
-    one-line :class:`UserError` naming the file on every process; earlier checkpoints stay valid."""
+    A write error (a full disk, say) on any process removes the temporary directory and raises on
+    every process: a one-line :class:`UserError` naming the file where it happened, a
+    :class:`PeerError` elsewhere; earlier checkpoints stay valid."""
     root = Path(root)
     final = root / step_dir_name(step)
     tmp = root / f"{TMP_PREFIX}{final.name}"
@@ -158,34 +181,53 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, state: dict
             if ema is not None:
                 ema.save(tmp / EMA_NAME)
             (tmp / STATE_NAME).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
-            for file in tmp.iterdir():
-                _fsync_path(file)
     except OSError as exc:
-        where = exc.filename or tmp
-        error = f"{where}: cannot write checkpoint of step {step}: {exc.strerror or _first_line(exc)}"
+        error = _write_error(exc, tmp, step)
+    _agree(accelerator, error, root, tmp, step)  # every rank has written its files
 
+    if main:
+        aside = root / f"{OLD_PREFIX}{final.name}"
+        try:
+            for file in tmp.iterdir():  # every rank's files, now that all are written
+                _fsync_path(file)
+            marker = tmp / MARKER
+            marker.write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
+            _fsync_path(marker)
+            _fsync_path(tmp)
+            if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
+                shutil.rmtree(aside, ignore_errors=True)
+                os.rename(final, aside)
+            os.rename(tmp, final)
+            _fsync_path(root)
+            shutil.rmtree(aside, ignore_errors=True)
+            for _, old in complete_checkpoints(root)[:-max(1, keep)]:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            error = _write_error(exc, tmp, step)
+            if aside.is_dir() and not final.exists():
+                os.rename(aside, final)  # put the earlier checkpoint of this step back
+    _agree(accelerator, error, root, tmp, step)
+    return final
+
+
+def _write_error(exc: OSError, tmp: Path, step: int) -> str:
+    return f"{exc.filename or tmp}: cannot write checkpoint of step {step}: {exc.strerror or _first_line(exc)}"
+
+
+def _agree(accelerator, error: Optional[str], root: Path, tmp: Path, step: int) -> None:
+    """All-reduce whether any process failed (a barrier too); if one did, remove the temporary
+    directory and raise on every process: the failing ones a UserError naming the file, the
+    others a :class:`PeerError` (the failing process reports)."""
     failed = torch.tensor([1.0 if error else 0.0], device=accelerator.device)
     failed = accelerator.reduce(failed, reduction="sum")
     if float(failed.item()) > 0:
-        if main:
+        if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+        if error is None:
+            raise PeerError(f"checkpoint of step {step} failed on another process")
         previous = latest_checkpoint(root)
         tail = f" (the last complete checkpoint, {previous}, is intact)" if previous else ""
-        raise UserError((error or f"checkpoint of step {step} failed on another process") + tail)
-
-    if main:
-        marker = tmp / MARKER
-        marker.write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
-        _fsync_path(marker)
-        _fsync_path(tmp)
-        if final.exists():  # a checkpoint of the same step from an earlier attempt
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_path(root)
-        for _, old in complete_checkpoints(root)[:-max(1, keep)]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+        raise UserError(error + tail)
 
 
 def load_checkpoint(accelerator, path: str | os.PathLike, ema=None) -> dict[str, Any]:

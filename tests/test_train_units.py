@@ -63,6 +63,10 @@ def test_fault_spec_parsing():
     g = Faults.from_env("nan@2+")
     assert [g.poison_batch(s, 0) for s in (1, 2, 2, 9)] == [False, True, True, True]
     assert Faults.from_env("") == Faults()
+    h = Faults.from_env("fail@2:1")
+    h.after_step(2, True, 0)
+    with pytest.raises(UserError, match="injected failure after step 2"):
+        h.after_step(2, False, 1)
     with pytest.raises(UserError, match="RESTORER_FAULTS"):
         Faults.from_env("explode@3")
 
@@ -159,3 +163,62 @@ def test_incomplete_and_stale_directories(tmp_path):
         verify_checkpoint(root / "step-0000099")
     assert [p.name for p in remove_stale_temp(root)] == [".tmp-step-0000014"]
     assert complete_checkpoints(tmp_path / "nothing") == []
+
+
+class _OneProcess:
+    """The part of an Accelerator that save_checkpoint uses, for one process."""
+    is_main_process, device = True, torch.device("cpu")
+
+    def __init__(self, payload: bytes):
+        self.payload = payload
+
+    def wait_for_everyone(self):
+        pass
+
+    def reduce(self, t, reduction="sum"):
+        return t
+
+    def save_state(self, out: str):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "model.safetensors").write_bytes(self.payload)
+
+
+def test_resaving_a_step_replaces_it_and_a_kill_between_renames_is_recovered(tmp_path, monkeypatch):
+    from restorer import train_checkpoint as tc
+
+    root = tmp_path / "checkpoints"
+    tc.save_checkpoint(_OneProcess(b"first"), root, 5, {"epoch": 0})
+    final = tc.save_checkpoint(_OneProcess(b"second"), root, 5, {"epoch": 1})
+    assert (final / "model.safetensors").read_bytes() == b"second" and (final / "COMPLETE").is_file()
+    assert json.loads((final / "train_state.json").read_text()) == {"epoch": 1, "step": 5}
+    assert [p.name for p in root.iterdir()] == ["step-0000005"]  # the old copy is gone, no temp left
+
+    # killed after moving the old copy aside, before moving the new one into place
+    real_rename = os.rename
+
+    def killed(src, dst):
+        if Path(src).name.startswith(tc.TMP_PREFIX + "step-"):
+            raise KeyboardInterrupt  # stands in for SIGKILL: nothing after this runs
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(tc.os, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tc.save_checkpoint(_OneProcess(b"third"), root, 5, {"epoch": 2})
+    monkeypatch.setattr(tc.os, "rename", real_rename)
+    assert not final.exists()
+    tc.remove_stale_temp(root)  # what the next start does: the complete new copy goes into place
+    assert (final / "model.safetensors").read_bytes() == b"third" and tc.latest_checkpoint(root) == final
+    assert [p.name for p in root.iterdir()] == ["step-0000005"]
+
+
+def test_metrics_log_drops_rows_after_the_resumed_step(tmp_path):
+    from restorer.tracking import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "train/loss": 1.0 / s} for s in (1, 2, 3, 4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "train/lo')  # killed mid-line
+    log = MetricsLog(path, start_step=2)
+    log.write({"train/loss": 0.25}, step=3)
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    assert not list(tmp_path.glob(".*.tmp"))
