@@ -8,6 +8,14 @@ streams are then interleaved by a seeded draw weighted by what each has left, so
 mixes sources. ``--max-images`` keeps the first N of each source in that order, duplicates of a
 key are skipped, and ``--num-jobs K --job-index I`` keeps every K-th image starting at I.
 
+Duplicate files: splits are built in order (train, val, test); an image whose file has the same
+sha256 as one already written -- in this split or an earlier one, e.g. a photo reached both by
+``--folder`` and by ``--bsds`` -- is skipped as ``duplicate of <first path>``, so no photo is in
+both train and val/test. The check runs in the parent process in sample order (independent of
+``--workers``); the journal lists the hashes of each shard's images, so a resumed run rebuilds
+the set, and a split's fingerprint covers the hashes of the splits before it. Limitation: with
+``--num-jobs`` each job only sees its own images, so ``merge`` does not dedupe across jobs.
+
 Memory: one small record per input file, plus at most ``2 * workers + 2`` decoded images in
 flight; images are never all held at once.
 """
@@ -32,8 +40,8 @@ from restorer.errors import UserError
 from shard_tools import __version__, sources
 from shard_tools.config import NON_CONTENT_FIELDS, BuildConfig
 from shard_tools.images import Decoded, Skip, decode
-from shard_tools.writer import (Journal, ShardSink, clean_split_dir, split_summary, verify,
-                                write_json_atomic, write_sizes)
+from shard_tools.writer import (Journal, ShardSink, clean_split_dir, journalled_images,
+                                split_summary, verify, write_json_atomic, write_sizes)
 
 log = logging.getLogger("shard_tools.build")
 
@@ -128,9 +136,14 @@ def content_config(cfg: BuildConfig) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def fingerprint(cfg: BuildConfig, split: str, refs: list[sources.Ref]) -> str:
-    h = hashlib.sha256(json.dumps([__version__, split, content_config(cfg)], sort_keys=True)
-                       .encode())
+def fingerprint(cfg: BuildConfig, split: str, refs: list[sources.Ref],
+                seen: dict[str, str] | None = None) -> str:
+    """Of the content config, the ordered inputs and the images of the splits built before this
+    one (``seen``: their file hashes decide which of this split's images are duplicates)."""
+    seen_digest = hashlib.sha256("\n".join(f"{k}\t{v}" for k, v in sorted((seen or {}).items()))
+                                 .encode()).hexdigest()
+    h = hashlib.sha256(json.dumps([__version__, split, content_config(cfg), "dedupe-sha256",
+                                   seen_digest], sort_keys=True).encode())
     for r in refs:
         h.update(f"\n{r.key}\t{r.where}\t{r.size}\t{r.rotation}".encode())
     return h.hexdigest()
@@ -232,11 +245,17 @@ def _results(tasks, params: dict, workers: int):
 
 # ----------------------------------------------------------------------------------- building
 def build_split(out: Path, split: str, order: list[sources.Ref], fp: str, cfg: BuildConfig,
-                bar=None) -> list[dict]:
+                bar=None, seen: dict[str, str] | None = None) -> list[dict]:
+    """Build one split. ``seen`` (sha256 of an original file -> its path) holds the images of
+    the splits built before; an image whose file hash is in it is skipped as a duplicate, and
+    every image written is added to it. The check runs here, in the parent, in sample order,
+    so it does not depend on --workers; a resumed run rebuilds ``seen`` from the journal."""
+    seen = {} if seen is None else seen
     split_dir = out / split
     split_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(split_dir, fp)
     records = journal.load()
+    seen.update(journalled_images(records))
     if records and records[-1].get("final"):
         clean_split_dir(split_dir, keep=sum(1 for r in records if "shard" in r))
         log.info("%s: %d shard(s) already complete, nothing to do", split_dir,
@@ -246,7 +265,7 @@ def build_split(out: Path, split: str, order: list[sources.Ref], fp: str, cfg: B
         return records
     n_done = sum(1 for r in records if "shard" in r)
     start, start_tile = (records[-1]["end"] if records else (0, 0))
-    clean_split_dir(split_dir, keep=n_done) if not records else _remove_tmp(split_dir)
+    clean_split_dir(split_dir, keep=n_done)
     journal.start()
     if n_done:
         log.info("%s: resuming after %d complete shard(s), at image %d of %d", split_dir, n_done,
@@ -260,6 +279,8 @@ def build_split(out: Path, split: str, order: list[sources.Ref], fp: str, cfg: B
     try:
         for idx, ref, (status, res) in _results(_tasks(order, start, start_tile,
                                                        cfg.max_file_bytes), params, cfg.n_workers):
+            if status == "ok" and res.sha256 in seen:
+                status, res = "skip", f"duplicate of {seen[res.sha256]}"
             if status == "skip":
                 log.debug("skip %s: %s", ref.where, res)
                 sink.note_skip({"path": ref.where, "reason": res, "source": ref.source,
@@ -276,7 +297,8 @@ def build_split(out: Path, split: str, order: list[sources.Ref], fp: str, cfg: B
                     sample = {"__key__": f"{ref.key}/{t.y}_{t.x}", ext: t.data,
                               "json": json.dumps(meta).encode()}
                     sink.write(sample, (idx, first + i))
-                sink.note_image(ref.source)
+                seen[dec.sha256] = ref.where
+                sink.note_image(ref.source, dec.sha256, ref.where)
             if bar is not None:
                 bar.update(1)
         sink.close((len(order), 0))
@@ -285,11 +307,6 @@ def build_split(out: Path, split: str, order: list[sources.Ref], fp: str, cfg: B
         raise
     clean_split_dir(split_dir, keep=sum(1 for r in journal.records if "shard" in r))
     return journal.records
-
-
-def _remove_tmp(split_dir: Path) -> None:
-    for p in split_dir.glob(".shard-*.tmp"):
-        p.unlink(missing_ok=True)
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -302,10 +319,7 @@ def build(cfg: BuildConfig) -> dict:
     for s in streams:
         by_split.setdefault(s.split, []).append(s)
     splits = sorted(by_split, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 9, s))
-    plans = {}
-    for split in splits:
-        order, pre_skipped = plan_split(by_split[split], cfg, split)
-        plans[split] = (order, pre_skipped, fingerprint(cfg, split, order))
+    plans = {split: plan_split(by_split[split], cfg, split) for split in splits}
     total = sum(len(p[0]) for p in plans.values())
     log.info("%d input images in %s (job %d of %d), %d worker(s), encoding %s, out %s", total,
              ", ".join(f"{s}: {len(plans[s][0])}" for s in splits), cfg.job_index, cfg.num_jobs,
@@ -316,10 +330,12 @@ def build(cfg: BuildConfig) -> dict:
 
         bar = tqdm(total=total, unit="img", desc="shards", file=sys.stderr, dynamic_ncols=True)
     manifest_splits, sources_count, skipped = {}, {}, []
+    seen: dict[str, str] = {}  # sha256 of every original file written so far -> its path
     try:
         for split in splits:
-            order, pre_skipped, fp = plans[split]
-            records = build_split(out, split, order, fp, cfg, bar)
+            order, pre_skipped = plans[split]
+            fp = fingerprint(cfg, split, order, seen)
+            records = build_split(out, split, order, fp, cfg, bar, seen)
             info, src, skp = split_summary(records, split)
             manifest_splits[split] = info
             for name, n in src.items():
@@ -355,6 +371,7 @@ def print_summary(manifest: dict, seconds: float) -> None:
     src = ", ".join(f"{name} {sum(per.values())}" for name, per in manifest["sources"].items())
     print("\n".join(lines) + f"\nsources: {src or '-'}; {len(manifest['skipped'])} skipped; "
           f"{seconds:.1f} s", file=sys.stdout)
-    reasons = Counter(s["reason"].split(" (")[0].split(":")[0] for s in manifest["skipped"])
+    reasons = Counter("duplicate of an earlier image" if s["reason"].startswith("duplicate of ")
+                      else s["reason"].split(" (")[0].split(":")[0] for s in manifest["skipped"])
     for reason, n in reasons.most_common(5):
         print(f"  skipped {n}: {reason}", file=sys.stdout)

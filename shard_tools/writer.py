@@ -165,6 +165,7 @@ class ShardSink:
         self._count = 0
         self._sources: Counter = Counter()
         self._skipped: list[dict] = []
+        self._images: dict[str, str] = {}  # sha256 of the original file -> its path
 
     # ShardWriter callbacks --------------------------------------------------------------------
     def _open(self, fname: str) -> HashingFile:
@@ -193,9 +194,9 @@ class ShardSink:
         self.journal.append({"shard": n, "path": final.name, "samples": self._count,
                              "bytes": st.st_size, "sha256": digest, "mtime_ns": st.st_mtime_ns,
                              "end": list(self._pos), "sources": dict(self._sources),
-                             "skipped": self._skipped})
+                             "skipped": self._skipped, "images": self._images})
         log.debug("finished %s (%d samples)", final, self._count)
-        self._sources, self._skipped = Counter(), []
+        self._sources, self._skipped, self._images = Counter(), [], {}
 
     # public -----------------------------------------------------------------------------------
     def write(self, sample: dict, pos: tuple[int, int]) -> None:
@@ -221,8 +222,11 @@ class ShardSink:
             self.abort()
             raise UserError(f"{name}: cannot write shard ({exc.strerror or exc})") from None
 
-    def note_image(self, source: str) -> None:
+    def note_image(self, source: str, sha256: str | None = None, where: str | None = None) -> None:
+        """An image whose tiles are all written; its file hash is journalled (cross-split dedupe)."""
         self._sources[source] += 1
+        if sha256 is not None:
+            self._images[sha256] = where or ""
 
     def note_skip(self, entry: dict) -> None:
         self._skipped.append(entry)
@@ -234,7 +238,7 @@ class ShardSink:
             self._guarded(self._writer.close)
             self._writer = None
         self.journal.append({"final": True, "end": list(end), "sources": dict(self._sources),
-                             "skipped": self._skipped})
+                             "skipped": self._skipped, "images": self._images})
 
     def abort(self) -> None:
         """Drop the shard being written (never leaves a partial file under a final name)."""
@@ -254,6 +258,14 @@ def clean_split_dir(split_dir: Path, keep: int) -> None:
 
 
 # ----------------------------------------------------------------------------------- manifest
+def journalled_images(records: list[dict]) -> dict[str, str]:
+    """sha256 -> path of every image whose tiles the journalled shards hold."""
+    out: dict[str, str] = {}
+    for rec in records:
+        out.update(rec.get("images", {}))
+    return out
+
+
 def split_summary(records: list[dict], split: str) -> tuple[dict, Counter, list[dict]]:
     shards, sources, skipped = [], Counter(), []
     for rec in records:

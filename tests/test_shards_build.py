@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -294,3 +295,30 @@ def test_openimages_tar_bsr_parent_folder_and_max_images(tmp_path, layouts):
     m2 = run(tmp_path / "cap", bsds=[str(bsr_parent)], folder=[str(layouts["folder"])],
              max_images=1)
     assert all(n <= 1 for per in m2["sources"].values() for n in per.values())
+
+
+def test_same_file_twice_is_written_once_across_splits(tmp_path):
+    """A photo reachable twice (here: in DIV2K train and valid, and twice within train) is
+    written once: its repeats are skipped as 'duplicate of <first path>', also with --workers,
+    after a resume mid-train, and when val is rebuilt on its own."""
+    c = photo_crops(3, h=100, w=140, seed=21)
+    root = make_div2k(tmp_path / "div2k", [c[0], c[1], c[2], c[0], c[1], c[2]], [c[0], c[2]],
+                      zipped=False)
+    kw = dict(div2k=[str(root)])
+    m = run(tmp_path / "a", **kw)
+    dups = [s for s in m["skipped"] if s["reason"].startswith("duplicate of ")]
+    assert sorted(s["split"] for s in dups) == ["train"] * 3 + ["val"] * 2
+    train_written = {v["meta"]["file"] for v in read_shards(tmp_path / "a").values()}
+    assert len(train_written) == 3 and m["splits"].get("val", {"samples": 0})["samples"] == 0
+    assert all(s["reason"].removeprefix("duplicate of ") in train_written for s in dups)
+    assert run(tmp_path / "b", **kw, workers=2) == {**m, "config": m["config"] | {
+        "out": str(tmp_path / "b"), "workers": 2}}
+    # resume: keep only train's first journalled shard (its first image), drop the rest
+    out = tmp_path / "a"
+    journal = out / "train" / ".journal.jsonl"
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join(lines[:2]) + "\n")
+    for p in sorted((out / "train").glob("shard-*.tar"))[1:]:
+        p.unlink()
+    shutil.rmtree(out / "val")
+    assert run(out, **kw) == m
