@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from restorer import augment  # noqa: E402
-from restorer.data import StreamConfig, make_train_loader  # noqa: E402
+from restorer.data import StreamConfig, make_train_loader, stack_patches  # noqa: E402
 from restorer.degrade import jpeg_roundtrip  # noqa: E402
 
 BSDS = REPO.parent / "shared" / "datasets" / "BSR"
@@ -176,8 +176,7 @@ class Baseline(IterableDataset):
                 patch = augment.whole_image(img, d, PATCH)
                 clean.append(patch)
                 deg.append(jpeg_roundtrip(patch, QUALITY))
-            yield (torch.from_numpy(augment.to_chw(deg)), torch.from_numpy(augment.to_chw(clean)),
-                   torch.full((BATCH,), QUALITY, dtype=torch.int64))
+            yield stack_patches(deg), stack_patches(clean), torch.full((BATCH,), QUALITY, dtype=torch.int64)
 
 
 def rate(batches, seconds: float) -> float:

@@ -1,4 +1,4 @@
-"""Patch augmentation and degradation for the training stream.
+"""Patch augmentation for the training stream (the JPEG degradation is restorer.degrade).
 
 The original design augments a training image like this: rescale the whole image (probability
 ``rescale_p``, a scale drawn from ``rescale_scales``, bicubic), rotate the whole image by 90, 180
@@ -22,10 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from restorer.degrade import jpeg_roundtrip
-
 BICUBIC = Image.Resampling.BICUBIC
-IMAGE_EXTS = ("png", "webp", "ppm")
 
 
 class TileTooSmall(ValueError):
@@ -164,16 +161,3 @@ def random_patches(img: Image.Image, n: int, rng: np.random.Generator, params: A
 def draw_quality(rng: np.random.Generator, qrange: Sequence[int]) -> int:
     lo, hi = qrange
     return lo if lo == hi else int(rng.integers(lo, hi + 1))
-
-
-def degrade(patch: np.ndarray, quality: int, subsampling: str = "4:2:0") -> np.ndarray:
-    """JPEG round trip (restorer.degrade, Pillow's libjpeg) of an HxW(xC) uint8 patch."""
-    return jpeg_roundtrip(patch, quality, subsampling)
-
-
-def to_chw(batch: Sequence[np.ndarray]) -> np.ndarray:
-    """Stack HxW or HxWxC uint8 arrays into one contiguous BxCxHxW array."""
-    stacked = np.stack(batch)
-    if stacked.ndim == 3:
-        return np.ascontiguousarray(stacked[:, None])
-    return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2))

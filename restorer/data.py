@@ -26,15 +26,19 @@ Guarantees (see ``make_train_loader``):
   (manifest, sizes.json, URL spec), so every rank computes the same ``batches_per_epoch``.
   A stream that yields nothing raises :class:`~restorer.errors.UserError` naming the path
   instead of hanging. Shard listing and tar reading live in :mod:`restorer.shardio`.
-* Given (seed, epoch, rank, worker) the stream is reproducible: numpy's Generator and Python's
-  ``random`` are seeded from all four; the epoch is read from :class:`SharedEpoch` in each worker.
+* Given (seed, epoch, rank, worker) the stream is reproducible: its numpy Generator is seeded
+  from all four (Python's global ``random`` is left alone); the epoch is read from
+  :class:`SharedEpoch` in each worker.
+* ``epoch_samples`` counts *patches* per epoch over all ranks (what the trainer's option means).
 
 Choices (measured with bench/loader.py): augmentation resamples only each patch's region
 (augment.crop_first, 5x faster than rescaling/rotating the whole 512 px tile per patch); the
 shuffle buffer holds clean *patches* (``shuffle_buffer`` of them, ~49 KB each at 128 px RGB), so
 patches of one tile are spread apart, and the JPEG step runs as a patch leaves the buffer; workers
-collate their own batches (``batch_size=None`` DataLoader), and batches stay uint8 until
-:func:`to_device_float` on the device (4x fewer bytes through pinned memory and PCIe).
+collate their own batches (``batch_size=None`` DataLoader) with one ``np.stack`` into NHWC memory,
+handed out as a [B,C,P,P] view with channels_last strides (no transposing copy in the worker), and
+batches stay uint8 until :func:`to_device_float` on the device (4x fewer bytes through pinned
+memory and PCIe), which converts dtype and memory layout in one pass.
 Per-worker throughput is bound by tile decoding (WebP lossless ~5 ms per 512 px tile here);
 PPM shards (``shard_tools build --encoding ppm``) roughly double it.
 """
@@ -44,7 +48,7 @@ import dataclasses
 import heapq
 import logging
 import multiprocessing as mp
-import random
+import signal
 import time
 from typing import Iterator, Optional, Sequence
 
@@ -68,7 +72,8 @@ class StreamConfig:
     shards: str = dataclasses.field(default="", metadata={
         "help": "shards dir with manifest.json, or URLs: shard-{000000..000099}.tar, pipe:CMD, s3://, https:// "
                 "('::' separates several)"})
-    splits: list[str] = dataclasses.field(default_factory=lambda: ["train"], metadata={"help": "splits of a shards dir"})
+    splits: list[str] = dataclasses.field(default_factory=lambda: ["train"], metadata={
+        "help": "splits of a shards dir (a folder of tars or a URL pattern has only 'train')"})
     patch_size: int = 128
     patches_per_image: int = 4
     quality: str = dataclasses.field(default="10", metadata={"help": "JPEG quality, or a range like 10-90 drawn per patch"})
@@ -79,7 +84,8 @@ class StreamConfig:
     chroma_subsampling: str = dataclasses.field(default="4:2:0", metadata={"choices": list(SUBSAMPLING)})
     grayscale: bool = False
     shuffle_buffer: int = dataclasses.field(default=1000, metadata={"help": "patches held per worker for shuffling"})
-    resampled: bool = False
+    resampled: bool = dataclasses.field(default=False, metadata={
+        "help": "draw shards with replacement (weighted by size): epochs of any length, samples may repeat"})
     seed: int = 0
 
     def augment_params(self) -> AugmentParams:
@@ -115,11 +121,28 @@ class SharedEpoch:
         return int(self.value.value)
 
 
-def to_device_float(t: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
-    """uint8 [B,C,H,W] -> float32 in [0, 1] on ``device`` (the copy moves bytes, not floats)."""
-    out = t.to(device, non_blocking=True).float().div_(255.0)
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+def stack_patches(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    """HxW or HxWxC uint8 arrays -> uint8 [B,C,H,W] tensor: one ``np.stack`` into NHWC memory,
+    returned as a view with channels_last strides (pinning and ``.to()`` keep them)."""
+    arr = np.stack(arrays)
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    return torch.from_numpy(arr).permute(0, 3, 1, 2)
 
+
+def _collate(items: Sequence[tuple[np.ndarray, np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[(degraded, clean, quality)] -> (degraded uint8 [B,C,P,P], clean uint8 [B,C,P,P], quality int64 [B])."""
+    return (stack_patches([it[0] for it in items]), stack_patches([it[1] for it in items]),
+            torch.tensor([it[2] for it in items], dtype=torch.int64))
+
+
+def to_device_float(t: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
+    """uint8 [B,C,H,W] -> float32 in [0, 1] on ``device``, in channels_last memory format when
+    ``channels_last``, else contiguous NCHW. The copy to the device moves bytes, not floats, and
+    keeps the batch's strides; the dtype conversion writes the asked layout in the same pass (for
+    the loader's channels_last batches with ``channels_last=True`` nothing is re-laid out)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return t.to(device, non_blocking=True).to(torch.float32, memory_format=fmt).div_(255.0)
 
 
 # ------------------------------------------------------------------------------------- bookkeeping
@@ -230,11 +253,12 @@ def _make_plan(cfg: StreamConfig, batch_size: int, num_workers: int, world_size:
     known = all(s.samples is not None for s in shards)
     if not known and not epoch_samples:
         raise UserError(f"{cfg.shards}: shard sample counts unknown (no manifest.json or sizes.json next to "
-                        "the shards): pass epoch_samples (tiles per epoch, all ranks)")
+                        "the shards): pass epoch_samples (patches per epoch, all ranks)")
+    ppi = cfg.patches_per_image
     if known:
         counts = [int(s.samples) for s in shards]
-    else:  # spread the given epoch size over the shards; short shards are topped up at run time
-        counts = [max(1, int(epoch_samples) // len(shards))] * len(shards)
+    else:  # spread the given epoch's tiles over the shards; short shards are topped up at run time
+        counts = [max(1, -(-int(epoch_samples) // ppi) // len(shards))] * len(shards)
     nslots_workers = max(1, num_workers)
     resampled = bool(cfg.resampled)
     if not resampled and world_size > len(shards):
@@ -247,11 +271,9 @@ def _make_plan(cfg: StreamConfig, batch_size: int, num_workers: int, world_size:
                     cfg.shards, len(shards), world_size, nslots_workers, capped)
         nslots_workers = capped
         num_workers = capped if num_workers > 0 else 0
-    ppi = cfg.patches_per_image
-    total = sum(counts)
+    total = sum(counts)  # tiles
     if resampled:
-        tiles = int(epoch_samples or total)
-        bpe = tiles * ppi // world_size // batch_size
+        bpe = int(epoch_samples or total * ppi) // world_size // batch_size
         base, extra = divmod(bpe, nslots_workers)
         quotas = [[base + (w < extra) for w in range(nslots_workers)] for _ in range(world_size)]
     else:
@@ -260,19 +282,22 @@ def _make_plan(cfg: StreamConfig, batch_size: int, num_workers: int, world_size:
                 for w in range(nslots_workers)] for r in range(world_size)]
         bpe = min(sum(c) for c in cap)
         if epoch_samples:
-            want = int(epoch_samples) * ppi // world_size // batch_size
+            want = int(epoch_samples) // world_size // batch_size
             if want > bpe and known:
-                log.warning("%s: epoch_samples=%d is more than one pass over the data gives; using %d batches "
-                            "per rank (set resampled to repeat samples)", cfg.shards, epoch_samples, bpe)
+                log.warning("%s: epoch_samples=%d patches is more than one pass over the data gives (%d batches "
+                            "of %d per rank x %d ranks); using %d batches per rank (set StreamConfig.resampled, "
+                            "the trainer's --resampled, to draw shards with replacement)",
+                            cfg.shards, epoch_samples, bpe, batch_size, world_size, bpe)
             bpe = min(bpe, want) if known else want
         quotas = [_split_quota(bpe, c) for c in cap]
-        tiles = bpe * batch_size * world_size // ppi
         if known and bpe * batch_size * world_size < 0.9 * total * ppi and not epoch_samples:
             log.warning("%s: uneven shards: an epoch uses %d of %d patches (the rest wait for later epochs)",
                         cfg.shards, bpe * batch_size * world_size, total * ppi)
     if bpe < 1:
-        raise UserError(f"{cfg.shards}: {total} tiles x {ppi} patches over {world_size} rank(s) give no "
+        asked = f" (epoch_samples={epoch_samples} patches)" if epoch_samples else ""
+        raise UserError(f"{cfg.shards}: {total} tiles x {ppi} patches{asked} over {world_size} rank(s) give no "
                         f"batch of {batch_size}: use more data, more patches_per_image or a smaller batch")
+    tiles = bpe * batch_size * world_size // ppi
     plan = _Plan(spec=cfg.shards, shards=shards, counts=counts, counts_known=known, resampled=resampled,
                  world_size=world_size, num_workers=nslots_workers, batch_size=batch_size, seed=cfg.seed,
                  quotas=quotas, batches_per_epoch=bpe, tiles_per_epoch=tiles)
@@ -331,8 +356,7 @@ class _TrainStream(IterableDataset):
             try:
                 for key, sample in iter_samples(url):
                     try:
-                        ext, data = image_of(sample)
-                        img = augment.decode_image(data, grayscale=cfg.grayscale)
+                        img = augment.decode_image(image_of(sample)[1], grayscale=cfg.grayscale)
                         patches = augment.random_patches(img, cfg.patches_per_image, rng, self.params)
                     except TileTooSmall as exc:
                         local["small_tiles"] += 1
@@ -370,7 +394,6 @@ class _TrainStream(IterableDataset):
             return
         seq = _worker_seed(cfg.seed, epoch, self.rank, worker)
         rng = np.random.default_rng(seq)
-        random.seed(int(seq.generate_state(1)[0]))
         local = dict.fromkeys(COUNTERS, 0)
         size, bsz = cfg.shuffle_buffer, plan.batch_size
         buf: list = []
@@ -382,14 +405,12 @@ class _TrainStream(IterableDataset):
             batch.append((jpeg_roundtrip(patch, q, cfg.chroma_subsampling), patch, q))
 
         def make_batch():
-            deg = torch.from_numpy(augment.to_chw([b[0] for b in batch]))
-            clean = torch.from_numpy(augment.to_chw([b[1] for b in batch]))
-            qual = torch.tensor([b[2] for b in batch], dtype=torch.int64)
+            out = _collate(batch)
             batch.clear()
             local["patches"] += bsz
             local["batches"] += 1
             self.counters.add(local)
-            return deg, clean, qual
+            return out
 
         try:
             for item in self._patches(rng, epoch, worker, local):
@@ -478,9 +499,18 @@ class TrainLoader:
         try:
             for batch in self._loader:
                 n += 1
+                if n == self.batches_per_epoch:
+                    # callers (the trainer) stop after this batch without exhausting the generator:
+                    # summarise now, then end the epoch
+                    self._epoch_summary(epoch, n, before, start)
+                    yield batch
+                    return
                 yield batch
         except UserError as exc:
             raise _unwrap_worker_error(exc) from None
+        self._epoch_summary(epoch, n, before, start)  # only reached when the stream ran short
+
+    def _epoch_summary(self, epoch: int, n: int, before: dict[str, int], start: float) -> None:
         after = self.stats()
         delta = {k: after[k] - before[k] for k in after if k != "missing_shards"}
         if n != self.batches_per_epoch:
@@ -492,7 +522,12 @@ class TrainLoader:
 
 
 def _init_worker(worker_id: int) -> None:
+    """In each DataLoader worker: one torch thread, and the default SIGTERM/SIGUSR1 actions (a fork
+    inherits the trainer's handlers, which must run in the trainer only)."""
     torch.set_num_threads(1)
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def make_train_loader(cfg: StreamConfig, *, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1,
@@ -500,10 +535,12 @@ def make_train_loader(cfg: StreamConfig, *, batch_size: int, num_workers: int, r
                       epoch_samples: Optional[int] = None) -> TrainLoader:
     """The training stream of rank ``rank`` of ``world_size`` (see the module docstring).
 
-    ``epoch_samples``: tiles per epoch over all ranks (default: the manifest's count; required
-    when the shard counts are unknown, e.g. ``pipe:`` URLs without sizes.json). Without
-    ``resampled`` it can only shorten an epoch. If ``shared_epoch`` is None the loader counts
-    epochs itself (0, 1, ... per iteration); otherwise the caller sets it before each epoch.
+    ``epoch_samples``: *patches* per epoch over all ranks (default: one pass, the tiles' count x
+    ``patches_per_image``; required when the shard counts are unknown, e.g. ``pipe:`` URLs
+    without sizes.json). Every rank gets ``epoch_samples // world_size // batch_size`` batches
+    (rounded down). Without ``cfg.resampled`` it can only shorten an epoch (asking for more warns
+    and uses one pass). If ``shared_epoch`` is None the loader counts epochs itself (0, 1, ... per
+    iteration); otherwise the caller sets it before each epoch.
     """
     return TrainLoader(cfg, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
                        shared_epoch=shared_epoch, pin_memory=pin_memory, epoch_samples=epoch_samples)
@@ -532,12 +569,10 @@ class _ValStream(IterableDataset):
         pending: list = []
 
         def flush():
-            deg = torch.from_numpy(augment.to_chw([p[0] for p in pending]))
-            clean = torch.from_numpy(augment.to_chw([p[1] for p in pending]))
-            qual = torch.tensor([p[2] for p in pending], dtype=torch.int64)
+            out = _collate(pending)
             pending.clear()
             local["batches"] += 1
-            return deg, clean, qual
+            return out
 
         offset = 0  # global sample index at the start of each shard (from the counts when known)
         try:
@@ -583,15 +618,15 @@ class ValLoader:
     """Deterministic validation batches: centre crops of the split at each quality; this rank's
     share is the samples with global index % world_size == rank (disjoint, near-equal)."""
 
-    def __init__(self, shards: str, *, split: str, qualities: Sequence[int], crop: int, rank: int, world_size: int,
-                 batch_size: int, num_workers: int, grayscale: bool, chroma_subsampling: str):
+    def __init__(self, shards: str, *, split: Optional[str], qualities: Sequence[int], crop: int, rank: int,
+                 world_size: int, batch_size: int, num_workers: int, grayscale: bool, chroma_subsampling: str):
         if not qualities or any(not 1 <= int(q) <= 100 for q in qualities):
             raise UserError(f"val qualities must lie in 1..100, got {list(qualities)}")
         if chroma_subsampling not in SUBSAMPLING or crop < 8 or batch_size < 1 or not 0 <= rank < world_size:
             raise UserError("val loader: need crop >= 8, batch_size >= 1, 0 <= rank < world_size and a known "
                             "chroma_subsampling")
         self.spec = shards
-        self.shards, self.missing_shards = resolve_shards(shards, [split])
+        self.shards, self.missing_shards = resolve_shards(shards, None if split is None else [split])
         self.rank, self.world_size = rank, world_size
         self.qualities = tuple(int(q) for q in qualities)
         total = sum(s.samples for s in self.shards) if all(s.samples is not None for s in self.shards) else None
@@ -599,7 +634,8 @@ class ValLoader:
         self._counters = _Counters()
         dataset = _ValStream(self.shards, shards, self.qualities, crop, rank, world_size, batch_size, grayscale,
                              chroma_subsampling, self._counters)
-        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+        extra = dict(worker_init_fn=_init_worker) if num_workers > 0 else {}
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, **extra)
 
     def stats(self) -> dict[str, int]:
         return {**self._counters.snapshot(), "missing_shards": self.missing_shards}
@@ -615,12 +651,20 @@ class ValLoader:
                             f"{self.stats()['bad_shards']} bad shards, {self.stats()['corrupt_samples']} corrupt)")
 
 
-def make_val_loader(shards: str, *, split: str = "val", qualities: Sequence[int] = (10, 20, 30, 40), crop: int = 256,
-                    rank: int = 0, world_size: int = 1, batch_size: int = 8, num_workers: int = 0,
+def make_val_loader(shards: str, *, split: Optional[str] = "val", qualities: Sequence[int] = (10, 20, 30, 40),
+                    crop: int = 256, rank: int = 0, world_size: int = 1, batch_size: int = 8, num_workers: int = 0,
                     grayscale: bool = False, chroma_subsampling: str = "4:2:0") -> ValLoader:
-    """Validation stream (see :class:`ValLoader`). Crops are ``crop`` px squares from the tile
-    centre, or the tile's short side (rounded down to a multiple of 8) for smaller tiles; a batch
-    holds crops of one size only. Each sample gives one item per quality, in order."""
+    """Validation stream (see :class:`ValLoader`).
+
+    ``split``: the split of the shards dir ``shards`` (manifest.json or a ``<split>/`` folder); a
+    spec without splits (a folder of tars, a brace/``::``/``pipe:`` pattern) has none but
+    ``train``, so asking it for ``val`` raises UserError instead of validating on training data.
+    ``split=None``: ``shards`` *are* the validation shards -- a pattern or tar as is, a folder's
+    ``*.tar``, or a manifest's only split (e.g. the trainer's ``--val-shards``).
+
+    Crops are ``crop`` px squares from the tile centre, or the tile's short side (rounded down to
+    a multiple of 8) for smaller tiles; a batch holds crops of one size only. Each sample gives
+    one item per quality, in order."""
     return ValLoader(shards, split=split, qualities=qualities, crop=crop, rank=rank, world_size=world_size,
                      batch_size=batch_size, num_workers=num_workers, grayscale=grayscale,
                      chroma_subsampling=chroma_subsampling)

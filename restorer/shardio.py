@@ -12,8 +12,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from restorer import augment
 from restorer.errors import UserError
+from shard_tools.images import ENCODINGS as IMAGE_EXTS  # the builder's tile encodings
 
 log = logging.getLogger("restorer.data")
 
@@ -57,7 +57,7 @@ def _join(base: str, rel: str) -> str:
     return str(Path(base) / rel) if _is_local(base) else base.rstrip("/") + "/" + rel
 
 
-def _from_manifest(base: str, text: str, splits: Sequence[str]) -> list[Shard]:
+def _from_manifest(base: str, text: str, splits: Optional[Sequence[str]]) -> list[Shard]:
     where = _join(base, "manifest.json")
     try:
         manifest = json.loads(text)
@@ -66,6 +66,10 @@ def _from_manifest(base: str, text: str, splits: Sequence[str]) -> list[Shard]:
         raise UserError(f"{where}: not a shard manifest (expected JSON with 'splits')") from None
     if manifest.get("format") != 1:
         raise UserError(f"{where}: manifest format {manifest.get('format')!r} is not supported (expected 1)")
+    if splits is None:  # the spec as is: only a one-split manifest says which shards that is
+        if len(known) != 1:
+            raise UserError(f"{where}: has splits {', '.join(sorted(known)) or 'none'}: name the one to use")
+        splits = list(known)
     shards = []
     for split in splits:
         if split not in known:
@@ -89,12 +93,27 @@ def _sizes_for(paths: Sequence[Path]) -> dict[Path, int]:
     return out
 
 
-def resolve_shards(spec: str, splits: Sequence[str] = ("train",)) -> tuple[list[Shard], int]:
+def _no_split(spec: str, split: str) -> UserError:
+    return UserError(f"{spec}: has no {split!r} split (not a shards dir with a manifest.json or a {split}/ "
+                     f"folder); pass the {split} shards explicitly")
+
+
+def resolve_shards(spec: str, splits: Optional[Sequence[str]] = ("train",)) -> tuple[list[Shard], int]:
     """Shards named by ``spec``, with sample counts where known; and how many listed local shards
-    are missing (skipped with a warning). Raises UserError when nothing usable is named."""
+    are missing (skipped with a warning). Raises UserError when nothing usable is named.
+
+    ``splits`` picks the splits of a shards dir (its manifest.json, else its ``<split>/`` folders).
+    A spec without that structure (a folder of tars, a brace/``::``/``pipe:`` pattern, one tar)
+    serves the ``train`` split only: asking it for any other split raises UserError, so that
+    validation never reads training shards by accident. ``splits=None`` takes the spec as is: a
+    pattern or a folder's ``*.tar`` as they are, a manifest's only split."""
     spec = str(spec).strip()
     if not spec:
         raise UserError("no shards given")
+    if splits is not None:
+        splits = list(splits)
+        if not splits:
+            raise UserError(f"{spec}: no split named")
     braces = "{" in spec or "::" in spec
     is_tar = spec.lower().endswith(TAR_SUFFIXES)
     if not braces and not is_tar and _scheme(spec) != "pipe":
@@ -105,13 +124,8 @@ def resolve_shards(spec: str, splits: Sequence[str] = ("train",)) -> tuple[list[
             if root.is_dir():
                 if (root / "manifest.json").is_file():
                     shards = _from_manifest(str(root), (root / "manifest.json").read_text(), splits)
-                else:  # a folder of tars, or of split folders of tars
-                    tars = sorted(p for s in splits if (root / s).is_dir() for p in (root / s).glob("*.tar"))
-                    tars = tars or sorted(root.glob("*.tar"))
-                    if not tars:
-                        raise UserError(f"{root}: no manifest.json and no .tar shards")
-                    sizes = _sizes_for(tars)
-                    shards = [Shard(str(p), sizes.get(p)) for p in tars]
+                else:  # a folder of split folders of tars, or (train split only) of tars
+                    shards = _from_folder(root, spec, splits)
                 return _check_local(shards, spec)
         else:  # remote shards dir: read its manifest
             try:
@@ -119,6 +133,9 @@ def resolve_shards(spec: str, splits: Sequence[str] = ("train",)) -> tuple[list[
             except Exception as exc:  # noqa: BLE001 (any transport error)
                 raise UserError(f"{_join(spec, 'manifest.json')}: cannot read ({exc})") from None
             return _from_manifest(spec, text, splits), 0
+    for split in splits or ():
+        if split != "train":  # a pattern has no splits: it is the training data
+            raise _no_split(spec, split)
     import webdataset as wds
 
     urls = wds.shardlists.expand_urls(spec)
@@ -126,6 +143,26 @@ def resolve_shards(spec: str, splits: Sequence[str] = ("train",)) -> tuple[list[
     sizes = _sizes_for(local)
     shards = [Shard(u, sizes.get(_local_path(u)) if _is_local(u) else None) for u in urls]
     return _check_local(shards, spec)
+
+
+def _from_folder(root: Path, spec: str, splits: Optional[Sequence[str]]) -> list[Shard]:
+    """A local folder without manifest: ``<split>/*.tar`` per split; its own ``*.tar`` for the
+    train split when it has no ``train/`` folder, or for ``splits=None``."""
+    tars: list[Path] = []
+    for split in splits if splits is not None else [None]:
+        if split is not None and (root / split).is_dir():
+            found = sorted((root / split).glob("*.tar"))
+            if not found:
+                raise UserError(f"{root / split}: no .tar shards")
+        elif split is None or split == "train":
+            found = sorted(root.glob("*.tar"))
+            if not found:
+                raise UserError(f"{root}: no manifest.json and no .tar shards")
+        else:
+            raise _no_split(spec, split)
+        tars.extend(found)
+    sizes = _sizes_for(tars)
+    return [Shard(str(p), sizes.get(p)) for p in tars]
 
 
 def _check_local(shards: list[Shard], spec: str) -> tuple[list[Shard], int]:
@@ -207,7 +244,7 @@ def iter_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def image_of(sample: dict[str, bytes]) -> tuple[str, bytes]:
-    for ext in augment.IMAGE_EXTS:
+    for ext in IMAGE_EXTS:
         if ext in sample:
             return ext, sample[ext]
     raise ValueError(f"no image member (has {', '.join(sorted(sample)) or 'nothing'})")

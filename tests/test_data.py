@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
+import signal
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -69,6 +71,57 @@ def test_to_device_float():
     assert out.dtype == torch.float32 and float(out.max()) == 1.0 and float(out.min()) == 0.0
     cl = to_device_float(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "cpu", channels_last=True)
     assert cl.is_contiguous(memory_format=torch.channels_last)
+    # the loader's batches: [B,C,H,W] views of NHWC memory -> either layout, same values
+    nhwc = torch.arange(2 * 5 * 6 * 3, dtype=torch.uint8).reshape(2, 5, 6, 3)
+    batch = nhwc.permute(0, 3, 1, 2)
+    want = batch.contiguous().float() / 255
+    as_cl = to_device_float(batch, "cpu", channels_last=True)
+    as_nchw = to_device_float(batch, "cpu")
+    assert as_cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(as_cl, want)
+    assert as_nchw.is_contiguous() and torch.equal(as_nchw, want)
+    assert nhwc[0, 0, 0, 1] == 1  # the input is left alone
+
+
+def test_stack_patches_nhwc_memory_nchw_shape():
+    rng = np.random.default_rng(0)
+    rgb = [rng.integers(0, 256, (8, 6, 3), dtype=np.uint8) for _ in range(4)]
+    t = data.stack_patches(rgb)
+    assert t.shape == (4, 3, 8, 6) and t.dtype == torch.uint8
+    assert t.is_contiguous(memory_format=torch.channels_last)  # no transposing copy was made
+    np.testing.assert_array_equal(t.numpy(), np.stack(rgb).transpose(0, 3, 1, 2))
+    gray = data.stack_patches([p[..., 0] for p in rgb])
+    assert gray.shape == (4, 1, 8, 6)
+    np.testing.assert_array_equal(gray[:, 0].numpy(), np.stack([p[..., 0] for p in rgb]))
+    deg, clean, q = data._collate([(p, p, i) for i, p in enumerate(rgb)])
+    assert torch.equal(deg, clean) and q.dtype == torch.int64 and q.tolist() == [0, 1, 2, 3]
+
+
+def test_workers_restore_default_signal_handlers():
+    """DataLoader workers fork after the trainer installed its SIGTERM/SIGUSR1 handlers."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    threads = torch.get_num_threads()
+    try:
+        for sig in saved:
+            signal.signal(sig, lambda *_: None)
+        data._init_worker(0)
+        assert all(signal.getsignal(sig) == signal.SIG_DFL for sig in saved)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        torch.set_num_threads(threads)
+
+
+def test_epoch_summary_logged_when_caller_stops_at_the_last_batch(tiny_shards, caplog):
+    loader = make_train_loader(cfg_for(tiny_shards), batch_size=4, num_workers=0)
+    with caplog.at_level(logging.INFO, logger="restorer.data"):
+        for _ in range(2):  # like the trainer: take batches_per_epoch batches, never exhaust the iterator
+            it = iter(loader)
+            for _ in range(loader.batches_per_epoch):
+                next(it)
+    lines = [r.getMessage() for r in caplog.records if "data rank 0" in r.getMessage()]
+    assert len(lines) == 2 and "epoch 0: 12 batches" in lines[0] and "epoch 1: 12 batches" in lines[1]
+    assert "12 tiles, 0 corrupt samples, 0 bad shards" in lines[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_same_seed_same_batches_other_epoch_other_order(tiny_shards):
@@ -168,9 +221,24 @@ def test_more_slots_than_shards(tmp_path, caplog):
 
 
 def test_resampled_stream(tiny_shards):
-    loader = make_train_loader(cfg_for(tiny_shards, resampled=True), batch_size=4, num_workers=0, epoch_samples=20)
-    assert loader.batches_per_epoch == 20 * 4 // 4
+    # epoch_samples counts patches over all ranks: 80 patches = 20 batches of 4 (beyond one pass: 48)
+    loader = make_train_loader(cfg_for(tiny_shards, resampled=True), batch_size=4, num_workers=0, epoch_samples=80)
+    assert loader.batches_per_epoch == 80 // 4 and loader.num_samples == 80
     assert len(batches(loader)) == 20
+
+
+def test_epoch_samples_are_patches_over_all_ranks(tiny_shards, caplog):
+    cfg = cfg_for(tiny_shards)  # 12 tiles x 4 patches = 48 patches per pass
+    ranks = [make_train_loader(cfg, batch_size=4, num_workers=0, rank=r, world_size=2, epoch_samples=24)
+             for r in range(2)]
+    assert [r.batches_per_epoch for r in ranks] == [3, 3] and ranks[0].num_samples == 24
+    assert [len(batches(r)) for r in ranks] == [3, 3]
+    odd = make_train_loader(cfg, batch_size=4, num_workers=0, rank=0, world_size=2, epoch_samples=30)
+    assert odd.batches_per_epoch == 3  # rounded down to equal whole batches per rank
+    with caplog.at_level(logging.WARNING, logger="restorer.data"):
+        capped = make_train_loader(cfg, batch_size=4, num_workers=0, epoch_samples=1000)
+    assert capped.batches_per_epoch == 12  # one pass without resampling
+    assert "StreamConfig.resampled" in caplog.text and "--resampled" in caplog.text
 
 
 def _rewrite(path: Path, change) -> None:
@@ -266,13 +334,14 @@ def test_brace_pattern_and_pipe_urls(tiny_shards):
     piped = f"pipe:cat {tiny_shards}/train/shard-{{000000..000002}}.tar"
     with pytest.raises(UserError, match="epoch_samples"):
         make_train_loader(cfg_for(piped), batch_size=4, num_workers=0)
-    odd = make_train_loader(cfg_for(piped), batch_size=4, num_workers=2, epoch_samples=10)  # 3 per shard, 10 asked
+    # epoch_samples in patches: 40 = 10 tiles = 3 estimated per shard, 10 batches asked
+    odd = make_train_loader(cfg_for(piped), batch_size=4, num_workers=2, epoch_samples=40)
     assert odd.batches_per_epoch == 10 and sum(odd.plan.quotas[0]) == 10
-    loader = make_train_loader(cfg_for(piped), batch_size=4, num_workers=1, epoch_samples=12)
+    loader = make_train_loader(cfg_for(piped), batch_size=4, num_workers=1, epoch_samples=48)
     assert len(batches(loader)) == loader.batches_per_epoch == 12
     assert loader.stats()["tiles"] == 12 and loader.stats()["bad_shards"] == 0
     # a shorter epoch stops reading a pipe mid-shard: closed quietly, not counted as bad
-    short = make_train_loader(cfg_for(piped, shuffle_buffer=0), batch_size=4, num_workers=0, epoch_samples=6)
+    short = make_train_loader(cfg_for(piped, shuffle_buffer=0), batch_size=4, num_workers=0, epoch_samples=24)
     assert len(batches(short)) == 6 and short.stats()["bad_shards"] == 0
     # a plain folder of tars without a manifest, and '::'-joined URLs
     joined = "::".join(str(p) for p in sorted((tiny_shards / "train").glob("*.tar"))[:2])
@@ -310,6 +379,38 @@ def test_val_crops_centre_and_small_tiles(tiny_shards):
     scores = psnr(to_device_float(deg, "cpu"), to_device_float(clean, "cpu"))
     assert float(scores[q == 10].mean()) + 8 < float(scores[q == 90].mean())
     assert data.val_crop_size(100, 300, 256) == 96
+
+
+def test_val_never_reads_training_shards(tmp_path, tiny_shards):
+    flat = tmp_path / "flat"  # a plain folder of (training) tars: no manifest, no val/ folder
+    flat.mkdir()
+    for tar in [*(tiny_shards / "train").glob("*.tar"), tiny_shards / "train" / "sizes.json"]:
+        shutil.copy(tar, flat / tar.name)
+    brace = f"{tiny_shards}/train/shard-{{000000..000002}}.tar"
+    for spec in (str(flat), brace, f"pipe:cat {brace}", str(tiny_shards / "train" / "shard-000000.tar")):
+        with pytest.raises(UserError, match="has no 'val' split") as err:
+            make_val_loader(spec)
+        assert spec in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError, match="has no 'val' split"):
+        make_train_loader(cfg_for(flat, splits=["train", "val"]), batch_size=4, num_workers=0)
+    # the train split of a flat folder / pattern still works
+    assert make_train_loader(cfg_for(flat), batch_size=4, num_workers=0).batches_per_epoch == 12
+    assert make_train_loader(cfg_for(brace), batch_size=4, num_workers=0).batches_per_epoch == 12
+
+
+def test_val_shards_given_explicitly(tmp_path, tiny_shards):
+    """split=None: the spec itself names the validation shards (the trainer's --val-shards)."""
+    reference = sorted(_val_items(make_val_loader(str(tiny_shards), crop=64)))  # the dir's val split
+    assert len(reference) == 4 * 4
+    pattern = f"{tiny_shards}/val/shard-{{000000..000000}}.tar"
+    for spec in (pattern, str(tiny_shards / "val"), str(tiny_shards / "val" / "shard-000000.tar")):
+        loader = make_val_loader(spec, split=None, crop=64)
+        assert loader.num_tiles == 4  # counts from val/sizes.json
+        assert sorted(_val_items(loader)) == reference
+    only_val = write_shards(tmp_path / "v", splits={"val": 4}, samples_per_shard=4, tile=96)
+    assert len(_val_items(make_val_loader(str(only_val), split=None, crop=64))) == 16  # a one-split manifest
+    with pytest.raises(UserError, match="name the one to use"):
+        make_val_loader(str(tiny_shards), split=None)  # train and val: which?
 
 
 def test_val_unreadable_split_raises(tmp_path):

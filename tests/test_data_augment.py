@@ -10,6 +10,7 @@ from PIL import Image
 
 from restorer import augment
 from restorer.augment import AugmentParams, TileTooSmall
+from restorer.degrade import jpeg_roundtrip
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +114,7 @@ def test_decode_lossless_formats(photo, fmt):
     assert gray.mode == "L" and np.asarray(gray).shape == (photo.height, photo.width)
 
 
-def test_degrade_and_stack_shapes(photo):
+def test_jpeg_roundtrip_of_a_patch(photo):
     patch = np.asarray(photo)[:64, :64]
-    out = augment.degrade(patch, 10)
+    out = jpeg_roundtrip(patch, 10)
     assert out.shape == patch.shape and out.dtype == np.uint8 and not np.array_equal(out, patch)
-    chw = augment.to_chw([patch, out])
-    assert chw.shape == (2, 3, 64, 64) and chw.flags.c_contiguous
-    gray = augment.to_chw([patch[..., 0]])
-    assert gray.shape == (1, 1, 64, 64)
