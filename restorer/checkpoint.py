@@ -16,24 +16,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from restorer.errors import UserError
+from restorer.errors import UserError, first_line
+from restorer.fsutil import atomic_write, atomic_write_text
 from restorer.model import ModelConfig, build_model
 
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"
 FORMAT_VERSION = 1
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def export_weights(model: torch.nn.Module, model_cfg: ModelConfig, out_dir: str | os.PathLike,
@@ -44,15 +33,18 @@ def export_weights(model: torch.nn.Module, model_cfg: ModelConfig, out_dir: str 
     "val_psnr": {...}}``); ``quality`` is used by ``restorer restore`` to pick among several weights.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot create the weights folder ({exc.strerror or exc})") from None
     model = getattr(model, "module", model)  # unwrap DDP
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     meta = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(model_cfg.resolved()),
             "facts": facts or {}}
     weights_path, meta_path = out / WEIGHTS_NAME, out / META_NAME
-    _atomic_write_bytes(weights_path, lambda p: save_file(state, str(p), metadata={"restorer": json.dumps(meta)}))
-    _atomic_write_bytes(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"restorer": json.dumps(meta)}))
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     return weights_path
 
 
@@ -75,7 +67,7 @@ def read_meta(weights: str | os.PathLike) -> dict[str, Any]:
             raise UserError(f"{path}: no model.json beside it and no restorer metadata inside")
         return json.loads(header)
     except (json.JSONDecodeError, SafetensorError, OSError) as exc:
-        raise UserError(f"{path}: not a restorer weights file ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not a restorer weights file ({first_line(exc)})") from None
 
 
 def load_weights(weights: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -95,12 +87,12 @@ def load_weights(weights: str | os.PathLike, device: str | torch.device = "cpu")
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a safetensors file ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not a safetensors file ({first_line(exc)})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise UserError(f"{path}: weights do not match the {model_cfg.preset} architecture "
-                        f"({str(exc).splitlines()[0]})") from None
+                        f"({first_line(exc)})") from None
     return model.to(device).eval(), meta
 
 
@@ -113,4 +105,4 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
         raise UserError(f"{path}: checkpoint file not found") from None
     except Exception as exc:  # UnpicklingError, RuntimeError for a zip that is not a checkpoint
         raise UserError(f"{path}: refused to load (not a plain-tensor checkpoint: "
-                        f"{str(exc).splitlines()[0][:200]})") from None
+                        f"{first_line(exc)})") from None

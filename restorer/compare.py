@@ -9,6 +9,7 @@ or, automatically, the window where the JPEG's error is largest (aligned to the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,8 +17,10 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from restorer import metrics
 from restorer.degrade import jpeg_roundtrip
-from restorer.errors import UserError, cli_entry, setup_logging
+from restorer.errors import UserError, cli_entry, describe, setup_logging
+from restorer.evaluate import uint8_tensor
 from restorer.imageio import DEFAULT_MAX_PIXELS, open_image, save_image
 from restorer.infer import DEFAULT_TILE, set_threads, choose_restorer, load_restorers, pick_device
 
@@ -74,8 +77,8 @@ def auto_crop(error: np.ndarray, size: int) -> tuple[int, int, int, int]:
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    err = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if err == 0 else 10 * np.log10(255.0 ** 2 / err)
+    """PSNR (dB, peak 255) of two uint8 images: restorer.metrics.psnr, the one used by eval."""
+    return float(metrics.psnr(uint8_tensor(a), uint8_tensor(b)))
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -135,7 +138,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         jpeg = jpeg_roundtrip(ref, quality)
         label = f"JPEG q{quality}"
     restorer = choose_restorer(restorers, quality)
-    restored = restorer.restore(jpeg, quality)
+    try:
+        restored = restorer.restore(jpeg, quality)
+    except Exception as exc:  # RuntimeError (out of memory, ...): one line, not a traceback
+        if os.environ.get("RESTORER_DEBUG"):
+            raise
+        raise UserError(f"{args.image}: failed ({describe(exc)})") from None
     h, w = ref.shape[:2]
     if args.crop:
         box = parse_crop(args.crop, w, h)

@@ -17,7 +17,8 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
-from restorer.errors import UserError
+from restorer.errors import UserError, first_line
+from restorer.fsutil import atomic_write_text
 
 T = TypeVar("T")
 
@@ -78,7 +79,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{p}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{p}: expected a mapping of option: value at the top level")
     return {k.replace("-", "_"): v for k, v in data.items()}
@@ -123,7 +124,5 @@ def dump_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML, atomically."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    os.replace(tmp, p)
+    atomic_write_text(p, yaml.safe_dump(config_dict(cfg), sort_keys=False))
     return p

@@ -27,7 +27,8 @@ import torch
 
 from restorer import metrics
 from restorer.degrade import SUBSAMPLING, jpeg_roundtrip
-from restorer.errors import UserError, cli_entry, setup_logging
+from restorer.errors import UserError, cli_entry, describe, first_line, setup_logging
+from restorer.fsutil import atomic_write_text
 from restorer.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, open_image
 from restorer.infer import DEFAULT_TILE, set_threads, choose_restorer, load_restorers, pick_device
 
@@ -91,7 +92,8 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _tensor(a: np.ndarray) -> torch.Tensor:
+def uint8_tensor(a: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W] or [H, W, C] -> float64 [1, C, H, W] in [0, 1] (what restorer.metrics takes)."""
     t = torch.from_numpy(np.array(a, dtype=np.uint8, copy=True))
     t = t.unsqueeze(-1) if t.ndim == 2 else t
     return t.permute(2, 0, 1).unsqueeze(0).double().div(255)
@@ -99,7 +101,7 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 
 def image_metrics(test: np.ndarray, ref: np.ndarray, crop: int = 0, which=METRICS) -> dict[str, float]:
     """PSNR, SSIM, PSNR-B on RGB (or gray) and Y of one uint8 image against its reference."""
-    x, r = _tensor(test), _tensor(ref)
+    x, r = uint8_tensor(test), uint8_tensor(ref)
     x, r = metrics.crop_border(x, crop), metrics.crop_border(r, crop)
     offset = ((-crop) % 8, (-crop) % 8)
     out = {}
@@ -168,13 +170,6 @@ def _jsonable(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
     return v
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @cli_entry
@@ -264,7 +259,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         except UserError as exc:
             err(str(exc))
         except ValueError as exc:  # e.g. an image smaller than the SSIM window after cropping
-            err(f"{ref_path}: {exc}")
+            err(f"{ref_path}: {first_line(exc)}")
+        except Exception as exc:  # RuntimeError (out of memory, ...): one line, go on with the next
+            if os.environ.get("RESTORER_DEBUG"):
+                raise
+            err(f"{ref_path}: failed ({describe(exc)})")
     bar.close()
     if not rows:
         raise UserError("no image could be evaluated")
@@ -276,7 +275,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                             "weights": [r.describe() for r in restorers]},
                "mean": [{k: _jsonable(v) for k, v in s.items()} for s in summary],
                "images": [{k: _jsonable(v) for k, v in r.items()} for r in rows]}
-        _atomic_text(Path(args.json), json.dumps(doc, indent=1) + "\n")
+        atomic_write_text(Path(args.json), json.dumps(doc, indent=1) + "\n")
     if args.csv:
         import io
 
@@ -286,7 +285,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         writer.writeheader()
         for r in rows:
             writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-        _atomic_text(Path(args.csv), buf.getvalue())
+        atomic_write_text(Path(args.csv), buf.getvalue())
     return 1 if failures else 0
 
 

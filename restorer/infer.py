@@ -41,7 +41,7 @@ from torch import nn
 
 from restorer.checkpoint import WEIGHTS_NAME, load_weights
 from restorer.degrade import parse_quality
-from restorer.errors import UserError
+from restorer.errors import UserError, describe
 
 log = logging.getLogger("restorer.infer")
 
@@ -260,7 +260,7 @@ def load_restorers(specs: list[str], device: torch.device, tile: int = DEFAULT_T
             except UserError as exc:
                 errors.append(str(exc))
             except Exception as exc:  # a header that parses but describes nonsense
-                errors.append(f"{f}: unusable weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})")
+                errors.append(f"{f}: unusable weights ({describe(exc)})")
     return restorers, errors
 
 

@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from restorer.errors import UserError, cli_entry
+from restorer.fsutil import atomic_write
 
 EPILOG = """examples:
   restorer plot runs/demo                      # writes runs/demo/curves.png
@@ -73,11 +74,10 @@ def plot_run(run_dir: Path, out: Path, log_loss: bool = False) -> Path:
     _panel(right, series, psnr_keys, "PSNR (RGB, dB)", "dB")
     fig.suptitle(str(run_dir))
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
+    try:  # format="png": the temporary name has no .png suffix to infer it from
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from restorer.errors import UserError, cli_entry, setup_logging
+from restorer.errors import UserError, cli_entry, describe, setup_logging
 from restorer.imageio import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, find_images, open_image, save_image
 from restorer.infer import DEFAULT_TILE, set_threads, choose_restorer, load_restorers, pick_device
 
@@ -126,7 +126,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         except Exception as exc:  # keep going with the other images; RESTORER_DEBUG=1 for the traceback
             if os.environ.get("RESTORER_DEBUG"):
                 raise
-            err(f"{path}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})")
+            err(f"{path}: failed ({describe(exc)})")
         bar.update(1)
     bar.close()
     if not found:

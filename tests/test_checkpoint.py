@@ -50,3 +50,47 @@ def test_mismatched_and_missing(tmp_path):
         load_weights(path)
     with pytest.raises(UserError, match="not found"):
         load_weights(tmp_path / "nope.safetensors")
+
+
+def test_atomic_write_helpers(tmp_path):
+    """restorer.fsutil: the one atomic writer (weights, eval tables, images, plots, configs,
+    shard manifests): no temporary file left, OSError -> one-line UserError, no-clobber mode."""
+    from restorer.fsutil import atomic_write, atomic_write_text
+
+    target = tmp_path / "sub" / "a.txt"
+    atomic_write_text(target, "one")
+    atomic_write_text(target, "two")
+    assert target.read_text() == "two" and os.listdir(target.parent) == ["a.txt"]
+
+    def broken(tmp):
+        tmp.write_text("partial")
+        raise ValueError("encoder failed")
+
+    with pytest.raises(ValueError, match="encoder failed"):
+        atomic_write(target, broken)
+    assert target.read_text() == "two" and os.listdir(target.parent) == ["a.txt"]
+    with pytest.raises(FileExistsError):
+        atomic_write(target, lambda tmp: tmp.write_text("three"), replace=False)
+    assert target.read_text() == "two" and os.listdir(target.parent) == ["a.txt"]
+    atomic_write(target.with_name("b.txt"), lambda tmp: tmp.write_text("b"), replace=False)
+    assert target.with_name("b.txt").read_text() == "b"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match=f"^{blocker / 'w.safetensors'}: cannot write \\("):
+        atomic_write_text(blocker / "w.safetensors", "x")
+
+
+def test_first_line():
+    from restorer.errors import describe, first_line
+
+    assert first_line(RuntimeError("\n  shape mismatch  \nsecond line")) == "shape mismatch"
+    assert first_line(RuntimeError()) == "RuntimeError" and describe(MemoryError()) == "MemoryError"
+    assert describe(OSError("x" * 500)) == "OSError: " + "x" * 200
+
+
+def test_export_into_an_unwritable_place_is_one_line(tmp_path):
+    cfg = ModelConfig(preset="tiny")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot"):
+        export_weights(build_model(cfg), cfg, blocker / "w")

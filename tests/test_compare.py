@@ -58,3 +58,29 @@ def test_auto_crop_finds_the_largest_error():
     x, y, w, h = auto_crop(err, 48)
     assert (w, h) == (48, 48) and x % 8 == 0 and y % 8 == 0
     assert x <= 210 and x + w >= 250 - 8 and y <= 120 and y + h >= 150
+
+
+def test_runtime_error_while_restoring_is_one_line(tmp_path, capsys, monkeypatch):
+    from restorer.infer import IdentityRestorer
+
+    def boom(self, pixels, quality=None, tile=None, progress=None):
+        raise RuntimeError("Given groups=1, weight of size [32, 3, 3, 3], expected input ...\ntrace")
+
+    monkeypatch.setattr(IdentityRestorer, "restore", boom)
+    src = tmp_path / "a.png"
+    Image.fromarray(data.astronaut()[:64, :64]).save(src)
+    code = compare_main([str(src), "--weights", "none", "-o", str(tmp_path / "p.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: {src}: failed (RuntimeError: Given groups=1")
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_psnr_is_the_metrics_one():
+    from restorer.compare import _psnr
+
+    ref = data.astronaut()[:64, :64]
+    noisy = np.clip(ref.astype(int) + np.random.default_rng(0).integers(-9, 10, ref.shape), 0, 255).astype(np.uint8)
+    mse = np.mean((ref.astype(np.float64) - noisy) ** 2)
+    assert _psnr(noisy, ref) == pytest.approx(10 * np.log10(255.0 ** 2 / mse), abs=1e-9)
+    assert _psnr(ref, ref) == float("inf")

@@ -41,3 +41,10 @@ def test_dump_roundtrip(tmp_path):
     path = dump_config(cfg, tmp_path / "run" / "config.yaml")
     assert yaml.safe_load(path.read_text())["lr"] == 0.01
     assert parse_config(Demo, ["--config", str(path)]) == cfg
+
+
+def test_dump_is_atomic_and_leaves_no_temporary(tmp_path):
+    path = dump_config(Demo(lr=0.5), tmp_path / "config.yaml")
+    dump_config(Demo(lr=0.25), path)
+    assert yaml.safe_load(path.read_text())["lr"] == 0.25
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]

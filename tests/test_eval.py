@@ -107,3 +107,40 @@ def test_bsds500_jpeg_row_reproduces_published_q10(bsr_root, capsys):
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("| 10 | 200 | RGB |"))
     assert row.split("|")[4].strip() == "25.84"
+
+
+def test_runtime_error_on_one_image_is_one_line_and_the_rest_go_on(refs, tmp_path, capsys, monkeypatch):
+    """A RuntimeError while restoring (out of memory, shape mismatch) names the image on one
+    line; the other images are evaluated and the exit code is 1. The JSON is written atomically."""
+    import restorer.evaluate as ev
+    from restorer.infer import IdentityRestorer
+
+    class Failing(IdentityRestorer):
+        def __init__(self):
+            super().__init__()
+            self.model = object()  # counts as real weights: restore() is called
+
+        def restore(self, pixels, quality=None, tile=None, progress=None):
+            if pixels.ndim == 2:  # camera.png, the gray one
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB\nmore detail")
+            return pixels.copy()
+
+    monkeypatch.setattr(ev, "load_restorers", lambda *a, **k: ([Failing()], []))
+    js = tmp_path / "out" / "r.json"
+    code = eval_main(["--weights", "fake", "--images", str(refs), "--quality", "10", "--metrics", "psnr",
+                      "--json", str(js), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err == [f"error: {refs / 'camera.png'}: failed (RuntimeError: CUDA out of memory. "
+                   "Tried to allocate 2 GiB)"]
+    assert sorted(r["image"] for r in json.loads(js.read_text())["images"]) == ["astronaut.png", "coffee.png"]
+    assert [p.name for p in js.parent.iterdir()] == ["r.json"]  # no temporary file left
+
+
+def test_unwritable_json_is_one_line(refs, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = eval_main(["--weights", "none", "--images", str(refs), "--quality", "10", "--metrics", "psnr",
+                      "--json", str(blocker / "r.json"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {blocker / 'r.json'}: cannot write (")

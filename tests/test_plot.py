@@ -29,6 +29,7 @@ def test_plot_writes_png(tmp_path):
     img = np.asarray(Image.open(png).convert("RGB"))
     assert img.shape[0] > 300 and img.shape[1] > 600
     assert img.std() > 10  # curves and text drawn, not a blank canvas
+    assert sorted(p.name for p in png.parent.iterdir()) == ["curves.png", "metrics.jsonl"]  # no temporary
 
 
 def test_plot_missing_metrics_is_one_line(tmp_path, capsys):
