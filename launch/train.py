@@ -21,7 +21,12 @@ Config: dataclass defaults < ``--config YAML`` < flags. The resolved config is w
 Resume: ``--resume auto`` (default) continues from the newest complete checkpoint in RUN (step, LR,
 optimizer, EMA, RNG, data epoch); ``--resume PATH`` from that checkpoint; ``--resume none`` refuses
 to start in a RUN that already has checkpoints. A resumed run starts a fresh pass over the data
-with the next epoch number (the partly seen epoch is not replayed).
+with the next epoch number (the partly seen epoch is not replayed); rows of ``metrics.jsonl`` logged
+after the checkpoint are dropped. Running a finished run again (its newest checkpoint at
+``--max-steps`` and ``model.safetensors`` exported from it) does nothing.
+
+Errors: one line ``error: ...`` each; an error met by one process only is printed by that process
+as ``error: [rank R] ...``, and that process exits at once (the launcher then stops the others).
 
 Optimizer steps: each step consumes ``batch_size x grad_accum`` patches on every process; the
 LR schedule (linear warmup, cosine to ``min_lr_ratio``) is a function of this step, so it is not
@@ -52,6 +57,7 @@ import torch.nn.functional as F
 from restorer.config import config_dict, dump_config, parse_config
 from restorer.degrade import parse_quality
 from restorer.errors import UserError
+from restorer.train_checkpoint import AgreedError, PeerError
 
 EXAMPLES = """examples:
   # 2 CPU processes on this machine (real gloo DDP), a few minutes:
@@ -73,7 +79,10 @@ class TrainConfig:
     shards: str = dataclasses.field(default="data/shards", metadata={"help": "shard directory (with manifest.json)"})
     train_splits: list[str] = dataclasses.field(default_factory=lambda: ["train"],
                                                 metadata={"help": "splits to train on"})
-    val_split: str = dataclasses.field(default="val", metadata={"help": "split to validate on"})
+    val_split: str = dataclasses.field(default="val", metadata={"help": "split of --shards to validate on"})
+    val_shards: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "validation shards as they are (a shards dir with one split, a folder of "
+                                        "tars, a URL pattern); default: the --val-split split of --shards"})
     quality: str = dataclasses.field(default="10-90", metadata={"help": "JPEG quality: one number or a range LO-HI"})
     patch_size: int = dataclasses.field(default=128, metadata={"help": "training patch size (px)"})
     patches_per_image: int = 4
@@ -84,7 +93,11 @@ class TrainConfig:
     grayscale: bool = False
     shuffle_buffer: int = 1000
     epoch_samples: Optional[int] = dataclasses.field(
-        default=None, metadata={"help": "patches per epoch over all processes (None = the split's size)"})
+        default=None, metadata={"help": "PATCHES per epoch, summed over all processes (default: every tile of "
+                                        "the train splits x --patches-per-image)"})
+    resampled: bool = dataclasses.field(
+        default=False, metadata={"help": "draw shards with replacement instead of splitting them between "
+                                         "processes and workers (samples may repeat within an epoch)"})
     num_workers: int = dataclasses.field(default=4, metadata={"help": "data loader workers per process"})
     # model
     preset: str = dataclasses.field(default="default", metadata={"help": "seed, tiny, small, default, large"})
@@ -173,6 +186,11 @@ def _panel(deg: torch.Tensor, out: torch.Tensor, clean: torch.Tensor, n: int) ->
     return grid.permute(1, 2, 0).contiguous().numpy()
 
 
+def _val_source(cfg: TrainConfig) -> tuple[str, Optional[str]]:
+    """(shard spec, split) to validate on: ``--val-shards`` as is, else ``--val-split`` of ``--shards``."""
+    return (cfg.val_shards, None) if cfg.val_shards else (cfg.shards, cfg.val_split)
+
+
 @torch.no_grad()
 def validate(net, cfg: TrainConfig, accelerator, faults, *, with_ssim: bool) -> tuple[dict[str, float], Optional[np.ndarray]]:
     """PSNR (and SSIM) of restored and JPEG vs clean per quality, summed over images on every
@@ -182,7 +200,8 @@ def validate(net, cfg: TrainConfig, accelerator, faults, *, with_ssim: bool) -> 
 
     device = accelerator.device
     qualities = [int(q) for q in cfg.val_qualities]
-    loader = make_val_loader(cfg.shards, split=cfg.val_split, qualities=tuple(qualities), crop=cfg.val_crop,
+    spec, split = _val_source(cfg)
+    loader = make_val_loader(spec, split=split, qualities=tuple(qualities), crop=cfg.val_crop,
                              rank=accelerator.process_index, world_size=accelerator.num_processes,
                              batch_size=cfg.val_batch_size, num_workers=0, grayscale=cfg.grayscale,
                              chroma_subsampling=cfg.chroma_subsampling)
@@ -221,12 +240,38 @@ def validate(net, cfg: TrainConfig, accelerator, faults, *, with_ssim: bool) -> 
             results[f"val/ssim_q{q}"] = float(total[3, i]) / n
             results[f"val/jpeg_ssim_q{q}"] = float(total[4, i]) / n
     n_all = float(total[2].sum())
-    if n_all == 0:
-        raise UserError(f"{cfg.shards}: no validation images in split {cfg.val_split!r}")
+    if n_all == 0:  # decided from the reduced count: every process raises it together
+        raise AgreedError(f"{spec}: no readable validation samples" + (f" in split {split!r}" if split else "")
+                          + f" (on any of {accelerator.num_processes} process(es))")
     results["val/psnr"] = float(total[0].sum()) / n_all
     results["val/gain"] = float((total[0] - total[1]).sum()) / n_all
     results["val/images"] = n_all
     return results, panel
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write ``path`` atomically (a temporary file, then os.replace)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _finished_at(ckpt: Path, run_dir: Path, max_steps: int) -> Optional[int]:
+    """The step of ``ckpt`` when it is a complete checkpoint at or past ``max_steps`` and
+    ``run_dir/model.safetensors`` holds the weights exported with it; else None."""
+    from restorer.checkpoint import read_meta
+    from restorer.train_checkpoint import MARKER, STATE_NAME
+
+    try:
+        if not (ckpt / MARKER).is_file():
+            return None
+        step = int(json.loads((ckpt / STATE_NAME).read_text())["step"])
+        weights = run_dir / "model.safetensors"
+        if step < max_steps or not weights.is_file() or int(read_meta(weights)["facts"]["steps"]) != step:
+            return None
+        return step
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        return None
 
 
 def _rank_fingerprints(accelerator, model) -> list[str]:
@@ -299,6 +344,17 @@ def train(cfg: TrainConfig) -> int:
                             f"it or another --run-dir")
     else:
         resume_from = Path(cfg.resume).resolve()
+    if resume_from is not None:
+        done = _finished_at(resume_from, run_dir, cfg.max_steps)
+        if done is not None:
+            say(f"nothing to do: {resume_from} is at step {done} (--max-steps {cfg.max_steps}) and "
+                f"{run_dir / 'model.safetensors'} holds its weights; raise --max-steps to train on")
+            return 0
+    # a missing val split would otherwise surface only at the first validation
+    from restorer.shardio import resolve_shards
+
+    val_spec, val_split = _val_source(cfg)
+    resolve_shards(val_spec, None if val_split is None else [val_split])
 
     # --- model, optimizer ---------------------------------------------------------------------
     set_seed(cfg.seed)
@@ -336,14 +392,13 @@ def train(cfg: TrainConfig) -> int:
     stream = StreamConfig(shards=cfg.shards, splits=list(cfg.train_splits), patch_size=cfg.patch_size,
                           patches_per_image=cfg.patches_per_image, quality=cfg.quality, rescale_p=cfg.rescale_p,
                           rotate_p=cfg.rotate_p, flip_p=cfg.flip_p, chroma_subsampling=cfg.chroma_subsampling,
-                          grayscale=cfg.grayscale, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
+                          grayscale=cfg.grayscale, shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled,
+                          seed=cfg.seed)
     shared_epoch = SharedEpoch()
     loader = make_train_loader(stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, rank=rank,
                                world_size=world, shared_epoch=shared_epoch, pin_memory=device.type == "cuda",
                                epoch_samples=cfg.epoch_samples)
-    batches_per_epoch = int(loader.batches_per_epoch)
-    if batches_per_epoch < 1:
-        raise UserError(f"{cfg.shards}: splits {cfg.train_splits} give no full batch of {cfg.batch_size} per process")
+    batches_per_epoch = int(loader.batches_per_epoch)  # >= 1: the loader refuses to plan fewer
 
     # --- bookkeeping ------------------------------------------------------------------------------
     info = {"world_size": world, "distributed_type": str(accelerator.distributed_type),
@@ -354,13 +409,13 @@ def train(cfg: TrainConfig) -> int:
             "resumed_from": str(resume_from) if resume_from else None, "start_step": step}
     if main:
         dump_config(cfg, run_dir / "config.yaml")
-        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        _write_json(run_dir / "run_info.json", info)
     if use_wandb:
         accelerator.init_trackers(cfg.wandb_project, config={**config_dict(cfg), **{f"run/{k}": v for k, v in info.items()
                                                                                       if not isinstance(v, dict)}},
                                   init_kwargs={"wandb": {"dir": str(run_dir), "name": cfg.run_name or run_dir.name,
                                                          "id": wandb_id, "resume": "allow"}})
-    tracker = Tracker(accelerator, run_dir, use_wandb)
+    tracker = Tracker(accelerator, run_dir, use_wandb, start_step=step)  # drops rows logged after the checkpoint
     if note:
         say(note)
     say(f"training {model_cfg.preset} (C={model_cfg.channels}, N={model_cfg.units}, {info['parameters']:,} params) "
@@ -377,7 +432,8 @@ def train(cfg: TrainConfig) -> int:
         if main:
             facts = {"quality": cfg.quality, "quality_range": [q_lo, q_hi], "steps": step,
                      "condition_on_quality": cfg.condition_on_quality, "train_patch_size": cfg.patch_size,
-                     "ema_decay": cfg.ema_decay, "val_split": cfg.val_split,
+                     "ema_decay": cfg.ema_decay, "val_split": None if cfg.val_shards else cfg.val_split,
+                     "val_shards": cfg.val_shards,
                      "val_psnr": {k[len("val/psnr_q"):]: v for k, v in last_val.items() if k.startswith("val/psnr_q")},
                      "val_gain": {k[len("val/gain_q"):]: v for k, v in last_val.items() if k.startswith("val/gain_q")}}
             export_weights(eval_net(), model_cfg, run_dir, facts)
@@ -419,7 +475,7 @@ def train(cfg: TrainConfig) -> int:
             return next(batches)
         except StopIteration:
             raise UserError(f"data loader ended after {batch_in_epoch - 1} of {batches_per_epoch} batches "
-                            f"in epoch {epoch} on rank {rank}") from None
+                            f"in epoch {epoch}") from None  # this rank only: _entry names the rank
 
     model.train()
     fp16 = accelerator.mixed_precision == "fp16"
@@ -468,8 +524,8 @@ def train(cfg: TrainConfig) -> int:
                 f"{nonfinite_total} in total)")
             if consecutive_bad >= cfg.max_nonfinite:
                 last = latest_checkpoint(ckpt_root)
-                raise UserError(f"{consecutive_bad} non-finite losses in a row at step {step}: stopped; last good "
-                                f"checkpoint: {last or 'none'} (lower --lr, or check the data)")
+                raise AgreedError(f"{consecutive_bad} non-finite losses in a row at step {step}: stopped; last good "
+                                  f"checkpoint: {last or 'none'} (lower --lr, or check the data)")
             if stop_now:
                 break
             continue
@@ -479,7 +535,7 @@ def train(cfg: TrainConfig) -> int:
         if ema is not None:
             ema.update(model)
         step += 1
-        faults.after_step(step, main)
+        faults.after_step(step, main, rank)
         window["loss"] += global_loss
         window["grad_norm"] += grad_norm
         window["steps"] += 1
@@ -523,7 +579,7 @@ def train(cfg: TrainConfig) -> int:
     if main:
         info.update(end_step=step, weight_fingerprint_by_rank=fingerprints,
                     weights_identical_across_ranks=len(set(fingerprints)) == 1)
-        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        _write_json(run_dir / "run_info.json", info)
     if len(set(fingerprints)) != 1:
         say(f"warning: model weights differ between processes: {fingerprints}")
     run_validation(final=True)
@@ -539,20 +595,38 @@ def main(argv: Optional[list[str]] = None) -> int:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    cfg = parse_config(TrainConfig, argv, prog="accelerate launch launch/train.py", description=__doc__.split("\n\n")[0],
-                       epilog=EXAMPLES)
+    try:
+        cfg = parse_config(TrainConfig, argv, prog="accelerate launch launch/train.py",
+                           description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
+    except UserError as exc:  # from the command line alone: the same on every process
+        raise AgreedError(str(exc)) from None
     return train(cfg)
 
 
 def _entry() -> int:
-    """One line per error, printed by the main process only (rank 0 tells the story for all)."""
+    """One line per error: an error every process raises together (:class:`AgreedError`) is printed
+    once, by rank 0; any other one by each process that met it, as ``error: [rank R] ...`` when
+    there are several processes (a :class:`PeerError` -- another process failed and says why --
+    prints nothing). With several processes the failing one then exits at once: its peers may be
+    blocked in a collective that will never complete, and the launcher tears them down when it
+    sees a process exit."""
     try:
         return main()
     except UserError as exc:
         if os.environ.get("RESTORER_DEBUG"):
             raise
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if isinstance(exc, AgreedError):
+            line = f"error: {exc}" if rank == 0 else None
+        elif isinstance(exc, PeerError):
+            line = None
+        else:
+            line = f"error: [rank {rank}] {exc}" if world > 1 else f"error: {exc}"
+        if line:
+            print(line, file=sys.stderr, flush=True)
+        if world > 1:  # no atexit work (W&B, loader workers, the process group) that could wait on peers
+            sys.stdout.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         return 130
