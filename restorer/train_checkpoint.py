@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 import torch
 
-from restorer.errors import UserError
+from restorer.errors import UserError, first_line
 
 MARKER = "COMPLETE"
 STATE_NAME = "train_state.json"
@@ -110,11 +110,6 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
-
-
 def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Check that ``path`` is a complete checkpoint made of plain data; return its train state.
 
@@ -138,18 +133,18 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 with safe_open(str(file), framework="pt") as fh:
                     list(fh.keys())
             except Exception as exc:
-                raise UserError(f"{file}: refused to load (not a safetensors file: {_first_line(exc)})") from None
+                raise UserError(f"{file}: refused to load (not a safetensors file: {first_line(exc)})") from None
         elif file.suffix in PICKLE_SUFFIXES:
             try:
                 accelerate_load(str(file), map_location="cpu", weights_only=True)
             except Exception as exc:  # UnpicklingError for code, RuntimeError for garbage
                 raise UserError(f"{file}: refused to load (not a plain-tensor checkpoint file: "
-                                f"{_first_line(exc)})") from None
+                                f"{first_line(exc)})") from None
     try:
         state = json.loads((path / STATE_NAME).read_text())
         int(state["step"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path / STATE_NAME}: missing or malformed ({_first_line(exc)})") from None
+        raise UserError(f"{path / STATE_NAME}: missing or malformed ({first_line(exc)})") from None
     return state
 
 
@@ -211,7 +206,7 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, state: dict
 
 
 def _write_error(exc: OSError, tmp: Path, step: int) -> str:
-    return f"{exc.filename or tmp}: cannot write checkpoint of step {step}: {exc.strerror or _first_line(exc)}"
+    return f"{exc.filename or tmp}: cannot write checkpoint of step {step}: {exc.strerror or first_line(exc)}"
 
 
 def _agree(accelerator, error: Optional[str], root: Path, tmp: Path, step: int) -> None:
@@ -238,12 +233,12 @@ def load_checkpoint(accelerator, path: str | os.PathLike, ema=None) -> dict[str,
     try:
         accelerator.load_state(str(path))
     except (RuntimeError, KeyError, ValueError) as exc:
-        raise UserError(f"{path}: does not match this model/optimizer ({_first_line(exc)})") from None
+        raise UserError(f"{path}: does not match this model/optimizer ({first_line(exc)})") from None
     if ema is not None:
         if not (path / EMA_NAME).is_file():
             raise UserError(f"{path / EMA_NAME}: missing (the run was saved without EMA; pass --ema-decay 0)")
         try:
             ema.load(path / EMA_NAME)
         except (RuntimeError, KeyError) as exc:
-            raise UserError(f"{path / EMA_NAME}: does not match this model ({_first_line(exc)})") from None
+            raise UserError(f"{path / EMA_NAME}: does not match this model ({first_line(exc)})") from None
     return state
