@@ -29,6 +29,12 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def temp_name(path: Path) -> Path:
     """The hidden temporary name used for ``path`` (same folder, so the rename is atomic)."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -48,6 +54,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object], *,
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # some writers (safetensors) create 0600 files
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         if replace:
