@@ -2,7 +2,8 @@
 
 For people who trained offline (or without W&B at all): every run writes ``metrics.jsonl``, one
 JSON object per logged event with a ``step``. Keys containing ``loss`` go in the left panel, keys
-containing ``psnr`` or ``gain`` (train PSNR, val PSNR and gain per quality) in the right one.
+containing ``psnr`` in the middle one (JPEG references dashed, one colour per quality), and the
+gains over JPEG per quality in the right one.
 """
 from __future__ import annotations
 
@@ -40,10 +41,20 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     return dict(series)
 
 
+def _style(key: str, palette: dict[str, str]) -> dict[str, object]:
+    """Same colour for the same quality (``..._q10``); JPEG references dashed."""
+    tail = key.rsplit("_", 1)[-1] if "_q" in key else key.split("/")[-1]
+    if tail not in palette:
+        palette[tail] = f"C{len(palette) % 10}"
+    return {"color": palette[tail], "linestyle": "--" if "jpeg" in key else "-"}
+
+
 def _panel(ax, series: dict[str, list[tuple[int, float]]], keys: list[str], title: str, ylabel: str) -> None:
+    palette: dict[str, str] = {}
     for key in keys:
         steps, values = zip(*series[key])
-        ax.plot(steps, values, label=key, marker="o" if len(steps) < 30 else None, markersize=3)
+        ax.plot(steps, values, label=key, marker="o" if len(steps) < 30 else None, markersize=3,
+                **_style(key, palette))
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
@@ -57,8 +68,9 @@ def plot_run(run_dir: Path, out: Path, log_loss: bool = False) -> Path:
     if not metrics.is_file():
         raise UserError(f"{metrics}: no metrics.jsonl here (pass a run directory made by launch/train.py)")
     series = read_metrics(metrics)
-    loss_keys = sorted(k for k in series if "loss" in k)
-    psnr_keys = sorted(k for k in series if ("psnr" in k or "gain" in k) and "loss" not in k)
+    loss_keys = sorted(k for k in series if "loss" in k and "scale" not in k)
+    psnr_keys = sorted(k for k in series if "psnr" in k and "loss" not in k and "gain" not in k)
+    gain_keys = sorted(k for k in series if "gain" in k)
     if not loss_keys and not psnr_keys:
         raise UserError(f"{metrics}: holds no loss or PSNR values yet")
 
@@ -67,17 +79,16 @@ def plot_run(run_dir: Path, out: Path, log_loss: bool = False) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    _panel(left, series, loss_keys, "loss", "MSE")
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(16, 4.5))
+    _panel(left, series, loss_keys, "training loss", "MSE")
     if log_loss:
         left.set_yscale("log")
-    _panel(right, series, psnr_keys, "PSNR (RGB, dB)", "dB")
+    _panel(mid, series, psnr_keys, "PSNR (RGB; JPEG dashed)", "dB")
+    _panel(right, series, gain_keys, "gain over JPEG (restored - JPEG)", "dB")
     fig.suptitle(str(run_dir))
     fig.tight_layout()
-    try:  # format="png": the temporary name has no .png suffix to infer it from
-        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
     return out
 
 
