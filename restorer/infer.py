@@ -105,6 +105,32 @@ def to_uint8(t: torch.Tensor) -> np.ndarray:
     return t.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
+_MALLOC_TUNED = False
+
+
+def reuse_freed_memory() -> None:
+    """Ask glibc to keep large freed blocks for reuse instead of returning each to the OS.
+
+    By default every conv activation of every tile above the mmap threshold is mmapped, page-
+    faulted in and unmapped again: measured here, a third of CPU restore time went to the kernel
+    (default preset, 1024x768, 512 px tiles: 9.2 s -> 6.0 s with this, 2.7M -> 0.14M page faults).
+    Tiles repeat the same sizes, so the kept memory is reused and the peak does not grow.
+    Best effort: a no-op where libc is not glibc."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, ctypes.c_int(1 << 30))
+        libc.mallopt(m_trim_threshold, ctypes.c_int(1 << 30))
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclasses.dataclass
 class Restorer:
     """One loaded weights file, ready to restore uint8 images."""
@@ -136,6 +162,7 @@ class Restorer:
                 log.warning("%s: ignoring unreadable facts.quality %r", self.path, spec)
         if self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)  # ~1.4x faster on CPU
+            reuse_freed_memory()
 
     @property
     def name(self) -> str:
