@@ -349,6 +349,8 @@ def train(cfg: TrainConfig) -> int:
         if done is not None:
             say(f"nothing to do: {resume_from} is at step {done} (--max-steps {cfg.max_steps}) and "
                 f"{run_dir / 'model.safetensors'} holds its weights; raise --max-steps to train on")
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
             return 0
     # a missing val split would otherwise surface only at the first validation
     from restorer.shardio import resolve_shards

@@ -150,6 +150,9 @@ class Tracker:
     def close(self) -> None:
         if self.main:
             self.metrics.close()
+        # every rank reaches this line; tear the process group down together (a rank that
+        # destroyed it while its peer was still writing was seen to abort in gloo's threads)
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
 
 
