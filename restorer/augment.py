@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from shard_tools.images import to_rgb8
+
 BICUBIC = Image.Resampling.BICUBIC
 
 
@@ -62,19 +64,14 @@ class Draw:
 
 
 def decode_image(data: bytes, grayscale: bool = False) -> Image.Image:
-    """Decode a lossless tile (png/webp/ppm) to a loaded RGB (or L) Pillow image."""
+    """Decode a lossless tile (png/webp/ppm) to a loaded RGB (or L) Pillow image. Modes other than
+    RGB (the builder writes RGB) follow the builder's own rules (:func:`shard_tools.images.to_rgb8`)."""
     img = Image.open(io.BytesIO(data))
     img.load()
-    mode = "L" if grayscale else "RGB"
-    if img.mode != mode:
-        if img.mode in ("RGBA", "LA", "P") and not grayscale:
-            img = img.convert("RGBA")
-            background = Image.new("RGB", img.size, (255, 255, 255))
-            background.paste(img, mask=img.getchannel("A"))
-            img = background
-        else:
-            img = img.convert(mode)
-    return img
+    if grayscale and img.mode == "L":
+        return img
+    rgb = to_rgb8(img)
+    return rgb.convert("L") if grayscale else rgb
 
 
 def draw(rng: np.random.Generator, height: int, width: int, params: AugmentParams) -> Draw:
