@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from shard_tools.images import to_rgb8
+from restorer.imagecore import to_rgb8
 
 BICUBIC = Image.Resampling.BICUBIC
 
@@ -65,7 +65,7 @@ class Draw:
 
 def decode_image(data: bytes, grayscale: bool = False) -> Image.Image:
     """Decode a lossless tile (png/webp/ppm) to a loaded RGB (or L) Pillow image. Modes other than
-    RGB (the builder writes RGB) follow the builder's own rules (:func:`shard_tools.images.to_rgb8`)."""
+    RGB (the builder writes RGB) follow the builder's own rules (:func:`restorer.imagecore.to_rgb8`)."""
     img = Image.open(io.BytesIO(data))
     img.load()
     if grayscale and img.mode == "L":

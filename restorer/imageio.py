@@ -22,15 +22,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from restorer.degrade import estimate_quality
+from restorer.imagecore import IMAGE_SUFFIXES  # noqa: F401  (re-exported: one list for the project)
 from restorer.errors import UserError, first_line
 from restorer.fsutil import atomic_write
 
 # 200 megapixels: a 24 MP photo is far below, a 50000x50000 "bomb" far above. --max-pixels changes it.
 DEFAULT_MAX_PIXELS = 200_000_000
-# The one list of image file suffixes, used when a folder is scanned (here, by ``restorer eval``
-# and by the shard builder, shard_tools.images.IMAGE_EXTENSIONS).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".webp", ".ppm",
-                  ".pgm", ".pnm", ".gif")
 ORIENTATION_TAG = 0x0112
 
 

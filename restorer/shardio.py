@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from restorer.errors import UserError
-from shard_tools.images import ENCODINGS as IMAGE_EXTS  # the builder's tile encodings
+from restorer.imagecore import TILE_ENCODINGS as IMAGE_EXTS  # the builder's tile encodings
 
 log = logging.getLogger("restorer.data")
 

@@ -49,14 +49,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from restorer.errors import first_line
-from restorer.imageio import IMAGE_SUFFIXES
+from restorer import imagecore
 
 log = logging.getLogger("shard_tools.images")
 Image.init()  # register every plugin, so that formats= below can name them
 
 ALLOWED_FORMATS = ["JPEG", "PNG", "WEBP", "TIFF", "BMP", "PPM", "GIF"]
-IMAGE_EXTENSIONS = frozenset(IMAGE_SUFFIXES)  # one list for the whole project (restorer.imageio)
-ENCODINGS = ("webp", "png", "ppm")
+IMAGE_EXTENSIONS = frozenset(imagecore.IMAGE_SUFFIXES)  # one list for the whole project
+ENCODINGS = imagecore.TILE_ENCODINGS
 
 
 class Skip(Exception):
@@ -97,35 +97,12 @@ def encode(img: Image.Image, encoding: str) -> bytes:
     return buf.getvalue()
 
 
-def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    c = rgba[..., :3].astype(np.uint32)
-    a = rgba[..., 3:4].astype(np.uint32)
-    return ((c * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
-
-
 def to_rgb8(img: Image.Image) -> Image.Image:
-    """Convert any supported mode to 8-bit RGB (rules in the module docstring)."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("1", "L"):
-        return img.convert("RGB")
-    if mode.startswith("I;16") or mode == "I":
-        arr = np.asarray(img).astype(np.float64)
-        arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(np.repeat(arr[..., None], 3, axis=2), "RGB")
-    if mode == "F":
-        raise Skip("unsupported pixel mode F (floating point)")
-    if mode == "P":
-        if "transparency" in img.info:
-            return to_rgb8(img.convert("RGBA"))
-        return img.convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = np.asarray(img.convert("RGBA"))
-        return Image.fromarray(_composite_on_white(rgba), "RGB")
-    if mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
-        return img.convert("RGB")
-    raise Skip(f"unsupported pixel mode {mode}")
+    """Convert any supported mode to 8-bit RGB (:func:`restorer.imagecore.to_rgb8`); :class:`Skip` otherwise."""
+    try:
+        return imagecore.to_rgb8(img)
+    except imagecore.UnsupportedMode as exc:
+        raise Skip(str(exc)) from None
 
 
 def _orient(img: Image.Image, rotation: int | None) -> tuple[Image.Image, int]:
