@@ -148,7 +148,7 @@ def main() -> int:
     # 24 MP end to end through the CLI
     from PIL import Image
 
-    from restorer.checkpoint import export_weights
+    from restorer.modelfile import export_weights
     from restorer.model import ModelConfig, build_model
 
     big_preset = "default" if args.full else "tiny"

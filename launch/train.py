@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from restorer.config import config_dict, dump_config, parse_config
 from restorer.degrade import parse_quality
 from restorer.errors import UserError
-from restorer.train_checkpoint import AgreedError, PeerError
+from restorer.errors import AgreedError, PeerError
 
 EXAMPLES = """examples:
   # 2 CPU processes on this machine (real gloo DDP), a few minutes:
@@ -259,7 +259,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def _finished_at(ckpt: Path, run_dir: Path, max_steps: int) -> Optional[int]:
     """The step of ``ckpt`` when it is a complete checkpoint at or past ``max_steps`` and
     ``run_dir/model.safetensors`` holds the weights exported with it; else None."""
-    from restorer.checkpoint import read_meta
+    from restorer.modelfile import read_meta
     from restorer.train_checkpoint import MARKER, STATE_NAME
 
     try:
@@ -302,7 +302,7 @@ def train(cfg: TrainConfig) -> int:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from restorer.checkpoint import export_weights
+    from restorer.modelfile import export_weights
     from restorer.data import SharedEpoch, StreamConfig, make_train_loader, to_device_float
     from restorer.ema import EMA, unwrap
     from restorer.faults import Faults

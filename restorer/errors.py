@@ -52,3 +52,13 @@ def cli_entry(func: Callable[..., int | None]) -> Callable[..., int]:
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+class AgreedError(UserError):
+    """An error every process raises together with the same text (decided after an all-reduce, or
+    from the command line alone): ``launch/train.py`` prints it once, on rank 0."""
+
+
+class PeerError(UserError):
+    """This process stops because another one failed, and that one prints the reason:
+    ``launch/train.py`` prints nothing for it."""

@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from restorer.checkpoint import WEIGHTS_NAME, load_weights
+from restorer.modelfile import WEIGHTS_NAME, load_weights
 from restorer.degrade import parse_quality
 from restorer.errors import UserError, describe
 

@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 import torch
 
-from restorer.errors import UserError, first_line
+from restorer.errors import PeerError, UserError, first_line
 
 MARKER = "COMPLETE"
 STATE_NAME = "train_state.json"
@@ -48,16 +48,6 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = TMP_PREFIX + "old-"
 PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
-
-
-class AgreedError(UserError):
-    """An error every process raises together with the same text (decided after an all-reduce, or
-    from the command line alone): ``launch/train.py`` prints it once, on rank 0."""
-
-
-class PeerError(UserError):
-    """This process stops because another one failed, and that one prints the reason:
-    ``launch/train.py`` prints nothing for it."""
 
 
 def step_dir_name(step: int) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from skimage import data
 
-from restorer.checkpoint import export_weights
+from restorer.modelfile import export_weights
 from restorer.degrade import jpeg_roundtrip
 from restorer.errors import UserError
 from restorer.infer import (Restorer, choose_restorer, load_restorers, receptive_radius, tile_spans)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageCms
 from skimage import data
 
-from restorer.checkpoint import export_weights
+from restorer.modelfile import export_weights
 from restorer.errors import UserError
 from restorer.imageio import open_image
 from restorer.model import ModelConfig, build_model

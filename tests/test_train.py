@@ -151,7 +151,7 @@ def test_offline_wandb_run_holds_loss_and_psnr(reference):
 def test_exported_weights_reproduce_the_ema_model(reference):
     from safetensors.torch import load_file
 
-    from restorer.checkpoint import load_weights
+    from restorer.modelfile import load_weights
     from restorer.model import ModelConfig, build_model
 
     model, meta = load_weights(reference / "model.safetensors")

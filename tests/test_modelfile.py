@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from restorer.checkpoint import export_weights, load_weights, read_meta, safe_torch_load
+from restorer.modelfile import export_weights, load_weights, read_meta, safe_torch_load
 from restorer.errors import UserError
 from restorer.model import ModelConfig, build_model
 
