@@ -265,15 +265,18 @@ def child_restore(spec: dict) -> None:
         weights = str(export_weights(build_model(cfg), cfg, work / "untrained", facts={"quality": "10-90"}))
     if spec["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    argv = ["restore", str(jpeg), "-o", str(work / "restored.png"), "--weights", weights, "--device", spec["device"],
-            "--overwrite", "--no-progress"]
     t0 = time.perf_counter()
-    code = cli.main(argv)
+    code = cli.main(restore_argv(jpeg, work / "restored.png", weights, spec["device"]))
     rec = {"seconds": time.perf_counter() - t0, "exit": code, "megapixels": w * h / 1e6, "weights": weights,
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if spec["device"] == "cuda":
         rec["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     emit(rec)
+
+
+def restore_argv(jpeg: Path, out: Path, weights: str, device: str) -> list[str]:
+    return ["restore", str(jpeg), "-o", str(out), "--weights", weights, "--device", device, "--overwrite",
+            "--no-progress"]
 
 
 CHILDREN = {"model": child_model, "loader": child_loader, "restore": child_restore}
