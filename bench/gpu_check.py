@@ -59,7 +59,7 @@ DEFAULT_BSDS = REPO.parent / "shared" / "datasets" / "BSR"
 QUALITIES = (10, 20, 30, 40)
 SUMMARY = "gpu_check_train_patches_per_s"
 # wall-clock cap of each stage, seconds (GPU mode; tiny mode uses TINY_CAPS)
-CAPS = {"shards": 90, "model": 150, "loader": 75, "train": 90, "eval": 90, "restore": 90}  # train: + --train-seconds
+CAPS = {"shards": 90, "model": 150, "loader": 75, "train": 150, "eval": 90, "restore": 90}  # train: + --train-seconds
 TINY_CAPS = {"shards": 60, "model": 60, "loader": 60, "train": 120, "eval": 60, "restore": 60}
 
 
@@ -170,7 +170,7 @@ def child_model(spec: dict) -> None:
     variants = [("eager", False)] + ([("compiled", True)] if spec["compile"] else [])
     for variant, compile_ in variants:
         for preset in spec["presets"]:
-            cfg = ModelConfig(preset=preset).resolved()
+            cfg = ModelConfig(preset=preset, condition_on_quality=spec["condition_on_quality"]).resolved()
             rec = {"preset": preset, "variant": variant, "channels": cfg.channels, "units": cfg.units,
                    "flops_per_pixel": flops_per_pixel(build_model(cfg))}
             try:
@@ -215,6 +215,8 @@ def child_loader(spec: dict) -> None:
             t0 = time.perf_counter()
             n, start = 0, None
             while start is None or time.perf_counter() - start < spec["seconds"]:
+                if start is None and time.perf_counter() - t0 > 10 * spec["seconds"] + 60:
+                    raise RuntimeError("no batch came out of the loader")
                 for deg, _, _ in loader:  # endless under the loader contract; re-entered if an epoch ends
                     if start is None:
                         start = time.perf_counter()
@@ -352,6 +354,7 @@ class Check:
     def stage_model(self, stage: Stage) -> None:
         s = self.sizes
         spec = {"device": self.device, "presets": list(s.presets), "compile": s.compile_models,
+                "condition_on_quality": bool(self.recipe.get("condition_on_quality", False)),
                 "bf16": self.precision.value == "bf16", "channels_last": bool(self.channels_last.value),
                 "patch": s.model_patch, "batch": s.model_batch, "seconds": s.model_seconds}
         code, recs = self.child("model", spec)
@@ -373,7 +376,8 @@ class Check:
         elif errors:
             stage.status, stage.note = "failed", f"{', '.join(errors)}: {rows[errors[0]]['error']}"
         if not s.compile_models:
-            stage.note = (stage.note + "; " if stage.note else "") + "compiled rows skipped (tiny mode: compiling takes ~30 s on CPU)"
+            skipped = "compiled rows skipped (tiny mode: compiling takes ~30 s on CPU)"
+            stage.note = f"{stage.note}; {skipped}" if stage.note else skipped
 
     # 3 ---------------------------------------------------------------------------------------
     def stage_loader(self, stage: Stage) -> None:
@@ -417,6 +421,7 @@ class Check:
         s = self.sizes
         run_dir = self.work / time.strftime("train-%Y%m%d-%H%M%S")
         steps = self.train_steps()
+        val_crop = 64 if s.tiny else int(self.recipe["val_crop"])
         acc_cfg = self.work / "accelerate_1proc.yaml"
         acc_cfg.write_text(yaml.safe_dump({"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO",
                                            "num_machines": 1, "num_processes": 1, "machine_rank": 0,
@@ -432,14 +437,14 @@ class Check:
         if s.tiny:
             flags += ["--preset", "tiny", "--patch-size", str(s.patch), "--batch-size", str(s.batch),
                       "--patches-per-image", str(s.patches_per_image), "--shuffle-buffer", str(s.shuffle_buffer),
-                      "--val-crop", "64", "--val-batch-size", "4", "--panel-images", "0"]
+                      "--val-crop", str(val_crop), "--val-batch-size", "4", "--panel-images", "0"]
         cmd = self.python("-m", "accelerate.commands.launch", "--config_file", str(acc_cfg),
                           str(REPO / "launch" / "train.py"), *flags)
         env = {**child_env(), "WANDB_MODE": "disabled"}
         if self.device == "cpu":
             env["ACCELERATE_USE_CPU"] = "true"
         code, _ = run_child(cmd, self.caps["train"], self.logs / "train", env)
-        stage.figures = {"run_dir": str(run_dir), "steps": steps, "batch": s.batch,
+        stage.figures = {"run_dir": str(run_dir), "steps": steps, "batch": s.batch, "val_crop": val_crop,
                          "precision": self.precision.value, "channels_last": bool(self.channels_last.value),
                          "compile": bool(self.compile.value), **train_figures(run_dir / "metrics.jsonl")}
         weights = run_dir / "model.safetensors"
@@ -522,16 +527,19 @@ def fmt(v, spec: str = ",.0f", missing: str = "-") -> str:
 
 def report(check: Check, total_s: float) -> list[str]:
     st, s = check.stages, check.sizes
+    import torch
+
     lines = [f"== gpu check: {check.gpu_name or 'no GPU (CPU)'}; mode {'tiny' if s.tiny else 'full'}; "
-             f"torch {__import__('torch').__version__}; {os.cpu_count()} CPUs; total {total_s / 60:.1f} min",
+             f"torch {torch.__version__}; {os.cpu_count()} CPUs; total {total_s / 60:.1f} min",
              f"   precision {check.precision.value} ({check.precision.reason}); channels_last "
              f"{check.channels_last.value}; compile in training {check.compile.value} ({check.compile.reason})"]
     m = st.get("model", Stage("model")).figures
     if m.get("rows"):
         peak = m["peak_bf16_flops"]
         lines.append(f"\n## model-only training step, batch {m['batch']} x {m['patch']} px, "
-                     f"{'bf16' if m['bf16'] else 'fp32'}{' + channels_last' if m['channels_last'] else ''}; "
-                     f"MFU over {fmt(peak and peak / 1e12)} TFLOP/s dense bf16")
+                     f"{'bf16' if m['bf16'] else 'fp32'}{' + channels_last' if m['channels_last'] else ''}"
+                     + (f"; MFU over {peak / 1e12:,.0f} TFLOP/s dense bf16" if peak
+                        else "; MFU n/a (no known GPU peak)"))
         lines.append(f"{'preset':<8} {'C':>4} {'N':>3} {'GFLOP/patch':>11} {'eager p/s':>10} {'MFU':>6} "
                      f"{'compiled p/s':>12} {'MFU':>6} {'compile s':>9} {'speedup':>7}")
         for preset in s.presets:
@@ -545,7 +553,7 @@ def report(check: Check, total_s: float) -> list[str]:
                          f"{3 * base['flops_per_pixel'] * m['patch'] ** 2 / 1e9:>11.2f} "
                          f"{fmt(ep, ',.1f', 'error' if 'error' in e else '-'):>10} {fmt(e.get('mfu'), '.1%'):>6} "
                          f"{fmt(cp, ',.1f', 'error' if 'error' in c else '-'):>12} {fmt(c.get('mfu'), '.1%'):>6} "
-                         f"{fmt(c.get('first_step_s'), '.0f'):>9} {fmt(ep and cp and cp / ep, '.2f'):>6}x")
+                         f"{fmt(c.get('first_step_s'), '.0f'):>9} {fmt(ep and cp and cp / ep, '.2f'):>6}{'x' if ep and cp else ' '}")
     lo = st.get("loader", Stage("loader")).figures.get("rows", {})
     if lo:
         lines.append(f"\n## loader alone: {s.patch} px patches, {s.patches_per_image} per tile, quality "
@@ -561,8 +569,8 @@ def report(check: Check, total_s: float) -> list[str]:
         lines.append(f"\n## training: launch/configs/gpu.yaml on BSDS500 train+val (val: test), {t.get('steps')} steps "
                      f"x {t.get('batch')} patches, {t.get('precision')}, compile {t.get('compile')}, resampled")
         lines.append(f"patches/s {fmt(t.get('patches_per_s'))}  data wait {fmt(t.get('data_wait_frac'), '.0%')}  "
-                     f"peak GPU mem {fmt(t.get('peak_gpu_mem_gb'), '.1f')} GB  val gain (dB, 128-256 px crops) "
-                     f"{gains or '-'}")
+                     f"peak GPU mem {fmt(t.get('peak_gpu_mem_gb'), '.1f')} GB  "
+                     f"val gain (dB, {t.get('val_crop')} px crops) {gains or '-'}")
     ev = st.get("eval", Stage("eval")).figures.get("rows", {})
     if ev:
         n = next(iter(ev.values()))["images"]
@@ -573,7 +581,7 @@ def report(check: Check, total_s: float) -> list[str]:
     r = st.get("restore", Stage("restore")).figures
     if r:
         w, h = s.restore_size
-        lines.append(f"\n## restorer restore {w}x{h} ({r['megapixels']:.0f} MP) JPEG, end to end (decode, tiles, PNG)")
+        lines.append(f"\n## restorer restore {w}x{h} ({r['megapixels']:.1f} MP) JPEG, end to end (decode, tiles, PNG)")
         lines.append(f"seconds {r['seconds']:.1f}  Mpix/s {r['megapixels'] / r['seconds']:.2f}  peak GPU mem "
                      f"{fmt(r.get('peak_gpu_mib'), ',.0f')} MiB  peak RSS {r['peak_rss_mib']:,.0f} MiB")
     lines.append(f"\n## stages\n{'stage':<8} {'status':<10} {'seconds':>7}  note")
@@ -591,11 +599,13 @@ def summary_value(check: Check) -> Optional[float]:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bsds", type=Path, default=DEFAULT_BSDS, help=f"BSR folder or BSR_bsds500.tgz (default {DEFAULT_BSDS})")
+    ap.add_argument("--bsds", type=Path, default=DEFAULT_BSDS,
+                    help=f"BSR folder or BSR_bsds500.tgz (default {DEFAULT_BSDS})")
     ap.add_argument("--work-dir", type=Path, default=REPO / "runs" / "gpu_check", help="shards, runs and logs go here")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here (default WORK_DIR/gpu_check.json)")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (automatic without CUDA): a smoke run in ~1 min")
-    ap.add_argument("--train-seconds", type=float, default=150.0, help="size the training run to about this long")
+    ap.add_argument("--train-seconds", type=float, default=120.0,
+                    help="size the training run's steps to about this long (plus start-up, compiling, validation)")
     ap.add_argument("--child", nargs=2, metavar=("STAGE", "SPEC"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -623,7 +633,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("\n".join(lines))
     doc = {"device": check.gpu_name or "cpu", "mode": "tiny" if tiny else "full", "total_seconds": total,
            "precision": check.precision.as_dict(), "channels_last": check.channels_last.as_dict(),
-           "compile": check.compile.as_dict(),
+           "compile": check.compile.as_dict(), "stage_caps_s": check.caps,
            "stages": {k: dataclasses.asdict(v) for k, v in check.stages.items()}, SUMMARY: summary_value(check)}
     from restorer.fsutil import atomic_write_text
 
