@@ -553,7 +553,7 @@ def report(check: Check, total_s: float) -> list[str]:
                          f"{3 * base['flops_per_pixel'] * m['patch'] ** 2 / 1e9:>11.2f} "
                          f"{fmt(ep, ',.1f', 'error' if 'error' in e else '-'):>10} {fmt(e.get('mfu'), '.1%'):>6} "
                          f"{fmt(cp, ',.1f', 'error' if 'error' in c else '-'):>12} {fmt(c.get('mfu'), '.1%'):>6} "
-                         f"{fmt(c.get('first_step_s'), '.0f'):>9} {fmt(ep and cp and cp / ep, '.2f'):>6}{'x' if ep and cp else ' '}")
+                         f"{fmt(c.get('first_step_s'), '.0f'):>9} {f'{cp / ep:.2f}x' if ep and cp else '-':>7}")
     lo = st.get("loader", Stage("loader")).figures.get("rows", {})
     if lo:
         lines.append(f"\n## loader alone: {s.patch} px patches, {s.patches_per_image} per tile, quality "
