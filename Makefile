@@ -18,7 +18,7 @@ help:
 	@echo "make bench   run the benchmarks in bench/"
 	@echo "make demo    shards -> 2-process CPU training -> eval -> comparison picture (about 8 min)"
 	@echo "make bench-model-choice  train each candidate preset for the same time budget (about 25 min)"
-	@echo "make gpu-check  one CUDA GPU: model/loader/training/eval/24 MP restore figures side by side (about 7 min; BSDS=PATH)"
+	@echo "make gpu-check  one CUDA GPU: model/loader/training/eval/24 MP restore figures side by side (meant for <= 8 min, not yet timed on a GPU; BSDS=PATH)"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
