@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0
 SHARDS ?= data/shards
 RUN ?= runs/demo
 
-.PHONY: help setup shards test bench bench-model-choice demo clean
+.PHONY: help setup shards test bench bench-model-choice gpu-check demo clean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU wheel here) and restorer[dev]"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench   run the benchmarks in bench/"
 	@echo "make demo    shards -> 2-process CPU training -> eval -> comparison picture (about 8 min)"
 	@echo "make bench-model-choice  train each candidate preset for the same time budget (about 25 min)"
+	@echo "make gpu-check  one CUDA GPU: model/loader/training/eval/24 MP restore figures side by side (meant for <= 8 min, not yet timed on a GPU; BSDS=PATH)"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -48,6 +49,13 @@ demo: setup
 bench-model-choice: setup
 	$(BIN)/python -m shard_tools build --bsds ../shared/datasets/BSR --out data/bsr --max-samples 16
 	$(BIN)/python bench/model_choice.py --shards data/bsr --minutes 4
+
+# BSDS500 (BSR folder or BSR_bsds500.tgz); no network, no W&B; a tiny CPU smoke run without CUDA.
+# No `setup` here: a GPU machine keeps the Python that has its CUDA torch (CHECK_PY=... to choose).
+BSDS ?= ../shared/datasets/BSR
+CHECK_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+gpu-check:
+	$(CHECK_PY) bench/gpu_check.py --bsds $(BSDS) --work-dir runs/gpu_check --json runs/gpu_check/gpu_check.json
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache

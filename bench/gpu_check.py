@@ -1,0 +1,652 @@
+#!/usr/bin/env python
+"""One-command GPU check: every speed and quality figure of the pipeline on this machine, side by side.
+
+Stages (each a child process with its own time cap; a stage that fails or runs out of time is
+reported in the table and the others still run):
+
+1. shards   ``python -m shard_tools build --bsds PATH`` -> BSDS500 shards (train, val, test)
+2. model    training step alone (forward + backward + AdamW, synthetic batch) per model preset,
+            eager and ``torch.compile``, with the precision and memory format ``restorer.hardware``
+            picks (bf16 + channels_last on a recent GPU); MFU = 3 x forward FLOPs x pixels/s over
+            the card's dense bf16 peak (bench/train_step.py's table)
+3. loader   ``restorer.data.make_train_loader`` alone (the gpu recipe's patches, resampled shards)
+            at 1, 6 and 12 workers, patches/s
+4. train    ``accelerate launch launch/train.py --config launch/configs/gpu.yaml`` on the BSDS500
+            shards (train+val; validation on test), sized to ``--train-seconds`` from the two stages
+            above; patches/s and data-wait fraction from RUN/metrics.jsonl, final val gain per quality
+5. eval     ``restorer eval`` of that model on the BSDS500 test split at q10/20/30/40 (RGB PSNR)
+6. restore  ``restorer restore`` of a synthetic 6000x4000 JPEG: seconds end to end, peak GPU memory
+
+No network and no W&B (``--tracker none``); besides the project's own modules it needs only torch,
+accelerate, numpy, Pillow, webdataset, safetensors, PyYAML and tqdm (never wandb, scikit-image or
+matplotlib). Without CUDA (or with ``--tiny``) the same stages run with tiny sizes in a minute or
+two on a CPU -- what ``tests/test_gpu_check.py`` runs so this script cannot rot.
+
+The last line is ``gpu_check_train_patches_per_s: <value>`` (``nan`` if training failed); all figures
+go to ``--json``. The exit status is 1 when any stage failed.
+
+  python bench/gpu_check.py               # one GPU: meant to take <= 8 min (stage caps: CAPS); not yet timed on one
+  python bench/gpu_check.py --bsds data/BSR --work-dir runs/gpu_check --json runs/gpu_check.json
+  python bench/gpu_check.py --tiny        # the CPU smoke version: 1.5 min on 2 busy cores
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+for _p in (str(REPO), str(BENCH)):  # restorer, and bench/train_step.py as `train_step`
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import yaml  # noqa: E402
+
+from restorer.errors import first_line  # noqa: E402
+
+GPU_RECIPE = REPO / "launch" / "configs" / "gpu.yaml"
+DEFAULT_BSDS = REPO.parent / "shared" / "datasets" / "BSR"
+QUALITIES = (10, 20, 30, 40)
+SUMMARY = "gpu_check_train_patches_per_s"
+# wall-clock cap of each stage, seconds (GPU mode; tiny mode uses TINY_CAPS)
+CAPS = {"shards": 90, "model": 150, "loader": 75, "train": 150, "eval": 90, "restore": 90}  # train: + --train-seconds
+TINY_CAPS = {"shards": 60, "model": 60, "loader": 60, "train": 120, "eval": 60, "restore": 60}
+
+
+@dataclasses.dataclass
+class Sizes:
+    """Everything that differs between the real check and the tiny CPU version."""
+    tiny: bool
+    presets: tuple[str, ...]  # model stage, in this order (eager for all first, then compiled)
+    compile_models: bool
+    model_patch: int
+    model_batch: int
+    model_seconds: float  # timed seconds per (preset, variant)
+    loader_workers: tuple[int, ...]
+    loader_seconds: float
+    patch: int  # loader and training patches
+    batch: int
+    patches_per_image: int
+    shuffle_buffer: int
+    train_workers: int
+    train_seconds: float  # the training run is sized to take about this long
+    restore_size: tuple[int, int]
+    image_limit: Optional[int]  # images per split for shards and eval (None = all)
+
+    @classmethod
+    def for_mode(cls, tiny: bool, recipe: dict, train_seconds: float) -> "Sizes":
+        if tiny:
+            return cls(True, ("tiny",), False, 32, 4, 0.3, (1,), 1.0, 32, 4, 2, 8, 1, 0.0, (480, 320), 3)
+        return cls(False, ("default", "tiny", "small", "large", "seed"), True, int(recipe["patch_size"]),
+                   int(recipe["batch_size"]), 2.0, (1, 6, 12), 8.0, int(recipe["patch_size"]),
+                   int(recipe["batch_size"]), int(recipe["patches_per_image"]), int(recipe["shuffle_buffer"]),
+                   int(recipe["num_workers"]), train_seconds, (6000, 4000), None)
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    status: str = ""  # ok | failed | timed out | not run
+    seconds: float = 0.0
+    note: str = ""
+    figures: dict = dataclasses.field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ processes
+
+def run_child(cmd: list[str], cap: float, log: Path, env: Optional[dict] = None) -> tuple[Optional[int], str]:
+    """Run ``cmd`` in its own process group with stdout to ``log``.out and stderr to ``log``.err;
+    after ``cap`` seconds the group gets SIGTERM, 20 s later SIGKILL. Returns (exit code or None
+    when it was stopped, stdout text -- complete up to the stop)."""
+    out, err = log.with_suffix(".out"), log.with_suffix(".err")
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, cwd=REPO, env=env, start_new_session=True)
+        try:
+            code: Optional[int] = proc.wait(timeout=cap)
+        except subprocess.TimeoutExpired:
+            code = None
+            for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(proc.pid, sig)  # the group this call started (launcher, ranks, loader workers)
+                    proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+                except ProcessLookupError:
+                    break
+    return code, out.read_text(errors="replace")
+
+
+def records(stdout: str) -> list[dict]:
+    """The JSON records a child printed (one per line, each starting with '{')."""
+    out = []
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def why_failed(log: Path, code: Optional[int], cap: float) -> str:
+    if code is None:
+        return f"stopped after its {cap:.0f} s cap (log {log.with_suffix('.err')})"
+    lines = [ln.strip() for ln in log.with_suffix(".err").read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    last = (errors or lines or [f"exit status {code}"])[-1]
+    return f"{last[:160]} (exit {code}; log {log.with_suffix('.err')})"
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def child_env() -> dict:
+    """Children find the project first (this worktree), like `python -m` from the repo root."""
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+# ---------------------------------------------------------------------------- child: model step
+
+def child_model(spec: dict) -> None:
+    """One record per (preset, variant): patches/s, first-step seconds (includes compiling)."""
+    import torch
+
+    from restorer.model import ModelConfig, build_model, flops_per_pixel
+    from train_step import make_step, timed
+
+    device = spec["device"]
+    variants = [("eager", False)] + ([("compiled", True)] if spec["compile"] else [])
+    for variant, compile_ in variants:
+        for preset in spec["presets"]:
+            cfg = ModelConfig(preset=preset, condition_on_quality=spec["condition_on_quality"]).resolved()
+            rec = {"preset": preset, "variant": variant, "channels": cfg.channels, "units": cfg.units,
+                   "flops_per_pixel": flops_per_pixel(build_model(cfg))}
+            try:
+                if compile_:
+                    torch._dynamo.reset()
+                step = make_step(cfg, bf16=spec["bf16"], channels_last=spec["channels_last"], compile=compile_,
+                                 patch=spec["patch"], batch=spec["batch"], device=device)
+                t0 = time.perf_counter()
+                step()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                rec["first_step_s"] = time.perf_counter() - t0
+                for _ in range(3):
+                    step()
+                rec["patches_per_s"] = timed(step, spec["batch"], spec["seconds"], device)
+                del step
+            except Exception as exc:  # noqa: BLE001 (an OOM or a compiler failure ends this row only)
+                rec["error"] = f"{type(exc).__name__}: {first_line(exc, 150)}"
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            emit(rec)
+
+
+# --------------------------------------------------------------------------------- child: loader
+
+def child_loader(spec: dict) -> None:
+    """patches/s of the training loader alone, per worker count (after its first batch)."""
+    import gc
+
+    import torch
+
+    from restorer.data import StreamConfig, make_train_loader
+
+    torch.set_num_threads(1)
+    cfg = StreamConfig(shards=spec["shards"], splits=spec["splits"], patch_size=spec["patch"],
+                       patches_per_image=spec["patches_per_image"], quality=spec["quality"],
+                       shuffle_buffer=spec["shuffle_buffer"], resampled=True, seed=0)
+    for workers in spec["workers"]:
+        rec = {"workers": workers}
+        try:
+            loader = make_train_loader(cfg, batch_size=spec["batch"], num_workers=workers)
+            t0 = time.perf_counter()
+            n, start = 0, None
+            while start is None or time.perf_counter() - start < spec["seconds"]:
+                if start is None and time.perf_counter() - t0 > 10 * spec["seconds"] + 60:
+                    raise RuntimeError("no batch came out of the loader")
+                for deg, _, _ in loader:  # endless under the loader contract; re-entered if an epoch ends
+                    if start is None:
+                        start = time.perf_counter()
+                        rec["first_batch_s"] = start - t0
+                        continue
+                    n += deg.shape[0]
+                    if time.perf_counter() - start >= spec["seconds"]:
+                        break
+            rec["patches_per_s"] = n / (time.perf_counter() - start)
+            del loader
+            gc.collect()  # stops this loader's persistent workers before the next count starts
+        except Exception as exc:  # noqa: BLE001
+            rec["error"] = f"{type(exc).__name__}: {first_line(exc, 150)}"
+        emit(rec)
+
+
+# -------------------------------------------------------------------------------- child: restore
+
+def child_restore(spec: dict) -> None:
+    """``restorer restore`` (the CLI's main, in this process) on a synthetic JPEG; one record with
+    the seconds of the whole command, peak GPU memory (torch allocator) and peak RSS."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from restorer import cli
+
+    w, h = spec["size"]
+    work = Path(spec["work"])
+    src = sorted(Path(spec["bsds"]).rglob("*.jpg"))[:1]
+    if src:  # real photo content, upscaled, plus fine noise: JPEG-like statistics at 24 MP
+        with Image.open(src[0]) as im:
+            base = np.asarray(im.convert("RGB").resize((w, h), Image.Resampling.BICUBIC), dtype=np.int16)
+    else:
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (w + h)], axis=-1).astype(np.int16)
+    noise = np.random.default_rng(0).integers(-6, 7, size=(h, w, 1), dtype=np.int16)
+    jpeg = work / f"synthetic_{w}x{h}.jpg"
+    Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(jpeg, quality=30)
+    del base, noise
+    weights = spec.get("weights")
+    if not weights:  # training produced nothing: a fixed-seed model of the same preset (speed only)
+        from restorer.model import ModelConfig, build_model
+        from restorer.modelfile import export_weights
+
+        torch.manual_seed(0)
+        cfg = ModelConfig(preset=spec["preset"])
+        weights = str(export_weights(build_model(cfg), cfg, work / "untrained", facts={"quality": "10-90"}))
+    if spec["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    code = cli.main(restore_argv(jpeg, work / "restored.png", weights, spec["device"]))
+    rec = {"seconds": time.perf_counter() - t0, "exit": code, "megapixels": w * h / 1e6, "weights": weights,
+           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if spec["device"] == "cuda":
+        rec["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    emit(rec)
+
+
+def restore_argv(jpeg: Path, out: Path, weights: str, device: str) -> list[str]:
+    return ["restore", str(jpeg), "-o", str(out), "--weights", weights, "--device", device, "--overwrite",
+            "--no-progress"]
+
+
+CHILDREN = {"model": child_model, "loader": child_loader, "restore": child_restore}
+
+
+# ------------------------------------------------------------------------------------ the stages
+
+class Check:
+    """The stages, run in order by :meth:`run`; each records its status, seconds, note and figures
+    in ``self.stages``, and a later stage reads earlier figures (training steps, weights)."""
+
+    def __init__(self, args, sizes: Sizes, device: str, gpu_name: Optional[str], recipe: dict):
+        self.args, self.sizes, self.device, self.gpu_name, self.recipe = args, sizes, device, gpu_name, recipe
+        self.work = args.work_dir.resolve()
+        self.shards = self.work / "shards"
+        self.logs = self.work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.caps = TINY_CAPS if sizes.tiny else {**CAPS, "train": CAPS["train"] + sizes.train_seconds}
+        self.stages: dict[str, Stage] = {}
+        from restorer import hardware
+
+        self.precision = hardware.choose_precision("auto", device)
+        self.channels_last = hardware.choose_channels_last("auto", device, self.precision.value)
+        self.compile = hardware.choose_compile("auto", device)
+
+    def python(self, *args: str) -> list[str]:
+        return [sys.executable, *args]
+
+    def child(self, name: str, spec: dict) -> tuple[Optional[int], list[dict]]:
+        code, out = run_child(self.python(__file__, "--child", name, json.dumps(spec)), self.caps[name],
+                              self.logs / name, child_env())
+        return code, records(out)
+
+    def run(self, name: str, fn) -> Stage:
+        stage = Stage(name)
+        self.stages[name] = stage
+        print(f"[gpu-check] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            fn(stage)
+            stage.status = stage.status or "ok"
+        except Exception as exc:  # noqa: BLE001 (a bug in one stage must not stop the others)
+            stage.status, stage.note = "failed", f"{type(exc).__name__}: {first_line(exc, 160)}"
+        stage.seconds = time.perf_counter() - t0
+        print(f"[gpu-check] {name}: {stage.status} in {stage.seconds:.0f} s {stage.note}".rstrip(), flush=True)
+        return stage
+
+    def no_shards(self, stage: Stage) -> bool:
+        """True (and the stage marked not run) when the shards stage failed."""
+        if self.stages["shards"].status == "ok":
+            return False
+        stage.status, stage.note = "not run", "no shards (see the shards stage)"
+        return True
+
+    def fail(self, stage: Stage, name: str, code: Optional[int]) -> None:
+        stage.status = "timed out" if code is None else "failed"
+        stage.note = why_failed(self.logs / name, code, self.caps[name])
+
+    # 1 ---------------------------------------------------------------------------------------
+    def stage_shards(self, stage: Stage) -> None:
+        cmd = self.python("-m", "shard_tools", "build", "--bsds", str(self.args.bsds), "--out", str(self.shards),
+                          "--max-samples", "16", "--workers", str(min(8, os.cpu_count() or 1)), "--progress", "false")
+        if self.sizes.image_limit:
+            cmd += ["--max-images", str(self.sizes.image_limit)]
+        code, _ = run_child(cmd, self.caps["shards"], self.logs / "shards", child_env())
+        manifest = self.shards / "manifest.json"
+        if code != 0 or not manifest.is_file():
+            return self.fail(stage, "shards", code)
+        splits = json.loads(manifest.read_text())["splits"]
+        stage.figures = {s: int(v["samples"]) for s, v in splits.items()}
+        missing = {"train", "val", "test"} - set(splits)
+        if missing:
+            stage.status, stage.note = "failed", f"{self.shards}: no {', '.join(sorted(missing))} split (not BSDS500?)"
+
+    # 2 ---------------------------------------------------------------------------------------
+    def stage_model(self, stage: Stage) -> None:
+        s = self.sizes
+        spec = {"device": self.device, "presets": list(s.presets), "compile": s.compile_models,
+                "condition_on_quality": bool(self.recipe.get("condition_on_quality", False)),
+                "bf16": self.precision.value == "bf16", "channels_last": bool(self.channels_last.value),
+                "patch": s.model_patch, "batch": s.model_batch, "seconds": s.model_seconds}
+        code, recs = self.child("model", spec)
+        peak = gpu_peak_flops(self.gpu_name)
+        rows = {}
+        for r in recs:
+            if "patches_per_s" in r:
+                achieved = r["patches_per_s"] * 3 * r["flops_per_pixel"] * s.model_patch ** 2
+                r["train_tflops"] = achieved / 1e12
+                r["mfu"] = achieved / peak if peak else None
+            rows[f"{r['preset']}/{r['variant']}"] = r
+        stage.figures = {"rows": rows, "peak_bf16_flops": peak, "bf16": spec["bf16"],
+                         "channels_last": spec["channels_last"], "patch": s.model_patch, "batch": s.model_batch}
+        expected = len(s.presets) * (2 if s.compile_models else 1)
+        errors = [k for k, r in rows.items() if "error" in r]
+        if code != 0:
+            self.fail(stage, "model", code)
+            stage.note += f"; {len(rows)} of {expected} rows measured"
+        elif errors:
+            stage.status, stage.note = "failed", f"{', '.join(errors)}: {rows[errors[0]]['error']}"
+        if not s.compile_models:
+            skipped = "compiled rows skipped (tiny mode: compiling takes ~30 s on CPU)"
+            stage.note = f"{stage.note}; {skipped}" if stage.note else skipped
+
+    # 3 ---------------------------------------------------------------------------------------
+    def stage_loader(self, stage: Stage) -> None:
+        if self.no_shards(stage):
+            return
+        s = self.sizes
+        spec = {"shards": str(self.shards), "splits": ["train", "val"], "patch": s.patch, "batch": s.batch,
+                "patches_per_image": s.patches_per_image, "quality": str(self.recipe["quality"]),
+                "shuffle_buffer": s.shuffle_buffer, "workers": list(s.loader_workers), "seconds": s.loader_seconds}
+        code, recs = self.child("loader", spec)
+        stage.figures = {"rows": {str(r["workers"]): r for r in recs}}
+        errors = [r for r in recs if "error" in r]
+        if code != 0:
+            self.fail(stage, "loader", code)
+        elif errors or len(recs) < len(s.loader_workers):
+            stage.status = "failed"
+            stage.note = errors[0]["error"] if errors else "not every worker count was measured"
+
+    # 4 ---------------------------------------------------------------------------------------
+    def train_steps(self) -> int:
+        """Optimizer steps that fill --train-seconds at the slower of the model's and the loader's rate."""
+        s = self.sizes
+        if s.tiny:
+            return 12
+        rates = []
+        model_rows = self.stages.get("model", Stage("model")).figures.get("rows", {})
+        variant = "compiled" if self.compile.value else "eager"
+        rate = model_rows.get(f"{self.recipe.get('preset', 'default')}/{variant}", {}).get("patches_per_s")
+        if rate:
+            rates.append(rate)
+        loader = self.stages.get("loader", Stage("loader")).figures.get("rows", {})
+        rate = loader.get(str(s.train_workers), {}).get("patches_per_s")
+        if rate:
+            rates.append(rate)
+        expected = 0.85 * min(rates) if rates else 1000.0
+        return max(200, min(100_000, int(s.train_seconds * expected / s.batch)))
+
+    def stage_train(self, stage: Stage) -> None:
+        if self.no_shards(stage):
+            return
+        s = self.sizes
+        run_dir = self.work / time.strftime("train-%Y%m%d-%H%M%S")
+        steps = self.train_steps()
+        val_crop = 64 if s.tiny else int(self.recipe["val_crop"])
+        acc_cfg = self.work / "accelerate_1proc.yaml"
+        acc_cfg.write_text(yaml.safe_dump({"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO",
+                                           "num_machines": 1, "num_processes": 1, "machine_rank": 0,
+                                           "mixed_precision": "no", "use_cpu": self.device == "cpu"}))
+        flags = ["--config", str(GPU_RECIPE), "--shards", str(self.shards), "--train-splits", "train", "val",
+                 "--val-split", "test", "--run-dir", str(run_dir), "--tracker", "none", "--resampled",
+                 "--resume", "none", "--max-steps", str(steps), "--warmup-steps", str(max(1, min(2000, steps // 10))),
+                 "--val-every", str(steps), "--save-every", str(steps), "--keep-checkpoints", "1",
+                 "--log-every", str(max(1, steps // 20)), "--val-qualities", *map(str, QUALITIES),
+                 "--mixed-precision", str(self.precision.value),
+                 "--channels-last", str(bool(self.channels_last.value)).lower(),
+                 "--compile", str(bool(self.compile.value)).lower(), "--num-workers", str(s.train_workers)]
+        if s.tiny:
+            flags += ["--preset", "tiny", "--patch-size", str(s.patch), "--batch-size", str(s.batch),
+                      "--patches-per-image", str(s.patches_per_image), "--shuffle-buffer", str(s.shuffle_buffer),
+                      "--val-crop", str(val_crop), "--val-batch-size", "4", "--panel-images", "0"]
+        cmd = self.python("-m", "accelerate.commands.launch", "--config_file", str(acc_cfg),
+                          str(REPO / "launch" / "train.py"), *flags)
+        env = {**child_env(), "WANDB_MODE": "disabled"}
+        if self.device == "cpu":
+            env["ACCELERATE_USE_CPU"] = "true"
+        code, _ = run_child(cmd, self.caps["train"], self.logs / "train", env)
+        stage.figures = {"run_dir": str(run_dir), "steps": steps, "batch": s.batch, "val_crop": val_crop,
+                         "precision": self.precision.value, "channels_last": bool(self.channels_last.value),
+                         "compile": bool(self.compile.value), **train_figures(run_dir / "metrics.jsonl")}
+        weights = run_dir / "model.safetensors"
+        stage.figures["weights"] = str(weights) if weights.is_file() else None
+        if code != 0:
+            self.fail(stage, "train", code)
+        elif "val_gain" not in stage.figures:
+            stage.status, stage.note = "failed", f"no final validation in {run_dir / 'metrics.jsonl'}"
+
+    # 5 ---------------------------------------------------------------------------------------
+    def stage_eval(self, stage: Stage) -> None:
+        weights = self.stages["train"].figures.get("weights")
+        if not weights:
+            stage.status, stage.note = "not run", "no trained weights (training failed)"
+            return
+        out = self.work / "eval.json"
+        cmd = self.python("-m", "restorer.cli", "eval", "--weights", weights, "--images", str(self.args.bsds),
+                          "--split", "test", "--quality", *map(str, QUALITIES), "--metrics", "psnr",
+                          "--json", str(out), "--device", self.device, "--no-progress")
+        if self.sizes.image_limit:
+            cmd += ["--limit", str(self.sizes.image_limit)]
+        code, _ = run_child(cmd, self.caps["eval"], self.logs / "eval", child_env())
+        if code != 0 or not out.is_file():
+            return self.fail(stage, "eval", code)
+        means = json.loads(out.read_text())["mean"]
+        stage.figures = {"rows": {str(m["quality"]): {"images": m["images"], "jpeg_psnr": m["jpeg_psnr_rgb"],
+                                                      "restored_psnr": m["restored_psnr_rgb"],
+                                                      "gain": m["gain_psnr_rgb"]} for m in means}}
+
+    # 6 ---------------------------------------------------------------------------------------
+    def stage_restore(self, stage: Stage) -> None:
+        work = self.work / "restore"
+        work.mkdir(exist_ok=True)
+        spec = {"size": list(self.sizes.restore_size), "work": str(work), "bsds": str(self.args.bsds),
+                "weights": self.stages["train"].figures.get("weights"), "device": self.device,
+                "preset": "tiny" if self.sizes.tiny else self.recipe.get("preset", "default")}
+        code, recs = self.child("restore", spec)
+        if code != 0 or not recs or recs[-1].get("exit") != 0:
+            return self.fail(stage, "restore", code if code != 0 or not recs else recs[-1].get("exit"))
+        stage.figures = recs[-1]
+        if not spec["weights"]:
+            stage.note = "untrained weights of the same preset (training failed; speed only)"
+
+
+def gpu_peak_flops(name: Optional[str]) -> Optional[float]:
+    """The card's dense bf16 peak from bench/train_step.py's table, or None (unknown card, CPU)."""
+    from train_step import GPU_PEAK_BF16
+
+    return next((v for k, v in GPU_PEAK_BF16.items() if name and k in name), None)
+
+
+def train_figures(metrics: Path) -> dict:
+    """patches/s (median over log windows after the first, which includes compiling and the
+    loader's start), data-wait fraction (mean of the same windows), final val PSNR gains."""
+    if not metrics.is_file():
+        return {}
+    rows = records(metrics.read_text(errors="replace"))
+    perf = [r for r in rows if "perf/patches_per_s" in r]
+    steady = perf[1:] or perf
+    out: dict = {}
+    if steady:
+        out["patches_per_s"] = statistics.median(r["perf/patches_per_s"] for r in steady)
+        out["data_wait_frac"] = statistics.fmean(r["perf/data_wait_frac"] for r in steady)
+        out["log_windows"] = len(steady)
+        out["peak_gpu_mem_gb"] = steady[-1].get("perf/peak_gpu_mem_gb")
+    vals = [r for r in rows if "val/gain" in r]
+    if vals:
+        last = vals[-1]
+        out["val_step"] = last["step"]
+        out["val_gain"] = {str(q): last[f"val/gain_q{q}"] for q in QUALITIES if f"val/gain_q{q}" in last}
+        out["val_psnr"] = {str(q): last[f"val/psnr_q{q}"] for q in QUALITIES if f"val/psnr_q{q}" in last}
+    return out
+
+
+# ------------------------------------------------------------------------------------- the table
+
+def fmt(v, spec: str = ",.0f", missing: str = "-") -> str:
+    return missing if v is None else format(v, spec)
+
+
+def report(check: Check, total_s: float) -> list[str]:
+    st, s = check.stages, check.sizes
+    import torch
+
+    lines = [f"== gpu check: {check.gpu_name or 'no GPU (CPU)'}; mode {'tiny' if s.tiny else 'full'}; "
+             f"torch {torch.__version__}; {os.cpu_count()} CPUs; total {total_s / 60:.1f} min",
+             f"   precision {check.precision.value} ({check.precision.reason}); channels_last "
+             f"{check.channels_last.value}; compile in training {check.compile.value} ({check.compile.reason})"]
+    m = st.get("model", Stage("model")).figures
+    if m.get("rows"):
+        peak = m["peak_bf16_flops"]
+        lines.append(f"\n## model-only training step, batch {m['batch']} x {m['patch']} px, "
+                     f"{'bf16' if m['bf16'] else 'fp32'}{' + channels_last' if m['channels_last'] else ''}"
+                     + (f"; MFU over {peak / 1e12:,.0f} TFLOP/s dense bf16" if peak
+                        else "; MFU n/a (no known GPU peak)"))
+        lines.append(f"{'preset':<8} {'C':>4} {'N':>3} {'GFLOP/patch':>11} {'eager p/s':>10} {'MFU':>6} "
+                     f"{'compiled p/s':>12} {'MFU':>6} {'compile s':>9} {'speedup':>7}")
+        for preset in s.presets:
+            e, c = m["rows"].get(f"{preset}/eager", {}), m["rows"].get(f"{preset}/compiled", {})
+            base = e or c
+            if not base:
+                lines.append(f"{preset:<8} not reached")
+                continue
+            ep, cp = e.get("patches_per_s"), c.get("patches_per_s")
+            lines.append(f"{preset:<8} {base['channels']:>4} {base['units']:>3} "
+                         f"{3 * base['flops_per_pixel'] * m['patch'] ** 2 / 1e9:>11.2f} "
+                         f"{fmt(ep, ',.1f', 'error' if 'error' in e else '-'):>10} {fmt(e.get('mfu'), '.1%'):>6} "
+                         f"{fmt(cp, ',.1f', 'error' if 'error' in c else '-'):>12} {fmt(c.get('mfu'), '.1%'):>6} "
+                         f"{fmt(c.get('first_step_s'), '.0f'):>9} {f'{cp / ep:.2f}x' if ep and cp else '-':>7}")
+    lo = st.get("loader", Stage("loader")).figures.get("rows", {})
+    if lo:
+        lines.append(f"\n## loader alone: {s.patch} px patches, {s.patches_per_image} per tile, quality "
+                     f"{check.recipe['quality']}, batch {s.batch}, resampled BSDS500 shards (train+val)")
+        lines.append(f"{'workers':>7} {'patches/s':>10} {'per worker':>10} {'first batch s':>13}")
+        for w, r in lo.items():
+            p = r.get("patches_per_s")
+            lines.append(f"{w:>7} {fmt(p, ',.0f', 'error'):>10} {fmt(p and p / int(w), ',.0f'):>10} "
+                         f"{fmt(r.get('first_batch_s'), '.1f'):>13}")
+    t = st.get("train", Stage("train")).figures
+    if t:
+        gains = " ".join(f"q{q} {v:+.2f}" for q, v in t.get("val_gain", {}).items())
+        lines.append(f"\n## training: launch/configs/gpu.yaml on BSDS500 train+val (val: test), {t.get('steps')} steps "
+                     f"x {t.get('batch')} patches, {t.get('precision')}, compile {t.get('compile')}, resampled")
+        lines.append(f"patches/s {fmt(t.get('patches_per_s'))}  data wait {fmt(t.get('data_wait_frac'), '.0%')}  "
+                     f"peak GPU mem {fmt(t.get('peak_gpu_mem_gb'), '.1f')} GB  "
+                     f"val gain (dB, {t.get('val_crop')} px crops) {gains or '-'}")
+    ev = st.get("eval", Stage("eval")).figures.get("rows", {})
+    if ev:
+        n = next(iter(ev.values()))["images"]
+        lines.append(f"\n## restorer eval: BSDS500 test ({n} images), RGB PSNR dB, no border crop")
+        lines.append("quality  JPEG dB  restored dB  gain")
+        for q, r in ev.items():
+            lines.append(f"q{q:<6} {r['jpeg_psnr']:>8.2f} {r['restored_psnr']:>12.2f} {r['gain']:>+5.2f}")
+    r = st.get("restore", Stage("restore")).figures
+    if r:
+        w, h = s.restore_size
+        lines.append(f"\n## restorer restore {w}x{h} ({r['megapixels']:.1f} MP) JPEG, end to end (decode, tiles, PNG)")
+        lines.append(f"seconds {r['seconds']:.1f}  Mpix/s {r['megapixels'] / r['seconds']:.2f}  peak GPU mem "
+                     f"{fmt(r.get('peak_gpu_mib'), ',.0f')} MiB  peak RSS {r['peak_rss_mib']:,.0f} MiB")
+    lines.append(f"\n## stages\n{'stage':<8} {'status':<10} {'seconds':>7}  note")
+    for stage in st.values():
+        lines.append(f"{stage.name:<8} {stage.status:<10} {stage.seconds:>7.0f}  {stage.note}")
+    return lines
+
+
+def summary_value(check: Check) -> Optional[float]:
+    return check.stages.get("train", Stage("train")).figures.get("patches_per_s")
+
+
+# ------------------------------------------------------------------------------------------- main
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bsds", type=Path, default=DEFAULT_BSDS,
+                    help=f"BSR folder or BSR_bsds500.tgz (default {DEFAULT_BSDS})")
+    ap.add_argument("--work-dir", type=Path, default=REPO / "runs" / "gpu_check", help="shards, runs and logs go here")
+    ap.add_argument("--json", type=Path, default=None, help="write every figure here (default WORK_DIR/gpu_check.json)")
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes (automatic without CUDA): a CPU smoke run")
+    ap.add_argument("--train-seconds", type=float, default=120.0,
+                    help="size the training run's steps to about this long (plus start-up, compiling, validation)")
+    ap.add_argument("--child", nargs=2, metavar=("STAGE", "SPEC"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        CHILDREN[args.child[0]](json.loads(args.child[1]))
+        return 0
+
+    import torch
+
+    t0 = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    tiny = args.tiny or not cuda
+    device = "cpu" if tiny and not cuda else "cuda"
+    if not args.bsds.exists():
+        print(f"error: {args.bsds}: BSDS500 not found (pass --bsds: a BSR folder or BSR_bsds500.tgz)", file=sys.stderr)
+        return 2
+    recipe = yaml.safe_load(GPU_RECIPE.read_text())
+    sizes = Sizes.for_mode(tiny, recipe, args.train_seconds)
+    check = Check(args, sizes, device, torch.cuda.get_device_name(0) if cuda else None, recipe)
+    print(f"[gpu-check] {'tiny (CPU smoke) ' if tiny else ''}check on {check.gpu_name or 'CPU'}; work dir "
+          f"{check.work}; logs in {check.logs}", flush=True)
+    for name in ("shards", "model", "loader", "train", "eval", "restore"):
+        check.run(name, getattr(check, f"stage_{name}"))
+    total = time.perf_counter() - t0
+    lines = report(check, total)
+    print("\n".join(lines))
+    doc = {"device": check.gpu_name or "cpu", "mode": "tiny" if tiny else "full", "total_seconds": total,
+           "precision": check.precision.as_dict(), "channels_last": check.channels_last.as_dict(),
+           "compile": check.compile.as_dict(), "stage_caps_s": check.caps,
+           "stages": {k: dataclasses.asdict(v) for k, v in check.stages.items()}, SUMMARY: summary_value(check)}
+    from restorer.fsutil import atomic_write_text
+
+    json_path = args.json or check.work / "gpu_check.json"
+    atomic_write_text(json_path, json.dumps(doc, indent=1, default=str) + "\n")
+    print(f"figures: {json_path}")
+    value = summary_value(check)
+    print(f"{SUMMARY}: {fmt(value, '.0f', 'nan')}")
+    return 0 if all(st.status == "ok" for st in check.stages.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
