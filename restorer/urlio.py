@@ -297,20 +297,36 @@ _FS_CACHE: dict[tuple, object] = {}
 _FS_LOCK = threading.Lock()
 
 
-def _filesystem(url: str, policy: ReadPolicy):
-    """(fsspec filesystem, path) for ``url``, with our timeouts and no retries of its own where the
-    backend allows (so that ``policy.retries`` is the one retry budget)."""
+def backend_class(url: str):
+    """The fsspec filesystem class for ``url``; UserError (one line naming the extra to install)
+    when its package is missing or the scheme is unknown."""
     import fsspec
 
     protocol = scheme(url)
     try:
-        cls = fsspec.get_filesystem_class(protocol)
+        return fsspec.get_filesystem_class(protocol)
     except ImportError:
         extra = EXTRAS.get(protocol)
         hint = f"pip install 'restorer[{extra}]'" if extra else f"install the fsspec backend for {protocol}://"
         raise UserError(f"{url}: {protocol}:// needs a package that is not installed: {hint}") from None
     except ValueError:
         raise UserError(f"{url}: unknown URL scheme {protocol!r}") from None
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path) for ``url`` with the backend's own defaults (its own retries;
+    for writers such as the shard builder's upload). A missing package is a UserError."""
+    import fsspec
+
+    backend_class(url)
+    return fsspec.core.url_to_fs(url)
+
+
+def _filesystem(url: str, policy: ReadPolicy):
+    """(fsspec filesystem, path) for ``url``, with our timeouts and no retries of its own where the
+    backend allows (so that ``policy.retries`` is the one retry budget)."""
+    protocol = scheme(url)
+    cls = backend_class(url)
     key = (protocol, policy.connect_timeout, policy.read_timeout, os.getpid())
     with _FS_LOCK:
         fs = _FS_CACHE.get(key)

@@ -11,6 +11,7 @@ Fixtures (imported by tests/conftest.py):
 """
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import uuid
@@ -173,6 +174,7 @@ def s3_server():
         import s3fs  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"s3fs is not installed ({exc}); pip install -e '.[dev,s3]'")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address=HOST, port=0, verbose=False)
     try:
         server.start()
