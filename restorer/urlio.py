@@ -39,6 +39,7 @@ import os
 import re
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -250,8 +251,12 @@ class _PipeOpened(_Opened):
     def __init__(self, cmd: str, policy: ReadPolicy):
         self.cmd = cmd
         self.idle = policy.read_timeout
+        # unbuffered: each read returns what the command wrote so far, so a slow but steady
+        # command keeps the watchdog quiet
+        # stderr goes to a file: a chatty command can never block on a full stderr pipe
+        self.err = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE,  # noqa: S602 (user's pipe:)
-                                     stderr=subprocess.PIPE, start_new_session=True)
+                                     stderr=self.err, start_new_session=True, bufsize=0)
         self.last = time.monotonic()
         self.killed = False
         self.done = threading.Event()
@@ -280,7 +285,8 @@ class _PipeOpened(_Opened):
             if self.killed:
                 raise _Transient(f"command wrote nothing for {self.idle:g} s (killed)")
             if rc != 0:
-                err = self.proc.stderr.read(2000).decode(errors="replace").strip().splitlines()
+                self.err.seek(0)
+                err = self.err.read()[-2000:].decode(errors="replace").strip().splitlines()
                 raise _Transient(f"command exited with status {rc}" + (f": {err[-1]}" if err else ""))
         return n
 
@@ -290,7 +296,7 @@ class _PipeOpened(_Opened):
             self._kill()
         self.proc.wait()
         self.proc.stdout.close()
-        self.proc.stderr.close()
+        self.err.close()
 
 
 _FS_CACHE: dict[tuple, object] = {}
