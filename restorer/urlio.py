@@ -498,6 +498,9 @@ class RetryingStream(io.RawIOBase):
             except _Permanent as exc:
                 self._drop()
                 raise UrlReadError(self.url, str(exc), self.failures + 1) from None
+            except OSError as exc:  # a local disk error (EIO ...): named, not retried
+                self._drop()
+                raise UrlReadError(self.url, _describe(exc), self.failures + 1) from None
             self.pos += n
             return n
 
