@@ -50,7 +50,7 @@ from restorer.errors import UserError
 
 log = logging.getLogger("restorer.urlio")
 
-FSSPEC_BLOCK = 4 << 20  # bytes fetched per fsspec read: each must arrive within read_timeout
+FSSPEC_BLOCK = 16 << 20  # bytes per fsspec ranged GET; each must arrive within connect+read timeout
 BUFFER = 1 << 20  # the BufferedReader over the retrying stream
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # fsspec protocol -> restorer extra
 _MAX_REDIRECTS = 5
