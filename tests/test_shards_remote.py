@@ -175,3 +175,15 @@ def test_merge_refuses_urls(s3_bucket, capsys):
     rc, _, err = _main(capsys, "merge", f"{s3_bucket}/out", "part0")
     assert rc == 2
     assert err == f"error: {s3_bucket}/out: merge works on local folders (merge locally, then upload)\n"
+
+
+def test_stage_dir_is_kept_and_a_rerun_rebuilds_and_uploads_nothing(s3_bucket, photos, tmp_path,
+                                                                    monkeypatch):
+    url, stage = f"{s3_bucket}/p", tmp_path / "stage"
+    build(BuildConfig(out=url, folder=[str(photos)], stage_dir=str(stage), **SMALL))
+    shards = sorted(stage.glob("*/shard-*.tar"))
+    assert (stage / "manifest.json").is_file() and shards
+    mtimes = [p.stat().st_mtime_ns for p in shards]
+    rec = Recorder(monkeypatch)
+    build(BuildConfig(out=url, folder=[str(photos)], stage_dir=str(stage), **SMALL))
+    assert rec.ops == [] and [p.stat().st_mtime_ns for p in shards] == mtimes
