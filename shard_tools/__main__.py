@@ -17,6 +17,8 @@ examples:
   python -m shard_tools build --openimages ~/oi/train_0 ~/oi/validation \\
         ~/oi/train-images-boxable-with-rotation.csv --max-images 20000
   python -m shard_tools build --config shards.yaml --verify
+  # to a bucket (S3 or S3-compatible; endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID ...)
+  python -m shard_tools build --bsds ~/dl/BSR_bsds500.tgz --out s3://my-bucket/shards/bsds
   # two machines, then join:
   python -m shard_tools build --div2k D --out part0 --num-jobs 2 --job-index 0
   python -m shard_tools build --div2k D --out part1 --num-jobs 2 --job-index 1
@@ -24,12 +26,15 @@ examples:
 
 Output: OUT/<split>/shard-NNNNNN.tar (+ sizes.json) and OUT/manifest.json. Re-running the same
 command skips the shards that are already complete; an interrupted build resumes.
+An s3:// or gs:// OUT is built in --stage-dir (default: a temporary folder) and then uploaded,
+manifest.json last; shards already in the bucket with the same hash are not uploaded again.
 Exit status: 0 ok, 1 verify found problems, 2 bad input/output (one line on stderr).
 """
 
 VERIFY_EPILOG = """\
 examples:
   python -m shard_tools verify data/shards
+  python -m shard_tools verify s3://my-bucket/shards/bsds
 
 Re-hashes every shard listed in DIR/manifest.json; prints one line per missing, resized or
 changed shard (and shards not in the manifest); exit status 1 when any.
@@ -61,9 +66,9 @@ def _verify(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m shard_tools verify", epilog=VERIFY_EPILOG,
                                 description="Check shards against their manifest.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir", help="shard folder (holding manifest.json)")
+    p.add_argument("dir", help="shard folder or URL (s3://bucket/prefix) holding manifest.json")
     ns = p.parse_args(argv)
-    problems = verify(Path(ns.dir))
+    problems = verify(ns.dir)
     for line in problems:
         print(line)
     if not problems:
@@ -80,6 +85,11 @@ def _merge(argv: list[str]) -> int:
     p.add_argument("out", help="output shard folder")
     p.add_argument("parts", nargs="+", help="part folders written by build --job-index")
     ns = p.parse_args(argv)
+    from shard_tools.remote import is_remote
+
+    for where in [ns.out, *ns.parts]:
+        if is_remote(where):
+            raise UserError(f"{where}: merge works on local folders (merge locally, then upload)")
     m = merge(Path(ns.out), [Path(x) for x in ns.parts])
     for split, info in m["splits"].items():
         print(f"{split}: {info['samples']} samples in {len(info['shards'])} shards")
@@ -102,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"unknown command {argv[0]!r} (choose build, verify or merge)")
         return 0 if argv else 2
     setup_logging()
-    logging.getLogger("PIL").setLevel(logging.WARNING)
+    for noisy in ("PIL", "botocore", "aiobotocore", "s3fs"):  # an s3:// --out logs per request
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return COMMANDS[argv[0]](argv[1:])
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterator
 
 from restorer.errors import UserError
-from shard_tools import __version__, sources
+from shard_tools import __version__, remote, sources
 from shard_tools.config import NON_CONTENT_FIELDS, BuildConfig
 from shard_tools.images import Decoded, Skip, decode
 from shard_tools.writer import (Journal, ShardSink, clean_split_dir, journalled_images,
@@ -310,10 +310,31 @@ def build_split(out: Path, split: str, order: list[sources.Ref], fp: str, cfg: B
 
 
 def build(cfg: BuildConfig) -> dict:
+    """Build into ``cfg.out``: a local folder, or a URL (built in a staging folder, then uploaded
+    with the manifest last, see shard_tools.remote)."""
     t0 = time.time()
     check_inputs(cfg)
-    out = Path(cfg.out).expanduser()
-    check_output(out)
+    if remote.is_remote(cfg.out):
+        remote.check_writable(cfg.out)
+        with remote.staging(cfg.out, cfg.stage_dir) as out:
+            check_output(out)
+            manifest = build_into(cfg, out)
+            remote.upload(out, cfg.out, manifest)
+    else:
+        out = Path(cfg.out).expanduser()
+        check_output(out)
+        manifest = build_into(cfg, out)
+    print_summary(manifest, time.time() - t0)
+    if cfg.verify:
+        problems = verify(cfg.out if remote.is_remote(cfg.out) else out)
+        for line in problems:
+            print(line, file=sys.stderr)
+        manifest["verify_problems"] = problems
+    return manifest
+
+
+def build_into(cfg: BuildConfig, out: Path) -> dict:
+    """The build itself, into the local folder ``out``; returns the manifest written there."""
     streams = collect(cfg)
     by_split: dict[str, list[sources.Stream]] = {}
     for s in streams:
@@ -350,12 +371,6 @@ def build(cfg: BuildConfig) -> dict:
                 "sources": sources_count, "skipped": skipped,
                 "config": json.loads(json.dumps(vars(cfg), default=str))}
     write_json_atomic(out / "manifest.json", manifest)
-    print_summary(manifest, time.time() - t0)
-    if cfg.verify:
-        problems = verify(out)
-        for line in problems:
-            print(line, file=sys.stderr)
-        manifest["verify_problems"] = problems
     return manifest
 
 

@@ -9,12 +9,16 @@ from restorer.errors import UserError
 from shard_tools.images import ENCODINGS
 
 # Fields that do not change what ends up in the shards (excluded from the resume fingerprint).
-NON_CONTENT_FIELDS = ("out", "workers", "verify", "progress")
+NON_CONTENT_FIELDS = ("out", "stage_dir", "workers", "verify", "progress")
 
 
 @dataclass
 class BuildConfig:
-    out: str = field(default="data/shards", metadata={"help": "output folder"})
+    out: str = field(default="data/shards", metadata={
+        "help": "output folder, or a bucket URL (s3://bucket/prefix, gs://...)"})
+    stage_dir: Optional[str] = field(default=None, metadata={
+        "help": "with a URL --out: local folder to build in before uploading (kept, so a re-run "
+                "resumes; default: a temporary folder, removed at the end)"})
     div2k: list[str] = field(default_factory=list, metadata={
         "help": "folder with DIV2K_train_HR/, DIV2K_valid_HR/ (folders or .zip)", "append": True})
     bsds: list[str] = field(default_factory=list, metadata={

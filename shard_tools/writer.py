@@ -282,43 +282,72 @@ def write_sizes(split_dir: Path, shards: list[dict]) -> None:
                       {Path(s["path"]).name: s["samples"] for s in shards})
 
 
+NO_MANIFEST = "no manifest (not a shard folder, or the build did not finish)"
+
+
 def load_manifest(out: Path) -> dict:
     path = out / "manifest.json"
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{path}: no manifest (not a shard folder, or the build did not "
-                        "finish)") from None
+        raise UserError(f"{path}: {NO_MANIFEST}") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: unreadable manifest ({exc})") from None
 
 
-def verify(out: Path) -> list[str]:
-    """Re-hash every shard against the manifest. Returns one line per problem."""
-    manifest = load_manifest(out)
+class LocalTree:
+    """A local shard folder: what :func:`verify` needs of it (``shard_tools.remote.RemoteTree``
+    is the same for a bucket)."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+
+    def where(self, rel: str) -> str:
+        return str(self.out / rel)
+
+    def load_manifest(self) -> dict:
+        return load_manifest(self.out)
+
+    def size(self, rel: str) -> int | None:
+        p = self.out / rel
+        return p.stat().st_size if p.is_file() else None
+
+    def sha256(self, rel: str) -> str:
+        return sha256_file(self.out / rel)
+
+    def names(self, folder: str) -> list[str]:
+        d = self.out / folder
+        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+def verify(out: str | Path) -> list[str]:
+    """Re-hash every shard against the manifest, in a local folder or at a URL (``s3://...``).
+    Returns one line per problem."""
+    from shard_tools.remote import RemoteTree, is_remote
+
+    tree = RemoteTree(str(out)) if is_remote(out) else LocalTree(Path(out))
+    manifest = tree.load_manifest()
     problems = []
     for split, info in sorted(manifest.get("splits", {}).items()):
         listed = set()
         for s in info["shards"]:
-            p = out / s["path"]
-            listed.add(p.name)
-            if not p.is_file():
-                problems.append(f"{p}: missing")
+            rel, where = s["path"], tree.where(s["path"])
+            listed.add(Path(rel).name)
+            size = tree.size(rel)
+            if size is None:
+                problems.append(f"{where}: missing")
                 continue
-            size = p.stat().st_size
             if size != s["bytes"]:
-                problems.append(f"{p}: size {size} != manifest {s['bytes']}")
+                problems.append(f"{where}: size {size} != manifest {s['bytes']}")
                 continue
-            digest = sha256_file(p)
+            digest = tree.sha256(rel)
             if digest != s["sha256"]:
-                problems.append(f"{p}: sha256 {digest[:16]}... != manifest {s['sha256'][:16]}...")
-        split_dir = out / split
-        if split_dir.is_dir():
-            for p in sorted(split_dir.iterdir()):
-                if SHARD_RE.match(p.name) and p.name not in listed:
-                    problems.append(f"{p}: shard not listed in the manifest")
+                problems.append(f"{where}: sha256 {digest[:16]}... != manifest {s['sha256'][:16]}...")
+        for name in tree.names(split):
+            if SHARD_RE.match(name) and name not in listed:
+                problems.append(f"{tree.where(f'{split}/{name}')}: shard not listed in the manifest")
         if sum(s["samples"] for s in info["shards"]) != info["samples"]:
-            problems.append(f"{out / 'manifest.json'}: split {split} sample count inconsistent")
+            problems.append(f"{tree.where('manifest.json')}: split {split} sample count inconsistent")
     return problems
 
 

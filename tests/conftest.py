@@ -90,3 +90,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+from objstore import http_faults, s3_bucket, s3_server  # noqa: E402,F401 (fixtures: local S3 and HTTP servers)
