@@ -39,6 +39,7 @@ three channels); a [H, W] output stays [H, W].
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -173,7 +174,8 @@ def _dct_planar(plane: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.nd
 
     Two large matrix products (all block columns at once, then all block rows) instead of one
     tiny product per block; the result stays in plane layout. torch's matmul (zero-copy views of
-    the numpy arrays) runs these skinny products about 3x faster than numpy's on this CPU."""
+    the numpy arrays) runs these skinny products about 3x faster than numpy's on a 2-core CPU.
+    Callers run it under :func:`_one_thread`."""
     import torch
 
     h, w = plane.shape
@@ -181,6 +183,21 @@ def _dct_planar(plane: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.nd
     lt, rt = torch.from_numpy(left.astype(plane.dtype)), torch.from_numpy(right.astype(plane.dtype))
     t = torch.matmul(lt, x.reshape(h // 8, 8, w))  # along each block's rows
     return (t.reshape(h * w // 8, 8) @ rt).reshape(h, w).numpy()  # along each block's columns
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one thread while projecting, restored afterwards. The products are short (8 wide,
+    a few MB per strip): on a shared 2-core machine a 2-thread pool made a 0.15 MP projection 10x
+    slower (0.95 s vs 0.09 s) waiting at its barriers, and its gain on big strips was small."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _strip_correction(strip: np.ndarray, comp: Component, r0: int, r1: int) -> np.ndarray:
@@ -237,9 +254,10 @@ def project_planes(planes: list[np.ndarray], coefs: JpegCoefficients, dtype=np.f
     if len(planes) != len(coefs.components):
         raise ValueError(f"{coefs.name}: {len(planes)} planes for {len(coefs.components)} components")
     out = [np.array(p, dtype=dtype) for p in planes]
-    for y0, y1, spans in _strips(coefs):
-        for o, p, c, (r0, r1) in zip(out, planes, coefs.components, spans):
-            o[y0:y1] += _strip_correction(np.asarray(p[y0:y1], dtype), c, r0, r1)
+    with _one_thread():
+        for y0, y1, spans in _strips(coefs):
+            for o, p, c, (r0, r1) in zip(out, planes, coefs.components, spans):
+                o[y0:y1] += _strip_correction(np.asarray(p[y0:y1], dtype), c, r0, r1)
     return out
 
 
@@ -274,22 +292,23 @@ def project_float(restored, jpeg: "JpegSource | JpegCoefficients") -> np.ndarray
     f32 = np.float32
     out = np.empty(x.shape, dtype=f32)
     to_ycc, to_rgb = RGB_TO_YCC.astype(f32), YCC_TO_RGB.astype(f32)
-    for y0, y1, spans in _strips(coefs):
-        xs = x[y0:y1].astype(f32)
-        if x.ndim == 2:
-            out[y0:y1] = xs + _strip_correction(xs, coefs.components[0], *spans[0])
-            continue
-        rgb = [xs[:, :, i] for i in range(3)]
-        luma = to_ycc[0, 0] * rgb[0] + to_ycc[0, 1] * rgb[1] + to_ycc[0, 2] * rgb[2]
-        if coefs.is_gray:  # the file holds no colour: the projection onto it is gray
-            out[y0:y1] = (luma + _strip_correction(luma, coefs.components[0], *spans[0]))[:, :, None]
-            continue
-        change = [_strip_correction(luma, coefs.components[0], *spans[0])]
-        for i in (1, 2):
-            plane = to_ycc[i, 0] * rgb[0] + to_ycc[i, 1] * rgb[1] + to_ycc[i, 2] * rgb[2] + f32(128)
-            change.append(_strip_correction(plane, coefs.components[i], *spans[i]))
-        for i in range(3):
-            out[y0:y1, :, i] = rgb[i] + to_rgb[i, 0] * change[0] + to_rgb[i, 1] * change[1] + to_rgb[i, 2] * change[2]
+    with _one_thread():
+        for y0, y1, spans in _strips(coefs):
+            xs = x[y0:y1].astype(f32)
+            if x.ndim == 2:
+                out[y0:y1] = xs + _strip_correction(xs, coefs.components[0], *spans[0])
+                continue
+            rgb = [xs[:, :, i] for i in range(3)]
+            luma = to_ycc[0, 0] * rgb[0] + to_ycc[0, 1] * rgb[1] + to_ycc[0, 2] * rgb[2]
+            if coefs.is_gray:  # the file holds no colour: the projection onto it is gray
+                out[y0:y1] = (luma + _strip_correction(luma, coefs.components[0], *spans[0]))[:, :, None]
+                continue
+            change = [_strip_correction(luma, coefs.components[0], *spans[0])]
+            for i in (1, 2):
+                plane = to_ycc[i, 0] * rgb[0] + to_ycc[i, 1] * rgb[1] + to_ycc[i, 2] * rgb[2] + f32(128)
+                change.append(_strip_correction(plane, coefs.components[i], *spans[i]))
+            for i in range(3):
+                out[y0:y1, :, i] = rgb[i] + to_rgb[i, 0] * change[0] + to_rgb[i, 1] * change[1] + to_rgb[i, 2] * change[2]
     return np.clip(out, 0, 255, out=out)
 
 
