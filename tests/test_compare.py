@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from restorer.compare import auto_crop, main as compare_main
+from restorer.infer.compare import auto_crop, main as compare_main
 from test_infer import small_q10_weights  # noqa: F401  (session fixture: in-test trained model)
 
 
@@ -61,7 +61,7 @@ def test_auto_crop_finds_the_largest_error():
 
 
 def test_runtime_error_while_restoring_is_one_line(tmp_path, capsys, monkeypatch):
-    from restorer.infer import IdentityRestorer
+    from restorer.infer.engine import IdentityRestorer
 
     def boom(self, pixels, quality=None, tile=None, progress=None):
         raise RuntimeError("Given groups=1, weight of size [32, 3, 3, 3], expected input ...\ntrace")
@@ -77,7 +77,7 @@ def test_runtime_error_while_restoring_is_one_line(tmp_path, capsys, monkeypatch
 
 
 def test_psnr_is_the_metrics_one():
-    from restorer.compare import _psnr
+    from restorer.infer.compare import _psnr
 
     ref = data.astronaut()[:64, :64]
     noisy = np.clip(ref.astype(int) + np.random.default_rng(0).integers(-9, 10, ref.shape), 0, 255).astype(np.uint8)

@@ -11,7 +11,7 @@ from skimage import data
 from restorer.modelfile import export_weights
 from restorer.degrade import jpeg_roundtrip
 from restorer.errors import UserError
-from restorer.infer import (Restorer, choose_restorer, load_restorers, receptive_radius, tile_spans)
+from restorer.infer.engine import (Restorer, choose_restorer, load_restorers, receptive_radius, tile_spans)
 from restorer.model import ModelConfig, build_model
 
 # A deliberately small network (16 channels, 1 unit) trained in-test, so it really improves JPEG.

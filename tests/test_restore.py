@@ -20,7 +20,7 @@ from restorer.modelfile import export_weights
 from restorer.errors import UserError
 from restorer.imageio import open_image
 from restorer.model import ModelConfig, build_model
-from restorer.restore import main as restore_main
+from restorer.infer.restore import main as restore_main
 from test_infer import photos, small_q10_weights  # noqa: F401  (session fixture: in-test trained model)
 
 
@@ -99,12 +99,19 @@ def test_grayscale_stays_grayscale(tmp_path, capsys, identity_weights):
             assert np.array_equal(np.asarray(res), np.asarray(Image.open(src)))
 
 
-def test_alpha_kept_and_non_jpeg_warned(tmp_path, capsys, small_q10_weights):
+def test_alpha_kept_and_non_jpeg_needs_quality(tmp_path, capsys, small_q10_weights):
     rgba = np.dstack([data.coffee()[:64, :64], np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))])
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    # a PNG carries no quantisation tables: its JPEG quality is unknown, so it is skipped with one line
     code, out, err = run([tmp_path / "a.png", "-o", tmp_path / "out", "--weights", small_q10_weights], capsys)
+    assert code == 1
+    lines = error_lines(err)
+    assert len(lines) == 1 and "a.png" in lines[0] and "not a JPEG" in lines[0] and "--quality" in lines[0]
+    assert not (tmp_path / "out" / "a.png").exists()
+    code, out, err = run([tmp_path / "a.png", "-o", tmp_path / "out", "--weights", small_q10_weights,
+                          "--quality", "10"], capsys)
     assert code == 0, err
-    assert "warning:" in err and "not a JPEG" in err and "a.png" in err
+    assert "quality 10 (--quality)" in out
     with Image.open(tmp_path / "out" / "a.png") as res:
         assert res.mode == "RGBA"
         assert np.array_equal(np.asarray(res)[:, :, 3], rgba[:, :, 3])

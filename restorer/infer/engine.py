@@ -24,8 +24,16 @@ Quality
 -------
 A quality-conditioned model needs the JPEG quality: read from the file's quantisation tables
 (``degrade.estimate_quality``), or given with ``--quality``. Among several weights files, the one
-whose training quality range (``facts["quality"]`` in model.json, e.g. "10" or "10-90") is nearest
-to the image's quality is used; see :func:`choose_restorer`.
+whose training quality range (``facts["quality_range"]`` in model.json, e.g. [10, 90], else the
+spec ``facts["quality"]``, e.g. "10" or "10-90") is nearest to the image's quality is used; see
+:func:`choose_restorer`. :meth:`Restorer.covers` tells whether a quality lies inside that range
+(``restore`` passes images outside it through unchanged unless ``--force``).
+
+Precision and memory format
+---------------------------
+``precision`` is "fp32" or "bf16" (autocast); ``channels_last=None`` follows
+:func:`restorer.hardware.choose_channels_last` for the device and precision. Both are decided by
+the caller (``restorer.infer.options``), never hard-coded here.
 """
 from __future__ import annotations
 
@@ -39,13 +47,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from restorer.modelfile import WEIGHTS_NAME, load_weights
+from restorer import weights as packaged
 from restorer.degrade import parse_quality
 from restorer.errors import UserError, describe
+from restorer.hardware import choose_channels_last
+from restorer.modelfile import WEIGHTS_NAME, load_weights
 
-log = logging.getLogger("restorer.infer")
+log = logging.getLogger("restorer.infer.engine")
 
 DEFAULT_TILE = 512
+PRECISIONS = ("fp32", "bf16")
 
 
 def receptive_radius(model: nn.Module) -> int:
@@ -141,9 +152,12 @@ class Restorer:
     device: torch.device
     tile: int = DEFAULT_TILE
     overlap: Optional[int] = None  # None = the receptive radius
-    bf16: bool = False
+    precision: str = "fp32"  # or "bf16" (autocast)
+    channels_last: Optional[bool] = None  # None = restorer.hardware's rule for device + precision
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         self.radius = receptive_radius(self.model)
         if self.overlap is None:
             self.overlap = self.radius
@@ -153,15 +167,13 @@ class Restorer:
         cfg = self.meta.get("model", {})
         self.in_channels = int(cfg.get("in_channels", 3))
         self.conditioned = bool(cfg.get("condition_on_quality", False))
-        self.quality_range: Optional[tuple[int, int]] = None
-        spec = (self.meta.get("facts") or {}).get("quality")
-        if spec is not None:
-            try:
-                self.quality_range = parse_quality(spec)
-            except ValueError:
-                log.warning("%s: ignoring unreadable facts.quality %r", self.path, spec)
+        self.quality_range = trained_quality_range(self.meta.get("facts") or {}, self.path)
+        if self.channels_last is None:
+            self.channels_last = bool(choose_channels_last(
+                "auto", self.device, "bf16" if self.precision == "bf16" else "no").value)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         if self.device.type == "cpu":
-            self.model = self.model.to(memory_format=torch.channels_last)  # ~1.4x faster on CPU
             reuse_freed_memory()
 
     @property
@@ -174,6 +186,11 @@ class Restorer:
             f"quality {rng[0]}" if rng[0] == rng[1] else f"quality {rng[0]}-{rng[1]}")
         return f"{self.path} (trained on {trained})"
 
+    def covers(self, quality: int) -> bool:
+        """Whether ``quality`` lies inside the trained range (True when the range is unknown)."""
+        lo, hi = self.quality_range or (1, 100)
+        return lo <= quality <= hi
+
     def default_quality(self) -> int:
         """Quality to condition on when the image's is unknown: the middle of the trained range."""
         lo, hi = self.quality_range or (1, 100)
@@ -185,9 +202,9 @@ class Restorer:
         if self.conditioned:
             q = torch.full((x.shape[0],), float(quality if quality is not None else self.default_quality()),
                            device=x.device)
-        if self.device.type == "cpu":
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.bf16:
+        if self.precision == "bf16":
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
                 return self.model(x, q).float()
         return self.model(x, q)
@@ -243,6 +260,7 @@ class IdentityRestorer(Restorer):
         self.path = Path("none")
         self.meta, self.model, self.device = {}, None, torch.device("cpu")
         self.quality_range, self.conditioned, self.in_channels, self.radius, self.overlap = None, False, 3, 0, 0
+        self.precision, self.channels_last = "fp32", False
 
     def describe(self) -> str:
         return "none (the JPEG itself)"
@@ -251,9 +269,33 @@ class IdentityRestorer(Restorer):
         return pixels.copy()
 
 
+def trained_quality_range(facts: dict, path: Path) -> Optional[tuple[int, int]]:
+    """(lo, hi) from model.json's ``facts``: ``quality_range`` [lo, hi] if present, else the
+    ``quality`` spec ("10", "10-90"); None (with a warning) when neither is readable."""
+    rng = facts.get("quality_range")
+    if rng is not None:
+        try:
+            lo, hi = (int(v) for v in rng)
+            if 1 <= lo <= hi <= 100:
+                return lo, hi
+        except (TypeError, ValueError):
+            pass
+        log.warning("%s: ignoring unreadable facts.quality_range %r", path, rng)
+    spec = facts.get("quality")
+    if spec is not None:
+        try:
+            return parse_quality(spec)
+        except ValueError:
+            log.warning("%s: ignoring unreadable facts.quality %r", path, spec)
+    return None
+
+
 def weights_files(spec: str) -> list[Path]:
-    """A weights argument -> files: a file as is; a folder -> its model.safetensors if present,
-    else every *.safetensors directly inside, else every */model.safetensors one level down."""
+    """A weights argument -> files: ``fast`` / ``quality`` -> the packaged model
+    (:mod:`restorer.weights`); a file as is; a folder -> its model.safetensors if present, else
+    every *.safetensors directly inside, else every */model.safetensors one level down."""
+    if spec in packaged.NAMES:
+        return [packaged.packaged_path(spec)]
     p = Path(spec)
     if p.is_dir():
         if (p / WEIGHTS_NAME).is_file():
@@ -266,9 +308,9 @@ def weights_files(spec: str) -> list[Path]:
 
 
 def load_restorers(specs: list[str], device: torch.device, tile: int = DEFAULT_TILE,
-                   overlap: Optional[int] = None, bf16: bool = False) -> tuple[list[Restorer], list[str]]:
-    """Load every weights file named (files or folders). Returns the usable ones and one error
-    line per file that could not be used; ``none`` gives the identity."""
+                   overlap: Optional[int] = None, precision: str = "fp32") -> tuple[list[Restorer], list[str]]:
+    """Load every weights file named (packaged names, files or folders). Returns the usable ones
+    and one error line per file that could not be used; ``none`` gives the identity."""
     restorers: list[Restorer] = []
     errors: list[str] = []
     for spec in specs:
@@ -283,7 +325,7 @@ def load_restorers(specs: list[str], device: torch.device, tile: int = DEFAULT_T
         for f in files:
             try:
                 model, meta = load_weights(f, device)
-                restorers.append(Restorer(model, meta, f, device, tile, overlap, bf16))
+                restorers.append(Restorer(model, meta, f, device, tile, overlap, precision))
             except UserError as exc:
                 errors.append(str(exc))
             except Exception as exc:  # a header that parses but describes nonsense

@@ -11,7 +11,7 @@ from typing import Optional
 
 from restorer.errors import UserError, cli_entry, describe, setup_logging
 from restorer.imageio import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, find_images, open_image, save_image
-from restorer.infer import DEFAULT_TILE, set_threads, choose_restorer, load_restorers, pick_device
+from restorer.infer.engine import DEFAULT_TILE, set_threads, choose_restorer, load_restorers, pick_device
 
 log = logging.getLogger("restorer.restore")
 
