@@ -1,4 +1,22 @@
-"""``restorer restore INPUT... -o OUT --weights W``: restore JPEG photos, any size, keeping metadata."""
+"""``restorer restore INPUT... [-o OUT] [--weights fast|quality|W...]``: restore JPEG photos, any
+size, keeping metadata, never touching an input.
+
+Guarantees (each tested in tests/test_restore.py):
+
+* No input is ever written over: an output that is (or links to) any input file is refused, even
+  with ``--overwrite``. An existing output is replaced only with ``--overwrite``; every write is
+  atomic.
+* Where outputs go: no ``-o`` -> ``NAME.restored.png`` beside each input; ``-o`` ending in an image
+  suffix (``.png .tif .tiff .jpg .jpeg .webp``) -> that one file (an error when there are several
+  input images); anything else -> a folder (created if needed). The format follows ``--format``
+  or the ``-o`` suffix; ``-o out.png --format jpeg`` is an error, never JPEG bytes in a .png.
+* The JPEG quality the model is told: ``--quality``, else read from the file's quantisation
+  tables. A file that is not a JPEG has no such tables: it is skipped with one line asking for
+  ``--quality`` (exit status 1).
+* A model is applied only inside the quality range it was trained on (model.json
+  ``facts.quality_range``); outside it the decoded image is written unchanged (lossless for PNG,
+  TIFF, WebP) with one ``note:`` line, unless ``--force``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,25 +27,38 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from restorer.errors import UserError, cli_entry, describe, setup_logging
-from restorer.imageio import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, find_images, open_image, save_image
-from restorer.infer.engine import DEFAULT_TILE, set_threads, choose_restorer, load_restorers, pick_device
+from restorer.imageio import (IMAGE_SUFFIXES, OUTPUT_FORMATS, LoadedImage, find_images, format_for_suffix,
+                              open_image, save_image)
+from restorer.infer.engine import Restorer, choose_restorer
+from restorer.infer.options import (add_model_args, check_model_args, check_not_an_input, load_models,
+                                    no_usable_weights)
 
 log = logging.getLogger("restorer.restore")
 
+RESTORED_TAG = ".restored"  # photo.jpg -> photo.restored.png when no -o is given
+
 EXAMPLES = """\
 examples:
-  restorer restore photo.jpg -o photo_restored.png --weights runs/demo/model.safetensors
+  restorer restore photo.jpg                         # -> photo.restored.png beside it ('fast' on CPU, 'quality' on GPU)
+  restorer restore photo.jpg -o photo_clean.png --weights quality
   restorer restore holiday/ -o restored/ --weights runs/demo/model.safetensors
   restorer restore 'scans/**/*.jpg' -o restored/ --weights q10/ q30/ q50/   # nearest quality per image
-  restorer restore big.jpg -o out/ --weights w.safetensors --tile 256 --device cpu
+  restorer restore big.jpg -o out/ --tile 256 --device cpu --precision fp32
+  restorer restore scan.png --quality 30             # not a JPEG: say what quality it was compressed at
   restorer restore photo.jpg -o out/ --weights w.safetensors --quality 20 --overwrite
 
-Outputs are lossless PNG (or --format tiff / jpeg) named after the input, written atomically;
-an existing output is left alone unless --overwrite. EXIF orientation is applied (the output is
+Outputs are lossless PNG (or --format tiff / webp / jpeg) named after the input, written
+atomically: without -o, NAME.restored.png beside each input; an -o ending in .png/.tif/.jpg/.webp
+is one file, any other -o a folder. No input file is ever written over, even with --overwrite; an
+existing output is left alone unless --overwrite. EXIF orientation is applied (the output is
 upright, Orientation reset to 1); ICC profile, EXIF and alpha are kept; grayscale stays grayscale.
-Each unreadable input or weights file gets one 'error:' line; the rest are still processed, and
-the exit status is 1 if anything failed (2 for a usage error or no usable weights).
+Images whose JPEG quality lies outside the weights' trained range are written unchanged, with a
+note, unless --force. Each unreadable input or weights file gets one 'error:' line; the rest are
+still processed, and the exit status is 1 if anything failed (2 for a usage error or no usable
+weights).
 """
 
 
@@ -35,51 +66,73 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="restorer restore", description="Remove JPEG artifacts from photos.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, or quoted globs")
-    p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output folder (or a file name when restoring a single image)")
-    p.add_argument("--weights", nargs="+", required=True, metavar="W",
-                   help="model.safetensors file(s) or folder(s) of them; with several, the one trained "
-                        "nearest to each image's JPEG quality is used")
+    p.add_argument("-o", "--output", default=None, metavar="OUT",
+                   help=f"output file (a name ending in an image suffix; one input image only) or folder; "
+                        f"default: NAME{RESTORED_TAG}.png beside each input")
+    add_model_args(p)
     p.add_argument("--quality", type=int, default=None,
-                   help="JPEG quality to assume (default: estimated from each file's quantisation tables)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--tile", type=int, default=DEFAULT_TILE,
-                   help=f"tile side in pixels for bounded memory; 0 = whole image at once (default {DEFAULT_TILE})")
-    p.add_argument("--tile-overlap", type=int, default=None,
-                   help="context pixels around each tile (default: the model's receptive radius, "
-                        "which makes tiled output equal to whole-image output)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on recent CPUs/GPUs, "
-                   "not bit-identical)")
+                   help="JPEG quality the images were compressed at (default: read from each JPEG's "
+                        "quantisation tables; required for PNG, WebP and other non-JPEG inputs)")
+    p.add_argument("--force", action="store_true",
+                   help="apply the weights even outside the JPEG quality range they were trained on "
+                        "(default: such images are written unchanged, with a note)")
     p.add_argument("--format", choices=sorted(OUTPUT_FORMATS), default=None,
-                   help="output format (default png, or from the -o file name's extension)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+                   help="output format (default: from the -o file name's suffix, else png)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs "
                    "(their structure is mirrored under OUT)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse images declaring more pixels than this (default {DEFAULT_MAX_PIXELS:,})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
-_SUFFIX_FORMATS = {".png": "png", ".tif": "tiff", ".tiff": "tiff", ".jpg": "jpeg", ".jpeg": "jpeg"}
+class OutputPlan:
+    """Where each input's output goes, decided once from ``-o`` and ``--format`` (see the module
+    doc); raises UserError for a contradiction before anything is read or written."""
+
+    def __init__(self, output: Optional[str], fmt: Optional[str], n_images: int):
+        self.beside = output is None
+        self.out = None if output is None else Path(output)
+        self.single_file = False
+        if self.out is not None:
+            names_folder = output.endswith(("/", os.sep)) or self.out.is_dir()
+            suffix = self.out.suffix.lower()
+            if not names_folder and suffix in IMAGE_SUFFIXES:
+                wanted = format_for_suffix(self.out)
+                if wanted is None:
+                    raise UserError(f"{self.out}: cannot write {suffix} images; name the output "
+                                    f"{' / '.join(sorted(set(s for _, s in OUTPUT_FORMATS.values())))}")
+                if fmt is not None and fmt != wanted:
+                    raise UserError(f"{self.out}: the name says {wanted} but --format {fmt}; make them agree "
+                                    f"(e.g. -o {self.out.with_suffix(OUTPUT_FORMATS[fmt][1])})")
+                if n_images > 1:
+                    raise UserError(f"{self.out}: names one file, but there are {n_images} input images; "
+                                    f"give a folder (e.g. -o {self.out.with_suffix('')}/)")
+                self.single_file, fmt = True, wanted
+            elif self.out.exists() and not self.out.is_dir():
+                raise UserError(f"{self.out}: exists and is not a folder (several inputs need an output folder)")
+        self.fmt = fmt or "png"
+        self.ext = OUTPUT_FORMATS[self.fmt][1]
+
+    def target(self, path: Path, rel: Path) -> Path:
+        if self.beside:
+            return path.with_name(path.stem + RESTORED_TAG + self.ext)
+        assert self.out is not None
+        return self.out if self.single_file else self.out / (str(rel) + self.ext)
 
 
-def _suffix_format(path: Path) -> Optional[str]:
-    return _SUFFIX_FORMATS.get(path.suffix.lower())
+def earlier_outputs(found: list[tuple[Path, Path]], inputs: list[str]) -> list[Path]:
+    """``*.restored.*`` files found inside folder inputs (outputs of an earlier run), unless named
+    explicitly: they are not restored again."""
+    named = {Path(i).resolve() for i in inputs if Path(i).is_file()}
+    return [p for p, _ in found if p.stem.endswith(RESTORED_TAG) and p.resolve() not in named]
 
 
 @cli_entry
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    check_model_args(args)
     if args.quality is not None and not 1 <= args.quality <= 100:
         raise UserError(f"--quality must be 1..100, got {args.quality}")
-    if args.tile < 0 or (args.tile_overlap is not None and args.tile_overlap < 0):
-        raise UserError("--tile and --tile-overlap must be >= 0")
-    if args.max_pixels <= 0:
-        raise UserError("--max-pixels must be positive")
     failures = 0
 
     def err(msg: str) -> None:
@@ -87,40 +140,37 @@ def main(argv: Optional[list[str]] = None) -> int:
         failures += 1
         _write(f"error: {msg}", sys.stderr)
 
-    set_threads(args.threads)
-    device = pick_device(args.device)
-    restorers, weight_errors = load_restorers(args.weights, device, args.tile, args.tile_overlap, args.bf16)
-    for line in weight_errors:
-        err(line)
-    if not restorers:
-        raise UserError("no usable weights among: " + " ".join(args.weights))
-
     found, input_errors = find_images(args.inputs, args.recursive)
+    skipped = set(earlier_outputs(found, args.inputs))
+    found = [(p, rel) for p, rel in found if p not in skipped]
+    if skipped:
+        _write(f"note: skipped {len(skipped)} earlier output(s) named *{RESTORED_TAG}.* in the input folders",
+               sys.stderr)
+    plan = OutputPlan(args.output, args.format, len(found))
+
+    models = load_models(args)
+    for line in models.errors:
+        err(line)
+    if not models.restorers:
+        raise no_usable_weights(models)
     for line in input_errors:
         err(line)
 
-    out = Path(args.output)
-    single_file = (len(found) == 1 and len(args.inputs) == 1 and Path(args.inputs[0]).is_file()
-                   and not out.is_dir() and not args.output.endswith(os.sep) and _suffix_format(out) is not None)
-    fmt = args.format or (_suffix_format(out) if single_file else None) or "png"
-    ext = OUTPUT_FORMATS[fmt][1]
-    if not single_file and out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder (several inputs need an output folder)")
-
+    inputs = [p for p, _ in found]
     targets: dict[Path, Path] = {}
-    log.info("device %s; weights: %s", device, "; ".join(r.describe() for r in restorers))
     from tqdm import tqdm
 
     bar = tqdm(total=len(found), unit="img", disable=args.no_progress or len(found) < 2, file=sys.stderr)
     for path, rel in found:
-        target = out if single_file else out / (str(rel) + ext)
+        target = plan.target(path, rel)
         try:
+            check_not_an_input(target, inputs)
             if target in targets:
                 raise UserError(f"{path}: would write {target}, already written for {targets[target]} (rename one)")
             targets[target] = path
             if target.exists() and not args.overwrite:
                 raise UserError(f"{target}: output exists (use --overwrite to replace it)")
-            _restore_one(path, target, fmt, restorers, args)
+            _restore_one(path, target, plan.fmt, models.restorers, args)
         except UserError as exc:
             err(str(exc))
         except Exception as exc:  # keep going with the other images; RESTORER_DEBUG=1 for the traceback
@@ -143,34 +193,57 @@ def _write(msg: str, stream) -> None:
     tqdm.write(msg, file=stream)
 
 
-def _restore_one(path: Path, target: Path, fmt: str, restorers, args) -> None:
+def image_quality(img: LoadedImage, given: Optional[int]) -> tuple[int, str]:
+    """The JPEG quality to tell the model, and where it came from; UserError when unknown."""
+    if given is not None:
+        return given, "--quality"
+    if not img.is_jpeg:
+        raise UserError(f"{img.path}: not a JPEG ({img.format}), so the JPEG quality it went through is "
+                        f"unknown; give --quality Q to restore it")
+    if img.quality is None:
+        raise UserError(f"{img.path}: JPEG without readable quantisation tables; give --quality Q")
+    return img.quality, "quantisation tables"
+
+
+def _restore_one(path: Path, target: Path, fmt: str, restorers: list[Restorer], args) -> None:
     t0 = time.perf_counter()
     img = open_image(path, args.max_pixels)
     for note in img.notes:
         _write(f"warning: {path}: {note}", sys.stderr)
-    if not img.is_jpeg:
-        _write(f"warning: {path}: not a JPEG ({img.format}); restoring anyway", sys.stderr)
-    quality, source = (args.quality, "--quality") if args.quality is not None else (img.quality, "quantisation tables")
+    quality, source = image_quality(img, args.quality)
     restorer = choose_restorer(restorers, quality)
-    if restorer.conditioned and quality is None:
-        quality, source = restorer.default_quality(), "unknown; middle of the trained range"
-    from tqdm import tqdm
-
     w, h = img.size
-    # a per-tile bar for big photos (minutes on a CPU); the per-file bar covers many small ones
-    with tqdm(total=w * h, unit="px", unit_scale=True, leave=False, file=sys.stderr, desc=path.name,
-              disable=args.no_progress or w * h < 4_000_000) as tiles:
-        pixels = restorer.restore(img.pixels, quality, progress=tiles.update)
+    if restorer.covers(quality) or args.force:
+        pixels = _apply(restorer, img, quality, args)
+        action = ""
+    else:
+        lo, hi = restorer.quality_range  # covers() is True when the range is unknown
+        pixels, action = img.pixels, "; written unchanged (outside the trained range)"
+        _write(f"note: {path}: JPEG quality {quality} is outside the range {lo}-{hi} that {restorer.path.name} "
+               f"was trained on: written unchanged (--force applies it anyway)", sys.stderr)
     notes = save_image(pixels, img.alpha, target, fmt=fmt, icc_profile=img.icc_profile, exif=img.exif,
                        overwrite=args.overwrite)
     for note in notes:
         _write(f"warning: {path}: {note}", sys.stderr)
-    q_text = f"quality {quality} ({source})" if quality is not None else "quality unknown"
     extras = [s for s in ("gray" if img.is_gray else "", "alpha kept" if img.alpha is not None else "",
                           f"orientation {img.orientation} applied" if img.orientation != 1 else "") if s]
     chosen = f"; weights {restorer.describe()}" if len(restorers) > 1 or args.verbose else ""
-    _write(f"{path} -> {target}: {w}x{h}, {q_text}{chosen}{'; ' + ', '.join(extras) if extras else ''} "
-           f"[{time.perf_counter() - t0:.1f}s]", sys.stdout)
+    _write(f"{path} -> {target}: {w}x{h}, quality {quality} ({source}){chosen}"
+           f"{'; ' + ', '.join(extras) if extras else ''}{action} [{time.perf_counter() - t0:.1f}s]", sys.stdout)
+
+
+def _apply(restorer: Restorer, img: LoadedImage, quality: int, args) -> np.ndarray:
+    """The model on one decoded image, with a per-tile bar for big photos (minutes on a CPU).
+
+    This is the one place every restored image passes through: a post-processing step on the
+    model's output (issue 13's projection onto the JPEG's quantisation intervals,
+    ``restorer/jpeg_projection.py``) is called here, as ``project(restored, img.path)``."""
+    from tqdm import tqdm
+
+    w, h = img.size
+    with tqdm(total=w * h, unit="px", unit_scale=True, leave=False, file=sys.stderr, desc=img.path.name,
+              disable=args.no_progress or w * h < 4_000_000) as tiles:
+        return restorer.restore(img.pixels, quality, progress=tiles.update)
 
 
 if __name__ == "__main__":
