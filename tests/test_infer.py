@@ -167,6 +167,24 @@ def test_choose_nearest_quality_range(tmp_path):
     assert choose_restorer(without_blind, 95).path.parent.name == "q50-60"
 
 
+def test_trained_quality_range_and_covers(tmp_path, monkeypatch):
+    from restorer import weights as packaged
+    from restorer.infer.engine import trained_quality_range
+
+    assert trained_quality_range({"quality": "10-90", "quality_range": [20, 40]}, tmp_path) == (20, 40)
+    assert trained_quality_range({"quality": "10-90"}, tmp_path) == (10, 90)
+    assert trained_quality_range({"quality_range": [50, 5]}, tmp_path) is None  # unreadable: warned, unknown
+    assert trained_quality_range({}, tmp_path) is None
+    cfg = ModelConfig(preset="tiny")
+    export_weights(build_model(cfg), cfg, tmp_path / "w", facts={"quality": "10-90", "quality_range": [10, 40]})
+    r = load_restorers([str(tmp_path / "w")], torch.device("cpu"))[0][0]
+    assert r.covers(10) and r.covers(40) and not r.covers(41) and not r.covers(5)
+    # packaged names: a missing file is one error line, not a traceback
+    monkeypatch.setattr(packaged, "FOLDER", tmp_path / "nothing")
+    restorers, errors = load_restorers(["fast"], torch.device("cpu"))
+    assert not restorers and len(errors) == 1 and "'fast' model is not installed" in errors[0]
+
+
 def test_trained_small_model_beats_jpeg_on_unseen_halves(small_q10_weights):
     restorers, errors = load_restorers([str(small_q10_weights)], torch.device("cpu"), tile=96)
     assert not errors
