@@ -396,3 +396,15 @@ def test_packaged_weight_names(tmp_path, capsys, monkeypatch, identity_weights):
     code, out, err = run([src], capsys)
     assert code == 0, err
     assert (tmp_path / "photo.restored.png").is_file()
+
+
+def test_packaged_weights_ship_as_package_data():
+    """The wheel must carry restorer/weights/*.safetensors + *.json (checked by building one by
+    hand; here the declaration that makes setuptools include them)."""
+    import tomllib
+
+    from restorer import weights as packaged
+
+    doc = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert set(doc["tool"]["setuptools"]["package-data"]["restorer.weights"]) >= {"*.safetensors", "*.json"}
+    assert packaged.FOLDER == Path(packaged.__file__).resolve().parent
