@@ -23,11 +23,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from restorer import metrics
 from restorer.degrade import jpeg_roundtrip
-from restorer.errors import UserError, cli_entry, describe, setup_logging
+from restorer.errors import UserError, cli_entry, describe
 from restorer.imageio import open_image, save_image
 from restorer.infer.engine import choose_restorer
 from restorer.infer.evaluate import uint8_tensor
-from restorer.infer.options import (add_model_args, check_model_args, check_not_an_input, load_models,
+from restorer.infer.options import (add_model_args, parse_args, check_not_an_input, load_models,
                                     no_usable_weights)
 
 # Below this PSNR to the original, a --jpeg is not a JPEG of it (q5 of a real photo is ~22 dB;
@@ -116,9 +116,7 @@ def make_panel(crops: list[np.ndarray], captions: list[list[str]], zoom: int, ga
 
 @cli_entry
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    check_model_args(args)
+    args = parse_args(build_parser(), argv)
     if args.zoom < 1 or args.zoom > 16 or args.crop_size < 8:
         raise UserError("--zoom must be 1..16 and --crop-size at least 8")
     out = Path(args.output)

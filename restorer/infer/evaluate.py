@@ -9,6 +9,9 @@ MSE), on RGB and on BT.601 Y (Y = 16 + 65.481 R + 128.553 G + 24.966 B for RGB i
 PSNR-B (Yim & Bovik 2011) uses the 8x8 grid of the JPEG (shifted by the crop).
 With ``--jpeg-dir``, already-compressed JPEGs are paired with the references by base name and
 grouped by the quality estimated from their quantisation tables.
+``eval`` measures the model at every quality asked for, also outside the range it was trained on
+(``restore`` would pass such images through unchanged); the device and the precision used are
+logged and recorded in ``--json`` (bf16 is not bit-identical to fp32).
 """
 from __future__ import annotations
 
@@ -27,11 +30,11 @@ import torch
 
 from restorer import metrics
 from restorer.degrade import SUBSAMPLING, jpeg_roundtrip
-from restorer.errors import UserError, cli_entry, describe, first_line, setup_logging
+from restorer.errors import UserError, cli_entry, describe, first_line
 from restorer.fsutil import atomic_write_text
 from restorer.imageio import IMAGE_SUFFIXES, open_image
 from restorer.infer.engine import choose_restorer
-from restorer.infer.options import add_model_args, check_model_args, load_models, no_usable_weights
+from restorer.infer.options import add_model_args, load_models, parse_args, no_usable_weights
 
 log = logging.getLogger("restorer.evaluate")
 
@@ -168,9 +171,7 @@ def _jsonable(v):
 
 @cli_entry
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    check_model_args(args)
+    args = parse_args(build_parser(), argv)
     if args.identity:
         args.weights = ["none"]
     if args.crop_border < 0:

@@ -24,7 +24,7 @@ from typing import Iterable
 import torch
 
 from restorer import weights as packaged
-from restorer.errors import UserError
+from restorer.errors import UserError, setup_logging
 from restorer.hardware import Choice, choose_precision
 from restorer.imageio import DEFAULT_MAX_PIXELS
 from restorer.infer.engine import (DEFAULT_TILE, PRECISIONS, Restorer, load_restorers, pick_device,
@@ -72,6 +72,14 @@ def check_model_args(args: argparse.Namespace) -> None:
         raise UserError(f"--max-pixels must be positive, got {args.max_pixels}")
     if args.bf16 and args.precision not in (None, "bf16"):
         raise UserError(f"--bf16 means --precision bf16; it contradicts --precision {args.precision}")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: "list[str] | None") -> argparse.Namespace:
+    """Parse, set up logging (``-v``) and check the shared flags: the first lines of every command."""
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    check_model_args(args)
+    return args
 
 
 def requested_precision(args: argparse.Namespace) -> str:

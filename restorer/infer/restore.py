@@ -29,11 +29,11 @@ from typing import Optional
 
 import numpy as np
 
-from restorer.errors import UserError, cli_entry, describe, setup_logging
+from restorer.errors import UserError, cli_entry, describe
 from restorer.imageio import (IMAGE_SUFFIXES, OUTPUT_FORMATS, LoadedImage, find_images, format_for_suffix,
                               open_image, save_image)
 from restorer.infer.engine import Restorer, choose_restorer
-from restorer.infer.options import (add_model_args, check_model_args, check_not_an_input, load_models,
+from restorer.infer.options import (add_model_args, parse_args, check_not_an_input, load_models,
                                     no_usable_weights)
 
 log = logging.getLogger("restorer.restore")
@@ -128,9 +128,7 @@ def earlier_outputs(found: list[tuple[Path, Path]], inputs: list[str]) -> list[P
 
 @cli_entry
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    check_model_args(args)
+    args = parse_args(build_parser(), argv)
     if args.quality is not None and not 1 <= args.quality <= 100:
         raise UserError(f"--quality must be 1..100, got {args.quality}")
     failures = 0
