@@ -36,7 +36,7 @@ from restorer.imageio import IMAGE_SUFFIXES, open_image
 from restorer.infer.engine import choose_restorer
 from restorer.infer.options import add_model_args, load_models, parse_args, no_usable_weights
 
-log = logging.getLogger("restorer.evaluate")
+log = logging.getLogger("restorer.infer.evaluate")
 
 EXAMPLES = """\
 examples:

@@ -30,7 +30,7 @@ from restorer.imageio import DEFAULT_MAX_PIXELS
 from restorer.infer.engine import (DEFAULT_TILE, PRECISIONS, Restorer, load_restorers, pick_device,
                                    set_threads)
 
-log = logging.getLogger("restorer.infer")
+log = logging.getLogger("restorer.infer.options")
 
 PRECISION_CHOICES = ("auto",) + PRECISIONS
 

@@ -36,7 +36,7 @@ from restorer.infer.engine import Restorer, choose_restorer
 from restorer.infer.options import (add_model_args, parse_args, check_not_an_input, load_models,
                                     no_usable_weights)
 
-log = logging.getLogger("restorer.restore")
+log = logging.getLogger("restorer.infer.restore")
 
 RESTORED_TAG = ".restored"  # photo.jpg -> photo.restored.png when no -o is given
 
