@@ -11,6 +11,16 @@ Presets
              residual presets: a head unit (in->C), N units C->C each with a skip connection, a
              3x3 tail conv C->in, and a global residual (output = input + predicted correction).
              The tail starts at zero, so an untrained model is the identity (= the JPEG itself).
+``unet-tiny`` / ``unet``
+             a multi-scale U-Net of the same conv units (:class:`UNet`): 3 scales of width C, 2C,
+             4C, pixel-unshuffle + 1x1 conv down, 1x1 conv + pixel-shuffle up, additive skips, N
+             units per scale on each side, the same zero tail and global residual. Every unit costs
+             about the same FLOPs per image pixel at every scale (4x the channels^2 / 4 ... x 1/4
+             the pixels), while the receptive field is ~4x that of a flat stack of equal cost.
+
+Every network reports :meth:`receptive_radius` (context pixels one output pixel depends on) and
+``alignment`` (tile origins must be multiples of it), which tiled inference uses to be exactly
+equal to whole-image inference.
 
 Quality conditioning (``condition_on_quality``) appends one input plane filled with quality/100,
 so a single blind model serves every JPEG quality.
@@ -21,6 +31,7 @@ import dataclasses
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -51,7 +62,10 @@ PRESETS: dict[str, dict[str, int]] = {
     "small": {"channels": 64, "units": 4},
     "default": {"channels": 64, "units": 8},
     "large": {"channels": 128, "units": 8},
+    "unet-tiny": {"channels": 32, "units": 1},
+    "unet": {"channels": 64, "units": 2},
 }
+UNET_SCALES = 3  # full, 1/2 and 1/4 resolution
 
 
 class ConvUnit(nn.Module):
@@ -98,6 +112,11 @@ class SeedNet(nn.Module):
             x = quality_plane(x, quality)
         return self.body(x)
 
+    alignment = 1
+
+    def receptive_radius(self) -> int:
+        return _conv_radius(self)
+
 
 class ResidualNet(nn.Module):
     """Head unit, N skip-connected units, tail conv, global residual."""
@@ -117,11 +136,97 @@ class ResidualNet(nn.Module):
             h = h + unit(h)
         return x + self.tail(h)
 
+    alignment = 1
+
+    def receptive_radius(self) -> int:
+        return _conv_radius(self)
+
+
+def _conv_radius(module: nn.Module) -> int:
+    """Sum over the convolutions of ``module`` of dilation * (kernel - 1) / 2: the receptive radius
+    of a chain of stride-1 convolutions with skip connections (the longest path runs through every
+    conv), e.g. the default preset: 2 + 8 x 2 + 1 = 19."""
+    radius = 0
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            if any(s != 1 for s in m.stride):
+                raise ValueError("_conv_radius assumes stride-1 convolutions")
+            radius += max(d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation))
+    return radius
+
+
+class UNet(nn.Module):
+    """Conv-unit U-Net: head unit (in->C); at scale s (width C*2^s, resolution 1/2^s) N units
+    going down, then, after the deepest scale, N units coming back up at each shallower scale.
+    Down = pixel-unshuffle(2) + 1x1 conv (4w -> 2w), up = 1x1 conv (2w -> 4w) + pixel-shuffle(2),
+    skips are additive, every unit is residual, the 3x3 tail starts at zero and the output is
+    input + tail: an untrained UNet is the identity, like the residual presets.
+
+    Inputs of any size: the image is padded (replicate) to a multiple of :attr:`alignment`
+    (4 for 3 scales) and the output cropped back."""
+
+    def __init__(self, channels: int, units: int, in_channels: int = 3, condition_on_quality: bool = False,
+                 scales: int = UNET_SCALES):
+        super().__init__()
+        self.condition_on_quality = condition_on_quality
+        self.scales = scales
+        self.alignment = 2 ** (scales - 1)
+        widths = [channels * 2 ** s for s in range(scales)]
+        self.head = ConvUnit(in_channels + int(condition_on_quality), channels)
+        self.down_units = nn.ModuleList(
+            nn.ModuleList(ConvUnit(w, w) for _ in range(units)) for w in widths)
+        self.down = nn.ModuleList(
+            nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(4 * w, 2 * w, 1)) for w in widths[:-1])
+        self.up = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(2 * w, 4 * w, 1), nn.PixelShuffle(2)) for w in widths[:-1])
+        self.up_units = nn.ModuleList(
+            nn.ModuleList(ConvUnit(w, w) for _ in range(units)) for w in widths[:-1])
+        self.tail = nn.Conv2d(channels, in_channels, 3, padding=1)
+        nn.init.zeros_(self.tail.weight)
+        nn.init.zeros_(self.tail.bias)
+
+    @staticmethod
+    def _units(h: torch.Tensor, units: nn.ModuleList) -> torch.Tensor:
+        for unit in units:
+            h = h + unit(h)
+        return h
+
+    def forward(self, x: torch.Tensor, quality: Optional[torch.Tensor] = None) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        a = self.alignment
+        pad_h, pad_w = -height % a, -width % a
+        xp = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
+        h = self.head(quality_plane(xp, quality) if self.condition_on_quality else xp)
+        skips = []
+        for s in range(self.scales):
+            h = self._units(h, self.down_units[s])
+            if s < self.scales - 1:
+                skips.append(h)
+                h = self.down[s](h)
+        for s in reversed(range(self.scales - 1)):
+            h = self._units(self.up[s](h) + skips[s], self.up_units[s])
+        out = xp + self.tail(h)
+        return out[..., :height, :width] if pad_h or pad_w else out
+
+    def receptive_radius(self) -> int:
+        """Full-resolution context pixels on each side: a conv of radius r at scale s reaches
+        r * 2^s pixels, and the deepest pixel grid adds up to alignment - 1 pixels of block
+        slack; pixel-(un)shuffle and 1x1 convs reach nothing further. tests/test_model.py checks
+        this bound against the measured gradient footprint and tiled == untiled inference."""
+        radius = _conv_radius(self.head) + _conv_radius(self.tail)
+        for s in range(self.scales):
+            radius += _conv_radius(self.down_units[s]) * 2 ** s
+            if s < self.scales - 1:
+                radius += _conv_radius(self.up_units[s]) * 2 ** s
+        return radius + self.alignment - 1
+
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     cfg = cfg.resolved()
     if cfg.preset == "seed":
         return SeedNet(cfg.in_channels, cfg.condition_on_quality)
+    if cfg.preset.startswith("unet"):
+        return UNet(cfg.channels, cfg.units, cfg.in_channels, cfg.condition_on_quality)
     return ResidualNet(cfg.channels, cfg.units, cfg.in_channels, cfg.condition_on_quality)
 
 
@@ -130,14 +235,38 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def flops_per_pixel(model: nn.Module) -> int:
-    """Forward FLOPs per output pixel (2 x multiply-accumulates of every conv; activations and
-    additions are ignored, < 1% here). Exact for these fully convolutional, stride-1 nets."""
-    total = 0
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            k = m.kernel_size[0] * m.kernel_size[1]
-            total += 2 * k * (m.in_channels // m.groups) * m.out_channels
-    return total
+    """Forward FLOPs per input pixel: 2 x multiply-accumulates of every conv, counted at the
+    resolution each conv runs at (one forward of a 64x64 probe with hooks), so multi-scale nets
+    are counted right; activations, additions and pixel shuffles are ignored (< 1% here)."""
+    side = 64
+    macs = 0
+
+    def count(m: nn.Conv2d, _inp, out) -> None:
+        nonlocal macs
+        k = m.kernel_size[0] * m.kernel_size[1]
+        macs += k * (m.in_channels // m.groups) * m.out_channels * out.shape[-2] * out.shape[-1]
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        cin = first.in_channels - int(getattr(model, "condition_on_quality", False))
+        q = torch.full((1,), 50.0) if getattr(model, "condition_on_quality", False) else None
+        with torch.no_grad():
+            model(torch.zeros(1, cin, side, side, device=first.weight.device, dtype=first.weight.dtype), q)
+    finally:
+        for h in hooks:
+            h.remove()
+    return 2 * macs // (side * side)
+
+
+def receptive_radius(model: nn.Module) -> int:
+    """Context pixels on each side one output pixel depends on (each network computes its own)."""
+    return int(model.receptive_radius())
+
+
+def alignment(model: nn.Module) -> int:
+    """Tile origins (and tile sizes) must be multiples of this for tiled == whole-image output."""
+    return int(getattr(model, "alignment", 1))
 
 
 def model_summary(cfg: ModelConfig) -> dict[str, object]:

@@ -54,3 +54,47 @@ def test_flops_count_matches_hand_arithmetic():
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown model preset"):
         build_model(ModelConfig(preset="huge"))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "unet-tiny"])
+def test_receptive_radius_equals_measured_gradient_footprint(preset):
+    """The computed radius is exact: with random weights, the gradient of one output pixel reaches
+    input pixels exactly that far away (worst case over the 4x4 grid phases of a multi-scale net)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset=preset)).double()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    reach = 0
+    for oy in range(4):
+        for ox in range(4):
+            x = torch.rand(1, 3, 64, 64, dtype=torch.double, requires_grad=True)
+            cy, cx = 30 + oy, 30 + ox
+            model(x)[0, :, cy, cx].sum().backward()
+            ys, xs = torch.nonzero(x.grad[0].abs().sum(0), as_tuple=True)
+            reach = max(reach, cy - int(ys.min()), int(ys.max()) - cy, cx - int(xs.min()), int(xs.max()) - cx)
+    from restorer.model import receptive_radius
+    assert reach == receptive_radius(model)
+
+
+@pytest.mark.parametrize("size", [(17, 30), (5, 3), (64, 64)])
+def test_unet_is_identity_at_init_for_any_size(size):
+    model = build_model(ModelConfig(preset="unet-tiny", condition_on_quality=True))
+    x = torch.rand(2, 3, *size)
+    assert torch.equal(model(x, torch.tensor([5, 95])), x)
+
+
+def test_unet_flops_count_its_scales():
+    """Convs at 1/2 and 1/4 resolution cost 1/4 and 1/16 per image pixel: the hook count must
+    agree with hand arithmetic for the smallest U-Net."""
+    from restorer.model import UNet
+    c, n = 32, 1
+    unit = lambda cin, w: 9 * cin * w + w * w + 9 * w * w  # noqa: E731
+    widths = [c, 2 * c, 4 * c]
+    macs = unit(3, c) + 9 * c * 3  # head + tail at full resolution
+    for s, w in enumerate(widths):
+        macs += n * unit(w, w) / 4 ** s  # down units
+        if s < 2:
+            macs += n * unit(w, w) / 4 ** s  # up units
+            macs += 2 * (4 * w) * (2 * w) / 4 ** (s + 1)  # 1x1 down and up convs at the lower scale
+    model = UNet(c, n)
+    assert flops_per_pixel(model) == int(2 * macs)
