@@ -11,8 +11,8 @@ from skimage import data
 from restorer.modelfile import export_weights
 from restorer.degrade import jpeg_roundtrip
 from restorer.errors import UserError
-from restorer.infer.engine import (Restorer, choose_restorer, load_restorers, receptive_radius, tile_spans)
-from restorer.model import ModelConfig, build_model
+from restorer.infer.engine import Restorer, choose_restorer, load_restorers, tile_spans
+from restorer.model import ModelConfig, alignment, build_model, receptive_radius
 
 # A deliberately small network (16 channels, 1 unit) trained in-test, so it really improves JPEG.
 SMALL = ModelConfig(preset="tiny", channels=16, units=1)
@@ -113,6 +113,34 @@ def test_tile_spans_partition_the_axis():
             assert (covered == 1).all()
     with pytest.raises(UserError, match="larger than twice"):
         tile_spans(100, 20, 10)
+    for length in (7, 65, 200, 513):  # aligned: every input start on the grid, cores still partition
+        for tile, overlap, align in ((64, 7, 4), (100, 19, 4), (48, 4, 8)):
+            spans = tile_spans(length, tile, overlap, align)
+            covered = np.zeros(length, int)
+            for s0, s1, c0, c1 in spans:
+                assert s0 % align == 0 and c0 % align == 0 and s1 - s0 <= tile
+                covered[c0:c1] += 1
+            assert (covered == 1).all()
+
+
+def test_tiled_equals_whole_image_for_a_multiscale_unet():
+    """U-Net (pixel-unshuffle, alignment 4): tiles on the image's grid give the whole-image output,
+    also for odd image sizes and a tile size that is not a multiple of the alignment."""
+    cfg = ModelConfig(preset="unet-tiny", condition_on_quality=True)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    model.eval()
+    assert alignment(model) == 4
+    r = _restorer(model, cfg)
+    img = jpeg_roundtrip(data.coffee()[37:250, 11:290], 20)  # 213x279, odd offsets and sizes
+    whole = r.restore(img, quality=20, tile=0)
+    tile = 2 * r.overlap + 4 * 9 + 3
+    tiled = r.restore(img, quality=20, tile=tile)
+    assert len(tile_spans(img.shape[0], tile, r.overlap, 4)) > 1  # really tiled
+    assert np.abs(whole.astype(int) - tiled.astype(int)).max() <= 1
+    assert (whole != img).mean() > 0.5
 
 
 @pytest.mark.parametrize("cfg", [ModelConfig(preset="tiny"), ModelConfig(preset="seed"),

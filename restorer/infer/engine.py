@@ -1,7 +1,10 @@
 """Tiled inference: restore an image of any size in bounded memory, equal to whole-image inference.
 
 The networks are fully convolutional with stride 1 and zero padding, so an output pixel depends
-only on input pixels within the *receptive radius* r (:func:`receptive_radius`). We cut the image
+only on input pixels within the *receptive radius* r (:func:`restorer.model.receptive_radius`, each
+network computes its own). Multi-scale networks (U-Net) also have an *alignment* a: their pixel
+grid repeats every a pixels, so tile origins, overlaps and cores are kept multiples of a
+(:func:`tile_spans`), which puts every tile on the whole image's grid. We cut the image
 into tiles of ``tile`` x ``tile`` input pixels; each tile keeps only its centre (the "core") and
 discards ``overlap`` pixels on every side that has a neighbour. Tiles at the image edge are clamped
 to the edge, so they see the same zero padding as the whole image. With ``overlap >= r`` every kept
@@ -51,26 +54,13 @@ from restorer import weights as packaged
 from restorer.degrade import parse_quality
 from restorer.errors import UserError, describe
 from restorer.hardware import choose_channels_last
+from restorer.model import alignment, receptive_radius
 from restorer.modelfile import WEIGHTS_NAME, load_weights
 
 log = logging.getLogger("restorer.infer.engine")
 
 DEFAULT_TILE = 512
 PRECISIONS = ("fp32", "bf16")
-
-
-def receptive_radius(model: nn.Module) -> int:
-    """Pixels of context on each side that one output pixel depends on: the sum over all
-    convolutions of dilation * (kernel - 1) / 2. These networks are chains of stride-1 convs
-    with skip connections, so the longest path runs through every conv and the sum is exact
-    (the default preset: 2 + 8 x 2 + 1 = 19)."""
-    radius = 0
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            if any(s != 1 for s in m.stride):
-                raise ValueError("receptive_radius assumes stride-1 convolutions")
-            radius += max(d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation))
-    return radius
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -95,15 +85,18 @@ def set_threads(n: Optional[int]) -> None:
         torch.set_num_threads(n)
 
 
-def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+def tile_spans(length: int, tile: int, overlap: int, align: int = 1) -> list[tuple[int, int, int, int]]:
     """Along one axis: (input start, input end, core start, core end) of each tile. Cores
     partition [0, length); each input span is its core grown by ``overlap`` (clamped), and never
-    longer than ``tile``."""
+    longer than ``tile``. With ``align`` > 1 the overlap is rounded up and the core down to
+    multiples of ``align``, so every input start is a multiple of ``align``."""
     if tile <= 0 or tile >= length:
         return [(0, length, 0, length)]
-    core = tile - 2 * overlap
+    overlap = -(-overlap // align) * align
+    core = (tile - 2 * overlap) // align * align
     if core <= 0:
-        raise UserError(f"--tile {tile} must be larger than twice --tile-overlap ({overlap})")
+        raise UserError(f"--tile {tile} must be larger than twice --tile-overlap ({overlap}"
+                        f"{f', a multiple of the model alignment {align}' if align > 1 else ''})")
     spans = []
     for c0 in range(0, length, core):
         c1 = min(c0 + core, length)
@@ -159,6 +152,7 @@ class Restorer:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         self.radius = receptive_radius(self.model)
+        self.align = alignment(self.model)
         if self.overlap is None:
             self.overlap = self.radius
         elif self.overlap < self.radius:
@@ -216,7 +210,8 @@ class Restorer:
         tile = self.tile if tile is None else tile
         h, w = planes.shape[:2]
         out: Optional[np.ndarray] = None
-        rows, cols = tile_spans(h, tile, self.overlap), tile_spans(w, tile, self.overlap)
+        rows = tile_spans(h, tile, self.overlap, self.align)
+        cols = tile_spans(w, tile, self.overlap, self.align)
         with torch.inference_mode():
             for y0, y1, cy0, cy1 in rows:
                 for x0, x1, cx0, cx1 in cols:
@@ -260,6 +255,7 @@ class IdentityRestorer(Restorer):
         self.path = Path("none")
         self.meta, self.model, self.device = {}, None, torch.device("cpu")
         self.quality_range, self.conditioned, self.in_channels, self.radius, self.overlap = None, False, 3, 0, 0
+        self.align = 1
         self.precision, self.channels_last = "fp32", False
 
     def describe(self) -> str:
