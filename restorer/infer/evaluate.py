@@ -207,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 jpeg_index.setdefault(f.stem, f)
     source = (f"from {jpeg_dir} (quality estimated from quantisation tables)" if jpeg_dir else
               f"by Pillow at quality {' '.join(map(str, args.quality))}, {args.subsampling}")
-    log.info("%d reference images in %s; weights: %s", len(refs), folder, "; ".join(r.describe() for r in restorers))
+    log.info("%d reference images in %s", len(refs), folder)
 
     from tqdm import tqdm
 
