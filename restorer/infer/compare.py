@@ -27,7 +27,7 @@ from restorer.errors import UserError, cli_entry, describe
 from restorer.imageio import open_image, save_image
 from restorer.infer.engine import choose_restorer
 from restorer.infer.evaluate import uint8_tensor
-from restorer.infer.options import (add_model_args, parse_args, check_not_an_input, load_models,
+from restorer.infer.options import (add_model_args, parse_args, InputFiles, load_models,
                                     no_usable_weights)
 
 # Below this PSNR to the original, a --jpeg is not a JPEG of it (q5 of a real photo is ~22 dB;
@@ -120,7 +120,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.zoom < 1 or args.zoom > 16 or args.crop_size < 8:
         raise UserError("--zoom must be 1..16 and --crop-size at least 8")
     out = Path(args.output)
-    check_not_an_input(out, [Path(p) for p in (args.image, args.jpeg) if p])
+    InputFiles(Path(p) for p in (args.image, args.jpeg) if p).check(out)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: output exists (use --overwrite to replace it)")
     models = load_models(args)

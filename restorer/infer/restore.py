@@ -33,7 +33,7 @@ from restorer.errors import UserError, cli_entry, describe
 from restorer.imageio import (IMAGE_SUFFIXES, OUTPUT_FORMATS, LoadedImage, find_images, format_for_suffix,
                               open_image, save_image)
 from restorer.infer.engine import Restorer, choose_restorer
-from restorer.infer.options import (add_model_args, parse_args, check_not_an_input, load_models,
+from restorer.infer.options import (add_model_args, parse_args, InputFiles, load_models,
                                     no_usable_weights)
 
 log = logging.getLogger("restorer.infer.restore")
@@ -154,7 +154,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for line in input_errors:
         err(line)
 
-    inputs = [p for p, _ in found]
+    inputs = InputFiles(p for p, _ in found)
     targets: dict[Path, Path] = {}
     from tqdm import tqdm
 
@@ -162,7 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for path, rel in found:
         target = plan.target(path, rel)
         try:
-            check_not_an_input(target, inputs)
+            inputs.check(target)
             if target in targets:
                 raise UserError(f"{path}: would write {target}, already written for {targets[target]} (rename one)")
             targets[target] = path
