@@ -384,7 +384,8 @@ def test_packaged_weight_names(tmp_path, capsys, monkeypatch, identity_weights):
         code, _, err = run([*argv, "--device", "cpu"], capsys)
         lines = error_lines(err)
         name = "quality" if "quality" in argv else "fast"
-        assert code == 2 and f"'{name}' model is not installed" in lines[0] and "--weights PATH" in lines[0]
+        assert code == 2 and len(lines) == 1, lines  # one line, no "no usable weights" summary after it
+        assert f"'{name}' model is not installed" in lines[0] and "--weights PATH" in lines[0]
     assert not (tmp_path / "photo.restored.png").exists()
     # with the packaged files present: `restorer restore photo.jpg`, no other argument
     shipped = tmp_path / "shipped"

@@ -28,7 +28,7 @@ from restorer.imageio import open_image, save_image
 from restorer.infer.engine import choose_restorer
 from restorer.infer.evaluate import uint8_tensor
 from restorer.infer.options import (add_model_args, parse_args, InputFiles, load_models,
-                                    no_usable_weights)
+                                    report_weight_errors)
 
 # Below this PSNR to the original, a --jpeg is not a JPEG of it (q5 of a real photo is ~22 dB;
 # a different photo of the same size, ~13 dB).
@@ -124,10 +124,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: output exists (use --overwrite to replace it)")
     models = load_models(args)
-    for line in models.errors:
-        print(f"error: {line}", file=sys.stderr)
-    if not models.restorers:
-        raise no_usable_weights(models)
+    report_weight_errors(models, lambda line: print(f"error: {line}", file=sys.stderr))
     werrs, restorers = models.errors, models.restorers
     ref = open_image(args.image, args.max_pixels).pixels
     if args.jpeg:

@@ -34,7 +34,7 @@ from restorer.errors import UserError, cli_entry, describe, first_line
 from restorer.fsutil import atomic_write_text
 from restorer.imageio import IMAGE_SUFFIXES, open_image
 from restorer.infer.engine import choose_restorer
-from restorer.infer.options import add_model_args, load_models, parse_args, no_usable_weights
+from restorer.infer.options import add_model_args, load_models, parse_args, report_weight_errors
 
 log = logging.getLogger("restorer.infer.evaluate")
 
@@ -187,10 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {msg}", file=sys.stderr)
 
     models = load_models(args)
-    for line in models.errors:
-        err(line)
-    if not models.restorers:
-        raise no_usable_weights(models)
+    report_weight_errors(models, err)
     restorers, identity = models.restorers, models.identity
 
     folder = resolve_images_dir(Path(args.images), args.split)

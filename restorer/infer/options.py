@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -129,8 +129,18 @@ def load_models(args: argparse.Namespace) -> Models:
     return models
 
 
-def no_usable_weights(models: Models) -> UserError:
-    return UserError("no usable weights among: " + " ".join(models.specs))
+def report_weight_errors(models: Models, err: Callable[[str], None]) -> None:
+    """Pass each weights error line to ``err``; when no weights are usable, raise instead: the
+    one line itself if there was only one (``--weights fast`` not installed), else a summary
+    after the per-file lines."""
+    if not models.restorers:
+        if len(models.errors) == 1:
+            raise UserError(models.errors[0])
+        for line in models.errors:
+            err(line)
+        raise UserError("no usable weights among: " + " ".join(models.specs))
+    for line in models.errors:
+        err(line)
 
 
 class InputFiles:

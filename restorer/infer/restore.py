@@ -34,7 +34,7 @@ from restorer.imageio import (IMAGE_SUFFIXES, OUTPUT_FORMATS, LoadedImage, find_
                               open_image, save_image)
 from restorer.infer.engine import Restorer, choose_restorer
 from restorer.infer.options import (add_model_args, parse_args, InputFiles, load_models,
-                                    no_usable_weights)
+                                    report_weight_errors)
 
 log = logging.getLogger("restorer.infer.restore")
 
@@ -147,10 +147,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     plan = OutputPlan(args.output, args.format, len(found))
 
     models = load_models(args)
-    for line in models.errors:
-        err(line)
-    if not models.restorers:
-        raise no_usable_weights(models)
+    report_weight_errors(models, err)
     for line in input_errors:
         err(line)
 
