@@ -7,7 +7,9 @@ from ``os.wait4``) is its own:
 * ``cpu_untiled`` / ``cpu_tiled`` / ``cpu_tiled_bf16``: the ``default`` preset (fixed-seed,
   untrained -- speed does not depend on the weights) on a 1024x768 photo-like image, whole image vs
   512 px tiles (overlap = receptive radius), fp32 and bf16 autocast; the tiled output is compared
-  with the untiled one (max difference in 8-bit levels).
+  with the untiled one (max difference in 8-bit levels). Memory format as ``restorer.hardware``
+  decides for the device and precision; ``cpu_tiled_nhwc`` forces channels_last in fp32 to show
+  what that rule costs or saves on this CPU.
 * ``cli_24mp``: ``restorer restore`` end to end on a 6000x4000 JPEG (decode, tiled restore, PNG
   encode, metadata), peak RSS. By default with the ``tiny`` preset so the run stays ~2 min on 2
   shared cores; ``--full`` uses the ``default`` preset (about 4-5 min on 2 cores).
@@ -53,7 +55,7 @@ def child(args) -> None:
     import torch
 
     from restorer.degrade import jpeg_roundtrip
-    from restorer.infer import Restorer
+    from restorer.infer.engine import Restorer
     from restorer.model import ModelConfig, build_model
 
     if args.threads:
@@ -65,7 +67,8 @@ def child(args) -> None:
         torch.nn.init.normal_(p, std=0.02)
     device = torch.device(args.device)
     r = Restorer(model.to(device).eval(), {"model": {"in_channels": 3}}, Path(args.preset), device,
-                 args.tile, None, args.bf16)
+                 args.tile, None, "bf16" if args.bf16 else "fp32",
+                 {"auto": None, "true": True, "false": False}[args.channels_last])
     w, h = (int(v) for v in args.size.split("x"))
     img = jpeg_roundtrip(photo_like(w, h), 30)
     r.restore(img[:128, :128], 30, tile=args.tile)  # warm-up (kernel selection)
@@ -108,6 +111,7 @@ def main() -> int:
     ap.add_argument("--preset", default="default", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     ap.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
@@ -123,15 +127,17 @@ def main() -> int:
           f"cuda {'yes: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}")
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="bench_restore_"))
-    cases = [("cpu_untiled", "cpu", 0, False), ("cpu_tiled", "cpu", args.tile, False), ("cpu_tiled_bf16", "cpu", args.tile, True)]
+    # (name, device, tile, bf16, channels_last): "auto" = restorer.hardware's rule for the device/precision
+    cases = [("cpu_untiled", "cpu", 0, False, "auto"), ("cpu_tiled", "cpu", args.tile, False, "auto"),
+             ("cpu_tiled_nhwc", "cpu", args.tile, False, "true"), ("cpu_tiled_bf16", "cpu", args.tile, True, "auto")]
     if torch.cuda.is_available():
-        cases += [("cuda_untiled", "cuda", 0, False), ("cuda_tiled", "cuda", args.tile, False)]
+        cases += [("cuda_untiled", "cuda", 0, False, "auto"), ("cuda_tiled", "cuda", args.tile, False, "auto")]
     outputs = {}
-    for name, device, tile, bf16 in cases:
+    for name, device, tile, bf16, nhwc in cases:
         size = args.size if device == "cpu" else "2304x1728"
         save = tmp / f"{name}.npy"
         cmd = [sys.executable, __file__, "--case", "--preset", "default", "--device", device, "--tile", str(tile),
-               "--size", size, "--save", str(save)] + threads + (["--bf16"] if bf16 else [])
+               "--size", size, "--save", str(save), "--channels-last", nhwc] + threads + (["--bf16"] if bf16 else [])
         code, out, err, wall, rss = measured(cmd, env)
         if code != 0:
             print(f"{name}: FAILED ({err.strip().splitlines()[-1] if err.strip() else code})")
@@ -141,7 +147,8 @@ def main() -> int:
         rows.append((name, "default", size, tile or "-", "bf16" if bf16 else "fp32", res["mpix_per_s"],
                      res["seconds"], rss, res.get("cuda_peak_mib")))
     diffs = {}
-    for a, b in (("cpu_untiled", "cpu_tiled"), ("cuda_untiled", "cuda_tiled"), ("cpu_untiled", "cpu_tiled_bf16")):
+    for a, b in (("cpu_untiled", "cpu_tiled"), ("cpu_untiled", "cpu_tiled_nhwc"), ("cuda_untiled", "cuda_tiled"),
+                 ("cpu_untiled", "cpu_tiled_bf16")):
         if a in outputs and b in outputs:
             diffs[b] = int(np.abs(np.load(outputs[a]).astype(np.int16) - np.load(outputs[b]).astype(np.int16)).max())
 
@@ -161,7 +168,7 @@ def main() -> int:
     big = tmp / "big.jpg"
     Image.fromarray(photo_like(6000, 4000)).save(big, quality=30)
     cmd = [sys.executable, "-m", "restorer.cli", "restore", str(big), "-o", str(tmp / "big.png"), "--weights",
-           str(weights), "--device", "cpu", "--tile", str(args.tile), "--no-progress"] + threads
+           str(weights), "--device", "cpu", "--tile", str(args.tile), "--precision", "fp32", "--no-progress"] + threads
     code, out, err, wall, rss = measured(cmd, env)
     if code == 0:
         rows.append(("cli_24mp", big_preset, "6000x4000", args.tile, "fp32", 24.0 / wall, wall, rss, None))

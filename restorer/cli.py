@@ -9,9 +9,9 @@ import sys
 
 # command -> (module, one-line summary). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "restore": ("restorer.restore", "restore JPEG photos with trained weights (tiled, any size)"),
-    "eval": ("restorer.evaluate", "PSNR / SSIM / PSNR-B of JPEG vs restored on reference images"),
-    "compare": ("restorer.compare", "side-by-side panel: JPEG | restored | original"),
+    "restore": ("restorer.infer.restore", "restore JPEG photos with trained weights (tiled, any size)"),
+    "eval": ("restorer.infer.evaluate", "PSNR / SSIM / PSNR-B of JPEG vs restored on reference images"),
+    "compare": ("restorer.infer.compare", "side-by-side panel: JPEG | restored | original"),
     "model-info": ("restorer.model_info", "parameters and FLOPs per megapixel of a model preset"),
     "plot": ("restorer.plot", "loss and PSNR curves of a run (from metrics.jsonl) to a PNG"),
 }
@@ -22,6 +22,7 @@ commands:
 {commands}
 
 examples:
+  restorer restore photo.jpg                      # -> photo.restored.png, with the shipped model
   restorer restore photo.jpg -o restored/ --weights runs/demo/model.safetensors
   restorer eval --weights runs/demo/model.safetensors --images data/val --quality 10 20 30 40
   restorer model-info --preset default

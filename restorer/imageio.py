@@ -176,14 +176,24 @@ def find_images(inputs: list[str], recursive: bool = False) -> tuple[list[tuple[
     return found, errors
 
 
-OUTPUT_FORMATS = {"png": ("PNG", ".png"), "tiff": ("TIFF", ".tif"), "jpeg": ("JPEG", ".jpg")}
+OUTPUT_FORMATS = {"png": ("PNG", ".png"), "tiff": ("TIFF", ".tif"), "jpeg": ("JPEG", ".jpg"),
+                  "webp": ("WEBP", ".webp")}
+SUFFIX_FORMATS = {".png": "png", ".tif": "tiff", ".tiff": "tiff", ".jpg": "jpeg", ".jpeg": "jpeg",
+                  ".webp": "webp"}
+
+
+def format_for_suffix(path: Path) -> Optional[str]:
+    """The output format a file name asks for (``.png`` -> png, ``.jpg`` -> jpeg ...), or None."""
+    return SUFFIX_FORMATS.get(path.suffix.lower())
 
 
 def save_image(pixels: np.ndarray, alpha: Optional[np.ndarray], out: Path, *, fmt: str = "png",
                icc_profile: Optional[bytes] = None, exif: Optional[bytes] = None,
                overwrite: bool = False, jpeg_quality: int = 95) -> list[str]:
     """Write atomically (temporary file in the same folder, then rename); never replaces an
-    existing file unless ``overwrite``. Returns notes about what could not be kept."""
+    existing file unless ``overwrite``. PNG, TIFF (LZW) and WebP are lossless; JPEG is written at
+    ``jpeg_quality`` with 4:4:4 chroma. Every error names ``out`` (or its folder). Returns notes
+    about what could not be kept."""
     pil_format, _ = OUTPUT_FORMATS[fmt]
     notes: list[str] = []
     img = Image.fromarray(pixels)
@@ -203,7 +213,12 @@ def save_image(pixels: np.ndarray, alpha: Optional[np.ndarray], out: Path, *, fm
         kwargs.update(quality=jpeg_quality, subsampling=0)
     elif pil_format == "TIFF":
         kwargs["compression"] = "tiff_lzw"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    elif pil_format == "WEBP":
+        kwargs.update(lossless=True, quality=80, method=4)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out.parent}: cannot create the output folder ({exc.strerror or exc})") from None
     if out.exists() and not overwrite:
         raise UserError(f"{out}: output exists (use --overwrite to replace it)")
     try:  # no-clobber unless --overwrite: hard-linked into place, so even a race cannot clobber

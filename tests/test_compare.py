@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from restorer.compare import auto_crop, main as compare_main
+from restorer.infer.compare import auto_crop, main as compare_main
 from test_infer import small_q10_weights  # noqa: F401  (session fixture: in-test trained model)
 
 
@@ -61,7 +61,7 @@ def test_auto_crop_finds_the_largest_error():
 
 
 def test_runtime_error_while_restoring_is_one_line(tmp_path, capsys, monkeypatch):
-    from restorer.infer import IdentityRestorer
+    from restorer.infer.engine import IdentityRestorer
 
     def boom(self, pixels, quality=None, tile=None, progress=None):
         raise RuntimeError("Given groups=1, weight of size [32, 3, 3, 3], expected input ...\ntrace")
@@ -77,10 +77,35 @@ def test_runtime_error_while_restoring_is_one_line(tmp_path, capsys, monkeypatch
 
 
 def test_psnr_is_the_metrics_one():
-    from restorer.compare import _psnr
+    from restorer.infer.compare import _psnr
 
     ref = data.astronaut()[:64, :64]
     noisy = np.clip(ref.astype(int) + np.random.default_rng(0).integers(-9, 10, ref.shape), 0, 255).astype(np.uint8)
     mse = np.mean((ref.astype(np.float64) - noisy) ** 2)
     assert _psnr(noisy, ref) == pytest.approx(10 * np.log10(255.0 ** 2 / mse), abs=1e-9)
     assert _psnr(ref, ref) == float("inf")
+
+
+def test_jpeg_of_another_image_is_refused(tmp_path, capsys):
+    src, other = tmp_path / "a.png", tmp_path / "b.jpg"
+    Image.fromarray(data.astronaut()[:128, :128]).save(src)
+    Image.fromarray(data.coffee()[:128, :128]).save(other, quality=90)  # same size, another photo
+    out = tmp_path / "p.png"
+    code = compare_main([str(src), "--jpeg", str(other), "--weights", "none", "-o", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(other) in err[0] and "not a JPEG of that image" in err[0]
+    assert not out.exists()
+    # a real JPEG of it at a low quality is accepted
+    Image.fromarray(data.astronaut()[:128, :128]).save(tmp_path / "a5.jpg", quality=5)
+    assert compare_main([str(src), "--jpeg", str(tmp_path / "a5.jpg"), "--weights", "none", "-o", str(out),
+                         "--no-progress"]) == 0
+
+
+def test_panel_never_replaces_an_input(tmp_path, capsys):
+    src = tmp_path / "a.png"
+    Image.fromarray(data.astronaut()[:64, :64]).save(src)
+    before = src.read_bytes()
+    code = compare_main([str(src), "--weights", "none", "-o", str(src), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and "refusing to write over an input" in err
+    assert src.read_bytes() == before

@@ -13,7 +13,7 @@ from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from restorer.degrade import jpeg_roundtrip
-from restorer.evaluate import main as eval_main
+from restorer.infer.evaluate import main as eval_main
 from test_infer import small_q10_weights  # noqa: F401  (session fixture: in-test trained model)
 
 
@@ -112,8 +112,8 @@ def test_bsds500_jpeg_row_reproduces_published_q10(bsr_root, capsys):
 def test_runtime_error_on_one_image_is_one_line_and_the_rest_go_on(refs, tmp_path, capsys, monkeypatch):
     """A RuntimeError while restoring (out of memory, shape mismatch) names the image on one
     line; the other images are evaluated and the exit code is 1. The JSON is written atomically."""
-    import restorer.evaluate as ev
-    from restorer.infer import IdentityRestorer
+    import restorer.infer.options as options
+    from restorer.infer.engine import IdentityRestorer
 
     class Failing(IdentityRestorer):
         def __init__(self):
@@ -125,7 +125,7 @@ def test_runtime_error_on_one_image_is_one_line_and_the_rest_go_on(refs, tmp_pat
                 raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB\nmore detail")
             return pixels.copy()
 
-    monkeypatch.setattr(ev, "load_restorers", lambda *a, **k: ([Failing()], []))
+    monkeypatch.setattr(options, "load_restorers", lambda *a, **k: ([Failing()], []))
     js = tmp_path / "out" / "r.json"
     code = eval_main(["--weights", "fake", "--images", str(refs), "--quality", "10", "--metrics", "psnr",
                       "--json", str(js), "--no-progress"])

@@ -11,8 +11,8 @@ from skimage import data
 from restorer.modelfile import export_weights
 from restorer.degrade import jpeg_roundtrip
 from restorer.errors import UserError
-from restorer.infer import (Restorer, choose_restorer, load_restorers, receptive_radius, tile_spans)
-from restorer.model import ModelConfig, build_model
+from restorer.infer.engine import Restorer, choose_restorer, load_restorers, tile_spans
+from restorer.model import ModelConfig, alignment, build_model, receptive_radius
 
 # A deliberately small network (16 channels, 1 unit) trained in-test, so it really improves JPEG.
 SMALL = ModelConfig(preset="tiny", channels=16, units=1)
@@ -113,6 +113,34 @@ def test_tile_spans_partition_the_axis():
             assert (covered == 1).all()
     with pytest.raises(UserError, match="larger than twice"):
         tile_spans(100, 20, 10)
+    for length in (7, 65, 200, 513):  # aligned: every input start on the grid, cores still partition
+        for tile, overlap, align in ((64, 7, 4), (100, 19, 4), (48, 4, 8)):
+            spans = tile_spans(length, tile, overlap, align)
+            covered = np.zeros(length, int)
+            for s0, s1, c0, c1 in spans:
+                assert s0 % align == 0 and c0 % align == 0 and s1 - s0 <= tile
+                covered[c0:c1] += 1
+            assert (covered == 1).all()
+
+
+def test_tiled_equals_whole_image_for_a_multiscale_unet():
+    """U-Net (pixel-unshuffle, alignment 4): tiles on the image's grid give the whole-image output,
+    also for odd image sizes and a tile size that is not a multiple of the alignment."""
+    cfg = ModelConfig(preset="unet-tiny", condition_on_quality=True)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    model.eval()
+    assert alignment(model) == 4
+    r = _restorer(model, cfg)
+    img = jpeg_roundtrip(data.coffee()[37:250, 11:290], 20)  # 213x279, odd offsets and sizes
+    whole = r.restore(img, quality=20, tile=0)
+    tile = 2 * r.overlap + 4 * 9 + 3
+    tiled = r.restore(img, quality=20, tile=tile)
+    assert len(tile_spans(img.shape[0], tile, r.overlap, 4)) > 1  # really tiled
+    assert np.abs(whole.astype(int) - tiled.astype(int)).max() <= 1
+    assert (whole != img).mean() > 0.5
 
 
 @pytest.mark.parametrize("cfg", [ModelConfig(preset="tiny"), ModelConfig(preset="seed"),
@@ -165,6 +193,24 @@ def test_choose_nearest_quality_range(tmp_path):
     assert choose_restorer(without_blind, 19).path.parent.name == "q10"
     assert choose_restorer(without_blind, 21).path.parent.name == "q30"
     assert choose_restorer(without_blind, 95).path.parent.name == "q50-60"
+
+
+def test_trained_quality_range_and_covers(tmp_path, monkeypatch):
+    from restorer import weights as packaged
+    from restorer.infer.engine import trained_quality_range
+
+    assert trained_quality_range({"quality": "10-90", "quality_range": [20, 40]}, tmp_path) == (20, 40)
+    assert trained_quality_range({"quality": "10-90"}, tmp_path) == (10, 90)
+    assert trained_quality_range({"quality_range": [50, 5]}, tmp_path) is None  # unreadable: warned, unknown
+    assert trained_quality_range({}, tmp_path) is None
+    cfg = ModelConfig(preset="tiny")
+    export_weights(build_model(cfg), cfg, tmp_path / "w", facts={"quality": "10-90", "quality_range": [10, 40]})
+    r = load_restorers([str(tmp_path / "w")], torch.device("cpu"))[0][0]
+    assert r.covers(10) and r.covers(40) and not r.covers(41) and not r.covers(5)
+    # packaged names: a missing file is one error line, not a traceback
+    monkeypatch.setattr(packaged, "FOLDER", tmp_path / "nothing")
+    restorers, errors = load_restorers(["fast"], torch.device("cpu"))
+    assert not restorers and len(errors) == 1 and "'fast' model is not installed" in errors[0]
 
 
 def test_trained_small_model_beats_jpeg_on_unseen_halves(small_q10_weights):

@@ -20,7 +20,7 @@ from restorer.modelfile import export_weights
 from restorer.errors import UserError
 from restorer.imageio import open_image
 from restorer.model import ModelConfig, build_model
-from restorer.restore import main as restore_main
+from restorer.infer.restore import main as restore_main
 from test_infer import photos, small_q10_weights  # noqa: F401  (session fixture: in-test trained model)
 
 
@@ -99,12 +99,19 @@ def test_grayscale_stays_grayscale(tmp_path, capsys, identity_weights):
             assert np.array_equal(np.asarray(res), np.asarray(Image.open(src)))
 
 
-def test_alpha_kept_and_non_jpeg_warned(tmp_path, capsys, small_q10_weights):
+def test_alpha_kept_and_non_jpeg_needs_quality(tmp_path, capsys, small_q10_weights):
     rgba = np.dstack([data.coffee()[:64, :64], np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))])
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    # a PNG carries no quantisation tables: its JPEG quality is unknown, so it is skipped with one line
     code, out, err = run([tmp_path / "a.png", "-o", tmp_path / "out", "--weights", small_q10_weights], capsys)
+    assert code == 1
+    lines = error_lines(err)
+    assert len(lines) == 1 and "a.png" in lines[0] and "not a JPEG" in lines[0] and "--quality" in lines[0]
+    assert not (tmp_path / "out" / "a.png").exists()
+    code, out, err = run([tmp_path / "a.png", "-o", tmp_path / "out", "--weights", small_q10_weights,
+                          "--quality", "10"], capsys)
     assert code == 0, err
-    assert "warning:" in err and "not a JPEG" in err and "a.png" in err
+    assert "quality 10 (--quality)" in out
     with Image.open(tmp_path / "out" / "a.png") as res:
         assert res.mode == "RGBA"
         assert np.array_equal(np.asarray(res)[:, :, 3], rgba[:, :, 3])
@@ -245,3 +252,160 @@ def test_huge_declared_jpeg_refused_before_decoding(tmp_path):
     (tmp_path / "big.jpg").write_bytes(bytes(raw))
     with pytest.raises(UserError, match="megapixels"):
         open_image(tmp_path / "big.jpg")
+
+
+# --- issue 13: outputs never destroy inputs; where outputs go; quality range; packaged names ----------
+def _digest(path: Path) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+@pytest.fixture(scope="module")
+def q10_40_weights(tmp_path_factory) -> Path:
+    """A model that really changes pixels (fixed random weights), trained range 10-40."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="tiny")
+    model = build_model(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return export_weights(model, cfg, tmp_path_factory.mktemp("q10_40"),
+                          facts={"quality": "10-40", "quality_range": [10, 40]})
+
+
+def test_default_output_is_beside_the_input(tmp_path, capsys, identity_weights):
+    src = jpeg_file(tmp_path / "photo.jpg", data.chelsea()[:48, :64], 30)
+    before = _digest(src)
+    code, out, err = run([src, "--weights", identity_weights], capsys)
+    assert code == 0, err
+    target = tmp_path / "photo.restored.png"
+    assert f"-> {target}" in out
+    with Image.open(target) as res:
+        assert res.format == "PNG" and np.array_equal(np.asarray(res), np.asarray(Image.open(src)))
+    # a second run over the folder: the earlier output is not restored again, the input untouched
+    code, out, err = run([tmp_path, "--weights", identity_weights, "--overwrite"], capsys)
+    assert code == 0, err
+    assert "skipped 1 earlier output" in err and "photo.restored.restored" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg", "photo.restored.png"]
+    assert _digest(src) == before
+    code, _, err = run([src, "--weights", identity_weights, "--format", "tiff"], capsys)
+    assert code == 0 and (tmp_path / "photo.restored.tif").is_file()
+
+
+def test_never_writes_over_an_input_even_with_overwrite(tmp_path, capsys, identity_weights):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    jpg = jpeg_file(folder / "photo.jpg", data.chelsea()[:48, :64], 30)
+    png = folder / "scan.png"
+    Image.fromarray(data.coffee()[:40, :40]).save(png)
+    digests = {p: _digest(p) for p in (jpg, png)}
+    # the issue's case: a folder restored into itself as JPEG replaced photo.jpg
+    code, out, err = run([folder, "-o", folder, "--format", "jpeg", "--overwrite", "--quality", "30",
+                          "--weights", identity_weights], capsys)
+    assert code == 1
+    line = next(line for line in error_lines(err) if "photo.jpg" in line)
+    assert "input" in line and "--overwrite" in line
+    # a PNG restored into its own folder as PNG
+    code, _, err = run([png, "-o", folder, "--quality", "30", "--overwrite", "--weights", identity_weights], capsys)
+    assert code == 1 and "refusing to write over an input" in err
+    # the same file through a hard link and a symbolic link
+    os.link(png, tmp_path / "hard.png")
+    (tmp_path / "soft.png").symlink_to(png)
+    for alias in ("hard.png", "soft.png"):
+        code, _, err = run([png, "-o", tmp_path / alias, "--quality", "30", "--overwrite",
+                            "--weights", identity_weights], capsys)
+        assert code == 1 and "refusing to write over an input" in err, alias
+    assert all(_digest(p) == d for p, d in digests.items())
+    # only the output that was not an input was written (scan.png -> scan.jpg in the first run)
+    assert sorted(p.name for p in folder.iterdir()) == ["photo.jpg", "scan.jpg", "scan.png"]
+
+
+def test_output_name_decides_file_and_format(tmp_path, capsys, identity_weights):
+    a = jpeg_file(tmp_path / "a.jpg", data.chelsea()[:48, :64], 30)
+    b = jpeg_file(tmp_path / "b.jpg", data.coffee()[:48, :64], 30)
+    code, _, err = run([a, "-o", tmp_path / "named.webp", "--weights", identity_weights], capsys)
+    assert code == 0, err
+    assert (tmp_path / "named.webp").is_file()  # a file, not a folder
+    with Image.open(tmp_path / "named.webp") as res:
+        assert res.format == "WEBP" and np.array_equal(np.asarray(res.convert("RGB")), np.asarray(Image.open(a)))
+    code, _, err = run([a, "-o", tmp_path / "x.jpg", "--weights", identity_weights], capsys)
+    assert code == 0 and Image.open(tmp_path / "x.jpg").format == "JPEG"
+    # contradictions are usage errors: one line naming the output, nothing written
+    for argv, words in (([a, b, "-o", tmp_path / "single.png"], ("single.png", "2 input images")),
+                        ([a, "-o", tmp_path / "out.png", "--format", "jpeg"], ("out.png", "--format jpeg")),
+                        ([a, "-o", tmp_path / "out.bmp"], ("out.bmp", "cannot write .bmp"))):
+        code, _, err = run([*argv, "--weights", identity_weights], capsys)
+        lines = error_lines(err)
+        assert code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg", "b.jpg", "named.webp", "x.jpg"]
+
+
+def test_error_names_the_output_that_failed(tmp_path, capsys, identity_weights):
+    src = jpeg_file(tmp_path / "in.jpg", data.chelsea()[:48, :64], 30)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    outs = [blocker / "restored"] + ([Path("/proc/restored")] if Path("/proc/self").exists() else [])
+    for bad in outs:
+        code, _, err = run([src, "-o", str(bad) + "/", "--weights", identity_weights], capsys)
+        lines = error_lines(err)
+        assert code == 1 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: {bad}: cannot create the output folder"), lines
+
+
+def test_outside_the_trained_quality_range_is_passed_through(tmp_path, capsys, q10_40_weights):
+    src = jpeg_file(tmp_path / "hi.jpg", data.chelsea()[:64, :64], 90)
+    decoded = np.asarray(Image.open(src))
+    code, out, err = run([src, "-o", tmp_path / "pass.png", "--weights", q10_40_weights], capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "hi.jpg" in notes[0] and "quality 90" in notes[0] and "10-40" in notes[0]
+    assert "--force" in notes[0] and "written unchanged" in out
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "pass.png")), decoded)
+    code, out, err = run([src, "-o", tmp_path / "forced.png", "--weights", q10_40_weights, "--force"], capsys)
+    assert code == 0 and "note:" not in err
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "forced.png")), decoded)
+    # inside the range the model is applied
+    low = jpeg_file(tmp_path / "lo.jpg", data.chelsea()[:64, :64], 20)
+    code, _, err = run([low, "-o", tmp_path / "lo.png", "--weights", q10_40_weights], capsys)
+    assert code == 0 and "note:" not in err
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "lo.png")), np.asarray(Image.open(low)))
+
+
+def test_packaged_weight_names(tmp_path, capsys, monkeypatch, identity_weights):
+    import shutil
+
+    from restorer import weights as packaged
+
+    src = jpeg_file(tmp_path / "photo.jpg", data.chelsea()[:48, :64], 30)
+    empty = tmp_path / "no_weights"
+    empty.mkdir()
+    monkeypatch.setattr(packaged, "FOLDER", empty)
+    for argv in ([src, "--weights", "quality"], [src]):  # no --weights on a CPU: 'fast'
+        code, _, err = run([*argv, "--device", "cpu"], capsys)
+        lines = error_lines(err)
+        name = "quality" if "quality" in argv else "fast"
+        assert code == 2 and len(lines) == 1, lines  # one line, no "no usable weights" summary after it
+        assert f"'{name}' model is not installed" in lines[0] and "--weights PATH" in lines[0]
+    assert not (tmp_path / "photo.restored.png").exists()
+    # with the packaged files present: `restorer restore photo.jpg`, no other argument
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    shutil.copyfile(identity_weights, shipped / "fast.safetensors")
+    shutil.copyfile(identity_weights.with_name("model.json"), shipped / "fast.json")
+    monkeypatch.setattr(packaged, "FOLDER", shipped)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = run([src], capsys)
+    assert code == 0, err
+    assert (tmp_path / "photo.restored.png").is_file()
+
+
+def test_packaged_weights_ship_as_package_data():
+    """The wheel must carry restorer/weights/*.safetensors + *.json (checked by building one by
+    hand; here the declaration that makes setuptools include them)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    from restorer import weights as packaged
+
+    doc = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert set(doc["tool"]["setuptools"]["package-data"]["restorer.weights"]) >= {"*.safetensors", "*.json"}
+    assert packaged.FOLDER == Path(packaged.__file__).resolve().parent

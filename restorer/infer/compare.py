@@ -5,6 +5,10 @@ supplies an existing JPEG of it), restored, and a crop of the three is shown sid
 enlarged with nearest-neighbour (so pixels and 8x8 blocks stay visible), each captioned with its
 PSNR against the original over the whole image and over the crop. The crop is ``--crop x,y,w,h``
 or, automatically, the window where the JPEG's error is largest (aligned to the 8x8 JPEG grid).
+
+A ``--jpeg`` that is not a JPEG of IMAGE (another size, or a PSNR to IMAGE below
+``MIN_JPEG_PSNR`` dB: a different photo) is an error, not a meaningless panel. The panel is never
+written over IMAGE or the ``--jpeg`` file, even with ``--overwrite``.
 """
 from __future__ import annotations
 
@@ -19,10 +23,16 @@ from PIL import Image, ImageDraw, ImageFont
 
 from restorer import metrics
 from restorer.degrade import jpeg_roundtrip
-from restorer.errors import UserError, cli_entry, describe, setup_logging
-from restorer.evaluate import uint8_tensor
-from restorer.imageio import DEFAULT_MAX_PIXELS, open_image, save_image
-from restorer.infer import DEFAULT_TILE, set_threads, choose_restorer, load_restorers, pick_device
+from restorer.errors import UserError, cli_entry, describe
+from restorer.imageio import open_image, save_image
+from restorer.infer.engine import choose_restorer
+from restorer.infer.evaluate import uint8_tensor
+from restorer.infer.options import (add_model_args, parse_args, InputFiles, load_models,
+                                    report_weight_errors)
+
+# Below this PSNR to the original, a --jpeg is not a JPEG of it (q5 of a real photo is ~22 dB;
+# a different photo of the same size, ~13 dB).
+MIN_JPEG_PSNR = 15.0
 
 EXAMPLES = """\
 examples:
@@ -36,18 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="restorer compare", description="Side-by-side panel: JPEG | restored | original.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", metavar="IMAGE", help="the clean original image")
-    p.add_argument("--weights", nargs="+", required=True, metavar="W", help="weights file(s)/folder(s), or none")
     p.add_argument("--quality", type=int, default=None, help="JPEG quality to compress with (default 10)")
     p.add_argument("--jpeg", default=None, metavar="FILE", help="an existing JPEG of IMAGE to use instead")
     p.add_argument("-o", "--output", required=True, help="panel PNG to write")
     p.add_argument("--crop", default=None, metavar="X,Y,W,H", help="crop box (default: automatic)")
     p.add_argument("--crop-size", type=int, default=96, help="side of the automatic crop (default 96)")
     p.add_argument("--zoom", type=int, default=3, help="nearest-neighbour enlargement (default 3)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
-    p.add_argument("--tile", type=int, default=DEFAULT_TILE)
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing panel (never an input)")
+    add_model_args(p)
     return p
 
 
@@ -110,26 +116,25 @@ def make_panel(crops: list[np.ndarray], captions: list[list[str]], zoom: int, ga
 
 @cli_entry
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(False)
+    args = parse_args(build_parser(), argv)
     if args.zoom < 1 or args.zoom > 16 or args.crop_size < 8:
         raise UserError("--zoom must be 1..16 and --crop-size at least 8")
     out = Path(args.output)
+    InputFiles(Path(p) for p in (args.image, args.jpeg) if p).check(out)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: output exists (use --overwrite to replace it)")
-    set_threads(args.threads)
-    device = pick_device(args.device)
-    restorers, werrs = load_restorers(args.weights, device, args.tile)
-    for line in werrs:
-        print(f"error: {line}", file=sys.stderr)
-    if not restorers:
-        raise UserError("no usable weights among: " + " ".join(args.weights))
+    models = load_models(args)
+    report_weight_errors(models, lambda line: print(f"error: {line}", file=sys.stderr))
+    werrs, restorers = models.errors, models.restorers
     ref = open_image(args.image, args.max_pixels).pixels
     if args.jpeg:
         jimg = open_image(args.jpeg, args.max_pixels)
         jpeg, quality = jimg.pixels, args.quality or jimg.quality
         if jpeg.shape != ref.shape:
             raise UserError(f"{args.jpeg}: its size or colour mode differs from {args.image}")
+        if _psnr(jpeg, ref) < MIN_JPEG_PSNR:
+            raise UserError(f"{args.jpeg}: PSNR {_psnr(jpeg, ref):.2f} dB to {args.image}, below "
+                            f"{MIN_JPEG_PSNR:.0f} dB: not a JPEG of that image")
         label = f"JPEG (q{quality})" if quality else "JPEG"
     else:
         quality = args.quality or 10

@@ -9,6 +9,9 @@ MSE), on RGB and on BT.601 Y (Y = 16 + 65.481 R + 128.553 G + 24.966 B for RGB i
 PSNR-B (Yim & Bovik 2011) uses the 8x8 grid of the JPEG (shifted by the crop).
 With ``--jpeg-dir``, already-compressed JPEGs are paired with the references by base name and
 grouped by the quality estimated from their quantisation tables.
+``eval`` measures the model at every quality asked for, also outside the range it was trained on
+(``restore`` would pass such images through unchanged); the device and the precision used are
+logged and recorded in ``--json`` (bf16 is not bit-identical to fp32).
 """
 from __future__ import annotations
 
@@ -27,16 +30,18 @@ import torch
 
 from restorer import metrics
 from restorer.degrade import SUBSAMPLING, jpeg_roundtrip
-from restorer.errors import UserError, cli_entry, describe, first_line, setup_logging
+from restorer.errors import UserError, cli_entry, describe, first_line
 from restorer.fsutil import atomic_write_text
-from restorer.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, open_image
-from restorer.infer import DEFAULT_TILE, set_threads, choose_restorer, load_restorers, pick_device
+from restorer.imageio import IMAGE_SUFFIXES, open_image
+from restorer.infer.engine import choose_restorer
+from restorer.infer.options import add_model_args, load_models, parse_args, report_weight_errors
 
-log = logging.getLogger("restorer.evaluate")
+log = logging.getLogger("restorer.infer.evaluate")
 
 EXAMPLES = """\
 examples:
   restorer eval --weights runs/demo/model.safetensors --images data/BSR/BSDS500/data/images/test --quality 10 20 30 40
+  restorer eval --weights fast --images data/BSR --quality 10 20 30 40 --precision fp32   # a shipped model
   restorer eval --weights none --images data/BSR --quality 10 20          # plain JPEG baseline (BSR root ok)
   restorer eval --weights w.safetensors --images refs/ --jpeg-dir jpegs/ --csv per_image.csv
   restorer eval --weights q10/ q20/ q30/ q40/ --images refs/ --crop-border 8 --json results.json
@@ -49,8 +54,7 @@ SPACES = ("rgb", "y")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="restorer eval", description="PSNR / SSIM / PSNR-B of JPEG and restored images against references.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", nargs="+", default=None, metavar="W",
-                   help="weights file(s)/folder(s); 'none' evaluates the JPEG alone")
+    add_model_args(p)
     p.add_argument("--identity", action="store_true", help="same as --weights none")
     p.add_argument("--images", required=True, metavar="DIR",
                    help="folder of reference images, or a BSR/BSDS500 root (uses --split)")
@@ -65,13 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by name)")
     p.add_argument("--json", default=None, metavar="PATH", help="write per-image results and means as JSON")
     p.add_argument("--csv", default=None, metavar="PATH", help="write per-image results as CSV")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile side for inference, 0 = whole image")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
@@ -174,12 +171,9 @@ def _jsonable(v):
 
 @cli_entry
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    args = parse_args(build_parser(), argv)
     if args.identity:
         args.weights = ["none"]
-    if not args.weights:
-        raise UserError("give --weights W (or --weights none / --identity for the plain JPEG baseline)")
     if args.crop_border < 0:
         raise UserError("--crop-border must be >= 0")
     for q in args.quality:
@@ -192,14 +186,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         failures += 1
         print(f"error: {msg}", file=sys.stderr)
 
-    set_threads(args.threads)
-    device = pick_device(args.device)
-    restorers, werrs = load_restorers(args.weights, device, args.tile, None, args.bf16)
-    for line in werrs:
-        err(line)
-    if not restorers:
-        raise UserError("no usable weights among: " + " ".join(args.weights))
-    identity = all(r.model is None for r in restorers)
+    models = load_models(args)
+    report_weight_errors(models, err)
+    restorers, identity = models.restorers, models.identity
 
     folder = resolve_images_dir(Path(args.images), args.split)
     refs = list_images(folder)[: args.limit]
@@ -215,7 +204,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 jpeg_index.setdefault(f.stem, f)
     source = (f"from {jpeg_dir} (quality estimated from quantisation tables)" if jpeg_dir else
               f"by Pillow at quality {' '.join(map(str, args.quality))}, {args.subsampling}")
-    log.info("%d reference images in %s; weights: %s", len(refs), folder, "; ".join(r.describe() for r in restorers))
+    log.info("%d reference images in %s", len(refs), folder)
 
     from tqdm import tqdm
 
@@ -272,7 +261,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         doc = {"protocol": {"images": str(folder), "jpeg": source, "crop_border": args.crop_border,
                             "y": "BT.601 16 + 65.481 R + 128.553 G + 24.966 B, /255",
-                            "weights": [r.describe() for r in restorers]},
+                            "weights": [r.describe() for r in restorers],
+                            "device": str(models.device), "precision": models.precision.as_dict()},
                "mean": [{k: _jsonable(v) for k, v in s.items()} for s in summary],
                "images": [{k: _jsonable(v) for k, v in r.items()} for r in rows]}
         atomic_write_text(Path(args.json), json.dumps(doc, indent=1) + "\n")

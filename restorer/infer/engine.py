@@ -1,7 +1,10 @@
 """Tiled inference: restore an image of any size in bounded memory, equal to whole-image inference.
 
 The networks are fully convolutional with stride 1 and zero padding, so an output pixel depends
-only on input pixels within the *receptive radius* r (:func:`receptive_radius`). We cut the image
+only on input pixels within the *receptive radius* r (:func:`restorer.model.receptive_radius`, each
+network computes its own). Multi-scale networks (U-Net) also have an *alignment* a: their pixel
+grid repeats every a pixels, so tile origins, overlaps and cores are kept multiples of a
+(:func:`tile_spans`), which puts every tile on the whole image's grid. We cut the image
 into tiles of ``tile`` x ``tile`` input pixels; each tile keeps only its centre (the "core") and
 discards ``overlap`` pixels on every side that has a neighbour. Tiles at the image edge are clamped
 to the edge, so they see the same zero padding as the whole image. With ``overlap >= r`` every kept
@@ -24,8 +27,16 @@ Quality
 -------
 A quality-conditioned model needs the JPEG quality: read from the file's quantisation tables
 (``degrade.estimate_quality``), or given with ``--quality``. Among several weights files, the one
-whose training quality range (``facts["quality"]`` in model.json, e.g. "10" or "10-90") is nearest
-to the image's quality is used; see :func:`choose_restorer`.
+whose training quality range (``facts["quality_range"]`` in model.json, e.g. [10, 90], else the
+spec ``facts["quality"]``, e.g. "10" or "10-90") is nearest to the image's quality is used; see
+:func:`choose_restorer`. :meth:`Restorer.covers` tells whether a quality lies inside that range
+(``restore`` passes images outside it through unchanged unless ``--force``).
+
+Precision and memory format
+---------------------------
+``precision`` is "fp32" or "bf16" (autocast); ``channels_last=None`` follows
+:func:`restorer.hardware.choose_channels_last` for the device and precision. Both are decided by
+the caller (``restorer.infer.options``), never hard-coded here.
 """
 from __future__ import annotations
 
@@ -39,27 +50,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-from restorer.modelfile import WEIGHTS_NAME, load_weights
+from restorer import weights as packaged
 from restorer.degrade import parse_quality
 from restorer.errors import UserError, describe
+from restorer.hardware import choose_channels_last
+from restorer.model import alignment, receptive_radius
+from restorer.modelfile import WEIGHTS_NAME, load_weights
 
-log = logging.getLogger("restorer.infer")
+log = logging.getLogger("restorer.infer.engine")
 
 DEFAULT_TILE = 512
-
-
-def receptive_radius(model: nn.Module) -> int:
-    """Pixels of context on each side that one output pixel depends on: the sum over all
-    convolutions of dilation * (kernel - 1) / 2. These networks are chains of stride-1 convs
-    with skip connections, so the longest path runs through every conv and the sum is exact
-    (the default preset: 2 + 8 x 2 + 1 = 19)."""
-    radius = 0
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            if any(s != 1 for s in m.stride):
-                raise ValueError("receptive_radius assumes stride-1 convolutions")
-            radius += max(d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation))
-    return radius
+PRECISIONS = ("fp32", "bf16")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -84,15 +85,18 @@ def set_threads(n: Optional[int]) -> None:
         torch.set_num_threads(n)
 
 
-def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+def tile_spans(length: int, tile: int, overlap: int, align: int = 1) -> list[tuple[int, int, int, int]]:
     """Along one axis: (input start, input end, core start, core end) of each tile. Cores
     partition [0, length); each input span is its core grown by ``overlap`` (clamped), and never
-    longer than ``tile``."""
+    longer than ``tile``. With ``align`` > 1 the overlap is rounded up and the core down to
+    multiples of ``align``, so every input start is a multiple of ``align``."""
     if tile <= 0 or tile >= length:
         return [(0, length, 0, length)]
-    core = tile - 2 * overlap
+    overlap = -(-overlap // align) * align
+    core = (tile - 2 * overlap) // align * align
     if core <= 0:
-        raise UserError(f"--tile {tile} must be larger than twice --tile-overlap ({overlap})")
+        raise UserError(f"--tile {tile} must be larger than twice --tile-overlap ({overlap}"
+                        f"{f', a multiple of the model alignment {align}' if align > 1 else ''})")
     spans = []
     for c0 in range(0, length, core):
         c1 = min(c0 + core, length)
@@ -141,10 +145,14 @@ class Restorer:
     device: torch.device
     tile: int = DEFAULT_TILE
     overlap: Optional[int] = None  # None = the receptive radius
-    bf16: bool = False
+    precision: str = "fp32"  # or "bf16" (autocast)
+    channels_last: Optional[bool] = None  # None = restorer.hardware's rule for device + precision
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         self.radius = receptive_radius(self.model)
+        self.align = alignment(self.model)
         if self.overlap is None:
             self.overlap = self.radius
         elif self.overlap < self.radius:
@@ -153,15 +161,13 @@ class Restorer:
         cfg = self.meta.get("model", {})
         self.in_channels = int(cfg.get("in_channels", 3))
         self.conditioned = bool(cfg.get("condition_on_quality", False))
-        self.quality_range: Optional[tuple[int, int]] = None
-        spec = (self.meta.get("facts") or {}).get("quality")
-        if spec is not None:
-            try:
-                self.quality_range = parse_quality(spec)
-            except ValueError:
-                log.warning("%s: ignoring unreadable facts.quality %r", self.path, spec)
+        self.quality_range = trained_quality_range(self.meta.get("facts") or {}, self.path)
+        if self.channels_last is None:
+            self.channels_last = bool(choose_channels_last(
+                "auto", self.device, "bf16" if self.precision == "bf16" else "no").value)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         if self.device.type == "cpu":
-            self.model = self.model.to(memory_format=torch.channels_last)  # ~1.4x faster on CPU
             reuse_freed_memory()
 
     @property
@@ -174,6 +180,11 @@ class Restorer:
             f"quality {rng[0]}" if rng[0] == rng[1] else f"quality {rng[0]}-{rng[1]}")
         return f"{self.path} (trained on {trained})"
 
+    def covers(self, quality: int) -> bool:
+        """Whether ``quality`` lies inside the trained range (True when the range is unknown)."""
+        lo, hi = self.quality_range or (1, 100)
+        return lo <= quality <= hi
+
     def default_quality(self) -> int:
         """Quality to condition on when the image's is unknown: the middle of the trained range."""
         lo, hi = self.quality_range or (1, 100)
@@ -185,9 +196,9 @@ class Restorer:
         if self.conditioned:
             q = torch.full((x.shape[0],), float(quality if quality is not None else self.default_quality()),
                            device=x.device)
-        if self.device.type == "cpu":
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.bf16:
+        if self.precision == "bf16":
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
                 return self.model(x, q).float()
         return self.model(x, q)
@@ -199,7 +210,8 @@ class Restorer:
         tile = self.tile if tile is None else tile
         h, w = planes.shape[:2]
         out: Optional[np.ndarray] = None
-        rows, cols = tile_spans(h, tile, self.overlap), tile_spans(w, tile, self.overlap)
+        rows = tile_spans(h, tile, self.overlap, self.align)
+        cols = tile_spans(w, tile, self.overlap, self.align)
         with torch.inference_mode():
             for y0, y1, cy0, cy1 in rows:
                 for x0, x1, cx0, cx1 in cols:
@@ -243,6 +255,8 @@ class IdentityRestorer(Restorer):
         self.path = Path("none")
         self.meta, self.model, self.device = {}, None, torch.device("cpu")
         self.quality_range, self.conditioned, self.in_channels, self.radius, self.overlap = None, False, 3, 0, 0
+        self.align = 1
+        self.precision, self.channels_last = "fp32", False
 
     def describe(self) -> str:
         return "none (the JPEG itself)"
@@ -251,9 +265,33 @@ class IdentityRestorer(Restorer):
         return pixels.copy()
 
 
+def trained_quality_range(facts: dict, path: Path) -> Optional[tuple[int, int]]:
+    """(lo, hi) from model.json's ``facts``: ``quality_range`` [lo, hi] if present, else the
+    ``quality`` spec ("10", "10-90"); None (with a warning) when neither is readable."""
+    rng = facts.get("quality_range")
+    if rng is not None:
+        try:
+            lo, hi = (int(v) for v in rng)
+            if 1 <= lo <= hi <= 100:
+                return lo, hi
+        except (TypeError, ValueError):
+            pass
+        log.warning("%s: ignoring unreadable facts.quality_range %r", path, rng)
+    spec = facts.get("quality")
+    if spec is not None:
+        try:
+            return parse_quality(spec)
+        except ValueError:
+            log.warning("%s: ignoring unreadable facts.quality %r", path, spec)
+    return None
+
+
 def weights_files(spec: str) -> list[Path]:
-    """A weights argument -> files: a file as is; a folder -> its model.safetensors if present,
-    else every *.safetensors directly inside, else every */model.safetensors one level down."""
+    """A weights argument -> files: ``fast`` / ``quality`` -> the packaged model
+    (:mod:`restorer.weights`); a file as is; a folder -> its model.safetensors if present, else
+    every *.safetensors directly inside, else every */model.safetensors one level down."""
+    if spec in packaged.NAMES:
+        return [packaged.packaged_path(spec)]
     p = Path(spec)
     if p.is_dir():
         if (p / WEIGHTS_NAME).is_file():
@@ -266,9 +304,9 @@ def weights_files(spec: str) -> list[Path]:
 
 
 def load_restorers(specs: list[str], device: torch.device, tile: int = DEFAULT_TILE,
-                   overlap: Optional[int] = None, bf16: bool = False) -> tuple[list[Restorer], list[str]]:
-    """Load every weights file named (files or folders). Returns the usable ones and one error
-    line per file that could not be used; ``none`` gives the identity."""
+                   overlap: Optional[int] = None, precision: str = "fp32") -> tuple[list[Restorer], list[str]]:
+    """Load every weights file named (packaged names, files or folders). Returns the usable ones
+    and one error line per file that could not be used; ``none`` gives the identity."""
     restorers: list[Restorer] = []
     errors: list[str] = []
     for spec in specs:
@@ -283,7 +321,7 @@ def load_restorers(specs: list[str], device: torch.device, tile: int = DEFAULT_T
         for f in files:
             try:
                 model, meta = load_weights(f, device)
-                restorers.append(Restorer(model, meta, f, device, tile, overlap, bf16))
+                restorers.append(Restorer(model, meta, f, device, tile, overlap, precision))
             except UserError as exc:
                 errors.append(str(exc))
             except Exception as exc:  # a header that parses but describes nonsense

@@ -1,0 +1,245 @@
+"""``restorer restore INPUT... [-o OUT] [--weights fast|quality|W...]``: restore JPEG photos, any
+size, keeping metadata, never touching an input.
+
+Guarantees (each tested in tests/test_restore.py):
+
+* No input is ever written over: an output that is (or links to) any input file is refused, even
+  with ``--overwrite``. An existing output is replaced only with ``--overwrite``; every write is
+  atomic.
+* Where outputs go: no ``-o`` -> ``NAME.restored.png`` beside each input; ``-o`` ending in an image
+  suffix (``.png .tif .tiff .jpg .jpeg .webp``) -> that one file (an error when there are several
+  input images); anything else -> a folder (created if needed). The format follows ``--format``
+  or the ``-o`` suffix; ``-o out.png --format jpeg`` is an error, never JPEG bytes in a .png.
+* The JPEG quality the model is told: ``--quality``, else read from the file's quantisation
+  tables. A file that is not a JPEG has no such tables: it is skipped with one line asking for
+  ``--quality`` (exit status 1).
+* A model is applied only inside the quality range it was trained on (model.json
+  ``facts.quality_range``); outside it the decoded image is written unchanged (lossless for PNG,
+  TIFF, WebP) with one ``note:`` line, unless ``--force``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from restorer.errors import UserError, cli_entry, describe
+from restorer.imageio import (IMAGE_SUFFIXES, OUTPUT_FORMATS, LoadedImage, find_images, format_for_suffix,
+                              open_image, save_image)
+from restorer.infer.engine import Restorer, choose_restorer
+from restorer.infer.options import (add_model_args, parse_args, InputFiles, load_models,
+                                    report_weight_errors)
+
+log = logging.getLogger("restorer.infer.restore")
+
+RESTORED_TAG = ".restored"  # photo.jpg -> photo.restored.png when no -o is given
+
+EXAMPLES = """\
+examples:
+  restorer restore photo.jpg                         # -> photo.restored.png beside it ('fast' on CPU, 'quality' on GPU)
+  restorer restore photo.jpg -o photo_clean.png --weights quality
+  restorer restore holiday/ -o restored/ --weights runs/demo/model.safetensors
+  restorer restore 'scans/**/*.jpg' -o restored/ --weights q10/ q30/ q50/   # nearest quality per image
+  restorer restore big.jpg -o out/ --tile 256 --device cpu --precision fp32
+  restorer restore scan.png --quality 30             # not a JPEG: say what quality it was compressed at
+  restorer restore photo.jpg -o out/ --weights w.safetensors --quality 20 --overwrite
+
+Outputs are lossless PNG (or --format tiff / webp / jpeg) named after the input, written
+atomically: without -o, NAME.restored.png beside each input; an -o ending in .png/.tif/.jpg/.webp
+is one file, any other -o a folder. No input file is ever written over, even with --overwrite; an
+existing output is left alone unless --overwrite. EXIF orientation is applied (the output is
+upright, Orientation reset to 1); ICC profile, EXIF and alpha are kept; grayscale stays grayscale.
+Images whose JPEG quality lies outside the weights' trained range are written unchanged, with a
+note, unless --force. Each unreadable input or weights file gets one 'error:' line; the rest are
+still processed, and the exit status is 1 if anything failed (2 for a usage error or no usable
+weights).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="restorer restore", description="Remove JPEG artifacts from photos.",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, or quoted globs")
+    p.add_argument("-o", "--output", default=None, metavar="OUT",
+                   help=f"output file (a name ending in an image suffix; one input image only) or folder; "
+                        f"default: NAME{RESTORED_TAG}.png beside each input")
+    add_model_args(p)
+    p.add_argument("--quality", type=int, default=None,
+                   help="JPEG quality the images were compressed at (default: read from each JPEG's "
+                        "quantisation tables; required for PNG, WebP and other non-JPEG inputs)")
+    p.add_argument("--force", action="store_true",
+                   help="apply the weights even outside the JPEG quality range they were trained on "
+                        "(default: such images are written unchanged, with a note)")
+    p.add_argument("--format", choices=sorted(OUTPUT_FORMATS), default=None,
+                   help="output format (default: from the -o file name's suffix, else png)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
+    p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs "
+                   "(their structure is mirrored under OUT)")
+    return p
+
+
+class OutputPlan:
+    """Where each input's output goes, decided once from ``-o`` and ``--format`` (see the module
+    doc); raises UserError for a contradiction before anything is read or written."""
+
+    def __init__(self, output: Optional[str], fmt: Optional[str], n_images: int):
+        self.beside = output is None
+        self.out = None if output is None else Path(output)
+        self.single_file = False
+        if self.out is not None:
+            names_folder = output.endswith(("/", os.sep)) or self.out.is_dir()
+            suffix = self.out.suffix.lower()
+            if not names_folder and suffix in IMAGE_SUFFIXES:
+                wanted = format_for_suffix(self.out)
+                if wanted is None:
+                    raise UserError(f"{self.out}: cannot write {suffix} images; name the output "
+                                    f"{' / '.join(sorted(set(s for _, s in OUTPUT_FORMATS.values())))}")
+                if fmt is not None and fmt != wanted:
+                    raise UserError(f"{self.out}: the name says {wanted} but --format {fmt}; make them agree "
+                                    f"(e.g. -o {self.out.with_suffix(OUTPUT_FORMATS[fmt][1])})")
+                if n_images > 1:
+                    raise UserError(f"{self.out}: names one file, but there are {n_images} input images; "
+                                    f"give a folder (e.g. -o {self.out.with_suffix('')}/)")
+                self.single_file, fmt = True, wanted
+            elif self.out.exists() and not self.out.is_dir():
+                raise UserError(f"{self.out}: exists and is not a folder (several inputs need an output folder)")
+        self.fmt = fmt or "png"
+        self.ext = OUTPUT_FORMATS[self.fmt][1]
+
+    def target(self, path: Path, rel: Path) -> Path:
+        if self.beside:
+            return path.with_name(path.stem + RESTORED_TAG + self.ext)
+        assert self.out is not None
+        return self.out if self.single_file else self.out / (str(rel) + self.ext)
+
+
+def earlier_outputs(found: list[tuple[Path, Path]], inputs: list[str]) -> list[Path]:
+    """``*.restored.*`` files found inside folder inputs (outputs of an earlier run), unless named
+    explicitly: they are not restored again."""
+    named = {Path(i).resolve() for i in inputs if Path(i).is_file()}
+    return [p for p, _ in found if p.stem.endswith(RESTORED_TAG) and p.resolve() not in named]
+
+
+@cli_entry
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(build_parser(), argv)
+    if args.quality is not None and not 1 <= args.quality <= 100:
+        raise UserError(f"--quality must be 1..100, got {args.quality}")
+    failures = 0
+
+    def err(msg: str) -> None:
+        nonlocal failures
+        failures += 1
+        _write(f"error: {msg}", sys.stderr)
+
+    found, input_errors = find_images(args.inputs, args.recursive)
+    skipped = set(earlier_outputs(found, args.inputs))
+    found = [(p, rel) for p, rel in found if p not in skipped]
+    if skipped:
+        _write(f"note: skipped {len(skipped)} earlier output(s) named *{RESTORED_TAG}.* in the input folders",
+               sys.stderr)
+    plan = OutputPlan(args.output, args.format, len(found))
+
+    models = load_models(args)
+    report_weight_errors(models, err)
+    for line in input_errors:
+        err(line)
+
+    inputs = InputFiles(p for p, _ in found)
+    targets: dict[Path, Path] = {}
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(found), unit="img", disable=args.no_progress or len(found) < 2, file=sys.stderr)
+    for path, rel in found:
+        target = plan.target(path, rel)
+        try:
+            inputs.check(target)
+            if target in targets:
+                raise UserError(f"{path}: would write {target}, already written for {targets[target]} (rename one)")
+            targets[target] = path
+            if target.exists() and not args.overwrite:
+                raise UserError(f"{target}: output exists (use --overwrite to replace it)")
+            _restore_one(path, target, plan.fmt, models.restorers, args)
+        except UserError as exc:
+            err(str(exc))
+        except Exception as exc:  # keep going with the other images; RESTORER_DEBUG=1 for the traceback
+            if os.environ.get("RESTORER_DEBUG"):
+                raise
+            err(f"{path}: failed ({describe(exc)})")
+        bar.update(1)
+    bar.close()
+    if not found:
+        _write("error: no input images", sys.stderr)
+        return 1
+    if failures:
+        _write(f"{len(found)} image(s) found, {failures} problem(s): see the error lines above", sys.stderr)
+    return 1 if failures else 0
+
+
+def _write(msg: str, stream) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=stream)
+
+
+def image_quality(img: LoadedImage, given: Optional[int]) -> tuple[int, str]:
+    """The JPEG quality to tell the model, and where it came from; UserError when unknown."""
+    if given is not None:
+        return given, "--quality"
+    if not img.is_jpeg:
+        raise UserError(f"{img.path}: not a JPEG ({img.format}), so the JPEG quality it went through is "
+                        f"unknown; give --quality Q to restore it")
+    if img.quality is None:
+        raise UserError(f"{img.path}: JPEG without readable quantisation tables; give --quality Q")
+    return img.quality, "quantisation tables"
+
+
+def _restore_one(path: Path, target: Path, fmt: str, restorers: list[Restorer], args) -> None:
+    t0 = time.perf_counter()
+    img = open_image(path, args.max_pixels)
+    for note in img.notes:
+        _write(f"warning: {path}: {note}", sys.stderr)
+    quality, source = image_quality(img, args.quality)
+    restorer = choose_restorer(restorers, quality)
+    w, h = img.size
+    if restorer.covers(quality) or args.force:
+        pixels = _apply(restorer, img, quality, args)
+        action = ""
+    else:
+        lo, hi = restorer.quality_range  # covers() is True when the range is unknown
+        pixels, action = img.pixels, "; written unchanged (outside the trained range)"
+        _write(f"note: {path}: JPEG quality {quality} is outside the range {lo}-{hi} that {restorer.path.name} "
+               f"was trained on: written unchanged (--force applies it anyway)", sys.stderr)
+    notes = save_image(pixels, img.alpha, target, fmt=fmt, icc_profile=img.icc_profile, exif=img.exif,
+                       overwrite=args.overwrite)
+    for note in notes:
+        _write(f"warning: {path}: {note}", sys.stderr)
+    extras = [s for s in ("gray" if img.is_gray else "", "alpha kept" if img.alpha is not None else "",
+                          f"orientation {img.orientation} applied" if img.orientation != 1 else "") if s]
+    chosen = f"; weights {restorer.describe()}" if len(restorers) > 1 or args.verbose else ""
+    _write(f"{path} -> {target}: {w}x{h}, quality {quality} ({source}){chosen}"
+           f"{'; ' + ', '.join(extras) if extras else ''}{action} [{time.perf_counter() - t0:.1f}s]", sys.stdout)
+
+
+def _apply(restorer: Restorer, img: LoadedImage, quality: int, args) -> np.ndarray:
+    """The model on one decoded image, with a per-tile bar for big photos (minutes on a CPU).
+
+    This is the one place every restored image passes through: a post-processing step on the
+    model's output (issue 13's projection onto the JPEG's quantisation intervals,
+    ``restorer/jpeg_projection.py``) is called here, as ``project(restored, img.path)``."""
+    from tqdm import tqdm
+
+    w, h = img.size
+    with tqdm(total=w * h, unit="px", unit_scale=True, leave=False, file=sys.stderr, desc=img.path.name,
+              disable=args.no_progress or w * h < 4_000_000) as tiles:
+        return restorer.restore(img.pixels, quality, progress=tiles.update)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
