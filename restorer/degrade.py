@@ -40,8 +40,14 @@ def jpeg_bytes(img: "np.ndarray | Image.Image", quality: int, subsampling: str =
 
 def jpeg_roundtrip(img: "np.ndarray | Image.Image", quality: int, subsampling: str = "4:2:0") -> np.ndarray:
     """Compress and decompress: returns the degraded image as a uint8 array of the input's shape."""
-    with Image.open(io.BytesIO(jpeg_bytes(img, quality, subsampling))) as out:
-        return np.asarray(out)
+    return decoded_jpeg(img, quality, subsampling)[0]
+
+
+def decoded_jpeg(img: "np.ndarray | Image.Image", quality: int, subsampling: str = "4:2:0") -> tuple[np.ndarray, bytes]:
+    """(decoded uint8 pixels, the JPEG bytes) of one compression of ``img``."""
+    data = jpeg_bytes(img, quality, subsampling)
+    with Image.open(io.BytesIO(data)) as out:
+        return np.asarray(out), data
 
 
 @functools.lru_cache(maxsize=None)

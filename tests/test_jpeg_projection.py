@@ -1,4 +1,4 @@
-"""restorer.jpeg_projection: reading a JPEG's coefficients exactly, and projecting restored images
+"""restorer.infer.projection: reading a JPEG's coefficients exactly, and projecting restored images
 onto the file's quantisation set (near no-op on the JPEG, never away from an original in the set,
 closer to the original for bad restorations)."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from restorer.errors import UserError
-from restorer.jpeg_projection import (DCT, ORIENTATION_TAG, project, project_float, project_planes,
+from restorer.infer.projection import (DCT, ORIENTATION_TAG, project, project_float, project_planes,
                                       project_upright, read_coefficients, to_stored, to_upright)
 
 BSDS_TEST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "BSR" / "BSDS500" / "data" / "images" / "test"

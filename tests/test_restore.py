@@ -75,7 +75,8 @@ def test_orientation_icc_exif_kept(tmp_path, capsys, identity_weights):
     exif[0x010F] = "TestCam"
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     src = jpeg_file(tmp_path / "rot.jpg", arr, 90, exif=exif.tobytes(), icc_profile=icc)
-    code, out, err = run([src, "-o", tmp_path / "rot.png", "--weights", identity_weights], capsys)
+    # --no-projection: the pixels must be exactly the upright JPEG (the projection moves a few by a level)
+    code, out, err = run([src, "-o", tmp_path / "rot.png", "--weights", identity_weights, "--no-projection"], capsys)
     assert code == 0, err
     with Image.open(tmp_path / "rot.png") as res:
         assert res.size == (64, 96)  # upright: portrait
@@ -409,3 +410,21 @@ def test_packaged_weights_ship_as_package_data():
     doc = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert set(doc["tool"]["setuptools"]["package-data"]["restorer.weights"]) >= {"*.safetensors", "*.json"}
     assert packaged.FOLDER == Path(packaged.__file__).resolve().parent
+
+
+def test_output_is_the_projection_of_the_model_output_by_default(tmp_path, capsys, small_q10_weights):
+    """restore = model, then the projection onto the file's quantisation set (of the upright,
+    EXIF-rotated output); --no-projection writes the model's output itself."""
+    from restorer.infer.projection import project_upright
+
+    arr = data.astronaut()[100:196, 120:184]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    src = jpeg_file(tmp_path / "p.jpg", arr, 10, exif=exif.tobytes())
+    for extra, name in (([], "proj.png"), (["--no-projection"], "raw.png")):
+        code, _, err = run([src, "-o", tmp_path / name, "--weights", small_q10_weights, *extra], capsys)
+        assert code == 0, err
+    raw = np.asarray(Image.open(tmp_path / "raw.png"))
+    proj = np.asarray(Image.open(tmp_path / "proj.png"))
+    assert np.array_equal(proj, project_upright(raw, src))
+    assert not np.array_equal(proj, raw)

@@ -22,12 +22,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from restorer import metrics
-from restorer.degrade import jpeg_roundtrip
+from restorer.degrade import decoded_jpeg
 from restorer.errors import UserError, cli_entry, describe
 from restorer.imageio import open_image, save_image
 from restorer.infer.engine import choose_restorer
 from restorer.infer.evaluate import uint8_tensor
-from restorer.infer.options import (add_model_args, parse_args, InputFiles, load_models,
+from restorer.infer.options import (add_model_args, parse_args, InputFiles, load_models, project_output,
                                     report_weight_errors)
 
 # Below this PSNR to the original, a --jpeg is not a JPEG of it (q5 of a real photo is ~22 dB;
@@ -129,7 +129,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ref = open_image(args.image, args.max_pixels).pixels
     if args.jpeg:
         jimg = open_image(args.jpeg, args.max_pixels)
-        jpeg, quality = jimg.pixels, args.quality or jimg.quality
+        jpeg, quality, source = jimg.pixels, args.quality or jimg.quality, Path(args.jpeg)
         if jpeg.shape != ref.shape:
             raise UserError(f"{args.jpeg}: its size or colour mode differs from {args.image}")
         if _psnr(jpeg, ref) < MIN_JPEG_PSNR:
@@ -140,11 +140,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         quality = args.quality or 10
         if not 1 <= quality <= 100:
             raise UserError(f"--quality must be 1..100, got {quality}")
-        jpeg = jpeg_roundtrip(ref, quality)
+        jpeg, source = decoded_jpeg(ref, quality)
         label = f"JPEG q{quality}"
     restorer = choose_restorer(restorers, quality)
     try:
-        restored = restorer.restore(jpeg, quality)
+        restored = project_output(restorer.restore(jpeg, quality), source, args)
     except Exception as exc:  # RuntimeError (out of memory, ...): one line, not a traceback
         if os.environ.get("RESTORER_DEBUG"):
             raise

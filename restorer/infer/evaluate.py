@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from restorer import metrics
-from restorer.degrade import SUBSAMPLING, jpeg_roundtrip
+from restorer.degrade import SUBSAMPLING, decoded_jpeg
 from restorer.errors import UserError, cli_entry, describe, first_line
 from restorer.fsutil import atomic_write_text
 from restorer.imageio import IMAGE_SUFFIXES, open_image
 from restorer.infer.engine import choose_restorer
-from restorer.infer.options import add_model_args, load_models, parse_args, report_weight_errors
+from restorer.infer.options import add_model_args, load_models, parse_args, project_output, report_weight_errors
 
 log = logging.getLogger("restorer.infer.evaluate")
 
@@ -228,17 +228,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if jpeg.shape != ref.shape:
                     raise UserError(f"{jp}: size {jpeg.shape[1]}x{jpeg.shape[0]} differs from its reference "
                                     f"{ref.shape[1]}x{ref.shape[0]}")
-                pairs = [(jimg.quality, jpeg)]
+                pairs = [(jimg.quality, jpeg, jp)]
             else:
-                pairs = [(q, jpeg_roundtrip(ref, q, args.subsampling)) for q in args.quality]
-            for q, jpeg in pairs:
+                pairs = [(q, *decoded_jpeg(ref, q, args.subsampling)) for q in args.quality]
+            for q, jpeg, jpeg_src in pairs:
                 restorer = choose_restorer(restorers, q)
                 row = {"image": ref_path.name, "quality": q, "weights": str(restorer.path),
                        "width": ref.shape[1], "height": ref.shape[0], "crop_border": args.crop_border}
                 jm = image_metrics(jpeg, ref, args.crop_border, args.metrics)
                 row.update({f"jpeg_{k}": v for k, v in jm.items()})
                 if not identity:
-                    restored = restorer.restore(jpeg, q)
+                    restored = project_output(restorer.restore(jpeg, q), jpeg_src, args)
                     rm = image_metrics(restored, ref, args.crop_border, args.metrics)
                     row.update({f"restored_{k}": v for k, v in rm.items()})
                     for space in SPACES if "psnr" in args.metrics else ():

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
 from restorer import weights as packaged
@@ -56,6 +57,10 @@ def add_model_args(p: argparse.ArgumentParser, weights_help: str = "") -> None:
     p.add_argument("--bf16", action="store_true", help="same as --precision bf16 (kept for old scripts)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images declaring more pixels than this (default {DEFAULT_MAX_PIXELS:,})")
+    p.add_argument("--no-projection", action="store_true",
+                   help="keep the model's raw output; by default the output of a JPEG input is projected "
+                        "onto the quantisation intervals of the JPEG's own DCT coefficients, which cannot "
+                        "move it away from the original (restorer/infer/projection.py)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -141,6 +146,24 @@ def report_weight_errors(models: Models, err: Callable[[str], None]) -> None:
         raise UserError("no usable weights among: " + " ".join(models.specs))
     for line in models.errors:
         err(line)
+
+
+def project_output(restored: np.ndarray, jpeg: "Path | bytes", args: argparse.Namespace, *,
+                   upright: bool = True) -> np.ndarray:
+    """The model's output as the commands write and measure it: projected onto the JPEG's
+    quantisation set (``jpeg``: the file, or its bytes) unless ``--no-projection``. ``upright``:
+    ``restored`` is EXIF-upright (as ``restorer.imageio.open_image`` returns a file's pixels);
+    JPEG bytes made in memory have no orientation, so either works for them. A JPEG the
+    projection cannot read (CMYK, unusual sampling) keeps the raw output, with a warning."""
+    if args.no_projection:
+        return restored
+    from restorer.infer.projection import project, project_upright
+
+    try:
+        return project_upright(restored, jpeg) if upright else project(restored, jpeg)
+    except UserError as exc:
+        log.warning("%s; output not projected", exc)
+        return restored
 
 
 class InputFiles:

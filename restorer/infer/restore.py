@@ -33,7 +33,7 @@ from restorer.errors import UserError, cli_entry, describe
 from restorer.imageio import (IMAGE_SUFFIXES, OUTPUT_FORMATS, LoadedImage, find_images, format_for_suffix,
                               open_image, save_image)
 from restorer.infer.engine import Restorer, choose_restorer
-from restorer.infer.options import (add_model_args, parse_args, InputFiles, load_models,
+from restorer.infer.options import (add_model_args, parse_args, InputFiles, load_models, project_output,
                                     report_weight_errors)
 
 log = logging.getLogger("restorer.infer.restore")
@@ -228,18 +228,16 @@ def _restore_one(path: Path, target: Path, fmt: str, restorers: list[Restorer], 
 
 
 def _apply(restorer: Restorer, img: LoadedImage, quality: int, args) -> np.ndarray:
-    """The model on one decoded image, with a per-tile bar for big photos (minutes on a CPU).
-
-    This is the one place every restored image passes through: a post-processing step on the
-    model's output (issue 13's projection onto the JPEG's quantisation intervals,
-    ``restorer/jpeg_projection.py``) is called here, as ``project(restored, img.path)``."""
+    """The model on one decoded image, with a per-tile bar for big photos (minutes on a CPU),
+    then, for a JPEG, the projection onto the file's own quantisation set (``--no-projection``
+    skips it): the one place every restored image passes through."""
     from tqdm import tqdm
 
     w, h = img.size
     with tqdm(total=w * h, unit="px", unit_scale=True, leave=False, file=sys.stderr, desc=img.path.name,
               disable=args.no_progress or w * h < 4_000_000) as tiles:
-        return restorer.restore(img.pixels, quality, progress=tiles.update)
-
+        restored = restorer.restore(img.pixels, quality, progress=tiles.update)
+    return project_output(restored, img.path, args) if img.is_jpeg else restored
 
 if __name__ == "__main__":
     sys.exit(main())
