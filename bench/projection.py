@@ -3,7 +3,7 @@
 
 For each reference image (BSDS500 test split by default) and each quality, the image is
 compressed by Pillow (baseline, 4:2:0 unless ``--subsampling``), then "restored" and the
-restoration projected onto the file's quantisation set (``restorer.jpeg_projection.project``).
+restoration projected onto the file's quantisation set (``restorer.infer.projection.project``).
 Reported per quality, mean over images of per-image RGB PSNR (8-bit, peak 255, no border crop):
 the JPEG, the restoration, the projected restoration, and both gains over the JPEG.
 
@@ -100,7 +100,7 @@ def big_photo_seconds(subsampling: str) -> tuple[float, float, float]:
     from PIL import Image
     from skimage import data
 
-    from restorer.jpeg_projection import project, read_coefficients
+    from restorer.infer.projection import project, read_coefficients
 
     img = np.asarray(Image.fromarray(data.astronaut()).resize((6000, 4000), Image.BICUBIC)).astype(np.int16)
     img = np.clip(img + np.random.default_rng(0).integers(-6, 7, img.shape[:2] + (1,)), 0, 255).astype(np.uint8)
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from restorer.jpeg_projection import project, read_coefficients
+    from restorer.infer.projection import project, read_coefficients
 
     folder = Path(args.images)
     files = sorted(f for f in folder.glob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png")) if folder.is_dir() else []
