@@ -133,7 +133,7 @@ def test_checkpoints_config_and_validation(reference):
 
 @pytest.mark.slow
 def test_offline_wandb_run_holds_loss_and_psnr(reference):
-    from restorer.tracking import wandb_history
+    from restorer.train.tracking import wandb_history
 
     files = glob.glob(str(reference / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1
@@ -231,6 +231,6 @@ def test_help_lists_flags_and_examples():
                  "--condition-on-quality", "--train-splits", "--val-split", "--val-every", "--save-every",
                  "--keep-checkpoints", "--num-workers", "--grad-accum", "--clip-grad", "--warmup-steps",
                  "--ema-decay", "--channels-last", "--compile", "--seed", "--max-nonfinite", "--config",
-                 "--val-shards", "--resampled", "--epoch-samples"):
+                 "--val-shards", "--resampled", "--epoch-patches"):
         assert flag in proc.stdout, flag
     assert "accelerate launch" in proc.stdout and "examples:" in proc.stdout

@@ -25,7 +25,7 @@ def fit_shards(tmp_path_factory) -> Path:
 
 
 def test_disk_full_during_checkpoint_keeps_previous_one(fit_shards, tmp_path):
-    from restorer.train_checkpoint import verify_checkpoint
+    from restorer.train.checkpoint import verify_checkpoint
 
     run = tmp_path / "run"
     proc = launch(["--shards", str(fit_shards), "--run-dir", str(run), "--tracker", "none", *FIT_ARGS,
@@ -57,7 +57,7 @@ def test_nonfinite_step_is_skipped_and_counted_bf16(fit_shards, tmp_path):
 
 
 def test_too_many_nonfinite_losses_stop_with_one_line(fit_shards, tmp_path):
-    from restorer.train_checkpoint import verify_checkpoint
+    from restorer.train.checkpoint import verify_checkpoint
 
     run = tmp_path / "run"
     proc = launch(["--shards", str(fit_shards), "--run-dir", str(run), "--tracker", "none", *FIT_ARGS,
