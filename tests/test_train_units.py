@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import EvilPickle
 from restorer.errors import UserError
 
 
@@ -118,14 +119,6 @@ def _fake_checkpoint(path: Path, step: int = 4) -> Path:
     return path
 
 
-class _Evil:
-    def __init__(self, mark: Path):
-        self.mark = mark
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.mark}",))
-
-
 def test_verify_accepts_what_accelerate_writes(tmp_path):
     from restorer.train.checkpoint import verify_checkpoint
 
@@ -139,7 +132,7 @@ def test_verify_refuses_code_in_any_file(tmp_path, target):
 
     ckpt = _fake_checkpoint(tmp_path / "step-0000004")
     mark = tmp_path / "pwned"
-    torch.save([_Evil(mark)], ckpt / target)
+    torch.save([EvilPickle(mark)], ckpt / target)
     with pytest.raises(UserError, match="refused to load") as err:
         verify_checkpoint(ckpt)
     assert target in str(err.value) and "\n" not in str(err.value)
