@@ -143,11 +143,16 @@ def _construct(cls: type[T], values: dict[tuple[str, ...], Any]) -> T:
 def build_config(cls: type[T], overrides: dict[str, Any], source: str = "config") -> T:
     """Instantiate ``cls`` from a flat dict of options, rejecting unknown keys with one clear
     line; then run the config's own check (its ``validate()``), if it has one."""
-    paths = {f.name: f.path for f in flat_fields(cls)}
-    unknown = sorted(set(overrides) - set(paths))
+    fields = {f.name: f for f in flat_fields(cls)}
+    unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise UserError(f"{source}: unknown option(s) {', '.join(unknown)} for {cls.__name__}")
-    cfg = _construct(cls, {paths[k]: v for k, v in overrides.items()})
+    values = {}
+    for name, value in overrides.items():
+        if isinstance(value, list) and typing.get_origin(fields[name].type) is tuple:
+            value = tuple(value)  # YAML and nargs give lists
+        values[fields[name].path] = value
+    cfg = _construct(cls, values)
     check = getattr(cfg, "validate", None)
     if callable(check):
         check()
