@@ -39,14 +39,15 @@ def train(cfg: TrainConfig) -> int:
     speed = choose_speed(cfg.mixed_precision, cfg.channels_last, cfg.compile, training_device_type())
     accelerator = Accelerator(cpu=training_device_type() == "cpu", mixed_precision=speed.precision.value,
                               log_with="wandb" if use_wandb else None, project_dir=str(run_dir))
-    resume_from = where_to_start(accelerator, cfg, run_dir)
-    if resume_from == "done":
+    resume_from, finished = where_to_start(accelerator, cfg, run_dir)
+    if finished:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return 0
 
     set_seed(cfg.data.seed)
-    model, ema, optimizer = build_model(cfg, accelerator, bool(speed.channels_last.value))
+    channels_last = bool(speed.channels_last.value)
+    model, ema, optimizer = build_model(cfg, accelerator, channels_last)
     state = resume_state(accelerator, resume_from, ema) if resume_from else TrainState()
     if resume_from:
         say(accelerator, f"resumed from {resume_from} at step {state.step} (data epoch {state.start_epoch})")
@@ -56,7 +57,6 @@ def train(cfg: TrainConfig) -> int:
         state.wandb_id = secrets.token_hex(4)  # kept in every checkpoint: a resumed run continues this W&B run
     loader = make_loader(cfg, accelerator, SharedEpoch(state.start_epoch))
     bpe = int(loader.batches_per_epoch)
-    channels_last = bool(speed.channels_last.value)
     forward, eager_why = compiled_forward(model, smoke_step(
         model, accelerator, batch_size=cfg.batch_size, in_channels=cfg.model.in_channels,
         patch_size=cfg.data.patch_size, channels_last=channels_last,
@@ -105,10 +105,10 @@ def train(cfg: TrainConfig) -> int:
 
 # --- the steps of a run ------------------------------------------------------------------------------
 
-def where_to_start(accelerator, cfg: TrainConfig, run_dir: Path) -> "Optional[Path] | str":
-    """Clean up after a run killed while saving, then: the checkpoint to resume from, None for a
-    fresh start, or ``"done"`` when the run already finished (nothing is written then). Checks
-    that the validation split exists before any training."""
+def where_to_start(accelerator, cfg: TrainConfig, run_dir: Path) -> tuple[Optional[Path], bool]:
+    """Clean up after a run killed while saving, then: (the checkpoint to resume from or None for a
+    fresh start, whether the run already finished -- nothing is written then). Checks that the
+    validation split exists before any training."""
     from restorer.shardio import resolve_shards
 
     ckpt_root = run_dir / "checkpoints"
@@ -122,10 +122,10 @@ def where_to_start(accelerator, cfg: TrainConfig, run_dir: Path) -> "Optional[Pa
     if done is not None:
         say(accelerator, f"nothing to do: {resume_from} is at step {done} (--max-steps {cfg.max_steps}) and "
                          f"{run_dir / 'model.safetensors'} holds its weights; raise --max-steps to train on")
-        return "done"
+        return resume_from, True
     val_spec, val_split = cfg.val_source()  # a missing val split would otherwise surface at the first validation
     resolve_shards(val_spec, None if val_split is None else [val_split])
-    return resume_from
+    return resume_from, False
 
 
 def build_model(cfg: TrainConfig, accelerator, channels_last: bool):
