@@ -47,7 +47,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch launch/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from restorer.train.entry import run  # noqa: E402
+from restorer.train.entry import main, run  # noqa: E402,F401  (main: what tests and wrappers call)
 
 if __name__ == "__main__":
     sys.exit(run(description=__doc__.split("\n\n")[0]))
