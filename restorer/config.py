@@ -4,6 +4,13 @@ Every program declares a dataclass; :func:`parse_config` turns its fields into
 ``--flag`` options (``snake_case`` -> ``--kebab-case``), reads ``--config FILE.yaml``
 first and lets explicit flags win. :func:`dump_config` writes the resolved config
 next to whatever the program produces.
+
+A config may be COMPOSED of others, so that each option is defined once (one default, one help,
+one check): a field whose value is a dataclass and whose metadata has ``flatten: True`` puts the
+inner dataclass's fields at the top level of the flags, the YAML and the dumped config (they stay
+flat for users). ``rename`` maps an inner field to another flat name (``{"splits":
+"train_splits"}``); ``hide`` lists inner fields that are not options (derived by the program).
+Two options with one flat name are a programming error (``TypeError``).
 """
 from __future__ import annotations
 
@@ -47,20 +54,53 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one option per dataclass field; defaults are left as None (= not given)."""
+@dataclasses.dataclass(frozen=True)
+class FlatField:
+    """One option of a (possibly composed) config: its flat name and where it lives."""
+    name: str  # the flag / YAML key, snake_case
+    path: tuple[str, ...]  # attribute path from the top-level config
+    field: dataclasses.Field
+    type: Any
+
+
+def flat_fields(cls: type) -> list[FlatField]:
+    """The options of ``cls`` in declaration order, nested ``flatten`` fields expanded in place."""
+    out: list[FlatField] = []
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
+        if field.metadata.get("flatten"):
+            rename, hide = field.metadata.get("rename", {}), set(field.metadata.get("hide", ()))
+            for inner in flat_fields(hints[field.name]):
+                if inner.path[0] not in hide:
+                    out.append(dataclasses.replace(inner, name=rename.get(inner.name, inner.name),
+                                                   path=(field.name, *inner.path)))
+        else:
+            out.append(FlatField(field.name, (field.name,), field, hints[field.name]))
+    seen: set[str] = set()
+    for f in out:
+        if f.name in seen:
+            raise TypeError(f"{cls.__name__}: option {f.name!r} is defined twice")
+        seen.add(f.name)
+    return out
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one option per (flattened) dataclass field; defaults are left as None (= not given).
+    A field with ``metadata["const"]`` may be given without a value (``--channels-last``)."""
+    for flat in flat_fields(cls):
+        field = flat.field
         if field.metadata.get("cli") is False:
             continue
-        tp, is_list = _base_type(hints[field.name])
+        tp, is_list = _base_type(flat.type)
         help_text = field.metadata.get("help", "")
         default = field.default if field.default is not dataclasses.MISSING else (
             field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
         help_text = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
-        kwargs: dict[str, Any] = {"dest": field.name, "default": None, "help": help_text}
+        kwargs: dict[str, Any] = {"dest": flat.name, "default": None, "help": help_text}
         if "choices" in field.metadata:
             kwargs["choices"] = field.metadata["choices"]
+        if "const" in field.metadata:
+            kwargs.update(nargs="?", const=field.metadata["const"])
         if tp is bool:
             kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
         elif is_list:
@@ -69,7 +109,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs.update(action="extend")
         else:
             kwargs.update(type=tp if tp in (int, float) else str)
-        parser.add_argument(_flag(field.name), **kwargs)
+        parser.add_argument(_flag(flat.name), **kwargs)
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -85,13 +125,34 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def _construct(cls: type[T], values: dict[tuple[str, ...], Any]) -> T:
+    """``cls`` from {attribute path: value}; nested configs are built from their own paths."""
+    kwargs: dict[str, Any] = {}
+    nested: dict[str, dict[tuple[str, ...], Any]] = {}
+    for path, value in values.items():
+        if len(path) == 1:
+            kwargs[path[0]] = value
+        else:
+            nested.setdefault(path[0], {})[path[1:]] = value
+    hints = typing.get_type_hints(cls)
+    for name, inner in nested.items():
+        kwargs[name] = _construct(hints[name], inner)
+    return cls(**kwargs)
+
+
 def build_config(cls: type[T], overrides: dict[str, Any], source: str = "config") -> T:
-    """Instantiate ``cls`` from a dict, rejecting unknown keys with one clear line."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides) - names)
+    """Instantiate ``cls`` from a flat dict of options, rejecting unknown keys with one clear
+    line; then run the config's own check (its ``validate()``), if it has one."""
+    fields = {f.name: f for f in flat_fields(cls)}
+    unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise UserError(f"{source}: unknown option(s) {', '.join(unknown)} for {cls.__name__}")
-    cfg = cls(**overrides)
+    values = {}
+    for name, value in overrides.items():
+        if isinstance(value, list) and typing.get_origin(fields[name].type) is tuple:
+            value = tuple(value)  # YAML and nargs give lists
+        values[fields[name].path] = value
+    cfg = _construct(cls, values)
     check = getattr(cfg, "validate", None)
     if callable(check):
         check()
@@ -117,7 +178,14 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, *, prog: str |
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    """The flat {option: value} of a config (what YAML files, flags and W&B see)."""
+    flat = {}
+    for f in flat_fields(type(cfg)):
+        value = cfg
+        for attr in f.path:
+            value = getattr(value, attr)
+        flat[f.name] = value
+    return json.loads(json.dumps(flat, default=str))
 
 
 def dump_config(cfg: Any, path: str | os.PathLike) -> Path:

@@ -69,14 +69,14 @@ log = logging.getLogger("restorer.data")
 
 @dataclasses.dataclass
 class StreamConfig:
-    shards: str = dataclasses.field(default="", metadata={
+    shards: str = dataclasses.field(default="data/shards", metadata={
         "help": "shards dir with manifest.json, or URLs: shard-{000000..000099}.tar, pipe:CMD, s3://, https:// "
                 "('::' separates several)"})
     splits: list[str] = dataclasses.field(default_factory=lambda: ["train"], metadata={
         "help": "splits of a shards dir (a folder of tars or a URL pattern has only 'train')"})
     patch_size: int = 128
     patches_per_image: int = 4
-    quality: str = dataclasses.field(default="10", metadata={"help": "JPEG quality, or a range like 10-90 drawn per patch"})
+    quality: str = dataclasses.field(default="10-90", metadata={"help": "JPEG quality, or a range like 10-90 drawn per patch"})
     rescale_p: float = 0.5
     rescale_scales: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6)
     rotate_p: float = 0.5

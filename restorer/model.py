@@ -37,11 +37,12 @@ from torch import nn
 
 @dataclasses.dataclass
 class ModelConfig:
-    preset: str = "default"
-    channels: Optional[int] = None  # C of the residual presets (None = the preset's own)
-    units: Optional[int] = None  # N of the residual presets (None = the preset's own)
+    preset: str = dataclasses.field(default="default", metadata={"help": "seed, tiny, small, default, large"})
+    channels: Optional[int] = dataclasses.field(default=None, metadata={"help": "override the preset's width C"})
+    units: Optional[int] = dataclasses.field(default=None, metadata={"help": "override the preset's unit count N"})
     in_channels: int = 3  # 3 = RGB, 1 = grayscale
-    condition_on_quality: bool = False
+    condition_on_quality: bool = dataclasses.field(
+        default=False, metadata={"help": "add an input plane of quality/100 (one blind model for all qualities)"})
 
     def resolved(self) -> "ModelConfig":
         """Fill channels/units from the preset, so the config alone describes the architecture."""

@@ -5,11 +5,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from skimage import data
+
+from restorer.degrade import jpeg_roundtrip
+from restorer.model import ModelConfig, build_model
+from restorer.modelfile import export_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BSR = REPO.parent / "shared" / "datasets" / "BSR"
@@ -90,6 +101,155 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --- training: real launches of launch/train.py (test_train.py, test_train_faults.py) -------------
+
+TRAIN = REPO / "launch" / "train.py"
+CPU2 = REPO / "launch" / "accelerate" / "cpu2.yaml"
+
+# Overfitting setup: patch = whole 48 px tile, no augmentation, one quality: identical batches.
+FIT_ARGS = ["--preset", "tiny", "--patch-size", "48", "--batch-size", "2", "--patches-per-image", "1",
+            "--rescale-p", "0", "--rotate-p", "0", "--quality", "10", "--val-qualities", "10", "20",
+            "--val-crop", "48", "--num-workers", "0", "--lr", "3e-3", "--warmup-steps", "3",
+            "--log-every", "1", "--seed", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """No W&B credentials anywhere (so train.py must go offline by itself), CPU DDP."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("WANDB_", "RESTORER_FAULTS", "ACCELERATE_")) and k not in ("RANK", "WORLD_SIZE")}
+    env.update(NETRC=str(tmp / "no-netrc"), WANDB_CONFIG_DIR=str(tmp / "wandb-config"),
+               ACCELERATE_USE_CPU="true", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def launch(args: list[str], tmp: Path, *, processes: int = 2, faults: str | None = None,
+           timeout: float = 240) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file launch/accelerate/cpu2.yaml launch/train.py ARGS``."""
+    env = clean_env(tmp, **({"RESTORER_FAULTS": faults} if faults else {}))
+    if processes == 1:
+        cmd = [sys.executable, str(TRAIN), *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU2),
+               "--num_processes", str(processes), "--main_process_port", str(free_port()), str(TRAIN), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_rows(run: Path) -> dict[int, dict]:
+    """step -> the last train row logged at that step (a resumed run re-logs steps after its checkpoint)."""
+    return {r["step"]: r for r in metrics(run) if "train/loss" in r}
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def fit_shards(tmp_path_factory) -> Path:
+    """2 shards of 2 tiles of 48 px (one shard, two tiles, one batch per rank), 2 val tiles."""
+    return write_shards(tmp_path_factory.mktemp("fit") / "shards", splits={"train": 4, "val": 2},
+                        samples_per_shard=2, tile=48)
+
+
+# --- hostile files -------------------------------------------------------------------------------
+
+class EvilPickle:
+    """A pickle whose loading would run ``touch MARK``: every loader must refuse it, so ``mark``
+    must never appear."""
+
+    def __init__(self, mark: Path):
+        self.mark = mark
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.mark}",))
+
+
+def rewrite_tar(path: Path, change) -> None:
+    """Rewrite a tar shard, passing each (name, bytes) through ``change`` (None drops it)."""
+    members = []
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            members.append((m.name, tar.extractfile(m).read()))
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            out = change(name, payload)
+            if out is None:
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(out)
+            tar.addfile(info, io.BytesIO(out))
+
+
+# --- a small model trained in-test (restore, eval, compare, infer tests) ---------------------------
+
+# A deliberately small network (16 channels, 1 unit) trained in-test, so it really improves JPEG.
+SMALL = ModelConfig(preset="tiny", channels=16, units=1)
+TRAIN_STEPS = 150
+
+
+def photos() -> dict[str, np.ndarray]:
+    return {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea": data.chelsea()}
+
+
+def train_small_q10(steps: int = TRAIN_STEPS, seed: int = 0) -> torch.nn.Module:
+    """~150 Adam steps on 48 px patches from the LEFT halves of three photos at JPEG quality 10
+    (whole photo compressed once, patches on the 8x8 grid); the right halves stay unseen."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for ref in photos().values():
+        half = ref[:, : (ref.shape[1] // 2) // 8 * 8]
+        pairs.append((half, jpeg_roundtrip(ref, 10)[:, : half.shape[1]]))
+    model = build_model(SMALL)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    size = 48
+    for _ in range(steps):
+        xs, ys = [], []
+        for _ in range(8):
+            ref, jp = pairs[rng.integers(len(pairs))]
+            y = int(rng.integers(0, (ref.shape[0] - size) // 8)) * 8
+            x = int(rng.integers(0, (ref.shape[1] - size) // 8)) * 8
+            xs.append(jp[y:y + size, x:x + size])
+            ys.append(ref[y:y + size, x:x + size])
+        x_t = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255
+        y_t = torch.from_numpy(np.stack(ys)).permute(0, 3, 1, 2).float() / 255
+        loss = (model(x_t) - y_t).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    return model.eval()
+
+
+_TRAINED: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def small_q10_weights(tmp_path_factory) -> Path:
+    """model.safetensors of the in-test trained model (facts quality "10"), trained once per session."""
+    if "q10" not in _TRAINED:
+        out = tmp_path_factory.mktemp("small_q10")
+        _TRAINED["q10"] = export_weights(train_small_q10(), SMALL, out, facts={"quality": "10", "steps": TRAIN_STEPS})
+    return _TRAINED["q10"]
 
 
 from objstore import http_faults, s3_bucket, s3_server  # noqa: E402,F401 (fixtures: local S3 and HTTP servers)

@@ -8,7 +8,6 @@ from PIL import Image
 from skimage import data
 
 from restorer.infer.compare import auto_crop, main as compare_main
-from test_infer import small_q10_weights  # noqa: F401  (session fixture: in-test trained model)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -5,15 +5,13 @@ import io
 import logging
 import shutil
 import signal
-import tarfile
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import write_shards
+from conftest import rewrite_tar as _rewrite, write_shards
 from restorer import data
 from restorer.data import SharedEpoch, StreamConfig, make_train_loader, make_val_loader, to_device_float
 from restorer.errors import UserError
@@ -239,22 +237,6 @@ def test_epoch_samples_are_patches_over_all_ranks(tiny_shards, caplog):
         capped = make_train_loader(cfg, batch_size=4, num_workers=0, epoch_samples=1000)
     assert capped.batches_per_epoch == 12  # one pass without resampling
     assert "StreamConfig.resampled" in caplog.text and "--resampled" in caplog.text
-
-
-def _rewrite(path: Path, change) -> None:
-    """Rewrite a tar shard, passing each (name, bytes) through ``change`` (None drops it)."""
-    members = []
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            members.append((m.name, tar.extractfile(m).read()))
-    with tarfile.open(path, "w") as tar:
-        for name, payload in members:
-            out = change(name, payload)
-            if out is None:
-                continue
-            info = tarfile.TarInfo(name)
-            info.size = len(out)
-            tar.addfile(info, io.BytesIO(out))
 
 
 def test_corrupt_shards_are_skipped_and_counted(tmp_path, caplog):

@@ -14,7 +14,6 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from restorer.degrade import jpeg_roundtrip
 from restorer.infer.evaluate import main as eval_main
-from test_infer import small_q10_weights  # noqa: F401  (session fixture: in-test trained model)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

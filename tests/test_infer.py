@@ -1,4 +1,4 @@
-"""Tiled inference, receptive radius, weights choice; and the small trained model the CLI tests share."""
+"""Tiled inference, receptive radius, weights choice."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import photos
 from skimage import data
 
 from restorer.modelfile import export_weights
@@ -14,61 +15,7 @@ from restorer.errors import UserError
 from restorer.infer.engine import Restorer, choose_restorer, load_restorers, tile_spans
 from restorer.model import ModelConfig, alignment, build_model, receptive_radius
 
-# A deliberately small network (16 channels, 1 unit) trained in-test, so it really improves JPEG.
-SMALL = ModelConfig(preset="tiny", channels=16, units=1)
-TRAIN_STEPS = 150
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def photos() -> dict[str, np.ndarray]:
-    return {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea": data.chelsea()}
-
-
-def train_small_q10(steps: int = TRAIN_STEPS, seed: int = 0) -> torch.nn.Module:
-    """~150 Adam steps on 48 px patches from the LEFT halves of three photos at JPEG quality 10
-    (whole photo compressed once, patches on the 8x8 grid); the right halves stay unseen."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    pairs = []
-    for ref in photos().values():
-        half = ref[:, : (ref.shape[1] // 2) // 8 * 8]
-        pairs.append((half, jpeg_roundtrip(ref, 10)[:, : half.shape[1]]))
-    model = build_model(SMALL)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    size = 48
-    for _ in range(steps):
-        xs, ys = [], []
-        for _ in range(8):
-            ref, jp = pairs[rng.integers(len(pairs))]
-            y = int(rng.integers(0, (ref.shape[0] - size) // 8)) * 8
-            x = int(rng.integers(0, (ref.shape[1] - size) // 8)) * 8
-            xs.append(jp[y:y + size, x:x + size])
-            ys.append(ref[y:y + size, x:x + size])
-        x_t = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255
-        y_t = torch.from_numpy(np.stack(ys)).permute(0, 3, 1, 2).float() / 255
-        loss = (model(x_t) - y_t).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    torch.set_num_threads(threads)
-    return model.eval()
-
-
-_TRAINED: dict[str, Path] = {}
-
-
-@pytest.fixture(scope="session")
-def small_q10_weights(tmp_path_factory) -> Path:
-    """model.safetensors of the in-test trained model (facts quality "10"). Other test modules
-    import this fixture, which makes one fixture per module: the cache trains only once."""
-    if "q10" not in _TRAINED:
-        out = tmp_path_factory.mktemp("small_q10")
-        _TRAINED["q10"] = export_weights(train_small_q10(), SMALL, out, facts={"quality": "10", "steps": TRAIN_STEPS})
-    return _TRAINED["q10"]
 
 
 def _random_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:

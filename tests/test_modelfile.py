@@ -4,14 +4,10 @@ import pickle
 import pytest
 import torch
 
+from conftest import EvilPickle
 from restorer.modelfile import export_weights, load_weights, read_meta, safe_torch_load
 from restorer.errors import UserError
 from restorer.model import ModelConfig, build_model
-
-
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("touch PWNED_BY_PICKLE",))
 
 
 def test_export_load_roundtrip(tmp_path):
@@ -32,12 +28,12 @@ def test_export_load_roundtrip(tmp_path):
 def test_pickle_weights_are_refused_and_never_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "model.safetensors"
-    bad.write_bytes(pickle.dumps({"w": _Evil()}))
+    bad.write_bytes(pickle.dumps({"w": EvilPickle(tmp_path / "PWNED_BY_PICKLE")}))
     (tmp_path / "model.json").write_text('{"model": {"preset": "tiny"}}')
     with pytest.raises(UserError, match="not a safetensors file"):
         load_weights(bad)
     evil_pt = tmp_path / "ckpt.pt"
-    torch.save({"w": _Evil()}, evil_pt)
+    torch.save({"w": EvilPickle(tmp_path / "PWNED_BY_PICKLE")}, evil_pt)
     with pytest.raises(UserError, match="refused to load"):
         safe_torch_load(evil_pt)
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()

@@ -21,7 +21,7 @@ from restorer.errors import UserError
 from restorer.imageio import open_image
 from restorer.model import ModelConfig, build_model
 from restorer.infer.restore import main as restore_main
-from test_infer import photos, small_q10_weights  # noqa: F401  (session fixture: in-test trained model)
+from conftest import photos
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -128,11 +128,6 @@ def _bomb_png(path: Path, width: int, height: int) -> Path:
     return path
 
 
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("touch PWNED_BY_PICKLE",))
-
-
 def test_bad_inputs_one_line_each_others_processed(tmp_path, capsys, identity_weights, monkeypatch):
     monkeypatch.chdir(tmp_path)
     good = jpeg_file(tmp_path / "good.jpg", data.chelsea()[:48, :48], 30)
@@ -146,8 +141,8 @@ def test_bad_inputs_one_line_each_others_processed(tmp_path, capsys, identity_we
     bad = ["trunc.jpg", "text.jpg", "random.png", "bomb.png", "empty.jpg", "missing.jpg"]
     # weights: one good, one missing, one garbage, two pickles (as .safetensors and .pt)
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 100)
-    (tmp_path / "evil.safetensors").write_bytes(pickle.dumps({"w": _Evil()}))
-    torch.save({"w": _Evil()}, tmp_path / "evil.pt")
+    (tmp_path / "evil.safetensors").write_bytes(pickle.dumps({"w": EvilPickle(tmp_path / "PWNED_BY_PICKLE")}))
+    torch.save({"w": EvilPickle(tmp_path / "PWNED_BY_PICKLE")}, tmp_path / "evil.pt")
     bad_w = ["missing.safetensors", "garbage.safetensors", "evil.safetensors", "evil.pt"]
     code, out, err = run([good, *bad, "-o", tmp_path / "out", "--weights", identity_weights, *bad_w], capsys)
     assert code == 1

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,71 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_shards
+from conftest import FIT_ARGS, REPO, TRAIN, check, error_lines, launch, metrics, train_rows
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = REPO / "launch" / "train.py"
-CPU2 = REPO / "launch" / "accelerate" / "cpu2.yaml"
-
-# Overfitting setup: patch = whole 48 px tile, no augmentation, one quality: identical batches.
-FIT_ARGS = ["--preset", "tiny", "--patch-size", "48", "--batch-size", "2", "--patches-per-image", "1",
-            "--rescale-p", "0", "--rotate-p", "0", "--quality", "10", "--val-qualities", "10", "20",
-            "--val-crop", "48", "--num-workers", "0", "--lr", "3e-3", "--warmup-steps", "3",
-            "--log-every", "1", "--seed", "0"]
 REF_ARGS = FIT_ARGS + ["--max-steps", "30", "--save-every", "10", "--keep-checkpoints", "2", "--val-every", "15"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(tmp: Path, **extra: str) -> dict[str, str]:
-    """No W&B credentials anywhere (so train.py must go offline by itself), CPU DDP."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("WANDB_", "RESTORER_FAULTS", "ACCELERATE_")) and k not in ("RANK", "WORLD_SIZE")}
-    env.update(NETRC=str(tmp / "no-netrc"), WANDB_CONFIG_DIR=str(tmp / "wandb-config"),
-               ACCELERATE_USE_CPU="true", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def launch(args: list[str], tmp: Path, *, processes: int = 2, faults: str | None = None,
-           timeout: float = 240) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file launch/accelerate/cpu2.yaml launch/train.py ARGS``."""
-    env = clean_env(tmp, **({"RESTORER_FAULTS": faults} if faults else {}))
-    if processes == 1:
-        cmd = [sys.executable, str(TRAIN), *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU2),
-               "--num_processes", str(processes), "--main_process_port", str(free_port()), str(TRAIN), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def train_rows(run: Path) -> dict[int, dict]:
-    """step -> the last train row logged at that step (a resumed run re-logs steps after its checkpoint)."""
-    return {r["step"]: r for r in metrics(run) if "train/loss" in r}
-
-
-def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
-
-
-def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
-@pytest.fixture(scope="module")
-def fit_shards(tmp_path_factory) -> Path:
-    # 2 shards of 2 tiles: one shard (two tiles, one batch) per rank
-    return write_shards(tmp_path_factory.mktemp("fit") / "shards", splits={"train": 4, "val": 2},
-                        samples_per_shard=2, tile=48)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +69,7 @@ def test_checkpoints_config_and_validation(reference):
 
 @pytest.mark.slow
 def test_offline_wandb_run_holds_loss_and_psnr(reference):
-    from restorer.tracking import wandb_history
+    from restorer.train.tracking import wandb_history
 
     files = glob.glob(str(reference / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1
@@ -231,6 +167,6 @@ def test_help_lists_flags_and_examples():
                  "--condition-on-quality", "--train-splits", "--val-split", "--val-every", "--save-every",
                  "--keep-checkpoints", "--num-workers", "--grad-accum", "--clip-grad", "--warmup-steps",
                  "--ema-decay", "--channels-last", "--compile", "--seed", "--max-nonfinite", "--config",
-                 "--val-shards", "--resampled", "--epoch-samples"):
+                 "--val-shards", "--resampled", "--epoch-patches"):
         assert flag in proc.stdout, flag
     assert "accelerate launch" in proc.stdout and "examples:" in proc.stdout

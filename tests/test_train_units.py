@@ -12,11 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import EvilPickle
 from restorer.errors import UserError
 
 
 def test_warmup_then_cosine():
-    from restorer.schedule import lr_at
+    from restorer.train.schedule import lr_at
 
     kw = dict(base_lr=1e-3, warmup_steps=10, total_steps=110, min_ratio=0.1)
     assert lr_at(0, **kw) == pytest.approx(1e-4)
@@ -30,7 +31,7 @@ def test_warmup_then_cosine():
 
 
 def test_ema_follows_weights_and_round_trips(tmp_path):
-    from restorer.ema import EMA
+    from restorer.train.ema import EMA
     from restorer.model import ModelConfig, build_model
 
     model = build_model(ModelConfig(preset="tiny"))
@@ -54,7 +55,7 @@ def test_ema_follows_weights_and_round_trips(tmp_path):
 
 
 def test_fault_spec_parsing():
-    from restorer.faults import Faults
+    from restorer.train.faults import Faults
 
     f = Faults.from_env("nan@3, kill_in_save@20,slow_rank@1:0.5")
     assert (f.nan_step, f.nan_forever, f.kill_in_save, f.slow_rank, f.slow_seconds) == (3, False, 20, 1, 0.5)
@@ -72,7 +73,7 @@ def test_fault_spec_parsing():
 
 
 def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
-    from restorer.tracking import prepare_wandb, wandb_credentials_present
+    from restorer.train.tracking import prepare_wandb, wandb_credentials_present
 
     for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_DIR", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
@@ -94,7 +95,7 @@ def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
 
 
 def test_metrics_log_lines(tmp_path):
-    from restorer.tracking import MetricsLog
+    from restorer.train.tracking import MetricsLog
 
     log = MetricsLog(tmp_path / "metrics.jsonl")
     log.write({"train/loss": torch.tensor(0.5), "val/psnr": float("inf")}, step=3)
@@ -118,16 +119,8 @@ def _fake_checkpoint(path: Path, step: int = 4) -> Path:
     return path
 
 
-class _Evil:
-    def __init__(self, mark: Path):
-        self.mark = mark
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.mark}",))
-
-
 def test_verify_accepts_what_accelerate_writes(tmp_path):
-    from restorer.train_checkpoint import verify_checkpoint
+    from restorer.train.checkpoint import verify_checkpoint
 
     assert verify_checkpoint(_fake_checkpoint(tmp_path / "step-0000004"))["step"] == 4
 
@@ -135,11 +128,11 @@ def test_verify_accepts_what_accelerate_writes(tmp_path):
 @pytest.mark.parametrize("target", ["optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
                                     "model.safetensors", "scaler.pt"])
 def test_verify_refuses_code_in_any_file(tmp_path, target):
-    from restorer.train_checkpoint import verify_checkpoint
+    from restorer.train.checkpoint import verify_checkpoint
 
     ckpt = _fake_checkpoint(tmp_path / "step-0000004")
     mark = tmp_path / "pwned"
-    torch.save([_Evil(mark)], ckpt / target)
+    torch.save([EvilPickle(mark)], ckpt / target)
     with pytest.raises(UserError, match="refused to load") as err:
         verify_checkpoint(ckpt)
     assert target in str(err.value) and "\n" not in str(err.value)
@@ -147,7 +140,7 @@ def test_verify_refuses_code_in_any_file(tmp_path, target):
 
 
 def test_incomplete_and_stale_directories(tmp_path):
-    from restorer.train_checkpoint import (complete_checkpoints, latest_checkpoint, remove_stale_temp,
+    from restorer.train.checkpoint import (complete_checkpoints, latest_checkpoint, remove_stale_temp,
                                            verify_checkpoint)
 
     root = tmp_path / "checkpoints"
@@ -184,7 +177,7 @@ class _OneProcess:
 
 
 def test_resaving_a_step_replaces_it_and_a_kill_between_renames_is_recovered(tmp_path, monkeypatch):
-    from restorer import train_checkpoint as tc
+    from restorer.train import checkpoint as tc
 
     root = tmp_path / "checkpoints"
     tc.save_checkpoint(_OneProcess(b"first"), root, 5, {"epoch": 0})
@@ -212,7 +205,7 @@ def test_resaving_a_step_replaces_it_and_a_kill_between_renames_is_recovered(tmp
 
 
 def test_metrics_log_drops_rows_after_the_resumed_step(tmp_path):
-    from restorer.tracking import MetricsLog
+    from restorer.train.tracking import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "train/loss": 1.0 / s} for s in (1, 2, 3, 4)]

@@ -206,3 +206,29 @@ def wandb_history(path: str | os.PathLike) -> list[dict[str, Any]]:
                 row[key] = json.loads(item.value_json)
             rows.append(row)
     return rows
+
+
+# --- what the trainer prints and records ---------------------------------------------------------
+
+def say(accelerator, msg: str) -> None:
+    """Print ``msg`` once (main process), flushed."""
+    if accelerator.is_main_process:
+        print(msg, flush=True)
+
+
+def peak_memory_gb(device) -> dict[str, float]:
+    """Peak GPU memory of this process, or its peak resident memory on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return {"perf/peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30}
+    import resource
+
+    return {"perf/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``path`` atomically."""
+    from restorer.fsutil import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

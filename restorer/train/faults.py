@@ -76,7 +76,7 @@ class Faults:
                 else:
                     raise ValueError(name)
             except ValueError:
-                raise UserError(f"{ENV}: cannot parse {item!r} (see restorer/faults.py)") from None
+                raise UserError(f"{ENV}: cannot parse {item!r} (see restorer/train/faults.py)") from None
         return faults
 
     def poison_batch(self, step: int, rank: int) -> bool:

@@ -232,3 +232,73 @@ def load_checkpoint(accelerator, path: str | os.PathLike, ema=None) -> dict[str,
         except (RuntimeError, KeyError) as exc:
             raise UserError(f"{path / EMA_NAME}: does not match this model ({first_line(exc)})") from None
     return state
+
+
+# --- the trainer's use of checkpoints: where to start, save + export, resume ----------------------
+
+def finished_at(ckpt: Path, run_dir: Path, max_steps: int) -> Optional[int]:
+    """The step of ``ckpt`` when it is a complete checkpoint at or past ``max_steps`` and
+    ``run_dir/model.safetensors`` holds the weights exported with it (the run is done); else None."""
+    from restorer.modelfile import read_meta
+
+    try:
+        if not (ckpt / MARKER).is_file():
+            return None
+        step = int(json.loads((ckpt / STATE_NAME).read_text())["step"])
+        weights = run_dir / "model.safetensors"
+        if step < max_steps or not weights.is_file() or int(read_meta(weights)["facts"]["steps"]) != step:
+            return None
+        return step
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        return None
+
+
+def find_resume(resume: str, root: Path) -> Optional[Path]:
+    """The checkpoint ``--resume`` names: ``auto`` the newest complete one under ``root`` (None when
+    there is none), ``none`` nothing (refused with one line when ``root`` holds checkpoints), else
+    the given directory."""
+    if resume == "auto":
+        return latest_checkpoint(root)
+    if resume == "none":
+        if complete_checkpoints(root):
+            raise UserError(f"{root}: holds checkpoints of an earlier run; use --resume auto to continue "
+                            f"it or another --run-dir")
+        return None
+    return Path(resume).resolve()
+
+
+def resume_state(accelerator, path: Path, ema=None):
+    """Load ``path`` into the prepared model/optimizer (and ``ema``); the :class:`TrainState` to go on from."""
+    from restorer.train.state import TrainState
+
+    return TrainState.from_checkpoint(load_checkpoint(accelerator, path, ema))
+
+
+def export_facts(cfg, state) -> dict[str, Any]:
+    """The training facts ``model.json`` records beside the weights."""
+    from restorer.degrade import parse_quality
+
+    last = state.last_val
+    return {"quality": cfg.data.quality, "quality_range": list(parse_quality(cfg.data.quality)), "steps": state.step,
+            "condition_on_quality": cfg.model.condition_on_quality, "train_patch_size": cfg.data.patch_size,
+            "ema_decay": cfg.ema_decay, "val_split": None if cfg.val_shards else cfg.val_split,
+            "val_shards": cfg.val_shards,
+            "val_psnr": {k[len("val/psnr_q"):]: v for k, v in last.items() if k.startswith("val/psnr_q")},
+            "val_gain": {k[len("val/gain_q"):]: v for k, v in last.items() if k.startswith("val/gain_q")}}
+
+
+def save_and_export(accelerator, cfg, state, *, model, ema, run_dir: Path, batches_per_epoch: int,
+                    faults=None) -> Path:
+    """Checkpoint ``state`` (every process), then export the weights validation uses (the EMA, else
+    the model itself, never a compiled wrapper) to ``run_dir/model.safetensors`` (main process)."""
+    from restorer.modelfile import export_weights
+    from restorer.train.ema import unwrap
+    from restorer.train.tracking import say
+
+    saved = state.to_checkpoint(batches_per_epoch, world_size=accelerator.num_processes, seed=cfg.data.seed)
+    path = save_checkpoint(accelerator, run_dir / "checkpoints", state.step, saved, ema, cfg.keep_checkpoints, faults)
+    if accelerator.is_main_process:
+        export_weights(ema.model if ema is not None else unwrap(model), cfg.model_config(), run_dir,
+                       export_facts(cfg, state))
+    say(accelerator, f"step {state.step}: saved {path}")
+    return path

@@ -1,0 +1,128 @@
+"""The trainer's config: the data stream's options and the model's, plus the trainer's own.
+
+``TrainConfig`` is COMPOSED of :class:`restorer.data.StreamConfig` (``cfg.data``) and
+:class:`restorer.model.ModelConfig` (``cfg.model``): each of their options keeps its one default,
+help and check where it is defined, and :mod:`restorer.config` lays them out as flat flags and YAML
+keys (``--quality``, ``--patch-size``, ``--preset`` ...; the stream's ``splits`` is
+``--train-splits``; the model's ``in_channels`` follows ``--grayscale`` and is no option).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from restorer.data import StreamConfig
+from restorer.degrade import parse_quality  # restorer.data.degrade once the data package lands
+from restorer.errors import UserError
+from restorer.hardware import AUTO_BOOL, PRECISIONS
+from restorer.model import ModelConfig
+
+EXAMPLES = """examples:
+  # 2 CPU processes on this machine (real gloo DDP), a few minutes:
+  ACCELERATE_USE_CPU=true accelerate launch --config_file launch/accelerate/cpu2.yaml \\
+      launch/train.py --config launch/configs/cpu.yaml --shards data/shards --run-dir runs/cpu
+  # all GPUs of one node, full-size model (precision, channels_last, compile: chosen per machine):
+  accelerate launch --config_file launch/accelerate/1node.yaml --num_processes 8 \\
+      launch/train.py --config launch/configs/gpu.yaml --run-dir runs/gpu
+  # override anything from the YAML on the command line; an explicit flag beats "auto":
+  accelerate launch ... launch/train.py --config launch/configs/gpu.yaml --lr 5e-4 --units 12 --compile false
+  # continue an interrupted run (the default): same command again, or --resume auto
+  # several nodes under SLURM: sbatch --nodes 4 launch/slurm/train.sbatch --config launch/configs/gpu.yaml
+"""
+
+
+def _opt(default, help: str = "", **meta):
+    """A trainer option: its default and help, in one place."""
+    meta = {"help": help, **meta} if help else meta
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: StreamConfig = dataclasses.field(default_factory=StreamConfig, metadata={
+        "flatten": True, "rename": {"splits": "train_splits"}})
+    val_split: str = _opt("val", "split of --shards to validate on")
+    val_shards: Optional[str] = _opt(None, "validation shards as they are (a shards dir with one split, a folder of "
+                                           "tars, a URL pattern); default: the --val-split split of --shards")
+    epoch_patches: Optional[int] = _opt(None, "PATCHES per epoch, summed over all processes (default: every tile "
+                                              "of the train splits x --patches-per-image)")
+    num_workers: int = _opt(4, "data loader workers per process")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={
+        "flatten": True, "hide": ("in_channels",)})
+    # optimisation
+    max_steps: int = _opt(20000, "optimizer steps")
+    batch_size: int = _opt(16, "patches per process per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = 5e-4
+    min_lr_ratio: float = _opt(0.1, "final LR / peak LR of the cosine")
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    clip_grad: float = _opt(1.0, "max gradient norm (0 = no clipping)")
+    ema_decay: float = _opt(0.999, "EMA decay (0 = no EMA)")
+    # speed: chosen on the machine at run time by restorer.hardware unless set explicitly
+    mixed_precision: str = _opt("auto", "auto: bf16 on GPUs that have it (else fp16), on CPUs only with native "
+                                        "bf16 (else fp32)", choices=list(PRECISIONS))
+    channels_last: str = _opt("auto", "auto: on GPUs, and on CPUs with bf16", choices=list(AUTO_BOOL), const="true")
+    compile: str = _opt("auto", "torch.compile the model; auto: on GPUs (falls back to eager if compiling fails)",
+                        choices=list(AUTO_BOOL), const="true")
+    max_nonfinite: int = _opt(20, "stop after this many non-finite losses in a row")
+    # validation, logging, checkpoints
+    val_every: int = 1000
+    val_qualities: list[int] = _opt([10, 20, 30, 40])
+    val_crop: int = _opt(256, "centre crop of each val image (px)")
+    val_batch_size: int = 8
+    panel_images: int = _opt(4, "images in the JPEG|restored|clean panel")
+    log_every: int = 50
+    save_every: int = 1000
+    keep_checkpoints: int = 3
+    run_dir: str = "runs/train"
+    resume: str = _opt("auto", "auto, none, or a checkpoint directory")
+    tracker: str = _opt("wandb", choices=["wandb", "none"])
+    wandb_project: str = "restorer"
+    run_name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        # YAML may say `channels_last: true`; the option is auto|true|false
+        for name in ("channels_last", "compile"):
+            value = getattr(self, name)
+            if isinstance(value, bool):
+                setattr(self, name, "true" if value else "false")
+        self.model.in_channels = 1 if self.data.grayscale else 3
+
+    def validate(self) -> None:
+        """The config check (the stream's and the model's own checks included): one line per problem."""
+        self.data.validate()
+        try:
+            self.model.resolved()
+            for q in self.val_qualities:
+                parse_quality(q)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        positive = ("batch_size", "grad_accum", "max_steps", "val_every", "save_every", "log_every",
+                    "keep_checkpoints", "max_nonfinite", "val_batch_size", "val_crop")
+        for name in positive + ("patch_size",):
+            value = getattr(self.data if name == "patch_size" else self, name)
+            if value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if not self.data.splits:
+            raise UserError("--train-splits needs at least one split")
+        if self.epoch_patches is not None and self.epoch_patches < 1:
+            raise UserError(f"--epoch-patches must be >= 1, got {self.epoch_patches}")
+        if not (0.0 <= self.ema_decay < 1.0):
+            raise UserError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
+        choices = {"mixed_precision": PRECISIONS, "channels_last": AUTO_BOOL, "compile": AUTO_BOOL,
+                   "tracker": ("wandb", "none")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                f"got {getattr(self, name)!r}")
+
+    def model_config(self) -> ModelConfig:
+        """The architecture, every size filled in (what model.json records)."""
+        return self.model.resolved()
+
+    def val_source(self) -> tuple[str, Optional[str]]:
+        """(shard spec, split) to validate on: ``--val-shards`` as is, else ``--val-split`` of ``--shards``."""
+        return (self.val_shards, None) if self.val_shards else (self.data.shards, self.val_split)

@@ -1,0 +1,71 @@
+"""What the trainer counts: :class:`TrainState` (saved in every checkpoint) and :class:`Window`
+(the figures of one logging interval).
+
+The data epoch is derived, never stepped: ``epoch = start_epoch + batches_taken //
+batches_per_epoch``, where ``start_epoch`` is the epoch the loader was started at (0, or on resume
+the epoch after the checkpoint's partly seen one) and ``batches_taken`` counts micro-batches taken
+from the loader since then.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Optional
+
+
+@dataclasses.dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    start_epoch: int = 0  # the data epoch the loader started at
+    batches_taken: int = 0  # micro-batches taken from the loader since it started
+    nonfinite_total: int = 0  # skipped steps, over the whole run
+    consecutive_bad: int = 0  # skipped steps in a row, now
+    wandb_id: Optional[str] = None  # the W&B run a resumed run continues
+    last_val: dict[str, float] = dataclasses.field(default_factory=dict)  # the latest validation figures
+
+    def epoch(self, batches_per_epoch: int) -> int:
+        return self.start_epoch + self.batches_taken // batches_per_epoch
+
+    def batch_in_epoch(self, batches_per_epoch: int) -> int:
+        return self.batches_taken % batches_per_epoch
+
+    def to_checkpoint(self, batches_per_epoch: int, *, world_size: int, seed: int) -> dict[str, Any]:
+        """The ``train_state.json`` of a checkpoint (its ``step`` is added by the saver)."""
+        return {"epoch": self.epoch(batches_per_epoch), "batch_in_epoch": self.batch_in_epoch(batches_per_epoch),
+                "nonfinite_total": self.nonfinite_total, "world_size": world_size, "seed": seed,
+                "wandb_id": self.wandb_id, "val": self.last_val}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> "TrainState":
+        """The state to continue from: a partly seen epoch is not replayed (the loader starts the
+        next one)."""
+        epoch = int(saved.get("epoch", 0)) + (1 if saved.get("batch_in_epoch", 0) else 0)
+        return cls(step=int(saved["step"]), start_epoch=epoch, nonfinite_total=int(saved.get("nonfinite_total", 0)),
+                   wandb_id=saved.get("wandb_id"), last_val=dict(saved.get("val") or {}))
+
+
+@dataclasses.dataclass
+class Window:
+    """Sums over the optimizer steps of one logging interval. Time spent in validation and
+    checkpoints (``pause``) is left out of the speed figures."""
+    t0: float = dataclasses.field(default_factory=time.perf_counter)
+    steps: int = 0
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    wait: float = 0.0  # seconds waiting for the loader
+    pause: float = 0.0  # seconds of validation and checkpointing
+
+    def add_step(self, loss: float, grad_norm: float) -> None:
+        self.steps += 1
+        self.loss += loss
+        self.grad_norm += grad_norm
+
+    def figures(self, patches_per_step: int) -> dict[str, float]:
+        """Mean loss, PSNR of that loss, mean gradient norm, patches/s and the data-wait fraction."""
+        elapsed = max(time.perf_counter() - self.t0 - self.pause, 1e-9)
+        mean_loss = self.loss / max(self.steps, 1)
+        return {"train/loss": mean_loss, "train/psnr": 10 * math.log10(1.0 / max(mean_loss, 1e-12)),
+                "train/grad_norm": self.grad_norm / max(self.steps, 1),
+                "perf/patches_per_s": patches_per_step * self.steps / elapsed,
+                "perf/data_wait_frac": self.wait / elapsed}
