@@ -21,7 +21,7 @@ from restorer.errors import UserError
 from restorer.imageio import open_image
 from restorer.model import ModelConfig, build_model
 from restorer.infer.restore import main as restore_main
-from conftest import photos
+from conftest import EvilPickle, photos
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
