@@ -39,9 +39,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from restorer import augment  # noqa: E402
-from restorer.data import StreamConfig, make_train_loader, stack_patches  # noqa: E402
-from restorer.degrade import jpeg_roundtrip  # noqa: E402
+from restorer.data import augment  # noqa: E402
+from restorer.data import StreamConfig, make_train_loader  # noqa: E402
+from restorer.data.batch import stack_patches  # noqa: E402
+from restorer.data.degrade import jpeg_roundtrip  # noqa: E402
 
 BSDS = REPO.parent / "shared" / "datasets" / "BSR"
 PATCH, QUALITY, BATCH = 128, 10, 32

@@ -52,7 +52,7 @@ def child(args) -> None:
     import numpy as np
     import torch
 
-    from restorer.degrade import jpeg_roundtrip
+    from restorer.data.degrade import jpeg_roundtrip
     from restorer.infer import Restorer
     from restorer.model import ModelConfig, build_model
 

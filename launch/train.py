@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from restorer.config import config_dict, dump_config, parse_config
-from restorer.degrade import parse_quality
+from restorer.data.degrade import parse_quality
 from restorer.errors import UserError
 from restorer.errors import AgreedError, PeerError
 
@@ -353,7 +353,7 @@ def train(cfg: TrainConfig) -> int:
             accelerator.end_training()
             return 0
     # a missing val split would otherwise surface only at the first validation
-    from restorer.shardio import resolve_shards
+    from restorer.data import resolve_shards
 
     val_spec, val_split = _val_source(cfg)
     resolve_shards(val_spec, None if val_split is None else [val_split])
@@ -399,7 +399,7 @@ def train(cfg: TrainConfig) -> int:
     shared_epoch = SharedEpoch()
     loader = make_train_loader(stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers, rank=rank,
                                world_size=world, shared_epoch=shared_epoch, pin_memory=device.type == "cuda",
-                               epoch_samples=cfg.epoch_samples)
+                               epoch_patches=cfg.epoch_samples)
     batches_per_epoch = int(loader.batches_per_epoch)  # >= 1: the loader refuses to plan fewer
 
     # --- bookkeeping ------------------------------------------------------------------------------
@@ -467,11 +467,11 @@ def train(cfg: TrainConfig) -> int:
     batch_in_epoch = 0
 
     def next_batch():
-        nonlocal batches, epoch, batch_in_epoch
+        nonlocal epoch, batch_in_epoch
         if batch_in_epoch >= batches_per_epoch:
             epoch += 1
             shared_epoch.set_value(epoch)
-            batches, batch_in_epoch = iter(loader), 0
+            batch_in_epoch = 0  # the loader runs on into the next epoch (one iterator for the run)
         batch_in_epoch += 1
         try:
             return next(batches)

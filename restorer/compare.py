@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from restorer import metrics
-from restorer.degrade import jpeg_roundtrip
+from restorer.data.degrade import jpeg_roundtrip
 from restorer.errors import UserError, cli_entry, describe, setup_logging
 from restorer.evaluate import uint8_tensor
 from restorer.imageio import DEFAULT_MAX_PIXELS, open_image, save_image

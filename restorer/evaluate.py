@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from restorer import metrics
-from restorer.degrade import SUBSAMPLING, jpeg_roundtrip
+from restorer.data.degrade import SUBSAMPLING, jpeg_roundtrip
 from restorer.errors import UserError, cli_entry, describe, first_line, setup_logging
 from restorer.fsutil import atomic_write_text
 from restorer.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, open_image

@@ -40,7 +40,7 @@ from PIL import Image
 from torch import nn
 
 from restorer.modelfile import WEIGHTS_NAME, load_weights
-from restorer.degrade import parse_quality
+from restorer.data.degrade import parse_quality
 from restorer.errors import UserError, describe
 
 log = logging.getLogger("restorer.infer")

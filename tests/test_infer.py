@@ -9,7 +9,7 @@ import torch
 from skimage import data
 
 from restorer.modelfile import export_weights
-from restorer.degrade import jpeg_roundtrip
+from restorer.data.degrade import jpeg_roundtrip
 from restorer.errors import UserError
 from restorer.infer import (Restorer, choose_restorer, load_restorers, receptive_radius, tile_spans)
 from restorer.model import ModelConfig, build_model
