@@ -22,6 +22,7 @@ builder's default encoding over baseline, per worker, 2K-class set).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -202,8 +203,25 @@ def baseline_rate(files: list[Path], workers: int, seconds: float) -> float:
 def pipeline_rate(shards: Path, workers: int, seconds: float) -> float:
     cfg = StreamConfig(shards=str(shards), splits=splits_of(shards), patch_size=PATCH, quality=str(QUALITY),
                        resampled=True)  # a continuous stream however small the set; default buffer (1000)
-    loader = make_train_loader(cfg, batch_size=BATCH, num_workers=workers, epoch_samples=10**6)
+    loader = make_train_loader(cfg, batch_size=BATCH, num_workers=workers, epoch_patches=10**6)
     return rate(loader, seconds)
+
+
+def epochs_vs_resampled(shards: Path, workers: int, seconds: float, rounds: int = 2) -> tuple[int, float, float]:
+    """One-pass epochs (no tile twice per epoch; one iterator across epochs, as the trainer reads
+    it) against resampled shards with the same epoch length, alternated ``rounds`` times.
+    Returns (batches per epoch, one-pass patches/s, resampled patches/s), over ``workers`` workers."""
+    splits = [s for s in splits_of(shards) if s in ("train", "val")]
+    one_pass = StreamConfig(shards=str(shards), splits=splits, patch_size=PATCH, quality=str(QUALITY))
+    bpe = make_train_loader(one_pass, batch_size=BATCH, num_workers=workers).batches_per_epoch
+    resampled = dataclasses.replace(one_pass, resampled=True)
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for cfg in (one_pass, resampled):
+            loader = make_train_loader(cfg, batch_size=BATCH, num_workers=workers, epoch_patches=bpe * BATCH)
+            rates[cfg.resampled].append(rate(loader, seconds))
+            del loader
+    return bpe, sum(rates[False]) / rounds, sum(rates[True]) / rounds
 
 
 def gpu_estimate(per_worker: float, per_worker_ppm: float) -> list[str]:
@@ -259,6 +277,9 @@ def main(argv=None) -> int:
     aug_crop = augment_rate(files_2k, augment.crop_first, min(sec, 2.0))
     bb = baseline_rate(files_bsds, 0, sec)
     pb = pipeline_rate(sh_bsds, 0, sec)
+    sh_bsr, _ = build_shards(args.cache / "shards_bsds_16", ["--bsds", str(BSDS), "--max-samples", "16"], "webp",
+                             files_bsds)
+    bpe, one_pass, resampled = epochs_vs_resampled(sh_bsr, 2, sec)
     rows = [
         ("ceiling: Pillow crop + JPEG q10, no decode", ceil, None, ceil / b2k),
         ("2K-class  baseline: whole PNG file per sample", b2k, b2k_tot, 1.0),
@@ -280,10 +301,13 @@ def main(argv=None) -> int:
         print(f"{name:56s} {pw:16.1f} {total} {ratio:12.1f}x")
     print(f"augment only, 512 px tile -> {PATCH} px patch: whole-tile rescale/rotate {aug_whole:.0f}/s, "
           f"crop-first {aug_crop:.0f}/s ({aug_crop / aug_whole:.1f}x)")
+    print(f"BSDS500 train+val, 16 per shard, 2 workers: one-pass epochs of {bpe} batches {one_pass:.1f} patches/s "
+          f"vs resampled {resampled:.1f} patches/s ({one_pass / resampled:.2f}x)")
     print(f"pipeline share of the ceiling (per worker, 2K webp): {p2k / ceil:.0%}")
     for line in gpu_estimate(p2k, p2k_ppm):
         print(line)
     print(f"bench time: {time.perf_counter() - t0:.0f}s")
+    print(f"one_pass_vs_resampled: {one_pass / resampled:.2f}x")
     print(f"speedup: {p2k / b2k:.1f}x")
     return 0
 

@@ -446,3 +446,40 @@ def test_stream_config_from_cli_flags():
     assert cfg.augment_params().rescale_scales == (0.9, 0.8) and cfg.splits == ["train", "val"] and cfg.grayscale
     with pytest.raises(UserError, match="rotate_p"):
         parse_config(StreamConfig, ["--shards", "x", "--rotate-p", "2"])
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_endless_iterator_crosses_epochs_and_any_epoch_reproduces(tmp_path):
+    """One iterator runs epoch after epoch (workers never restart); an odd batch count makes the
+    two workers' shares alternate, and an iteration started at epoch e gives epoch e's batches."""
+    root = write_shards(tmp_path / "s", splits={"train": 20}, samples_per_shard=4, tile=96)  # 5 shards
+    cfg = cfg_for(root, patch_size=32, patches_per_image=2)
+    loader = make_train_loader(cfg, batch_size=2, num_workers=2, epoch_patches=14)
+    bpe = loader.batches_per_epoch
+    assert bpe == 7
+    it = iter(loader)
+    run = [next(it) for _ in range(3 * bpe + 1)]  # three epochs and the first batch of the fourth
+    assert loader.stats()["batches"] == 3 * bpe + 1 and loader.stats()["patches"] == (3 * bpe + 1) * 2
+    for start in (1, 2):
+        epoch = SharedEpoch(start)
+        again = make_train_loader(cfg, batch_size=2, num_workers=2, shared_epoch=epoch, epoch_patches=14)
+        got = list(itertools.islice(iter(again), bpe))
+        assert all(_same(x, y) for x, y in zip(got, run[start * bpe:(start + 1) * bpe]))
+    assert not _same(run[0], run[bpe])
+
+
+def test_one_pass_epoch_reads_every_tile_once(tmp_path):
+    """Without resampling an epoch's clean patches come from distinct tiles, ppi per tile, and
+    the next epoch reads them again (other crops)."""
+    root = write_shards(tmp_path / "s", splits={"train": 16}, samples_per_shard=4, tile=96)
+    cfg = cfg_for(root, patch_size=96, patches_per_image=1, rescale_p=0.0, rotate_p=0.0)  # patch = whole tile
+    loader = make_train_loader(cfg, batch_size=2, num_workers=2)
+    assert loader.batches_per_epoch == 8
+    it = iter(loader)
+    for _ in range(2):
+        epoch = [next(it) for _ in range(8)]
+        tiles = [b[1][i].numpy().tobytes() for b in epoch for i in range(2)]
+        assert len(tiles) == 16 and len(set(tiles)) == 16

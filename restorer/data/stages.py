@@ -41,6 +41,7 @@ from restorer.data.plan import Plan
 from restorer.data.skips import Tally, warn
 from restorer.errors import UserError
 
+
 def epoch_rng(seed: int, epoch: int, rank: int, slot: int, *purpose: int) -> np.random.Generator:
     """Reading (shard order, crops, degradations): (seed, epoch, rank, slot); the shuffle: purpose 1."""
     return np.random.default_rng(np.random.SeedSequence([seed, epoch, rank, slot, *purpose]))
