@@ -13,6 +13,10 @@ size (2040x1356), each a 4x4 mosaic of 16 BSDS500 photos resized bicubic to 2040
 photo content at about native scale). Shards are made by ``python -m shard_tools build`` (both
 its default encoding, PNG and PPM); a webdataset ShardWriter fallback is used if the builder fails.
 
+Epoch boundaries: one-pass epochs (every tile once per epoch, BSDS500 train+val shards of 16
+samples, 36 batches of 32 per epoch with 2 workers) against resampled shards with the same epoch
+length, read the way the trainer reads them (one iterator across epochs), alternated in one run.
+
 "per worker" = one process doing everything (num_workers=0); "total" = a DataLoader with
 ``--workers`` worker processes. The last line is ``speedup: <ratio>x`` (pipeline with the
 builder's default encoding over baseline, per worker, 2K-class set).
@@ -26,6 +30,7 @@ import dataclasses
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -207,21 +212,22 @@ def pipeline_rate(shards: Path, workers: int, seconds: float) -> float:
     return rate(loader, seconds)
 
 
-def epochs_vs_resampled(shards: Path, workers: int, seconds: float, rounds: int = 2) -> tuple[int, float, float]:
+def epochs_vs_resampled(shards: Path, workers: int, seconds: float, rounds: int = 4) -> tuple[int, float, float]:
     """One-pass epochs (no tile twice per epoch; one iterator across epochs, as the trainer reads
-    it) against resampled shards with the same epoch length, alternated ``rounds`` times.
-    Returns (batches per epoch, one-pass patches/s, resampled patches/s), over ``workers`` workers."""
+    it) against resampled shards with the same epoch length, ``rounds`` times in alternating order
+    (ABBA: on a shared machine the first of a pair measured faster either way). Returns (batches
+    per epoch, one-pass median patches/s, resampled median patches/s), over ``workers`` workers."""
     splits = [s for s in splits_of(shards) if s in ("train", "val")]
     one_pass = StreamConfig(shards=str(shards), splits=splits, patch_size=PATCH, quality=str(QUALITY))
     bpe = make_train_loader(one_pass, batch_size=BATCH, num_workers=workers).batches_per_epoch
     resampled = dataclasses.replace(one_pass, resampled=True)
     rates: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(rounds):
-        for cfg in (one_pass, resampled):
+    for r in range(rounds):
+        for cfg in (one_pass, resampled)[::1 if r % 2 == 0 else -1]:
             loader = make_train_loader(cfg, batch_size=BATCH, num_workers=workers, epoch_patches=bpe * BATCH)
             rates[cfg.resampled].append(rate(loader, seconds))
             del loader
-    return bpe, sum(rates[False]) / rounds, sum(rates[True]) / rounds
+    return bpe, statistics.median(rates[False]), statistics.median(rates[True])
 
 
 def gpu_estimate(per_worker: float, per_worker_ppm: float) -> list[str]:
