@@ -15,7 +15,9 @@ its default encoding, PNG and PPM); a webdataset ShardWriter fallback is used if
 
 Epoch boundaries: one-pass epochs (every tile once per epoch, BSDS500 train+val shards of 16
 samples, 36 batches of 32 per epoch with 2 workers) against resampled shards with the same epoch
-length, read the way the trainer reads them (one iterator across epochs), alternated in one run.
+length, read the way the trainer reads them (one iterator across epochs), alternated in one run;
+then both again under a consumer that takes a fixed time per batch (a GPU step at 80% of the
+loader's rate), reporting the wait at epoch boundaries.
 
 "per worker" = one process doing everything (num_workers=0); "total" = a DataLoader with
 ``--workers`` worker processes. The last line is ``speedup: <ratio>x`` (pipeline with the
@@ -230,6 +232,30 @@ def epochs_vs_resampled(shards: Path, workers: int, seconds: float, rounds: int 
     return bpe, statistics.median(rates[False]), statistics.median(rates[True])
 
 
+def paced(shards: Path, resampled: bool, workers: int, step_s: float, epochs: int = 2) -> tuple[float, float, float]:
+    """A consumer that spends ``step_s`` per batch (like a GPU step) reads ``epochs`` epochs after a
+    warm-up one: (patches/s it gets, mean wait for the first batch of an epoch, data-wait fraction)."""
+    splits = [s for s in splits_of(shards) if s in ("train", "val")]
+    cfg = StreamConfig(shards=str(shards), splits=splits, patch_size=PATCH, quality=str(QUALITY), resampled=resampled)
+    bpe = make_train_loader(dataclasses.replace(cfg, resampled=False), batch_size=BATCH,
+                            num_workers=workers).batches_per_epoch
+    loader = make_train_loader(cfg, batch_size=BATCH, num_workers=workers, epoch_patches=bpe * BATCH)
+    it = iter(loader)
+    for _ in range(bpe):
+        next(it)
+    waits, boundary, start = 0.0, [], time.perf_counter()
+    for i in range(epochs * bpe):
+        t = time.perf_counter()
+        next(it)
+        wait = time.perf_counter() - t
+        waits += wait
+        if i % bpe == 0:
+            boundary.append(wait)
+        time.sleep(step_s)
+    elapsed = time.perf_counter() - start
+    return epochs * bpe * BATCH / elapsed, statistics.mean(boundary), waits / elapsed
+
+
 def gpu_estimate(per_worker: float, per_worker_ppm: float) -> list[str]:
     from restorer.model import ModelConfig, build_model, flops_per_pixel
 
@@ -286,6 +312,8 @@ def main(argv=None) -> int:
     sh_bsr, _ = build_shards(args.cache / "shards_bsds_16", ["--bsds", str(BSDS), "--max-samples", "16"], "webp",
                              files_bsds)
     bpe, one_pass, resampled = epochs_vs_resampled(sh_bsr, 2, sec)
+    step_s = BATCH / (0.8 * min(one_pass, resampled))  # a consumer at 80% of what the loader gives
+    paced_rows = [(name, *paced(sh_bsr, res, 2, step_s)) for name, res in (("one-pass", False), ("resampled", True))]
     rows = [
         ("ceiling: Pillow crop + JPEG q10, no decode", ceil, None, ceil / b2k),
         ("2K-class  baseline: whole PNG file per sample", b2k, b2k_tot, 1.0),
@@ -309,6 +337,10 @@ def main(argv=None) -> int:
           f"crop-first {aug_crop:.0f}/s ({aug_crop / aug_whole:.1f}x)")
     print(f"BSDS500 train+val, 16 per shard, 2 workers: one-pass epochs of {bpe} batches {one_pass:.1f} patches/s "
           f"vs resampled {resampled:.1f} patches/s ({one_pass / resampled:.2f}x)")
+    print(f"  the same, read by a consumer taking {step_s * 1000:.0f} ms per batch (80% of the loader's rate):")
+    for name, got, boundary, wait_frac in paced_rows:
+        print(f"  {name:10s} {got:7.1f} patches/s, first batch of an epoch waited {boundary * 1000:6.0f} ms, "
+              f"data wait {wait_frac:.1%}")
     print(f"pipeline share of the ceiling (per worker, 2K webp): {p2k / ceil:.0%}")
     for line in gpu_estimate(p2k, p2k_ppm):
         print(line)
