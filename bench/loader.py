@@ -13,6 +13,12 @@ size (2040x1356), each a 4x4 mosaic of 16 BSDS500 photos resized bicubic to 2040
 photo content at about native scale). Shards are made by ``python -m shard_tools build`` (both
 its default encoding, PNG and PPM); a webdataset ShardWriter fallback is used if the builder fails.
 
+Epoch boundaries: one-pass epochs (every tile once per epoch, BSDS500 train+val shards of 16
+samples, 36 batches of 32 per epoch with 2 workers) against resampled shards with the same epoch
+length, read the way the trainer reads them (one iterator across epochs), alternated in one run;
+then both again under a consumer that takes a fixed time per batch (a GPU step at 80% of the
+loader's rate), reporting the wait at epoch boundaries.
+
 "per worker" = one process doing everything (num_workers=0); "total" = a DataLoader with
 ``--workers`` worker processes. The last line is ``speedup: <ratio>x`` (pipeline with the
 builder's default encoding over baseline, per worker, 2K-class set).
@@ -22,9 +28,11 @@ builder's default encoding over baseline, per worker, 2K-class set).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,9 +47,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from restorer import augment  # noqa: E402
-from restorer.data import StreamConfig, make_train_loader, stack_patches  # noqa: E402
-from restorer.degrade import jpeg_roundtrip  # noqa: E402
+from restorer.data import augment  # noqa: E402
+from restorer.data import StreamConfig, make_train_loader  # noqa: E402
+from restorer.data.batch import stack_patches  # noqa: E402
+from restorer.data.degrade import jpeg_roundtrip  # noqa: E402
 
 BSDS = REPO.parent / "shared" / "datasets" / "BSR"
 PATCH, QUALITY, BATCH = 128, 10, 32
@@ -201,8 +210,50 @@ def baseline_rate(files: list[Path], workers: int, seconds: float) -> float:
 def pipeline_rate(shards: Path, workers: int, seconds: float) -> float:
     cfg = StreamConfig(shards=str(shards), splits=splits_of(shards), patch_size=PATCH, quality=str(QUALITY),
                        resampled=True)  # a continuous stream however small the set; default buffer (1000)
-    loader = make_train_loader(cfg, batch_size=BATCH, num_workers=workers, epoch_samples=10**6)
+    loader = make_train_loader(cfg, batch_size=BATCH, num_workers=workers, epoch_patches=10**6)
     return rate(loader, seconds)
+
+
+def epochs_vs_resampled(shards: Path, workers: int, seconds: float, rounds: int = 4) -> tuple[int, float, float]:
+    """One-pass epochs (no tile twice per epoch; one iterator across epochs, as the trainer reads
+    it) against resampled shards with the same epoch length, ``rounds`` times in alternating order
+    (ABBA: on a shared machine the first of a pair measured faster either way). Returns (batches
+    per epoch, one-pass median patches/s, resampled median patches/s), over ``workers`` workers."""
+    splits = [s for s in splits_of(shards) if s in ("train", "val")]
+    one_pass = StreamConfig(shards=str(shards), splits=splits, patch_size=PATCH, quality=str(QUALITY))
+    bpe = make_train_loader(one_pass, batch_size=BATCH, num_workers=workers).batches_per_epoch
+    resampled = dataclasses.replace(one_pass, resampled=True)
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(rounds):
+        for cfg in (one_pass, resampled)[::1 if r % 2 == 0 else -1]:
+            loader = make_train_loader(cfg, batch_size=BATCH, num_workers=workers, epoch_patches=bpe * BATCH)
+            rates[cfg.resampled].append(rate(loader, seconds))
+            del loader
+    return bpe, statistics.median(rates[False]), statistics.median(rates[True])
+
+
+def paced(shards: Path, resampled: bool, workers: int, step_s: float, epochs: int = 2) -> tuple[float, float, float]:
+    """A consumer that spends ``step_s`` per batch (like a GPU step) reads ``epochs`` epochs after a
+    warm-up one: (patches/s it gets, mean wait for the first batch of an epoch, data-wait fraction)."""
+    splits = [s for s in splits_of(shards) if s in ("train", "val")]
+    cfg = StreamConfig(shards=str(shards), splits=splits, patch_size=PATCH, quality=str(QUALITY), resampled=resampled)
+    bpe = make_train_loader(dataclasses.replace(cfg, resampled=False), batch_size=BATCH,
+                            num_workers=workers).batches_per_epoch
+    loader = make_train_loader(cfg, batch_size=BATCH, num_workers=workers, epoch_patches=bpe * BATCH)
+    it = iter(loader)
+    for _ in range(bpe):
+        next(it)
+    waits, boundary, start = 0.0, [], time.perf_counter()
+    for i in range(epochs * bpe):
+        t = time.perf_counter()
+        next(it)
+        wait = time.perf_counter() - t
+        waits += wait
+        if i % bpe == 0:
+            boundary.append(wait)
+        time.sleep(step_s)
+    elapsed = time.perf_counter() - start
+    return epochs * bpe * BATCH / elapsed, statistics.mean(boundary), waits / elapsed
 
 
 def gpu_estimate(per_worker: float, per_worker_ppm: float) -> list[str]:
@@ -258,6 +309,11 @@ def main(argv=None) -> int:
     aug_crop = augment_rate(files_2k, augment.crop_first, min(sec, 2.0))
     bb = baseline_rate(files_bsds, 0, sec)
     pb = pipeline_rate(sh_bsds, 0, sec)
+    sh_bsr, _ = build_shards(args.cache / "shards_bsds_16", ["--bsds", str(BSDS), "--max-samples", "16"], "webp",
+                             files_bsds)
+    bpe, one_pass, resampled = epochs_vs_resampled(sh_bsr, 2, sec)
+    step_s = BATCH / (0.8 * min(one_pass, resampled))  # a consumer at 80% of what the loader gives
+    paced_rows = [(name, *paced(sh_bsr, res, 2, step_s)) for name, res in (("one-pass", False), ("resampled", True))]
     rows = [
         ("ceiling: Pillow crop + JPEG q10, no decode", ceil, None, ceil / b2k),
         ("2K-class  baseline: whole PNG file per sample", b2k, b2k_tot, 1.0),
@@ -279,10 +335,17 @@ def main(argv=None) -> int:
         print(f"{name:56s} {pw:16.1f} {total} {ratio:12.1f}x")
     print(f"augment only, 512 px tile -> {PATCH} px patch: whole-tile rescale/rotate {aug_whole:.0f}/s, "
           f"crop-first {aug_crop:.0f}/s ({aug_crop / aug_whole:.1f}x)")
+    print(f"BSDS500 train+val, 16 per shard, 2 workers: one-pass epochs of {bpe} batches {one_pass:.1f} patches/s "
+          f"vs resampled {resampled:.1f} patches/s ({one_pass / resampled:.2f}x)")
+    print(f"  the same, read by a consumer taking {step_s * 1000:.0f} ms per batch (80% of the loader's rate):")
+    for name, got, boundary, wait_frac in paced_rows:
+        print(f"  {name:10s} {got:7.1f} patches/s, first batch of an epoch waited {boundary * 1000:6.0f} ms, "
+              f"data wait {wait_frac:.1%}")
     print(f"pipeline share of the ceiling (per worker, 2K webp): {p2k / ceil:.0%}")
     for line in gpu_estimate(p2k, p2k_ppm):
         print(line)
     print(f"bench time: {time.perf_counter() - t0:.0f}s")
+    print(f"one_pass_vs_resampled: {one_pass / resampled:.2f}x")
     print(f"speedup: {p2k / b2k:.1f}x")
     return 0
 

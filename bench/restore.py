@@ -54,7 +54,7 @@ def child(args) -> None:
     import numpy as np
     import torch
 
-    from restorer.degrade import jpeg_roundtrip
+    from restorer.data.degrade import jpeg_roundtrip
     from restorer.infer.engine import Restorer
     from restorer.model import ModelConfig, build_model
 

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-from restorer.degrade import estimate_quality
+from restorer.data.degrade import estimate_quality
 from restorer.imagecore import IMAGE_SUFFIXES  # noqa: F401  (re-exported: one list for the project)
 from restorer.errors import UserError, first_line
 from restorer.fsutil import atomic_write

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from restorer.degrade import jpeg_roundtrip
+from restorer.data.degrade import jpeg_roundtrip
 from restorer.model import ModelConfig, build_model
 from restorer.modelfile import export_weights
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import shutil
 import signal
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from conftest import rewrite_tar as _rewrite, write_shards
-from restorer import data
+from restorer.data import batch, plan, shards, val, workers
 from restorer.data import SharedEpoch, StreamConfig, make_train_loader, make_val_loader, to_device_float
 from restorer.errors import UserError
 from restorer.metrics import psnr
@@ -25,7 +26,8 @@ def cfg_for(root, **kw) -> StreamConfig:
 
 
 def batches(loader) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    return list(loader)
+    """One epoch from a fresh iterator (the stream is endless; one that ran short would raise)."""
+    return list(itertools.islice(iter(loader), loader.batches_per_epoch))
 
 
 def test_batch_shapes_dtypes_ranges(tiny_shards):
@@ -83,14 +85,14 @@ def test_to_device_float():
 def test_stack_patches_nhwc_memory_nchw_shape():
     rng = np.random.default_rng(0)
     rgb = [rng.integers(0, 256, (8, 6, 3), dtype=np.uint8) for _ in range(4)]
-    t = data.stack_patches(rgb)
+    t = batch.stack_patches(rgb)
     assert t.shape == (4, 3, 8, 6) and t.dtype == torch.uint8
     assert t.is_contiguous(memory_format=torch.channels_last)  # no transposing copy was made
     np.testing.assert_array_equal(t.numpy(), np.stack(rgb).transpose(0, 3, 1, 2))
-    gray = data.stack_patches([p[..., 0] for p in rgb])
+    gray = batch.stack_patches([p[..., 0] for p in rgb])
     assert gray.shape == (4, 1, 8, 6)
     np.testing.assert_array_equal(gray[:, 0].numpy(), np.stack([p[..., 0] for p in rgb]))
-    deg, clean, q = data._collate([(p, p, i) for i, p in enumerate(rgb)])
+    deg, clean, q = batch.collate([(p, p, i) for i, p in enumerate(rgb)])
     assert torch.equal(deg, clean) and q.dtype == torch.int64 and q.tolist() == [0, 1, 2, 3]
 
 
@@ -101,7 +103,7 @@ def test_workers_restore_default_signal_handlers():
     try:
         for sig in saved:
             signal.signal(sig, lambda *_: None)
-        data._init_worker(0)
+        workers.init_worker(0)
         assert all(signal.getsignal(sig) == signal.SIG_DFL for sig in saved)
     finally:
         for sig, handler in saved.items():
@@ -142,7 +144,7 @@ def test_shared_epoch_reaches_persistent_workers(tiny_shards):
     first, again, second = [], [], []
     for target, e in ((first, 0), (second, 1), (again, 0)):
         epoch.set_value(e)
-        target.extend(loader)
+        target.extend(batches(loader))
     assert len(first) == len(second) == loader.batches_per_epoch
     assert all(torch.equal(x[1], y[1]) for x, y in zip(first, again))  # (seed, epoch) reproduces
     assert not all(torch.equal(x[1], y[1]) for x, y in zip(first, second))
@@ -150,13 +152,13 @@ def test_shared_epoch_reaches_persistent_workers(tiny_shards):
 
 def _record_reads(monkeypatch) -> list[str]:
     seen: list[str] = []
-    real = data.iter_samples
+    real = shards.open_shard
 
     def recording(url):
         seen.append(url)
-        yield from real(url)
+        return real(url)
 
-    monkeypatch.setattr(data, "iter_samples", recording)
+    monkeypatch.setattr(shards, "open_shard", recording)
     return seen
 
 
@@ -170,39 +172,55 @@ def test_two_ranks_two_workers_split(tmp_path, monkeypatch, train):
     for epoch in (0, 1):
         seen = _record_reads(monkeypatch)
         owners: dict[str, tuple[int, int]] = {}
+        refill_tiles = 0
         for rank, loader in enumerate(loaders):
-            stream = loader._loader.dataset
+            stream = loader._dataset
             count = 0
             for worker in range(loader.num_workers):
                 start = len(seen)
-                count += sum(1 for _ in stream.batches(epoch, worker))
+                for b in stream.epoch_batches(epoch, worker):
+                    count += 1
+                    refill_tiles += sum(c.get("refill_tiles", 0) for c in b[3].values())
                 for url in seen[start:]:
                     assert url not in owners, f"{url} read by {owners[url]} and {(rank, worker)}"
                     owners[url] = (rank, worker)
             assert count == loader.batches_per_epoch
         # the plan hands every shard to exactly one slot; those not read this epoch were not needed
         planned = sorted(loaders[0].plan.shards[i].url for r in range(2) for w in range(2)
-                         for i in loaders[0].plan.own_shards(epoch, r, w))
+                         for i in loaders[0].plan.slot_shards(epoch, r, w))
         assert planned == all_urls
         assert set(owners) <= set(all_urls)
-        assert loaders[0].stats()["refill_tiles"] == 0
+        assert refill_tiles == 0
     # the real multi-process path gives the same counts on both ranks
     assert [len(batches(loader)) for loader in loaders] == [loaders[0].batches_per_epoch] * 2
 
 
 def test_shard_assignment_changes_with_epoch_but_not_slot_sizes():
     counts = [4] * 9 + [2]
-    a, b = data.assign_shards(counts, 4, seed=0, epoch=0), data.assign_shards(counts, 4, seed=0, epoch=1)
+    a, b = plan.assign_shards(counts, 4, seed=0, epoch=0), plan.assign_shards(counts, 4, seed=0, epoch=1)
     assert a != b
     assert sorted(sum(counts[i] for i in s) for s in a) == sorted(sum(counts[i] for i in s) for s in b)
     assert sorted(i for s in a for i in s) == list(range(10))
 
 
-def test_split_quota():
-    assert data._split_quota(6, [4, 4]) == [3, 3]
-    assert data._split_quota(5, [4, 2]) == [4, 1]
-    assert sum(data._split_quota(7, [4, 2])) == 7  # estimated capacities may fall short
-    assert data._split_quota(3, [5, 0, 5]) == [2, 0, 1]
+def test_slot_batches_follow_the_dataloader_rotation():
+    """Batch p of a rank comes from worker p % workers: each slot owes an epoch floor or ceil of
+    batches_per_epoch / workers, and the shares add up to batches_per_epoch in every epoch."""
+    def plan_of(bpe, workers):
+        return plan.Plan(spec="x", shards=(), counts=(), counts_known=True, resampled=False, world_size=1,
+                         workers=workers, batch_size=1, seed=0, batches_per_epoch=bpe)
+
+    p = plan_of(5, 2)
+    assert [p.slot_batches(0, s) for s in range(2)] == [3, 2]  # positions 0..4
+    assert [p.slot_batches(1, s) for s in range(2)] == [2, 3]  # positions 5..9
+    for bpe, w in ((6, 4), (7, 3), (1, 2), (37, 12)):
+        p = plan_of(bpe, w)
+        for epoch in range(5):
+            shares = [p.slot_batches(epoch, s) for s in range(w)]
+            assert sum(shares) == bpe and max(shares) - min(shares) <= 1
+    # an iteration that starts at epoch 3 hands worker 0 the slot of absolute position 3 * bpe
+    p = plan_of(5, 2)
+    assert [p.slot_of(w, 3) for w in range(2)] == [1, 0] and p.slot_of(0, 2) == 0
 
 
 def test_more_slots_than_shards(tmp_path, caplog):
@@ -219,22 +237,22 @@ def test_more_slots_than_shards(tmp_path, caplog):
 
 
 def test_resampled_stream(tiny_shards):
-    # epoch_samples counts patches over all ranks: 80 patches = 20 batches of 4 (beyond one pass: 48)
-    loader = make_train_loader(cfg_for(tiny_shards, resampled=True), batch_size=4, num_workers=0, epoch_samples=80)
+    # epoch_patches counts patches over all ranks: 80 patches = 20 batches of 4 (beyond one pass: 48)
+    loader = make_train_loader(cfg_for(tiny_shards, resampled=True), batch_size=4, num_workers=0, epoch_patches=80)
     assert loader.batches_per_epoch == 80 // 4 and loader.num_samples == 80
     assert len(batches(loader)) == 20
 
 
-def test_epoch_samples_are_patches_over_all_ranks(tiny_shards, caplog):
+def test_epoch_patches_are_patches_over_all_ranks(tiny_shards, caplog):
     cfg = cfg_for(tiny_shards)  # 12 tiles x 4 patches = 48 patches per pass
-    ranks = [make_train_loader(cfg, batch_size=4, num_workers=0, rank=r, world_size=2, epoch_samples=24)
+    ranks = [make_train_loader(cfg, batch_size=4, num_workers=0, rank=r, world_size=2, epoch_patches=24)
              for r in range(2)]
     assert [r.batches_per_epoch for r in ranks] == [3, 3] and ranks[0].num_samples == 24
     assert [len(batches(r)) for r in ranks] == [3, 3]
-    odd = make_train_loader(cfg, batch_size=4, num_workers=0, rank=0, world_size=2, epoch_samples=30)
+    odd = make_train_loader(cfg, batch_size=4, num_workers=0, rank=0, world_size=2, epoch_patches=30)
     assert odd.batches_per_epoch == 3  # rounded down to equal whole batches per rank
     with caplog.at_level(logging.WARNING, logger="restorer.data"):
-        capped = make_train_loader(cfg, batch_size=4, num_workers=0, epoch_samples=1000)
+        capped = make_train_loader(cfg, batch_size=4, num_workers=0, epoch_patches=1000)
     assert capped.batches_per_epoch == 12  # one pass without resampling
     assert "StreamConfig.resampled" in caplog.text and "--resampled" in caplog.text
 
@@ -314,16 +332,16 @@ def test_brace_pattern_and_pipe_urls(tiny_shards):
     assert loader.batches_per_epoch == 12  # counts from train/sizes.json
     assert len(batches(loader)) == 12
     piped = f"pipe:cat {tiny_shards}/train/shard-{{000000..000002}}.tar"
-    with pytest.raises(UserError, match="epoch_samples"):
+    with pytest.raises(UserError, match="epoch_patches"):
         make_train_loader(cfg_for(piped), batch_size=4, num_workers=0)
-    # epoch_samples in patches: 40 = 10 tiles = 3 estimated per shard, 10 batches asked
-    odd = make_train_loader(cfg_for(piped), batch_size=4, num_workers=2, epoch_samples=40)
-    assert odd.batches_per_epoch == 10 and sum(odd.plan.quotas[0]) == 10
-    loader = make_train_loader(cfg_for(piped), batch_size=4, num_workers=1, epoch_samples=48)
+    # epoch_patches in patches: 40 = 10 tiles = 3 estimated per shard, 10 batches asked
+    odd = make_train_loader(cfg_for(piped), batch_size=4, num_workers=2, epoch_patches=40)
+    assert odd.batches_per_epoch == 10 and sum(odd.plan.slot_batches(0, s) for s in range(odd.plan.workers)) == 10
+    loader = make_train_loader(cfg_for(piped), batch_size=4, num_workers=1, epoch_patches=48)
     assert len(batches(loader)) == loader.batches_per_epoch == 12
     assert loader.stats()["tiles"] == 12 and loader.stats()["bad_shards"] == 0
     # a shorter epoch stops reading a pipe mid-shard: closed quietly, not counted as bad
-    short = make_train_loader(cfg_for(piped, shuffle_buffer=0), batch_size=4, num_workers=0, epoch_samples=24)
+    short = make_train_loader(cfg_for(piped, shuffle_buffer=0), batch_size=4, num_workers=0, epoch_patches=24)
     assert len(batches(short)) == 6 and short.stats()["bad_shards"] == 0
     # a plain folder of tars without a manifest, and '::'-joined URLs
     joined = "::".join(str(p) for p in sorted((tiny_shards / "train").glob("*.tar"))[:2])
@@ -360,7 +378,7 @@ def test_val_crops_centre_and_small_tiles(tiny_shards):
     deg, clean, q = got[0]
     scores = psnr(to_device_float(deg, "cpu"), to_device_float(clean, "cpu"))
     assert float(scores[q == 10].mean()) + 8 < float(scores[q == 90].mean())
-    assert data.val_crop_size(100, 300, 256) == 96
+    assert val.val_crop_size(100, 300, 256) == 96
 
 
 def test_val_never_reads_training_shards(tmp_path, tiny_shards):
@@ -410,3 +428,40 @@ def test_stream_config_from_cli_flags():
     assert cfg.augment_params().rescale_scales == (0.9, 0.8) and cfg.splits == ["train", "val"] and cfg.grayscale
     with pytest.raises(UserError, match="rotate_p"):
         parse_config(StreamConfig, ["--shards", "x", "--rotate-p", "2"])
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_endless_iterator_crosses_epochs_and_any_epoch_reproduces(tmp_path):
+    """One iterator runs epoch after epoch (workers never restart); an odd batch count makes the
+    two workers' shares alternate, and an iteration started at epoch e gives epoch e's batches."""
+    root = write_shards(tmp_path / "s", splits={"train": 20}, samples_per_shard=4, tile=96)  # 5 shards
+    cfg = cfg_for(root, patch_size=32, patches_per_image=2)
+    loader = make_train_loader(cfg, batch_size=2, num_workers=2, epoch_patches=14)
+    bpe = loader.batches_per_epoch
+    assert bpe == 7
+    it = iter(loader)
+    run = [next(it) for _ in range(3 * bpe + 1)]  # three epochs and the first batch of the fourth
+    assert loader.stats()["batches"] == 3 * bpe + 1 and loader.stats()["patches"] == (3 * bpe + 1) * 2
+    for start in (1, 2):
+        epoch = SharedEpoch(start)
+        again = make_train_loader(cfg, batch_size=2, num_workers=2, shared_epoch=epoch, epoch_patches=14)
+        got = list(itertools.islice(iter(again), bpe))
+        assert all(_same(x, y) for x, y in zip(got, run[start * bpe:(start + 1) * bpe]))
+    assert not _same(run[0], run[bpe])
+
+
+def test_one_pass_epoch_reads_every_tile_once(tmp_path):
+    """Without resampling an epoch's clean patches come from distinct tiles, ppi per tile, and
+    the next epoch reads them again (other crops)."""
+    root = write_shards(tmp_path / "s", splits={"train": 16}, samples_per_shard=4, tile=96)
+    cfg = cfg_for(root, patch_size=96, patches_per_image=1, rescale_p=0.0, rotate_p=0.0)  # patch = whole tile
+    loader = make_train_loader(cfg, batch_size=2, num_workers=2)
+    assert loader.batches_per_epoch == 8
+    it = iter(loader)
+    for _ in range(2):
+        epoch = [next(it) for _ in range(8)]
+        tiles = [b[1][i].numpy().tobytes() for b in epoch for i in range(2)]
+        assert len(tiles) == 16 and len(set(tiles)) == 16

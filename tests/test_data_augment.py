@@ -1,4 +1,4 @@
-"""Augmentation (restorer.augment): probabilities, crop-first == whole-image reference, small tiles."""
+"""Augmentation (restorer.data.augment): probabilities, crop-first == whole-image reference, small tiles."""
 from __future__ import annotations
 
 import io
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from restorer import augment
-from restorer.augment import AugmentParams, TileTooSmall
-from restorer.degrade import jpeg_roundtrip
+from restorer.data import augment
+from restorer.data.augment import AugmentParams, TileTooSmall
+from restorer.data.degrade import jpeg_roundtrip
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from PIL import Image
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from restorer.degrade import jpeg_roundtrip
+from restorer.data.degrade import jpeg_roundtrip
 from restorer.infer.evaluate import main as eval_main
 
 

@@ -155,14 +155,10 @@ class Parsed(Exception):
 
 
 def fields(obj) -> dict:
-    """Every dataclass field of ``obj``, nested configs flattened (the trainer's config is composed)."""
-    import dataclasses
+    """The flat {option: value} of a config, as flags and YAML name them (the trainer's config is composed)."""
+    from restorer.config import config_dict
 
-    out = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        out.update(fields(value) if dataclasses.is_dataclass(value) else {f.name: value})
-    return out
+    return config_dict(obj)
 
 
 def test_full_mode_commands_parse_with_the_real_parsers(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from conftest import photos
 from skimage import data
 
 from restorer.modelfile import export_weights
-from restorer.degrade import jpeg_roundtrip
+from restorer.data.degrade import jpeg_roundtrip
 from restorer.errors import UserError
 from restorer.infer.engine import Restorer, choose_restorer, load_restorers, tile_spans
 from restorer.model import ModelConfig, alignment, build_model, receptive_radius

@@ -95,7 +95,7 @@ def test_bf16_flag_is_precision_bf16_and_the_choice_is_logged_once(inputs, capsy
 def test_bf16_output_is_close_to_fp32():
     from pathlib import Path
 
-    from restorer.degrade import jpeg_roundtrip
+    from restorer.data.degrade import jpeg_roundtrip
     from restorer.infer.engine import Restorer
     from restorer.model import ModelConfig, build_model
 

@@ -7,7 +7,7 @@ from skimage import data
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from restorer.degrade import jpeg_roundtrip
+from restorer.data.degrade import jpeg_roundtrip
 from restorer.metrics import blocking_effect_factor, crop_border, psnr, psnr_b, rgb_to_y, ssim
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from restorer import metrics
-from restorer.degrade import decoded_jpeg
+from restorer.data.degrade import decoded_jpeg
 from restorer.errors import UserError, cli_entry, describe
 from restorer.imageio import open_image, save_image
 from restorer.infer.engine import choose_restorer

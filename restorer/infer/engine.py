@@ -51,7 +51,7 @@ from PIL import Image
 from torch import nn
 
 from restorer import weights as packaged
-from restorer.degrade import parse_quality
+from restorer.data.degrade import parse_quality
 from restorer.errors import UserError, describe
 from restorer.hardware import choose_channels_last
 from restorer.model import alignment, receptive_radius

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from restorer import metrics
-from restorer.degrade import SUBSAMPLING, decoded_jpeg
+from restorer.data.degrade import SUBSAMPLING, decoded_jpeg
 from restorer.errors import UserError, cli_entry, describe, first_line
 from restorer.fsutil import atomic_write_text
 from restorer.imageio import IMAGE_SUFFIXES, open_image

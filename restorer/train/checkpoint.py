@@ -276,7 +276,7 @@ def resume_state(accelerator, path: Path, ema=None):
 
 def export_facts(cfg, state) -> dict[str, Any]:
     """The training facts ``model.json`` records beside the weights."""
-    from restorer.degrade import parse_quality
+    from restorer.data.degrade import parse_quality
 
     last = state.last_val
     return {"quality": cfg.data.quality, "quality_range": list(parse_quality(cfg.data.quality)), "steps": state.step,

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Optional
 
 from restorer.data import StreamConfig
-from restorer.degrade import parse_quality  # restorer.data.degrade once the data package lands
+from restorer.data.degrade import parse_quality
 from restorer.errors import UserError
 from restorer.hardware import AUTO_BOOL, PRECISIONS
 from restorer.model import ModelConfig

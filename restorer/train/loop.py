@@ -109,7 +109,7 @@ def where_to_start(accelerator, cfg: TrainConfig, run_dir: Path) -> tuple[Option
     """Clean up after a run killed while saving, then: (the checkpoint to resume from or None for a
     fresh start, whether the run already finished -- nothing is written then). Checks that the
     validation split exists before any training."""
-    from restorer.shardio import resolve_shards
+    from restorer.data import resolve_shards
 
     ckpt_root = run_dir / "checkpoints"
     if accelerator.is_main_process:
@@ -148,38 +148,10 @@ def make_loader(cfg: TrainConfig, accelerator, shared_epoch):
     """This process's training loader: the one call of ``restorer.data.make_train_loader``."""
     from restorer.data import make_train_loader
 
-    loader = make_train_loader(cfg.data, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                               rank=accelerator.process_index, world_size=accelerator.num_processes,
-                               shared_epoch=shared_epoch, pin_memory=accelerator.device.type == "cuda",
-                               epoch_samples=cfg.epoch_patches)
-    return _EndlessEpochs(loader, shared_epoch)  # TEMPORARY (see the class)
-
-
-class _EndlessEpochs:
-    """TEMPORARY adapter, removed when the endless loader of ``restorer.data`` is merged: makes
-    today's one-epoch-per-iter() loader endless (the new loader contract): epoch after epoch from
-    ``shared_epoch.get_value()``, ``batches_per_epoch`` batches each."""
-
-    def __init__(self, loader, shared_epoch):
-        self.loader, self.shared_epoch = loader, shared_epoch
-        self.batches_per_epoch = loader.batches_per_epoch
-
-    def stats(self) -> dict[str, int]:
-        return self.loader.stats()
-
-    def __iter__(self):
-        from restorer.errors import UserError
-
-        epoch = self.shared_epoch.get_value()
-        while True:
-            self.shared_epoch.set_value(epoch)
-            n = 0
-            for batch in self.loader:
-                n += 1
-                yield batch
-            if n != self.batches_per_epoch:
-                raise UserError(f"data loader ended after {n} of {self.batches_per_epoch} batches in epoch {epoch}")
-            epoch += 1
+    return make_train_loader(cfg.data, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                             rank=accelerator.process_index, world_size=accelerator.num_processes,
+                             shared_epoch=shared_epoch, pin_memory=accelerator.device.type == "cuda",
+                             epoch_patches=cfg.epoch_patches)
 
 
 def eval_net(model, ema):

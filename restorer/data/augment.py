@@ -1,4 +1,4 @@
-"""Patch augmentation for the training stream (the JPEG degradation is restorer.degrade).
+"""Patch augmentation for the training stream (the JPEG degradation is restorer.data.degrade).
 
 The original design augments a training image like this: rescale the whole image (probability
 ``rescale_p``, a scale drawn from ``rescale_scales``, bicubic), rotate the whole image by 90, 180
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -154,7 +154,3 @@ def random_patches(img: Image.Image, n: int, rng: np.random.Generator, params: A
         out.append(crop_first(img, d, params.patch_size, array))
     return out
 
-
-def draw_quality(rng: np.random.Generator, qrange: Sequence[int]) -> int:
-    lo, hi = qrange
-    return lo if lo == hi else int(rng.integers(lo, hi + 1))

@@ -1,5 +1,7 @@
-"""Shard listing and reading for restorer.data: shard specs as users write them -> (url, count)
-lists, and tar shards -> samples, over local files, webdataset's ``pipe:``/curl handlers or fsspec.
+"""Shard listing and reading: shard specs as users write them (a shards dir with manifest.json,
+split folders with sizes.json, brace/``::``/``pipe:`` URL patterns) -> :class:`Shard` lists with
+sample counts; and tar shards -> samples through webdataset's tar stages, over local files,
+webdataset's ``pipe:``/curl handlers or fsspec.
 """
 from __future__ import annotations
 
@@ -7,10 +9,9 @@ import dataclasses
 import json
 import logging
 import re
-import tarfile
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import IO, Callable, Iterable, Iterator, Optional, Sequence
 
 from restorer.errors import UserError
 from restorer.imagecore import TILE_ENCODINGS as IMAGE_EXTS  # the builder's tile encodings
@@ -185,66 +186,57 @@ def _check_local(shards: list[Shard], spec: str) -> tuple[list[Shard], int]:
 
 # ------------------------------------------------------------------------------------ tar reading
 
-class _Source:
-    """An open shard byte stream (local file, webdataset ``pipe:``/curl handlers, or fsspec)."""
+def open_shard(url: str) -> IO[bytes]:
+    """An open byte stream of one shard: a local file, webdataset's ``pipe:``/curl handlers, or
+    fsspec for other schemes (s3://, gs:// with gcsfs, ...)."""
+    scheme = _scheme(url)
+    if scheme in ("", "file"):
+        return open(_local_path(url), "rb")  # noqa: SIM115 (closed by the reader)
+    from webdataset.gopen import gopen, gopen_schemes
 
-    def __init__(self, url: str):
-        self.url = url
-        scheme = _scheme(url)
-        if scheme in ("", "file"):
-            self.stream = open(_local_path(url), "rb")  # noqa: SIM115 (closed in close())
-        else:
-            from webdataset.gopen import gopen, gopen_schemes
+    if scheme in gopen_schemes:
+        return gopen(url, "rb")
+    import fsspec
 
-            if scheme in gopen_schemes:
-                self.stream = gopen(url, "rb")
-            else:
-                import fsspec
+    return fsspec.open(url, "rb").open()
 
-                self.stream = fsspec.open(url, "rb").open()
 
-    def close(self, finished: bool) -> None:
-        """Close; a failing exit (e.g. of a pipe) only matters when the stream was read to the end."""
+def _opened(urls: Iterable[str], handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """webdataset's ``url_opener`` with :func:`open_shard`: {"url", "stream"} per shard. A stream
+    left early (the epoch had enough samples) is closed quietly; one read to the end is closed
+    with its errors going to ``handler`` (e.g. a ``pipe:`` command that failed)."""
+    for url in urls:
         try:
-            self.stream.close()
-        except Exception:
-            if finished:
-                raise
+            stream = open_shard(url)
+        except Exception as exn:  # noqa: BLE001 (missing file, failing transport)
+            if handler(exn):
+                continue
+            raise
+        finished = False
+        try:
+            yield {"url": url, "stream": stream}
+            finished = True
+        finally:
+            try:
+                stream.close()
+            except Exception as exn:  # noqa: BLE001
+                if finished and not handler(exn):
+                    raise
 
 
-def iter_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for each sample of a tar shard, grouping consecutive members by key
-    (the name up to the first dot of its last path component). Errors propagate to the caller."""
-    src = _Source(url)
-    finished = False
-    try:
-        with tarfile.open(fileobj=src.stream, mode="r|*") as tar:
-            key, sample = None, {}
-            for member in tar:
-                if not member.isreg():
-                    continue
-                name = member.name
-                base = name.rsplit("/", 1)[-1]
-                dot = base.find(".")
-                if dot <= 0 or base.startswith("__"):
-                    continue
-                k, ext = name[:len(name) - len(base) + dot], base[dot + 1:].lower()
-                data = tar.extractfile(member).read()
-                tar.members = []  # stream mode: do not keep every header
-                if k != key:
-                    if sample:
-                        yield key, sample
-                    key, sample = k, {}
-                sample[ext] = data
-            if sample:
-                yield key, sample
-        finished = True
-    finally:
-        src.close(finished)
+def tar_samples(urls: Iterable[str], handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """Samples ({"__key__", "__url__", ext: bytes}) of the tar shards ``urls``, read by webdataset's
+    tar stages (``tar_file_expander`` + ``group_by_keys``, as ``wds.tarfile_to_samples`` does).
+    ``handler(exn)`` sees every read error of a shard; returning True skips the rest of it."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    return group_by_keys(tar_file_expander(_opened(urls, handler), handler=handler), handler=handler)
 
 
-def image_of(sample: dict[str, bytes]) -> tuple[str, bytes]:
+def image_of(sample: dict) -> tuple[str, bytes]:
+    """The (extension, bytes) of the sample's image member (the builder's tile encodings)."""
     for ext in IMAGE_EXTS:
         if ext in sample:
             return ext, sample[ext]
-    raise ValueError(f"no image member (has {', '.join(sorted(sample)) or 'nothing'})")
+    names = sorted(k for k in sample if not k.startswith("__"))
+    raise ValueError(f"no image member (has {', '.join(names) or 'nothing'})")
