@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import signal
 from pathlib import Path
 
@@ -152,12 +153,12 @@ def _setup(cfg, accelerator):
     return model, ema, optimizer, loader
 
 
-def _step(cfg, accelerator, model, ema, optimizer, batches, state, faults, bpe, tmp_path):
+def _step(cfg, accelerator, model, ema, optimizer, batches, state, faults, bpe, tmp_path, window=None):
     from restorer.train.step import optimizer_step
 
     return optimizer_step(model=model, forward=model, optimizer=optimizer, accelerator=accelerator, ema=ema,
                           batches=batches, state=state, cfg=cfg, batches_per_epoch=bpe, channels_last=False,
-                          stop_requested=False, faults=faults, window=Window(), ckpt_root=tmp_path / "none")
+                          stop_requested=False, faults=faults, window=window or Window(), ckpt_root=tmp_path / "none")
 
 
 def test_optimizer_step_accumulates_skips_nonfinite_and_updates_ema(shards, tmp_path, accelerator):
@@ -180,6 +181,33 @@ def test_optimizer_step_accumulates_skips_nonfinite_and_updates_ema(shards, tmp_
         _step(cfg, accelerator, model, ema, optimizer, batches, state, poison, bpe, tmp_path)
     # endless: batches keep coming across epoch boundaries
     assert state.batches_taken == 6 and state.epoch(bpe) == 6 // bpe
+
+
+@pytest.mark.parametrize("loss", ["l1", "charbonnier"])
+def test_loss_option_trains_and_train_psnr_stays_the_mse_psnr(shards, tmp_path, accelerator, loss):
+    from restorer.train.state import Window
+
+    cfg = cfg_for(shards, tmp_path / "run", "--loss", loss)
+    model, ema, optimizer, loader = _setup(cfg, accelerator)
+    window = Window()
+    result = _step(cfg, accelerator, model, ema, optimizer, iter(loader), TrainState(), Faults(),
+                   loader.batches_per_epoch, tmp_path, window=window)
+    assert result.taken and result.loss > 0
+    figures = window.figures(cfg.batch_size)
+    # an untrained model is the identity: its MSE is the JPEG's, far below its L1 (errors < 1)
+    assert window.mse < window.loss and figures["train/psnr"] == pytest.approx(10 * math.log10(1 / window.mse))
+
+
+def test_pixel_losses():
+    from restorer.train.step import CHARBONNIER_EPS, pixel_loss
+
+    out, target = torch.tensor([0.5, 0.1]), torch.tensor([0.3, 0.1])
+    assert float(pixel_loss("mse", out, target)) == pytest.approx(0.02)
+    assert float(pixel_loss("l1", out, target)) == pytest.approx(0.1)
+    assert float(pixel_loss("charbonnier", out, target)) == pytest.approx(
+        (math.sqrt(0.04 + CHARBONNIER_EPS ** 2) + CHARBONNIER_EPS) / 2)
+    with pytest.raises(ValueError, match="unknown loss"):
+        pixel_loss("ssim", out, target)
 
 
 # --- validation, checkpoints, resume ------------------------------------------------------------

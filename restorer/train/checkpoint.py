@@ -281,7 +281,8 @@ def export_facts(cfg, state) -> dict[str, Any]:
     last = state.last_val
     return {"quality": cfg.data.quality, "quality_range": list(parse_quality(cfg.data.quality)), "steps": state.step,
             "condition_on_quality": cfg.model.condition_on_quality, "train_patch_size": cfg.data.patch_size,
-            "ema_decay": cfg.ema_decay, "val_split": None if cfg.val_shards else cfg.val_split,
+            "ema_decay": cfg.ema_decay, "loss": cfg.loss, "double_jpeg_p": cfg.data.double_jpeg_p,
+            "chroma_subsampling": cfg.data.chroma_subsampling, "val_split": None if cfg.val_shards else cfg.val_split,
             "val_shards": cfg.val_shards,
             "val_psnr": {k[len("val/psnr_q"):]: v for k, v in last.items() if k.startswith("val/psnr_q")},
             "val_gain": {k[len("val/gain_q"):]: v for k, v in last.items() if k.startswith("val/gain_q")}}

@@ -55,6 +55,8 @@ class TrainConfig:
     max_steps: int = _opt(20000, "optimizer steps")
     batch_size: int = _opt(16, "patches per process per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    loss: str = _opt("mse", "training loss: mse, l1 or charbonnier (train/psnr is computed from the MSE "
+                             "whatever the loss)", choices=["mse", "l1", "charbonnier"])
     lr: float = 5e-4
     min_lr_ratio: float = _opt(0.1, "final LR / peak LR of the cosine")
     warmup_steps: int = 500
@@ -113,7 +115,7 @@ class TrainConfig:
         if not (0.0 <= self.ema_decay < 1.0):
             raise UserError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
         choices = {"mixed_precision": PRECISIONS, "channels_last": AUTO_BOOL, "compile": AUTO_BOOL,
-                   "tracker": ("wandb", "none")}
+                   "tracker": ("wandb", "none"), "loss": ("mse", "l1", "charbonnier")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "

@@ -52,20 +52,23 @@ class Window:
     t0: float = dataclasses.field(default_factory=time.perf_counter)
     steps: int = 0
     loss: float = 0.0
+    mse: float = 0.0  # the MSE whatever --loss is, for train/psnr
     grad_norm: float = 0.0
     wait: float = 0.0  # seconds waiting for the loader
     pause: float = 0.0  # seconds of validation and checkpointing
 
-    def add_step(self, loss: float, grad_norm: float) -> None:
+    def add_step(self, loss: float, grad_norm: float, mse: Optional[float] = None) -> None:
         self.steps += 1
         self.loss += loss
+        self.mse += loss if mse is None else mse
         self.grad_norm += grad_norm
 
     def figures(self, patches_per_step: int) -> dict[str, float]:
-        """Mean loss, PSNR of that loss, mean gradient norm, patches/s and the data-wait fraction."""
+        """Mean loss, PSNR of the mean MSE, mean gradient norm, patches/s and the data-wait fraction."""
         elapsed = max(time.perf_counter() - self.t0 - self.pause, 1e-9)
         mean_loss = self.loss / max(self.steps, 1)
-        return {"train/loss": mean_loss, "train/psnr": 10 * math.log10(1.0 / max(mean_loss, 1e-12)),
+        mean_mse = self.mse / max(self.steps, 1)
+        return {"train/loss": mean_loss, "train/psnr": 10 * math.log10(1.0 / max(mean_mse, 1e-12)),
                 "train/grad_norm": self.grad_norm / max(self.steps, 1),
                 "perf/patches_per_s": patches_per_step * self.steps / elapsed,
                 "perf/data_wait_frac": self.wait / elapsed}

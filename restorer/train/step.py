@@ -45,9 +45,26 @@ def take_batch(batches: Iterator, state: TrainState, batches_per_epoch: int) -> 
     return batch
 
 
+LOSSES = ("mse", "l1", "charbonnier")
+CHARBONNIER_EPS = 1e-3  # sqrt((x-y)^2 + eps^2): smooth L1 (1e-3 as in restoration papers, on [0, 1] pixels)
+
+
+def pixel_loss(name: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The training loss ``--loss`` names, in fp32: mse, l1 or charbonnier."""
+    diff = out.float() - target
+    if name == "mse":
+        return diff.square().mean()
+    if name == "l1":
+        return diff.abs().mean()
+    if name == "charbonnier":
+        return (diff.square() + CHARBONNIER_EPS ** 2).sqrt().mean()
+    raise ValueError(f"unknown loss {name!r} (one of {', '.join(LOSSES)})")
+
+
 def micro_batch_loss(forward: Callable, batch, accelerator, *, channels_last: bool, condition_on_quality: bool,
-                     poison: bool = False) -> torch.Tensor:
-    """MSE of ``forward(degraded)`` against clean, in fp32, under the Accelerator's autocast."""
+                     loss: str = "mse", poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the ``loss`` of ``forward(degraded)`` against clean, its detached MSE for PSNR logging), in
+    fp32, the forward under the Accelerator's autocast."""
     from restorer.data import to_device_float
 
     deg, clean, q = batch
@@ -58,7 +75,9 @@ def micro_batch_loss(forward: Callable, batch, accelerator, *, channels_last: bo
         x = x * float("nan")
     with accelerator.autocast():
         out = forward(x, q.to(device) if condition_on_quality else None)
-    return F.mse_loss(out.float(), y)
+    value = pixel_loss(loss, out, y)
+    mse = value.detach() if loss == "mse" else (out.detach().float() - y).square().mean()
+    return value, mse
 
 
 def optimizer_step(*, model, forward: Callable, optimizer, accelerator, ema, batches: Iterator, state: TrainState,
@@ -75,6 +94,7 @@ def optimizer_step(*, model, forward: Callable, optimizer, accelerator, ema, bat
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)
+    mse_sum = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum):
         t_wait = time.perf_counter()
         batch = take_batch(batches, state, batches_per_epoch)
@@ -82,18 +102,21 @@ def optimizer_step(*, model, forward: Callable, optimizer, accelerator, ema, bat
         window.wait += time.perf_counter() - t_wait
         sync = nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
         with sync:
-            loss = micro_batch_loss(forward, batch, accelerator, channels_last=channels_last,
-                                    condition_on_quality=cfg.model.condition_on_quality,
-                                    poison=faults.poison_batch(state.step, rank))
+            loss, mse = micro_batch_loss(forward, batch, accelerator, channels_last=channels_last,
+                                         condition_on_quality=cfg.model.condition_on_quality, loss=cfg.loss,
+                                         poison=faults.poison_batch(state.step, rank))
             accelerator.backward(loss / cfg.grad_accum)
         loss_sum += loss.detach()
+        mse_sum += mse
     # one small all-reduce per step: every process learns whether any loss was non-finite, the
     # summed loss, and whether a stop was requested -- so all take the same branch
     flags = torch.stack([(~torch.isfinite(loss_sum)).float(), torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0),
-                         torch.tensor(float(stop_requested), device=device)])
+                         torch.tensor(float(stop_requested), device=device),
+                         torch.nan_to_num(mse_sum, nan=0.0, posinf=0.0)])
     flags = accelerator.reduce(flags, reduction="sum")
     bad, stop = float(flags[0]) > 0, float(flags[2]) > 0
     mean_loss = float(flags[1]) / (accelerator.num_processes * cfg.grad_accum)
+    mean_mse = float(flags[3]) / (accelerator.num_processes * cfg.grad_accum)
     grad_norm = float("nan")
     if not bad:
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(),
@@ -111,7 +134,7 @@ def optimizer_step(*, model, forward: Callable, optimizer, accelerator, ema, bat
         ema.update(model)
     state.step += 1
     faults.after_step(state.step, accelerator.is_main_process, rank)
-    window.add_step(mean_loss, grad_norm)
+    window.add_step(mean_loss, grad_norm, mean_mse)
     return StepResult(True, mean_loss, grad_norm, lr, stop)
 
 
