@@ -92,8 +92,14 @@ def main() -> int:
     print(f"curves       {args.run_dir / 'curves.png'}")
     if wandb_runs:
         print(f"W&B offline  {wandb_runs[-1]}\n             upload later: wandb sync {wandb_runs[-1]}")
-    print("restore your own photos:")
-    print(f"  .venv/bin/restorer restore photo.jpg -o restored/ --weights {weights}")
+    print("next steps:")
+    print("  restore your own photos with the packaged model (trained on JPEG q5-95, double JPEG, 4:2:0 and 4:4:4;")
+    print("  the demo model knows only q10-40 of 6 photos):")
+    print("    .venv/bin/restorer restore photo.jpg            # -> photo.restored.png beside it")
+    print(f"  train the CPU recipe on the shards the demo built ({args.shards}):")
+    print("    ACCELERATE_USE_CPU=true .venv/bin/accelerate launch --config_file launch/accelerate/cpu2.yaml \\")
+    print(f"        launch/train.py --config launch/configs/cpu.yaml --shards {args.shards} --run-dir runs/cpu")
+    print("  real data: make shards ARGS='--bsds PATH/TO/BSR', then launch/configs/bsds_cpu.yaml (README: Training)")
     print("held-out photos, RGB PSNR (no border crop): " +
           ", ".join(f"q{m['quality']} JPEG {m['jpeg_psnr_rgb']:.2f} -> {m['restored_psnr_rgb']:.2f} dB "
                     f"({m['gain_psnr_rgb']:+.2f})" for m in means))
