@@ -18,7 +18,7 @@ reported in the table and the others still run):
 6. restore  ``restorer restore`` of a synthetic 6000x4000 JPEG: seconds end to end, peak GPU memory
 
 No network and no W&B (``--tracker none``); besides the project's own modules it needs only torch,
-accelerate, numpy, Pillow, webdataset, safetensors, PyYAML and tqdm (never wandb, scikit-image or
+accelerate, numpy, Pillow, webdataset (+ braceexpand), jpeglib, safetensors, PyYAML and tqdm (never wandb, scikit-image or
 matplotlib). Without CUDA (or with ``--tiny``) the same stages run with tiny sizes in a minute or
 two on a CPU -- what ``tests/test_gpu_check.py`` runs so this script cannot rot.
 
