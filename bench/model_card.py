@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""The model card of a weights file: what `restorer restore` gives on the BSDS500 test split.
+
+For every test image and quality (RGB, 8-bit, peak 255, no border crop; mean of per-image values):
+- **single**: the image compressed once by Pillow at q (4:2:0, baseline);
+- **double**: a camera-like first save at q90, the photo cropped by 4 px at the top and left (so the
+  second 8x8 grid is shifted against the first, as when a photo is cropped between two saves), then
+  saved again at q; the reference is the original cropped the same way. The model is told the last
+  quality, as `restore` reads it from the file.
+Each restored image goes through what `restore` does: the model, then the projection onto the
+file's quantisation set (``restorer.infer.projection``); the raw network's PSNR is reported too.
+Columns: JPEG PSNR, restored PSNR, gain, raw-network gain, SSIM and PSNR-B (JPEG -> restored), and
+the mean colour shift (mean of restored - original per channel, in 8-bit levels; the largest
+channel's, signed).
+
+  .venv/bin/python bench/model_card.py --weights fast --json restorer/weights/fast.card.json
+  .venv/bin/python bench/model_card.py --weights runs/release_fast/model.safetensors --limit 20
+
+The last line is ``min_gain_db: <the smallest single/double gain over all qualities>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+QUALITIES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+DOUBLE_QUALITIES = (30, 50, 70, 90)
+FIRST_QUALITY, CROP = 90, 4
+
+
+def cases(ref: np.ndarray, q: int, double: bool):
+    """(reference, decoded JPEG pixels, JPEG bytes) of one case."""
+    from restorer.data.degrade import decoded_jpeg, jpeg_roundtrip
+
+    if not double:
+        return (ref, *decoded_jpeg(ref, q))
+    first = jpeg_roundtrip(ref, FIRST_QUALITY)[CROP:, CROP:]
+    return (np.ascontiguousarray(ref[CROP:, CROP:]), *decoded_jpeg(np.ascontiguousarray(first), q))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", default="fast", help="fast | quality | a model.safetensors")
+    parser.add_argument("--images", default=str(REPO.parent / "shared/datasets/BSR"), help="BSR root or image folder")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int, default=None, help="first N images (default: all)")
+    parser.add_argument("--double-limit", type=int, default=100, help="first N images for the double rows")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, default=None, help="write the card's figures here")
+    args = parser.parse_args(argv)
+
+    from restorer.infer.engine import load_restorers, pick_device
+    from restorer.infer.evaluate import image_metrics, list_images, resolve_images_dir
+    from restorer.infer.options import resolve_precision
+    from restorer.infer.projection import project
+    from restorer.imageio import open_image
+
+    device = pick_device(args.device)
+    precision = resolve_precision("auto", device)
+    restorers, errors = load_restorers([args.weights], device, precision=str(precision.value))
+    if errors or not restorers:
+        sys.exit("error: " + "; ".join(errors or ["no weights"]))
+    restorer = restorers[0]
+    refs = list_images(resolve_images_dir(Path(args.images), args.split))[: args.limit]
+    jobs = [("single", q) for q in QUALITIES] + [("double", q) for q in DOUBLE_QUALITIES]
+    sums: dict[tuple[str, int], dict[str, float]] = {}
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+
+    for i, path in enumerate(tqdm(refs, unit="img", file=sys.stderr)):
+        ref_full = open_image(path).pixels
+        for kind, q in jobs:
+            if kind == "double" and i >= args.double_limit:
+                continue
+            ref, jpeg, data = cases(ref_full, q, kind == "double")
+            raw = restorer.restore(jpeg, q)
+            out = project(raw, data)
+            jm, rm = image_metrics(jpeg, ref), image_metrics(out, ref)
+            raw_psnr = image_metrics(raw, ref, which=("psnr",))["psnr_rgb"]
+            shift = (out.astype(np.float64) - ref).reshape(-1, 3).mean(axis=0)
+            jshift = (jpeg.astype(np.float64) - ref).reshape(-1, 3).mean(axis=0)
+            row = {"jpeg_psnr": jm["psnr_rgb"], "psnr": rm["psnr_rgb"], "raw_psnr": raw_psnr,
+                   "jpeg_ssim": jm["ssim_rgb"], "ssim": rm["ssim_rgb"], "jpeg_psnrb": jm["psnrb_rgb"],
+                   "psnrb": rm["psnrb_rgb"], "shift_r": shift[0], "shift_g": shift[1], "shift_b": shift[2],
+                   "jpeg_shift_r": jshift[0], "jpeg_shift_g": jshift[1], "jpeg_shift_b": jshift[2], "images": 1}
+            acc = sums.setdefault((kind, q), {k: 0.0 for k in row})
+            for k, v in row.items():
+                acc[k] += float(v)
+    seconds = time.perf_counter() - t0
+    table = []
+    for (kind, q), acc in sums.items():
+        n = acc.pop("images")
+        m = {k: v / n for k, v in acc.items()}
+        shift = max((m["shift_r"], m["shift_g"], m["shift_b"]), key=abs)
+        table.append({"case": kind, "quality": q, "images": int(n), "jpeg_psnr": m["jpeg_psnr"], "psnr": m["psnr"],
+                      "gain": m["psnr"] - m["jpeg_psnr"], "raw_gain": m["raw_psnr"] - m["jpeg_psnr"],
+                      "jpeg_ssim": m["jpeg_ssim"], "ssim": m["ssim"], "jpeg_psnrb": m["jpeg_psnrb"], "psnrb": m["psnrb"],
+                      "colour_shift": shift, "colour_shift_rgb": [m["shift_r"], m["shift_g"], m["shift_b"]],
+                      "jpeg_colour_shift_rgb": [m["jpeg_shift_r"], m["jpeg_shift_g"], m["jpeg_shift_b"]]})
+    print(f"\n{restorer.describe()}; {device}, {precision.value}; BSDS500 {args.split}, RGB, no border crop; "
+          f"double = q{FIRST_QUALITY} then cropped {CROP} px then q; {seconds / 60:.1f} min")
+    print("| case | q | images | JPEG dB | restored dB | gain | raw net gain | SSIM | PSNR-B dB | colour shift |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|---:|")
+    for r in table:
+        print(f"| {r['case']} | {r['quality']} | {r['images']} | {r['jpeg_psnr']:.2f} | {r['psnr']:.2f} | "
+              f"{r['gain']:+.2f} | {r['raw_gain']:+.2f} | {r['jpeg_ssim']:.3f} -> {r['ssim']:.3f} | "
+              f"{r['jpeg_psnrb']:.2f} -> {r['psnrb']:.2f} | {r['colour_shift']:+.2f} |")
+    if args.json:
+        from restorer.fsutil import atomic_write_text
+
+        doc = {"protocol": {"images": f"BSDS500 {args.split} ({len(refs)} images; double rows: first "
+                                      f"{min(len(refs), args.double_limit)})",
+                            "metric": "RGB, 8-bit peak 255, no border crop, mean of per-image values",
+                            "jpeg": "Pillow, 4:2:0, baseline",
+                            "double": f"q{FIRST_QUALITY}, crop {CROP} px top/left, then q",
+                            "restored": "model, then projection onto the JPEG's quantisation set",
+                            "device": str(device), "precision": precision.value},
+               "rows": table}
+        atomic_write_text(args.json, json.dumps(doc, indent=1) + "\n")
+    print(f"min_gain_db: {min(r['gain'] for r in table):+.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
