@@ -205,7 +205,7 @@ def use_s3_endpoint(monkeypatch, endpoint: str) -> None:
 def forget_filesystems() -> None:
     import s3fs
 
-    from restorer import urlio
+    from restorer.data import urlio
 
     urlio._FS_CACHE.clear()
     s3fs.S3FileSystem.clear_instance_cache()

@@ -48,7 +48,7 @@ from typing import Callable, Optional
 
 from restorer.errors import UserError
 
-log = logging.getLogger("restorer.urlio")
+log = logging.getLogger("restorer.data.urlio")
 
 FSSPEC_BLOCK = 16 << 20  # bytes per fsspec ranged GET; each must arrive within connect+read timeout
 BUFFER = 1 << 20  # the BufferedReader over the retrying stream
