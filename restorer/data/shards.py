@@ -65,7 +65,7 @@ def _read_listing(url: str) -> Optional[str]:
     except UrlNotFound:
         return None
     except UrlReadError as exc:
-        raise UserError(f"{url}: cannot read ({exc.cause})") from None
+        raise UserError(f"{url}: cannot read: {exc.reason}") from None
 
 
 def _from_manifest(base: str, text: str, splits: Optional[Sequence[str]]) -> list[Shard]:
@@ -220,9 +220,8 @@ class ShardErrors:
         if isinstance(exn, UserError):
             raise UserError(str(exn.args[0]) if exn.args else str(exn)) from None
         if self.error is None:
-            if isinstance(exn, UrlReadError):  # webdataset appends to args: use the parts
-                tries = f" (after {exn.attempts} attempts)" if exn.attempts > 1 else ""
-                self.error = f"{exn.__class__.__name__}: {exn.cause}{tries}"
+            if isinstance(exn, UrlReadError):  # webdataset appends to its args: use the parts
+                self.error = f"{exn.__class__.__name__}: {exn.reason}"
             else:
                 self.error = f"{exn.__class__.__name__}: {exn.args[0] if exn.args else exn}"
             self.counter = "missing_shards" if isinstance(exn, UrlNotFound) else "bad_shards"

@@ -102,8 +102,12 @@ class UrlReadError(OSError):
 
     def __init__(self, url: str, cause: str, attempts: int = 1):
         self.url, self.cause, self.attempts = url, cause, attempts
-        tries = f" (after {attempts} attempts)" if attempts > 1 else ""
-        super().__init__(f"{url}: {cause}{tries}")
+        super().__init__(f"{url}: {self.reason}")
+
+    @property
+    def reason(self) -> str:
+        """The message without the URL: the cause and, after retries, the attempts."""
+        return self.cause + (f" (after {self.attempts} attempts)" if self.attempts > 1 else "")
 
     def __str__(self) -> str:
         return self.args[0]
