@@ -19,11 +19,17 @@ length, read the way the trainer reads them (one iterator across epochs), altern
 then both again under a consumer that takes a fixed time per batch (a GPU step at 80% of the
 loader's rate), reporting the wait at epoch boundaries.
 
+Protocol layer: the 2K-class webp shards read from local files, over HTTP (Python's HTTP server,
+tests/objstore.py) and from S3 (a moto server), both on 127.0.0.1 in the bench process, through
+restorer.data.urlio; one DataLoader worker each (so the servers' threads do not share the reader's
+interpreter), alternated local/http/s3 then s3/http/local, the mean of the two. Needs the dev
+extra (moto[server], s3fs); skipped with a note otherwise (``--no-remote`` skips it too).
+
 "per worker" = one process doing everything (num_workers=0); "total" = a DataLoader with
 ``--workers`` worker processes. The last line is ``speedup: <ratio>x`` (pipeline with the
 builder's default encoding over baseline, per worker, 2K-class set).
 
-    python bench/loader.py [--seconds 6] [--workers N] [--cache DIR]
+    python bench/loader.py [--seconds 6] [--workers N] [--cache DIR] [--no-remote]
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -207,11 +214,62 @@ def baseline_rate(files: list[Path], workers: int, seconds: float) -> float:
     return rate(loader, seconds)
 
 
-def pipeline_rate(shards: Path, workers: int, seconds: float) -> float:
-    cfg = StreamConfig(shards=str(shards), splits=splits_of(shards), patch_size=PATCH, quality=str(QUALITY),
+def pipeline_rate(shards: Path, workers: int, seconds: float, spec: str | None = None) -> float:
+    """Patches/s of the training loader over ``shards`` (or ``spec``, the same shards elsewhere)."""
+    cfg = StreamConfig(shards=spec or str(shards), splits=splits_of(shards), patch_size=PATCH, quality=str(QUALITY),
                        resampled=True)  # a continuous stream however small the set; default buffer (1000)
     loader = make_train_loader(cfg, batch_size=BATCH, num_workers=workers, epoch_patches=10**6)
     return rate(loader, seconds)
+
+
+def serve_remote(shards: Path) -> tuple[str, str, object]:
+    """(http spec, s3 spec, stop) for the shards dir ``shards`` served from 127.0.0.1: the tests'
+    HTTP server over its parent folder, and a moto S3 server holding a copy."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from objstore import S3_ENV, FaultServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
+    http = FaultServer(shards.parent)
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    os.environ.update(S3_ENV)  # the DataLoader workers inherit the endpoint and test keys
+    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="bench-loader")
+    for f in sorted(shards.rglob("*")):
+        if f.is_file():
+            s3.upload_file(str(f), "bench-loader", f"{shards.name}/{f.relative_to(shards)}")
+
+    def stop() -> None:
+        http.stop()
+        moto.stop()
+
+    return http.url(shards.name), f"s3://bench-loader/{shards.name}", stop
+
+
+def protocol_rates(shards: Path, seconds: float) -> Optional[dict[str, float]]:
+    """Patches/s with one DataLoader worker reading ``shards`` locally, over HTTP and from S3
+    (alternated ABC CBA, mean of the two); None (with a note) when the servers cannot run."""
+    try:
+        http, s3, stop = serve_remote(shards)
+    except Exception as exc:  # noqa: BLE001 (moto/s3fs missing or failing: the rows are optional)
+        print(f"note: HTTP/S3 loader rows skipped ({type(exc).__name__}: {exc}); pip install -e '.[dev,s3]'",
+              file=sys.stderr)
+        return None
+    specs = {"local": None, "http": http, "s3": s3}
+    rates: dict[str, list[float]] = {k: [] for k in specs}
+    try:
+        for order in (list(specs), list(specs)[::-1]):
+            for name in order:
+                rates[name].append(pipeline_rate(shards, 1, seconds, spec=specs[name]))
+    finally:
+        stop()
+    return {k: statistics.mean(v) for k, v in rates.items()}
 
 
 def epochs_vs_resampled(shards: Path, workers: int, seconds: float, rounds: int = 4) -> tuple[int, float, float]:
@@ -281,6 +339,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="workers for the totals")
     ap.add_argument("--images", type=int, default=16, help="2K-class images to generate")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "restorer-bench-loader")
+    ap.add_argument("--no-remote", action="store_true", help="skip the HTTP / S3 rows")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -314,6 +373,7 @@ def main(argv=None) -> int:
     bpe, one_pass, resampled = epochs_vs_resampled(sh_bsr, 2, sec)
     step_s = BATCH / (0.8 * min(one_pass, resampled))  # a consumer at 80% of what the loader gives
     paced_rows = [(name, *paced(sh_bsr, res, 2, step_s)) for name, res in (("one-pass", False), ("resampled", True))]
+    remote = None if args.no_remote else protocol_rates(sh_2k_default, sec)
     rows = [
         ("ceiling: Pillow crop + JPEG q10, no decode", ceil, None, ceil / b2k),
         ("2K-class  baseline: whole PNG file per sample", b2k, b2k_tot, 1.0),
@@ -341,11 +401,19 @@ def main(argv=None) -> int:
     for name, got, boundary, wait_frac in paced_rows:
         print(f"  {name:10s} {got:7.1f} patches/s, first batch of an epoch waited {boundary * 1000:6.0f} ms, "
               f"data wait {wait_frac:.1%}")
+    if remote is not None:
+        print("protocol layer, 2K-class webp shards, 1 DataLoader worker, servers on 127.0.0.1 in the bench process:")
+        print(f"  {'shards read from':40s} {'patches/s/worker':>16s} {'vs local':>9s}")
+        for name, label in (("local", "local files"), ("http", "http:// (urlio, Python HTTP server)"),
+                            ("s3", "s3:// (urlio + s3fs, moto server)")):
+            print(f"  {label:40s} {remote[name]:16.1f} {remote[name] / remote['local']:8.2f}x")
     print(f"pipeline share of the ceiling (per worker, 2K webp): {p2k / ceil:.0%}")
     for line in gpu_estimate(p2k, p2k_ppm):
         print(line)
     print(f"bench time: {time.perf_counter() - t0:.0f}s")
     print(f"one_pass_vs_resampled: {one_pass / resampled:.2f}x")
+    if remote is not None:
+        print(f"remote_vs_local: http {remote['http'] / remote['local']:.2f}x s3 {remote['s3'] / remote['local']:.2f}x")
     print(f"speedup: {p2k / b2k:.1f}x")
     return 0
 

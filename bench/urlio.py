@@ -1,4 +1,4 @@
-"""Read throughput of restorer.urlio against the plain client of each protocol, side by side:
+"""Read throughput of restorer.data.urlio against the plain client of each protocol, side by side:
 a local file, Python's HTTP server and a moto S3 server, all on 127.0.0.1 (so this measures the
 reader's overhead and request pattern, not a network). For S3 it compares fsspec block sizes:
 each block is one ranged GET, so fewer, larger blocks cost fewer requests.
@@ -22,7 +22,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from objstore import S3_ENV, FaultServer  # noqa: E402 (the tests' servers)
 
-from restorer import urlio  # noqa: E402
+from restorer.data import urlio  # noqa: E402
 
 
 def drain(f) -> int:

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
-from restorer import urlio
+from restorer.data import urlio
 from restorer.errors import UserError, describe
 
 log = logging.getLogger("shard_tools.remote")

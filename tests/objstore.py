@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import threading
 import uuid
 from collections import Counter
@@ -32,6 +33,15 @@ STALL_LIMIT_S = 120  # a stalled handler gives up after this even if the server 
 FAULTS = ("drop", "stall", "stall-body", "404", "500", "503")
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up early (a reader that stopped mid-shard, a timed-out retry) is
+    normal here: no traceback on stderr for it."""
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
 class FaultServer:
     """ThreadingHTTPServer over ``root`` with GET (and ``Range: bytes=N-``) support. Faults queued
     with :meth:`fail` are used by successive requests for that path, one each; a fault set with
@@ -46,7 +56,7 @@ class FaultServer:
         self._always: dict[str, str] = {}
         self._lock = threading.Lock()
         self.stopping = threading.Event()
-        self.httpd = ThreadingHTTPServer((HOST, 0), _handler_for(self))
+        self.httpd = _QuietServer((HOST, 0), _handler_for(self))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
@@ -205,7 +215,7 @@ def use_s3_endpoint(monkeypatch, endpoint: str) -> None:
 def forget_filesystems() -> None:
     import s3fs
 
-    from restorer import urlio
+    from restorer.data import urlio
 
     urlio._FS_CACHE.clear()
     s3fs.S3FileSystem.clear_instance_cache()

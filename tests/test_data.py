@@ -280,20 +280,23 @@ def test_corrupt_shards_are_skipped_and_counted(tmp_path, caplog):
     assert len(got) == loader.batches_per_epoch  # topped up from the readable shards
     stats = loader.stats()
     assert stats["corrupt_samples"] >= 1  # counted per read: a top-up may read that shard again
-    assert stats["bad_shards"] == 3  # truncated, not-a-tar, vanished (not retried during top-ups)
+    assert stats["bad_shards"] == 2  # truncated, not-a-tar (not retried during top-ups)
+    assert stats["missing_shards"] == 1  # vanished: no such file
     assert stats["refill_tiles"] > 0
     assert "bad shard skipped" in caplog.text and "corrupt sample" in caplog.text
+    assert "shard-000003.tar: missing shard skipped: UrlNotFound: no such file" in caplog.text
 
 
 def test_missing_listed_shard_is_warned_and_counted(tmp_path):
     root = write_shards(tmp_path / "s", splits={"train": 12}, samples_per_shard=4, tile=96)
     (root / "train" / "shard-000002.tar").unlink()
     loader = make_train_loader(cfg_for(root, patch_size=32), batch_size=4, num_workers=0)
-    assert loader.stats()["missing_shards"] == 1
+    assert loader.listed_missing == 1  # found (and warned about) when listed
     # the batch count comes from the listing (same on every rank); the gap is topped up
     assert len(batches(loader)) == loader.batches_per_epoch == 12 * 4 // 4
-    stats = loader.stats()
-    assert stats["bad_shards"] == 1 and stats["tiles"] - stats["refill_tiles"] == 8 and stats["refill_tiles"] >= 4
+    stats = loader.stats()  # counted when read
+    assert stats["missing_shards"] == 1 and stats["bad_shards"] == 0
+    assert stats["tiles"] - stats["refill_tiles"] == 8 and stats["refill_tiles"] >= 4
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -1,4 +1,4 @@
-"""restorer.urlio against real servers on 127.0.0.1: every fault (dropped connection, 5xx, stall,
+"""restorer.data.urlio against real servers on 127.0.0.1: every fault (dropped connection, 5xx, stall,
 missing object) through HTTP, S3 (moto) and pipe:, with retries counted and every test bounded."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from restorer import urlio
+from restorer.data import urlio
 from restorer.errors import UserError
-from restorer.urlio import ReadPolicy, UrlNotFound, UrlReadError, open_url, read_bytes, read_text
+from restorer.data.urlio import ReadPolicy, UrlNotFound, UrlReadError, open_url, read_bytes, read_text
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ReadPolicy(connect_timeout=2, read_timeout=2, retries=3, backoff=0.01)
@@ -279,7 +279,7 @@ def test_missing_backend_is_one_line_naming_the_extra():
 
 def test_missing_s3fs_is_one_line_naming_the_extra():
     code = ("import sys; sys.modules['s3fs'] = None\n"
-            "from restorer.errors import UserError\nfrom restorer.urlio import open_url\n"
+            "from restorer.errors import UserError\nfrom restorer.data.urlio import open_url\n"
             "try:\n    open_url('s3://b/x.tar')\nexcept UserError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          timeout=60)

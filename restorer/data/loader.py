@@ -24,9 +24,14 @@ Guarantees (see ``make_train_loader``):
 * More slots than shards would starve workers: the worker count is capped at
   ``shards // world_size`` (with a warning); with more ranks than shards the stream falls back to
   resampling (with a warning).
-* A corrupt sample or shard (truncated tar, undecodable image, missing or vanished file, failing
-  pipe) is logged (rate-limited), skipped and counted (``loader.stats()``, and one log line per
-  epoch). A slot that runs short because of that tops up from the epoch's other shards (counted as
+* Every shard read goes through :mod:`restorer.data.urlio` (local, ``http(s)://``, ``s3://`` and
+  other fsspec URLs, ``pipe:``): each read has a timeout and transient failures are retried with
+  backoff (resuming where they broke), so no worker waits forever. A corrupt sample or shard
+  (truncated tar, undecodable image, a read that still fails, a silent or failing pipe) is logged
+  (rate-limited, naming the URL), skipped and counted (``corrupt_samples``, ``bad_shards``); a shard
+  that does not exist (missing or vanished file, missing object) likewise (``missing_shards``);
+  ``loader.stats()`` and one log line per epoch. A setup error (the package of a URL scheme is not
+  installed) raises :class:`~restorer.errors.UserError` with one line. A slot that runs short because of that tops up from the epoch's other shards (counted as
   ``refill_tiles``), so batch counts stay equal. The plan depends only on the shard listing, so
   every rank computes the same ``batches_per_epoch``. A stream that yields nothing raises
   :class:`~restorer.errors.UserError` naming the path instead of hanging.
@@ -107,7 +112,7 @@ class TrainLoader:
             raise UserError(f"train loader: need batch_size >= 1, num_workers >= 0 and 0 <= rank < world_size "
                             f"(got {batch_size}, {num_workers}, {rank}, {world_size})")
         self.cfg, self.rank, self.world_size, self.batch_size = cfg, rank, world_size, batch_size
-        shards, self.missing_shards = resolve_shards(cfg.shards, cfg.splits)
+        shards, self.listed_missing = resolve_shards(cfg.shards, cfg.splits)  # local files absent now
         self.plan = make_plan(shards, cfg.shards, batch_size=batch_size, num_workers=num_workers,
                               world_size=world_size, patches_per_image=cfg.patches_per_image,
                               resampled=bool(cfg.resampled), seed=cfg.seed, epoch_patches=epoch_patches)
@@ -129,14 +134,14 @@ class TrainLoader:
         return self.batches_per_epoch
 
     def stats(self) -> dict[str, int]:
-        """Counts (tiles, patches, batches, corrupt_samples, bad_shards, small_tiles, refill_tiles)
-        of the epochs handed out so far, the current one included (not the work the workers did
-        ahead for later epochs), plus missing_shards of the listing."""
+        """Counts (tiles, patches, batches, corrupt_samples, bad_shards, missing_shards, small_tiles,
+        refill_tiles) of the epochs handed out so far, the current one included (not the work the
+        workers did ahead for later epochs). A shard is counted each epoch a read of it fails."""
         total = Counter()
         for epoch, counts in self._counts.items():
             if self._epoch is not None and epoch <= self._epoch:
                 total.update(counts)
-        return {**{name: int(total[name]) for name in COUNTERS}, "missing_shards": self.missing_shards}
+        return {name: int(total[name]) for name in COUNTERS}
 
     def __iter__(self):
         start = self.shared_epoch.get_value()
@@ -168,8 +173,9 @@ class TrainLoader:
     def _epoch_summary(self, epoch: int, seconds: float) -> None:
         c = self._counts.get(epoch, Counter())
         log.info("data rank %d epoch %d: %d batches in %.1fs, %d tiles, %d corrupt samples, %d bad shards, "
-                 "%d small tiles, %d refill tiles", self.rank, epoch, c["batches"], seconds, c["tiles"],
-                 c["corrupt_samples"], c["bad_shards"], c["small_tiles"], c["refill_tiles"])
+                 "%d missing shards, %d small tiles, %d refill tiles", self.rank, epoch, c["batches"], seconds,
+                 c["tiles"], c["corrupt_samples"], c["bad_shards"], c["missing_shards"], c["small_tiles"],
+                 c["refill_tiles"])
 
 
 def make_train_loader(cfg: StreamConfig, *, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1,

@@ -1,18 +1,28 @@
 """Shard listing and reading: shard specs as users write them (a shards dir with manifest.json,
 split folders with sizes.json, brace/``::``/``pipe:`` URL patterns) -> :class:`Shard` lists with
-sample counts; and tar shards -> samples through webdataset's tar stages, over local files,
-webdataset's ``pipe:``/curl handlers or fsspec.
+sample counts; and tar shards -> samples through webdataset's tar stages.
+
+Every read -- shards, manifest.json, sizes.json, local or remote -- goes through
+:mod:`restorer.data.urlio` (timeouts, bounded retries with Range resume; the ``RESTORER_*``
+environment variables set them). How a shard read can end:
+
+* :class:`~restorer.data.urlio.UrlNotFound` (no such file / object, HTTP 404): the shard is skipped
+  and counted as ``missing_shards``;
+* :class:`~restorer.data.urlio.UrlReadError` (retries spent, a stalled server, a failing or silent
+  ``pipe:`` command) and any corrupt tar: skipped and counted as ``bad_shards``;
+* :class:`~restorer.errors.UserError` (e.g. the package of a URL scheme is not installed): raised,
+  the run stops with that one line.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import re
-import urllib.request
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator, Optional, Sequence
 
+from restorer.data import urlio
+from restorer.data.urlio import UrlNotFound, UrlReadError
 from restorer.errors import UserError
 from restorer.imagecore import TILE_ENCODINGS as IMAGE_EXTS  # the builder's tile encodings
 
@@ -28,34 +38,34 @@ class Shard:
     samples: Optional[int]  # None when no manifest/sizes.json gives the count
 
 
-def _scheme(url: str) -> str:
-    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*):", url)
-    # one letter before ':' is a Windows drive, not a scheme
-    return m.group(1).lower() if m and len(m.group(1)) > 1 else ""
-
-
 def _is_local(url: str) -> bool:
-    return _scheme(url) in ("", "file")
-
-
-def _local_path(url: str) -> Path:
-    return Path(re.sub(r"^file://?", "/", url) if url.startswith("file:") else url)
-
-
-def _read_text(url: str) -> str:
-    if _is_local(url):
-        return _local_path(url).read_text()
-    if _scheme(url) in ("http", "https"):
-        with urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310 (user-given shard URL)
-            return resp.read().decode()
-    import fsspec
-
-    with fsspec.open(url, "rt") as f:
-        return f.read()
+    return urlio.local_path(url) is not None
 
 
 def _join(base: str, rel: str) -> str:
     return str(Path(base) / rel) if _is_local(base) else base.rstrip("/") + "/" + rel
+
+
+def _key(url: str) -> str:
+    """``url`` as the sizes.json lookup key: a local path in normal form, a remote URL as is."""
+    path = urlio.local_path(url)
+    return url if path is None else str(path)
+
+
+def _parent(url: str) -> str:
+    path = urlio.local_path(url)
+    return url.rsplit("/", 1)[0] if path is None else str(path.parent)
+
+
+def _read_listing(url: str) -> Optional[str]:
+    """The text of a manifest.json / sizes.json; None when it does not exist. Any other failure
+    (after urlio's retries) stops with one line: every rank must plan from the same listing."""
+    try:
+        return urlio.read_text(url)
+    except UrlNotFound:
+        return None
+    except UrlReadError as exc:
+        raise UserError(f"{url}: cannot read: {exc.reason}") from None
 
 
 def _from_manifest(base: str, text: str, splits: Optional[Sequence[str]]) -> list[Shard]:
@@ -80,17 +90,21 @@ def _from_manifest(base: str, text: str, splits: Optional[Sequence[str]]) -> lis
     return shards
 
 
-def _sizes_for(paths: Sequence[Path]) -> dict[Path, int]:
-    """Counts from the sizes.json next to local shards (the builder writes one per split dir)."""
-    out: dict[Path, int] = {}
-    for folder in {p.parent for p in paths}:
-        sizes = folder / "sizes.json"
-        if sizes.is_file():
-            try:
-                for name, n in json.loads(sizes.read_text()).items():
-                    out[folder / name] = int(n)
-            except (ValueError, AttributeError, TypeError):
-                log.warning("%s: unreadable, shard sizes unknown", sizes)
+def _sizes_for(urls: Sequence[str]) -> dict[str, int]:
+    """Counts from the sizes.json next to the shards (the builder writes one per split dir), local
+    or remote; ``pipe:`` URLs have none."""
+    out: dict[str, int] = {}
+    folders = dict.fromkeys(_parent(u) for u in urls if urlio.scheme(u) != "pipe")
+    for folder in folders:
+        where = _join(folder, "sizes.json")
+        text = _read_listing(where)
+        if text is None:
+            continue
+        try:
+            for name, n in json.loads(text).items():
+                out[_join(folder, name)] = int(n)
+        except (ValueError, AttributeError, TypeError):
+            log.warning("%s: unreadable, shard sizes unknown", where)
     return out
 
 
@@ -101,7 +115,9 @@ def _no_split(spec: str, split: str) -> UserError:
 
 def resolve_shards(spec: str, splits: Optional[Sequence[str]] = ("train",)) -> tuple[list[Shard], int]:
     """Shards named by ``spec``, with sample counts where known; and how many listed local shards
-    are missing (skipped with a warning). Raises UserError when nothing usable is named.
+    are missing (warned about here; counted as ``missing_shards`` when read). Raises UserError
+    when nothing usable is named. Remote specs are listed from their manifest.json (a shards dir)
+    or the sizes.json next to the shards (a pattern), never by listing the bucket.
 
     ``splits`` picks the splits of a shards dir (its manifest.json, else its ``<split>/`` folders).
     A spec without that structure (a folder of tars, a brace/``::``/``pipe:`` pattern, one tar)
@@ -117,33 +133,31 @@ def resolve_shards(spec: str, splits: Optional[Sequence[str]] = ("train",)) -> t
             raise UserError(f"{spec}: no split named")
     braces = "{" in spec or "::" in spec
     is_tar = spec.lower().endswith(TAR_SUFFIXES)
-    if not braces and not is_tar and _scheme(spec) != "pipe":
-        if _is_local(spec):
-            root = _local_path(spec)
-            if not root.exists():
-                raise UserError(f"{root}: no such shards directory or file")
-            if root.is_dir():
-                if (root / "manifest.json").is_file():
-                    shards = _from_manifest(str(root), (root / "manifest.json").read_text(), splits)
-                else:  # a folder of split folders of tars, or (train split only) of tars
-                    shards = _from_folder(root, spec, splits)
-                return _check_local(shards, spec)
-        else:  # remote shards dir: read its manifest
-            try:
-                text = _read_text(_join(spec, "manifest.json"))
-            except Exception as exc:  # noqa: BLE001 (any transport error)
-                raise UserError(f"{_join(spec, 'manifest.json')}: cannot read ({exc})") from None
+    if not braces and not is_tar and urlio.scheme(spec) != "pipe":
+        root = urlio.local_path(spec)
+        if root is None:  # remote shards dir: read its manifest
+            where = _join(spec, "manifest.json")
+            text = _read_listing(where)
+            if text is None:
+                raise UserError(f"{where}: no such object (a remote shards dir needs its manifest.json)")
             return _from_manifest(spec, text, splits), 0
+        if not root.exists():
+            raise UserError(f"{root}: no such shards directory or file")
+        if root.is_dir():
+            text = _read_listing(str(root / "manifest.json"))
+            if text is not None:
+                shards = _from_manifest(str(root), text, splits)
+            else:  # a folder of split folders of tars, or (train split only) of tars
+                shards = _from_folder(root, spec, splits)
+            return _check_local(shards, spec)
     for split in splits or ():
         if split != "train":  # a pattern has no splits: it is the training data
             raise _no_split(spec, split)
     import webdataset as wds
 
     urls = wds.shardlists.expand_urls(spec)
-    local = [_local_path(u) for u in urls if _is_local(u)]
-    sizes = _sizes_for(local)
-    shards = [Shard(u, sizes.get(_local_path(u)) if _is_local(u) else None) for u in urls]
-    return _check_local(shards, spec)
+    sizes = _sizes_for(urls)
+    return _check_local([Shard(u, sizes.get(_key(u))) for u in urls], spec)
 
 
 def _from_folder(root: Path, spec: str, splits: Optional[Sequence[str]]) -> list[Shard]:
@@ -162,21 +176,21 @@ def _from_folder(root: Path, spec: str, splits: Optional[Sequence[str]]) -> list
         else:
             raise _no_split(spec, split)
         tars.extend(found)
-    sizes = _sizes_for(tars)
-    return [Shard(str(p), sizes.get(p)) for p in tars]
+    sizes = _sizes_for([str(p) for p in tars])
+    return [Shard(str(p), sizes.get(str(p))) for p in tars]
 
 
 def _check_local(shards: list[Shard], spec: str) -> tuple[list[Shard], int]:
     """Fail when no listed local shard exists. Missing ones are only warned about and counted:
     they stay in the list (and fail, counted, when read) so that the plan -- and so the batch
     count -- depends on the listing alone, never on what one node's file system shows."""
-    present = [s for s in shards if not _is_local(s.url) or _local_path(s.url).is_file()]
+    present = [s for s in shards if not _is_local(s.url) or urlio.local_path(s.url).is_file()]
     missing = len(shards) - len(present)
     if not present:
         first = shards[0].url if shards else spec
         raise UserError(f"{spec}: none of the {len(shards)} shard file(s) exist (first: {first})")
     if missing:
-        log.warning("%s: %d of %d shard files missing (they will be skipped and counted as bad shards)",
+        log.warning("%s: %d of %d shard files missing (they will be skipped and counted as missing shards)",
                     spec, missing, len(shards))
     shards = [s for s in shards if s.samples != 0]
     if not shards:
@@ -187,27 +201,48 @@ def _check_local(shards: list[Shard], spec: str) -> tuple[list[Shard], int]:
 # ------------------------------------------------------------------------------------ tar reading
 
 def open_shard(url: str) -> IO[bytes]:
-    """An open byte stream of one shard: a local file, webdataset's ``pipe:``/curl handlers, or
-    fsspec for other schemes (s3://, gs:// with gcsfs, ...)."""
-    scheme = _scheme(url)
-    if scheme in ("", "file"):
-        return open(_local_path(url), "rb")  # noqa: SIM115 (closed by the reader)
-    from webdataset.gopen import gopen, gopen_schemes
+    """An open byte stream of one shard, through :func:`urlio.open_url` (local file, ``file://``,
+    ``http(s)://``, ``pipe:``, any fsspec protocol), with the ``RESTORER_*`` read policy."""
+    return urlio.open_url(url)
 
-    if scheme in gopen_schemes:
-        return gopen(url, "rb")
-    import fsspec
 
-    return fsspec.open(url, "rb").open()
+class ShardErrors:
+    """webdataset's exception handler for the shard being read: keeps its first error and the
+    counter it belongs to (``missing_shards`` for a file or object that does not exist,
+    ``bad_shards`` for anything else), and skips the rest of the shard. A UserError (a setup
+    problem such as a missing package) is raised: it stops the stream with its one line."""
+
+    def __init__(self):
+        self.error: Optional[str] = None
+        self.counter: Optional[str] = None
+
+    def __call__(self, exn: Exception) -> bool:
+        if isinstance(exn, UserError):
+            raise UserError(str(exn.args[0]) if exn.args else str(exn)) from None
+        if self.error is None:
+            if isinstance(exn, UrlReadError):  # webdataset appends to its args: use the parts
+                self.error = f"{exn.__class__.__name__}: {exn.reason}"
+            else:
+                self.error = f"{exn.__class__.__name__}: {exn.args[0] if exn.args else exn}"
+            self.counter = "missing_shards" if isinstance(exn, UrlNotFound) else "bad_shards"
+        return True
+
+    def take(self) -> tuple[Optional[str], Optional[str]]:
+        """(counter, error) of the shard just read (both None if it read cleanly); then reset."""
+        out = (self.counter, self.error)
+        self.error = self.counter = None
+        return out
 
 
 def _opened(urls: Iterable[str], handler: Callable[[Exception], bool]) -> Iterator[dict]:
     """webdataset's ``url_opener`` with :func:`open_shard`: {"url", "stream"} per shard. A stream
     left early (the epoch had enough samples) is closed quietly; one read to the end is closed
-    with its errors going to ``handler`` (e.g. a ``pipe:`` command that failed)."""
+    with its errors going to ``handler``."""
     for url in urls:
         try:
             stream = open_shard(url)
+        except UserError:
+            raise
         except Exception as exn:  # noqa: BLE001 (missing file, failing transport)
             if handler(exn):
                 continue

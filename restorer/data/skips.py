@@ -12,7 +12,8 @@ from collections import Counter, defaultdict
 
 log = logging.getLogger("restorer.data")
 
-COUNTERS = ("tiles", "patches", "batches", "corrupt_samples", "bad_shards", "small_tiles", "refill_tiles")
+COUNTERS = ("tiles", "patches", "batches", "corrupt_samples", "bad_shards", "missing_shards", "small_tiles",
+            "refill_tiles")
 
 
 class Tally:

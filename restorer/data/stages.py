@@ -15,8 +15,10 @@ Guarantees of one slot, for each epoch ``e`` (the loader adds the per-rank ones)
 
 * exactly ``plan.slot_batches(e, slot)`` batches, all of epoch ``e``'s patches, none of another;
 * without resampling, its own shards (``plan.slot_shards``) in a random order; a shard that fails
-  (truncated, undecodable, vanished, failing pipe) is counted and skipped, and if the own shards
-  run short the epoch tops up from all shards but the failed ones (``refill_tiles``);
+  (truncated, undecodable, a read that failed after urlio's retries or timed out, a failing pipe)
+  is counted as ``bad_shards``, one that does not exist (vanished file, missing object, 404) as
+  ``missing_shards``, and skipped; if the own shards run short the epoch tops up from all shards
+  but the failed ones (``refill_tiles``), so the slot's batch count never changes;
   with resampling, shards drawn with replacement, weighted by sample count;
 * every draw (shard order, crops, degradations, shuffle) comes from numpy Generators seeded by
   (seed, epoch, rank, slot), so an epoch is reproducible whatever epoch the iteration began at;
@@ -57,15 +59,10 @@ class _ShardTries:
         self.give_up_after, self.patch_size = give_up_after, patch_size
         self.current: Optional[int] = None
         self.refill = False
-        self.error: Optional[str] = None  # first error of the current shard
+        self.handler = shards.ShardErrors()  # webdataset's exception handler: the current shard's error
         self.first_error: Optional[str] = None
         self.failed: set[int] = set()
         self.fruitless = 0  # shard tries since the last usable tile
-
-    def handler(self, exn: Exception) -> bool:
-        """webdataset's exception handler: note the error, skip the rest of the shard."""
-        self.error = self.error or f"{exn.__class__.__name__}: {exn.args[0] if exn.args else exn}"
-        return True
 
     def _order(self) -> Iterator[tuple[int, bool]]:
         n = len(self.plan.shards)
@@ -84,13 +81,15 @@ class _ShardTries:
                     self._note_try()
 
     def _close_current(self) -> None:
-        if self.current is not None and self.error is not None:
+        counter, error = self.handler.take()
+        if self.current is not None and error is not None:
             url = self.plan.shards[self.current].url
-            self.tally.add(self.epoch, "bad_shards")
+            self.tally.add(self.epoch, counter)
             self.failed.add(self.current)
-            self.first_error = self.first_error or f"{url}: {self.error}"
-            warn.warning("%s: bad shard skipped: %s", url, self.error)
-        self.current, self.error = None, None
+            self.first_error = self.first_error or f"{url}: {error}"
+            what = "missing shard" if counter == "missing_shards" else "bad shard"
+            warn.warning("%s: %s skipped: %s", url, what, error)
+        self.current = None
 
     def _note_try(self) -> None:
         self.fruitless += 1
@@ -98,7 +97,7 @@ class _ShardTries:
             t = self.tally.total
             raise UserError(
                 f"{self.plan.spec}: no usable samples in {self.fruitless - 1} shard tries "
-                f"({t['bad_shards']} unreadable, {t['corrupt_samples']} corrupt samples, {t['small_tiles']} tiles "
+                f"({t['bad_shards']} unreadable, {t['missing_shards']} missing, {t['corrupt_samples']} corrupt samples, {t['small_tiles']} tiles "
                 f"smaller than patch_size {self.patch_size}); first error: {self.first_error or 'none'}")
 
     def urls(self) -> Iterator[str]:

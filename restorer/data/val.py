@@ -4,7 +4,9 @@ This rank's share is the samples with global index % world_size == rank (disjoin
 DataLoader workers split a rank's share the same way. Crops are ``crop`` px squares from the tile
 centre, or the tile's short side (rounded down to a multiple of 8) for smaller tiles; a batch
 holds crops of one size only. Each sample gives one item per quality, in order. Bad shards and
-corrupt samples are skipped and counted; a split with nothing readable raises UserError.
+corrupt samples are skipped and counted (shards are read through urlio, as in training: timeouts,
+retries, ``missing_shards`` for one that does not exist); a split with nothing readable raises
+UserError.
 """
 from __future__ import annotations
 
@@ -27,17 +29,6 @@ def val_crop_size(height: int, width: int, crop: int) -> int:
     """Side of the centre crop of a val tile: ``crop``, or the tile's short side when smaller,
     rounded down to a multiple of 8 (whole JPEG blocks)."""
     return min(crop, height, width) // 8 * 8
-
-
-class _ShardErrors:
-    """webdataset's exception handler for one shard at a time: remember the first error, skip on."""
-
-    def __init__(self):
-        self.error: Optional[str] = None
-
-    def __call__(self, exn: Exception) -> bool:
-        self.error = self.error or f"{exn.__class__.__name__}: {exn.args[0] if exn.args else exn}"
-        return True
 
 
 class ValStream(IterableDataset):
@@ -67,7 +58,7 @@ class ValStream(IterableDataset):
         offset = 0  # global sample index at the start of each shard (from the counts when known)
         for shard in self.shards:
             index = offset
-            errors = _ShardErrors()
+            errors = shards.ShardErrors()
             for sample in shards.tar_samples([shard.url], errors):
                 mine = index % self.world_size == self.rank and (index // self.world_size) % nw == worker
                 index += 1
@@ -93,9 +84,11 @@ class ValStream(IterableDataset):
                     counts["patches"] += 1
                     if len(pending) == self.batch_size:
                         yield flush()
-            if errors.error is not None:
-                counts["bad_shards"] += 1
-                warn.warning("%s: bad val shard skipped: %s", shard.url, errors.error)
+            counter, error = errors.take()
+            if error is not None:
+                counts[counter] += 1
+                what = "missing val shard" if counter == "missing_shards" else "bad val shard"
+                warn.warning("%s: %s skipped: %s", shard.url, what, error)
             offset = offset + shard.samples if shard.samples is not None else index
         if pending:
             yield flush()
@@ -118,7 +111,7 @@ class ValLoader:
             raise UserError("val loader: need crop >= 8, batch_size >= 1, 0 <= rank < world_size and a known "
                             f"chroma_subsampling ({', '.join(SUBSAMPLING)})")
         self.spec = spec
-        self.shards, self.missing_shards = resolve_shards(spec, None if split is None else [split])
+        self.shards, self.listed_missing = resolve_shards(spec, None if split is None else [split])
         self.rank, self.world_size = rank, world_size
         self.qualities = tuple(int(q) for q in qualities)
         total = sum(s.samples for s in self.shards) if all(s.samples is not None for s in self.shards) else None
@@ -129,7 +122,7 @@ class ValLoader:
         self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, **extra)
 
     def stats(self) -> dict[str, int]:
-        return {**{name: int(self._counts[name]) for name in COUNTERS}, "missing_shards": self.missing_shards}
+        return {name: int(self._counts[name]) for name in COUNTERS}
 
     def __iter__(self):
         before = self._counts["patches"]
@@ -142,7 +135,8 @@ class ValLoader:
             raise unwrap_worker_error(exc) from None
         if self.num_tiles and self._counts["patches"] == before:
             raise UserError(f"{self.spec}: no readable validation samples (rank {self.rank}: "
-                            f"{self._counts['bad_shards']} bad shards, {self._counts['corrupt_samples']} corrupt)")
+                            f"{self._counts['bad_shards']} bad shards, {self._counts['missing_shards']} missing, "
+                            f"{self._counts['corrupt_samples']} corrupt)")
 
 
 def make_val_loader(shards: str, *, split: Optional[str] = "val", qualities: Sequence[int] = (10, 20, 30, 40),

@@ -220,10 +220,10 @@ def log_window(accelerator, tracker: Tracker, loader, window: Window, state: Tra
     if accelerator.mixed_precision == "fp16":
         values["train/loss_scale"] = float(accelerator.scaler.get_scale())
     counts = loader.stats()
-    skipped = accelerator.reduce(torch.tensor([float(counts["corrupt_samples"]), float(counts["bad_shards"])],
-                                              device=accelerator.device), reduction="sum")
-    values.update({"data/corrupt_samples": int(skipped[0]), "data/bad_shards": int(skipped[1]),
-                   "data/missing_shards": int(counts["missing_shards"])})
+    names = ("corrupt_samples", "bad_shards", "missing_shards")
+    skipped = accelerator.reduce(torch.tensor([float(counts[n]) for n in names], device=accelerator.device),
+                                 reduction="sum")
+    values.update({f"data/{n}": int(v) for n, v in zip(names, skipped.tolist())})
     tracker.log(values, state.step)
     say(accelerator, f"step {state.step}/{cfg.max_steps} loss {values['train/loss']:.5f} ({values['train/psnr']:.2f} dB) "
         f"lr {lr:.2e} {values['perf/patches_per_s']:.1f} patches/s, data wait {100 * values['perf/data_wait_frac']:.0f}%")

@@ -48,7 +48,7 @@ from typing import Callable, Optional
 
 from restorer.errors import UserError
 
-log = logging.getLogger("restorer.urlio")
+log = logging.getLogger("restorer.data.urlio")
 
 FSSPEC_BLOCK = 16 << 20  # bytes per fsspec ranged GET; each must arrive within connect+read timeout
 BUFFER = 1 << 20  # the BufferedReader over the retrying stream
@@ -102,8 +102,12 @@ class UrlReadError(OSError):
 
     def __init__(self, url: str, cause: str, attempts: int = 1):
         self.url, self.cause, self.attempts = url, cause, attempts
-        tries = f" (after {attempts} attempts)" if attempts > 1 else ""
-        super().__init__(f"{url}: {cause}{tries}")
+        super().__init__(f"{url}: {self.reason}")
+
+    @property
+    def reason(self) -> str:
+        """The message without the URL: the cause and, after retries, the attempts."""
+        return self.cause + (f" (after {self.attempts} attempts)" if self.attempts > 1 else "")
 
     def __str__(self) -> str:
         return self.args[0]
