@@ -143,3 +143,23 @@ def test_unwritable_json_is_one_line(refs, tmp_path, capsys):
                       "--json", str(blocker / "r.json"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {blocker / 'r.json'}: cannot write (")
+
+
+def test_eval_reads_reference_images_from_a_bucket(refs, tmp_path, s3_bucket, small_q10_weights, capsys):
+    """`--images s3://bucket/BSR` (BSR layout in the bucket) gives the same rows as the local folder."""
+    import boto3
+
+    bucket = s3_bucket[len("s3://"):]
+    client = boto3.client("s3")
+    for f in refs.iterdir():
+        client.put_object(Bucket=bucket, Key=f"BSR/BSDS500/data/images/test/{f.name}", Body=f.read_bytes())
+    local, remote = tmp_path / "local.json", tmp_path / "remote.json"
+    common = ["--weights", str(small_q10_weights), "--quality", "10", "--metrics", "psnr", "--no-progress"]
+    assert eval_main([*common, "--images", str(refs), "--json", str(local)]) == 0
+    assert eval_main([*common, "--images", f"{s3_bucket}/BSR", "--json", str(remote)]) == 0
+    rows = json.loads(remote.read_text())["images"]
+    assert len(rows) == 3 and rows == json.loads(local.read_text())["images"]
+    capsys.readouterr()
+    assert eval_main([*common, "--images", f"{s3_bucket}/nothing"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "/nothing: no images here" in err

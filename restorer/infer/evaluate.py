@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +31,7 @@ import torch
 
 from restorer import metrics
 from restorer.data.degrade import SUBSAMPLING, decoded_jpeg
+from restorer.data.urlio import scheme as urlio_scheme
 from restorer.errors import UserError, cli_entry, describe, first_line
 from restorer.fsutil import atomic_write_text
 from restorer.imageio import IMAGE_SUFFIXES, open_image
@@ -57,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--identity", action="store_true", help="same as --weights none")
     p.add_argument("--images", required=True, metavar="DIR",
-                   help="folder of reference images, or a BSR/BSDS500 root (uses --split)")
+                   help="folder of reference images, or a BSR/BSDS500 root (uses --split); also s3:// or gs:// "
+                        "(copied to a temporary folder first)")
     p.add_argument("--split", default="test", help="BSDS500 split when --images is a BSR root (default test)")
     p.add_argument("--quality", type=int, nargs="+", default=[10, 20, 30, 40], help="JPEG qualities (default 10 20 30 40)")
     p.add_argument("--jpeg-dir", default=None, metavar="DIR",
@@ -83,6 +86,33 @@ def resolve_images_dir(path: Path, split: str = "test") -> Path:
         if cand.is_dir():
             return cand
     raise UserError(f"{path}: no images here, and no BSDS500/data/images/{split} below")
+
+
+def fetch_remote_images(url: str, split: str, dest: Path, limit: Optional[int] = None) -> Path:
+    """``--images s3://bucket/prefix`` (or gs://): the images of that folder -- or of its
+    ``BSDS500/data/images/<split>`` -- listed through fsspec and copied through
+    :mod:`restorer.data.urlio` (its timeouts and retries) into ``dest``, which is returned."""
+    from restorer.data import urlio
+
+    fs, root = urlio.filesystem(url)
+    base = url.rstrip("/")
+    for sub in ("", "/BSDS500/data/images/" + split, "/data/images/" + split, "/images/" + split):
+        try:
+            names = sorted(p for p in fs.ls(root.rstrip("/") + sub, detail=False)
+                           if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise UserError(f"{base + sub}: cannot list ({first_line(exc)})") from None
+        if names:
+            dest.mkdir(parents=True, exist_ok=True)
+            for name in names[:limit]:
+                try:
+                    (dest / Path(name).name).write_bytes(urlio.read_bytes(f"{base}{sub}/{Path(name).name}"))
+                except OSError as exc:
+                    raise UserError(str(exc)) from None
+            return dest
+    raise UserError(f"{url}: no images here, and no BSDS500/data/images/{split} below")
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -190,7 +220,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     report_weight_errors(models, err)
     restorers, identity = models.restorers, models.identity
 
-    folder = resolve_images_dir(Path(args.images), args.split)
+    remote = urlio_scheme(args.images) not in ("", "file")
+    if remote:
+        fetched = tempfile.TemporaryDirectory(prefix="restorer-eval-")
+        folder = fetch_remote_images(args.images, args.split, Path(fetched.name), args.limit)
+    else:
+        folder = resolve_images_dir(Path(args.images), args.split)
     refs = list_images(folder)[: args.limit]
     if not refs:
         raise UserError(f"{folder}: no images")
