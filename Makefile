@@ -17,7 +17,7 @@ help:
 	@echo "make test    run the test suite (what CI runs)"
 	@echo "make bench   run the benchmarks in bench/"
 	@echo "make demo    shards -> 2-process CPU training -> eval -> comparison picture (about 3.5 min with native bf16, 5.5 min in fp32, 2 cores)"
-	@echo "make bench-model-choice  train each candidate network/loss for the same time budget, eval on BSDS500 test (about 45 min)"
+	@echo "make bench-model-choice  train each candidate network/loss for the same time budget, eval on BSDS500 test (about 25 min)"
 	@echo "make gpu-check  one CUDA GPU: model/loader/training/eval/24 MP restore figures side by side (meant for <= 8 min, not yet timed on a GPU; BSDS=PATH)"
 
 $(BIN)/python:
@@ -48,7 +48,7 @@ demo: setup
 
 bench-model-choice: setup
 	$(BIN)/python -m shard_tools build --bsds ../shared/datasets/BSR --out data/bsr --max-samples 16
-	$(BIN)/python bench/model_choice.py --shards data/bsr --minutes 3
+	$(BIN)/python bench/model_choice.py --shards data/bsr --minutes 2.5 --eval-images 100 --only default tiny unet-tiny
 
 # BSDS500 (BSR folder or BSR_bsds500.tgz); no network, no W&B; a tiny CPU smoke run without CUDA.
 # No `setup` here: a GPU machine keeps the Python that has its CUDA torch (CHECK_PY=... to choose).
