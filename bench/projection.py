@@ -37,16 +37,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
 DEFAULT_IMAGES = REPO.parent / "shared" / "datasets" / "BSR" / "BSDS500" / "data" / "images" / "test"
-SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}  # Pillow's codes
 
 
 def jpeg_file(img: np.ndarray, quality: int, subsampling: str) -> bytes:
-    """The file a user would have: Pillow baseline JPEG (the project's eval encoder)."""
-    from PIL import Image
+    """The file a user would have: the project's one encoder (Pillow baseline, as eval uses)."""
+    from restorer.data.degrade import jpeg_bytes
 
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=quality, subsampling=SUBSAMPLING[subsampling])
-    return buf.getvalue()
+    return jpeg_bytes(img, quality, subsampling)
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -68,9 +65,8 @@ def standin(sigma: float):
 
 
 def model_restorer(weights: str, device: str):
-    """A trained model through the project's inference code. The only import of it in this file:
-    the inference package is being renamed (restorer.infer -> restorer.infer.engine)."""
-    from restorer.infer import load_restorers, pick_device
+    """A trained model through the project's inference code."""
+    from restorer.infer.engine import load_restorers, pick_device
 
     restorers, errors = load_restorers([weights], pick_device(device))
     if errors or not restorers:
@@ -122,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of reference images (default BSDS500 test)")
     p.add_argument("--limit", type=int, default=0, help="first N images (sorted; 0 = all)")
     p.add_argument("--qualities", type=int, nargs="+", default=list(range(10, 100, 10)))
-    p.add_argument("--subsampling", choices=sorted(SUBSAMPLING), default="4:2:0")
+    p.add_argument("--subsampling", choices=["4:2:0", "4:2:2", "4:4:4"], default="4:2:0")
     p.add_argument("--sigma", type=float, default=1.0, help="blur of the stand-in restoration (default 1.0 px)")
     p.add_argument("--weights", default=None, metavar="PATH", help="use this trained model instead of the stand-in")
     p.add_argument("--device", default="cpu", help="device for --weights (default cpu)")
