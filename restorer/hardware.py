@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -55,6 +56,25 @@ def _cpu_flags() -> set[str]:
         if key.strip().lower() in ("flags", "features"):
             words.update(value.split())
     return words
+
+
+def device_name(device: torch.device) -> str:
+    """What a run ran on, for run_info.json and model cards: the GPU's name, or the CPU's model name
+    (/proc/cpuinfo, else the platform's) with its core count and whether it computes bf16 natively."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "model name":
+                name = value.strip()
+                break
+    except OSError:
+        pass
+    bf16 = cpu_bf16_capability()
+    native = "" if bf16 is None else (", native bf16" if bf16[0] else ", no native bf16")
+    return f"{name or platform.processor() or platform.machine()} ({os.cpu_count()} cores{native})"
 
 
 def cpu_bf16_capability() -> Optional[tuple[bool, str]]:

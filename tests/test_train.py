@@ -38,6 +38,8 @@ def test_two_processes_really_train_together(reference):
     # DDP keeps the replicas bit-identical after 30 optimizer steps
     assert info["end_step"] == 30
     assert len(info["weight_fingerprint_by_rank"]) == 2 and info["weights_identical_across_ranks"]
+    # what a model card needs about the run: its wall time, the machine, the code
+    assert info["wall_seconds"] > 0 and "cores" in info["device_name"] and "code" in info
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from restorer.train.config import TrainConfig
 from restorer.train.speed import SpeedChoices, choose_speed, compiled_forward, smoke_step, training_device_type
 from restorer.train.state import TrainState, Window
 from restorer.train.step import optimizer_step
-from restorer.train.tracking import Tracker, peak_memory_gb, prepare_wandb, say, write_json
+from restorer.train.tracking import Tracker, code_version, peak_memory_gb, prepare_wandb, say, write_json
 from restorer.train.validation import validate_and_log
 
 
@@ -34,6 +34,7 @@ def train(cfg: TrainConfig) -> int:
     from restorer.train.faults import Faults
 
     run_dir, faults = Path(cfg.run_dir).resolve(), Faults.from_env()
+    t_start = time.perf_counter()
     use_wandb = cfg.tracker == "wandb"
     note = prepare_wandb(run_dir) if use_wandb else None
     speed = choose_speed(cfg.mixed_precision, cfg.channels_last, cfg.compile, training_device_type())
@@ -92,6 +93,7 @@ def train(cfg: TrainConfig) -> int:
 
     stopped = state.step < cfg.max_steps  # the loop ends early only on a stop every process agreed on
     if not stopped:
+        info["wall_seconds"] = round(time.perf_counter() - t_start, 1)  # this segment (a resumed run: since resume)
         check_replicas(accelerator, model, info, run_dir, state.step)
         state.last_val = validate_and_log(eval_net(model, ema), cfg, accelerator, faults, tracker, state.step,
                                           channels_last=channels_last, final=True)
@@ -167,6 +169,7 @@ def run_info(accelerator, cfg: TrainConfig, model, speed: SpeedChoices, *, compi
     their reasons, model size."""
     import dataclasses
 
+    from restorer.hardware import device_name
     from restorer.model import count_parameters, flops_per_pixel
     from restorer.train.ema import unwrap
 
@@ -179,11 +182,11 @@ def run_info(accelerator, cfg: TrainConfig, model, speed: SpeedChoices, *, compi
             **{f"{name}_reason": choice.reason for name, choice in (("mixed_precision", speed.precision),
                                                                     ("channels_last", speed.channels_last),
                                                                     ("compile", speed.compile))},
-            "device": str(accelerator.device), "torch_threads": torch.get_num_threads(),
+            "device": str(accelerator.device), "device_name": device_name(accelerator.device), "torch_threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "parameters": count_parameters(net),
             "gflops_per_megapixel": flops_per_pixel(net) / 1e3, "model": dataclasses.asdict(cfg.model_config()),
             "batches_per_epoch": batches_per_epoch, "resumed_from": str(resumed_from) if resumed_from else None,
-            "start_step": start_step}
+            "start_step": start_step, "code": code_version()}
 
 
 def start_tracking(accelerator, cfg: TrainConfig, run_dir: Path, info: dict[str, Any], state: TrainState) -> Tracker:

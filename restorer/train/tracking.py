@@ -232,3 +232,21 @@ def write_json(path: Path, obj: Any) -> None:
     from restorer.fsutil import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def code_version() -> Optional[str]:
+    """The git commit of the restorer checkout that runs (``+dirty`` with uncommitted changes to
+    tracked files), for run_info.json and model cards; None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0 or not (root / ".git").exists():
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
