@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Package a finished release run as a model that ships: restorer/weights/NAME.safetensors + NAME.json.
+
+The JSON is the model card: the run's model.json (architecture and training facts), how it was
+trained (recipe, command, data, degradations, hardware, wall time, code commit; read from the run's
+config.yaml / run_info.json / the shards' manifest unless given), the BSDS500 test table made by
+bench/model_card.py, and per-image checks (the first 3 test images at q10/50/90, fp32 + projection,
+what `restore` does) that tests/test_weights.py re-measures. Both files are written atomically; the
+run itself is only read.
+
+  .venv/bin/python bench/model_card.py --weights runs/release_quality/model.safetensors \\
+      --json runs/release_quality/card.json
+  .venv/bin/python launch/package_weights.py --run runs/release_quality --name quality \\
+      --recipe launch/configs/release_quality.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REPO = Path(__file__).resolve().parents[1]
+CHECK_IMAGES, CHECK_QUALITIES = 3, (10, 50, 90)
+CPU2_COMMAND = ("python -m shard_tools build --bsds ../shared/datasets/BSR --out {shards} --max-samples 16 && "
+                "ACCELERATE_USE_CPU=true accelerate launch --config_file launch/accelerate/cpu2.yaml "
+                "launch/train.py --config {recipe}")
+GPU_COMMAND = "accelerate launch launch/train.py --config {recipe}"
+
+
+def describe_data(cfg: dict) -> str:
+    """'shards data/bsr: train (200) + val (100) images; the test split never trained on'."""
+    manifest = Path(cfg["shards"]) / "manifest.json"
+    splits = cfg["train_splits"]
+    try:
+        counts = json.loads(manifest.read_text())["splits"]
+        parts = [f"{s} ({counts[s]['samples']})" for s in splits]
+    except (OSError, KeyError, ValueError):
+        parts = list(splits)
+    return (f"shards {cfg['shards']}: {' + '.join(parts)} images; "
+            f"validated on '{cfg.get('val_split')}', never trained on")
+
+
+def describe_degradations(cfg: dict) -> str:
+    p = float(cfg.get("double_jpeg_p") or 0)
+    double = (f"{100 * p:.0f}% of patches compressed twice (first at another quality of the range; half of "
+              f"those with the second 8x8 grid shifted by 0-7 px)" if p else "single compression only")
+    return (f"JPEG quality drawn per patch over {cfg['quality']} (Pillow); {double}; chroma "
+            f"{' or '.join(str(cfg.get('chroma_subsampling', '4:2:0')).split(','))} per patch; "
+            + ("the model is told the last quality" if cfg.get("condition_on_quality") else "blind"))
+
+
+def describe_augmentation(cfg: dict) -> str:
+    scales = "-".join(str(s) for s in (max(cfg["rescale_scales"]), min(cfg["rescale_scales"])))
+    return (f"{cfg['patch_size']} px patches, {cfg['patches_per_image']} per photo; rescale p={cfg['rescale_p']} "
+            f"({scales}, bicubic), rotate p={cfg['rotate_p']}, flip p={cfg['flip_p']}")
+
+
+def describe_hardware(info: dict) -> str:
+    kind = "GPU" if str(info.get("device", "")).startswith("cuda") else "CPU"
+    world = int(info.get("world_size", 1))
+    extra = " (gloo DDP), 1 thread each" if kind == "CPU" and world > 1 else ""
+    layout = " + channels_last" if info.get("channels_last") else ""
+    where = f" on {info['device_name']}" if info.get("device_name") else ""
+    return (f"{world} {kind} process{'es' if world > 1 else ''}{extra}{where}, {info.get('mixed_precision')}"
+            f"{layout} ({info.get('mixed_precision_reason', '')})")
+
+
+def per_image_checks(weights: Path, bsr: Path) -> dict:
+    """PSNR of the first test images at a few qualities, the way `restore` works (fp32 + projection)."""
+    import torch
+
+    from restorer.data.degrade import decoded_jpeg
+    from restorer.imageio import open_image
+    from restorer.infer.engine import load_restorers
+    from restorer.infer.evaluate import image_metrics, list_images, resolve_images_dir
+    from restorer.infer.projection import project
+
+    restorers, errors = load_restorers([str(weights)], torch.device("cpu"), precision="fp32")
+    if errors:
+        sys.exit("error: " + "; ".join(errors))
+    rows = []
+    for path in list_images(resolve_images_dir(bsr, "test"))[:CHECK_IMAGES]:
+        ref = open_image(path).pixels
+        for q in CHECK_QUALITIES:
+            jpeg, data = decoded_jpeg(ref, q)
+            out = project(restorers[0].restore(jpeg, q), data)
+            rows.append({"image": path.name, "quality": q,
+                         "jpeg_psnr": round(image_metrics(jpeg, ref, which=("psnr",))["psnr_rgb"], 4),
+                         "psnr": round(image_metrics(out, ref, which=("psnr",))["psnr_rgb"], 4)})
+    return {"about": f"per-image RGB PSNR of the first {CHECK_IMAGES} BSDS500 test images, Pillow 4:2:0 JPEG, "
+                     "model in fp32 + projection (what restore does); tests/test_weights.py re-measures them "
+                     "within 0.05 dB", "rows": rows}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="a finished run dir (model.safetensors, model.json)")
+    parser.add_argument("--name", required=True, choices=("fast", "quality"))
+    parser.add_argument("--recipe", required=True, help="the launch/configs/release_*.yaml that trained it")
+    parser.add_argument("--card", type=Path, default=None, help="bench/model_card.py --json output (default RUN/card.json)")
+    parser.add_argument("--bsr", type=Path, default=REPO.parent / "shared/datasets/BSR", help="BSR root for the checks")
+    parser.add_argument("--command", default=None, help="the documented training command (default: from the run)")
+    parser.add_argument("--data", default=None, help="what it was trained on (default: from the shards' manifest)")
+    parser.add_argument("--hardware", default=None, help="default: from run_info.json")
+    parser.add_argument("--wall-time-min", type=float, default=None, help="default: run_info.json wall_seconds")
+    parser.add_argument("--out", type=Path, default=REPO / "restorer/weights", help="folder to write NAME.* into")
+    args = parser.parse_args(argv)
+
+    import yaml
+
+    from restorer.errors import UserError
+    from restorer.fsutil import atomic_write, atomic_write_text
+
+    try:
+        weights, meta = args.run / "model.safetensors", json.loads((args.run / "model.json").read_text())
+        cfg = yaml.safe_load((args.run / "config.yaml").read_text())
+        info = json.loads((args.run / "run_info.json").read_text())
+        card = json.loads((args.card or args.run / "card.json").read_text())
+    except (OSError, ValueError) as exc:
+        sys.exit(f"error: {args.run}: not a finished run with a card ({exc})")
+    wall = args.wall_time_min or (info["wall_seconds"] / 60 if info.get("wall_seconds") else None)
+    if wall is None:
+        sys.exit(f"error: {args.run}/run_info.json has no wall_seconds: give --wall-time-min")
+    world = int(info.get("world_size", 1))
+    cpu = not str(info.get("device", "")).startswith("cuda")
+    steps = int(meta["facts"]["steps"])
+    doc = {**meta, "name": args.name, "training": {
+        "recipe": args.recipe,
+        "command": args.command or (CPU2_COMMAND if cpu else GPU_COMMAND).format(shards=cfg["shards"], recipe=args.recipe),
+        "data": args.data or describe_data(cfg), "degradations": describe_degradations(cfg),
+        "augmentation": describe_augmentation(cfg), "steps": steps,
+        "patches": steps * int(cfg["batch_size"]) * int(cfg.get("grad_accum", 1)) * world,
+        "hardware": args.hardware or describe_hardware(info), "wall_time_min": round(wall, 1),
+        "parameters": info.get("parameters"), "loss": cfg.get("loss", "mse"), "ema_decay": cfg.get("ema_decay"),
+        "code": f"restorer at commit {info.get('code') or 'unknown'}"},
+        "card": card, "checks": per_image_checks(weights, args.bsr)}
+    try:
+        atomic_write(args.out / f"{args.name}.safetensors", lambda tmp: shutil.copyfile(weights, tmp))
+        atomic_write_text(args.out / f"{args.name}.json", json.dumps(doc, indent=1) + "\n")
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
+    size = (args.out / f"{args.name}.safetensors").stat().st_size
+    print(f"packaged {args.name}: {args.out / args.name}.safetensors ({size / 2 ** 20:.2f} MB) + .json")
+    print(f"weights_mb: {size / 2 ** 20:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
