@@ -15,7 +15,8 @@ reported in the table and the others still run):
             shards (train+val; validation on test), sized to ``--train-seconds`` from the two stages
             above; patches/s and data-wait fraction from RUN/metrics.jsonl, final val gain per quality
 5. eval     ``restorer eval`` of that model on the BSDS500 test split at q10/20/30/40 (RGB PSNR)
-6. restore  ``restorer restore`` of a synthetic 6000x4000 JPEG: seconds end to end, peak GPU memory
+6. restore  ``restorer restore`` of a synthetic 6000x4000 JPEG: seconds end to end, peak GPU memory;
+            then the same with each packaged model (restorer/weights: fast, quality where installed)
 
 No network and no W&B (``--tracker none``); besides the project's own modules it needs only torch,
 accelerate, numpy, Pillow, webdataset (+ braceexpand), jpeglib, safetensors, PyYAML and tqdm (never wandb, scikit-image or
@@ -52,6 +53,7 @@ for _p in (str(REPO), str(BENCH)):  # restorer, and bench/train_step.py as `trai
 
 import yaml  # noqa: E402
 
+from restorer import weights as packaged_weights  # noqa: E402
 from restorer.errors import first_line  # noqa: E402
 
 GPU_RECIPE = REPO / "launch" / "configs" / "gpu.yaml"
@@ -265,15 +267,16 @@ def child_restore(spec: dict) -> None:
         torch.manual_seed(0)
         cfg = ModelConfig(preset=spec["preset"])
         weights = str(export_weights(build_model(cfg), cfg, work / "untrained", facts={"quality": "10-90"}))
-    if spec["device"] == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    code = cli.main(restore_argv(jpeg, work / "restored.png", weights, spec["device"]))
-    rec = {"seconds": time.perf_counter() - t0, "exit": code, "megapixels": w * h / 1e6, "weights": weights,
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if spec["device"] == "cuda":
-        rec["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    emit(rec)
+    for name in [weights, *spec.get("packaged", [])]:  # the model just trained, then the shipped ones
+        if spec["device"] == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        code = cli.main(restore_argv(jpeg, work / "restored.png", name, spec["device"]))
+        rec = {"seconds": time.perf_counter() - t0, "exit": code, "megapixels": w * h / 1e6, "weights": name,
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if spec["device"] == "cuda":
+            rec["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        emit(rec)
 
 
 def restore_argv(jpeg: Path, out: Path, weights: str, device: str) -> list[str]:
@@ -483,11 +486,12 @@ class Check:
         work.mkdir(exist_ok=True)
         spec = {"size": list(self.sizes.restore_size), "work": str(work), "bsds": str(self.args.bsds),
                 "weights": self.stages["train"].figures.get("weights"), "device": self.device,
-                "preset": "tiny" if self.sizes.tiny else self.recipe.get("preset", "default")}
+                "preset": "tiny" if self.sizes.tiny else self.recipe.get("preset", "default"),
+                "packaged": [n for n in packaged_weights.NAMES if packaged_weights.installed(n)]}
         code, recs = self.child("restore", spec)
-        if code != 0 or not recs or recs[-1].get("exit") != 0:
-            return self.fail(stage, "restore", code if code != 0 or not recs else recs[-1].get("exit"))
-        stage.figures = recs[-1]
+        if code != 0 or not recs or recs[0].get("exit") != 0:
+            return self.fail(stage, "restore", code if code != 0 or not recs else recs[0].get("exit"))
+        stage.figures = {**recs[0], "packaged": {r["weights"]: r for r in recs[1:]}}
         if not spec["weights"]:
             stage.note = "untrained weights of the same preset (training failed; speed only)"
 
@@ -587,6 +591,9 @@ def report(check: Check, total_s: float) -> list[str]:
         lines.append(f"\n## restorer restore {w}x{h} ({r['megapixels']:.1f} MP) JPEG, end to end (decode, tiles, PNG)")
         lines.append(f"seconds {r['seconds']:.1f}  Mpix/s {r['megapixels'] / r['seconds']:.2f}  peak GPU mem "
                      f"{fmt(r.get('peak_gpu_mib'), ',.0f')} MiB  peak RSS {r['peak_rss_mib']:,.0f} MiB")
+        for name, p in r.get("packaged", {}).items():  # restorer/weights/: the models that ship
+            lines.append(f"packaged '{name}': seconds {p['seconds']:.1f}  exit {p['exit']}  peak GPU mem "
+                         f"{fmt(p.get('peak_gpu_mib'), ',.0f')} MiB")
     lines.append(f"\n## stages\n{'stage':<8} {'status':<10} {'seconds':>7}  note")
     for stage in st.values():
         lines.append(f"{stage.name:<8} {stage.status:<10} {stage.seconds:>7.0f}  {stage.note}")

@@ -86,6 +86,8 @@ def test_tiny_mode_runs_every_stage_end_to_end_without_wandb(tmp_path, bsr_root)
     restore = st["restore"]["figures"]
     assert restore["exit"] == 0 and restore["seconds"] > 0 and restore["peak_rss_mib"] > 0
     assert Path(restore["weights"]) == Path(train["weights"])  # the model just trained
+    assert restore["packaged"]["fast"]["exit"] == 0 and restore["packaged"]["fast"]["seconds"] > 0  # what ships
+    assert "packaged 'fast': seconds" in proc.stdout
 
 
 @pytest.mark.slow
