@@ -16,7 +16,6 @@ from conftest import REPO, SHARED_BSR
 from restorer import weights as packaged
 
 
-
 def card(name: str = "fast") -> dict:
     return json.loads((packaged.FOLDER / f"{name}.json").read_text())
 
