@@ -132,7 +132,7 @@ def epoch_patches(epochs: Iterable[int], plan: Plan, cfg: StreamConfig, rank: in
             for sample in samples:
                 try:
                     img = augment.decode_image(shards.image_of(sample)[1], grayscale=cfg.grayscale)
-                    patches = augment.random_patches(img, cfg.patches_per_image, rng, params)
+                    patches = augment.random_patches(img, min(cfg.patches_per_image, need), rng, params)
                 except TileTooSmall as exc:
                     tally.add(epoch, "small_tiles")
                     warn.warning("%s: sample %s skipped: %s", sample.get("__url__"), sample.get("__key__"), exc)
@@ -142,7 +142,7 @@ def epoch_patches(epochs: Iterable[int], plan: Plan, cfg: StreamConfig, rank: in
                     warn.warning("%s: corrupt sample %s skipped: %s", sample.get("__url__"), sample.get("__key__"), exc)
                     continue
                 tries.usable_tile()
-                for patch in patches[:need]:
+                for patch in patches:
                     yield epoch, (patch, draw_degradation(rng, qrange, double_p, subs))
                 need -= len(patches)
                 if need <= 0:
