@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0
 SHARDS ?= data/shards
 RUN ?= runs/demo
 
-.PHONY: help setup shards test bench bench-model-choice gpu-check demo clean
+.PHONY: help setup shards test bench bench-model-choice gpu-check demo release-weights clean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU wheel here) and restorer[dev]"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench   run the benchmarks in bench/"
 	@echo "make demo    shards -> 2-process CPU training -> eval -> comparison picture (about 3.5 min with native bf16, 5.5 min in fp32, 2 cores)"
 	@echo "make bench-model-choice  train each candidate network/loss for the same time budget, eval on BSDS500 test (about 25 min)"
+	@echo "make release-weights NAME=fast|quality  train a packaged model by launch/configs/release_NAME.yaml, make its card, install it in restorer/weights (25 / 90 min on 2 CPU cores)"
 	@echo "make gpu-check  one CUDA GPU: model/loader/training/eval/24 MP restore figures side by side (meant for <= 8 min, not yet timed on a GPU; BSDS=PATH)"
 
 $(BIN)/python:
@@ -56,6 +57,18 @@ BSDS ?= ../shared/datasets/BSR
 CHECK_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
 gpu-check:
 	$(CHECK_PY) bench/gpu_check.py --bsds $(BSDS) --work-dir runs/gpu_check --json runs/gpu_check/gpu_check.json
+
+# The packaged models (restorer/weights/NAME.*): shards -> training (resumes if killed) -> model card
+# on the BSDS500 test split -> package. On GPUs: LAUNCH='$(BIN)/accelerate launch' (one process per GPU).
+NAME ?= fast
+LAUNCH ?= ACCELERATE_USE_CPU=true $(BIN)/accelerate launch --config_file launch/accelerate/cpu2.yaml
+release-weights: setup
+	$(BIN)/python -m shard_tools build --bsds $(BSDS) --out data/bsr --max-samples 16
+	$(LAUNCH) launch/train.py --config launch/configs/release_$(NAME).yaml
+	$(BIN)/python bench/model_card.py --weights runs/release_$(NAME)/model.safetensors --images $(BSDS) \
+	    --json runs/release_$(NAME)/card.json
+	$(BIN)/python launch/package_weights.py --run runs/release_$(NAME) --name $(NAME) \
+	    --recipe launch/configs/release_$(NAME).yaml --bsr $(BSDS)
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache
