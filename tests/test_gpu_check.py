@@ -232,5 +232,6 @@ def test_full_mode_commands_parse_with_the_real_parsers(tmp_path, monkeypatch):
         restorer.cli.main(eval_cmd[3:])
     assert got.value.args[0].quality == [10, 20, 30, 40] and got.value.args[0].split == "test"
     with pytest.raises(Parsed) as got:
-        restorer.cli.main(gc.restore_argv(tmp_path / "a.jpg", tmp_path / "a.png", "w.safetensors", "cuda"))
+        restorer.cli.main(sys.modules["gpu_check_children"].restore_argv(tmp_path / "a.jpg", tmp_path / "a.png",
+                                                                          "w.safetensors", "cuda"))
     assert got.value.args[0].device == "cuda"
