@@ -14,12 +14,17 @@ from ``os.wait4``) is its own:
   encode, metadata), peak RSS. By default with the ``tiny`` preset so the run stays ~2 min on 2
   shared cores; ``--full`` uses the ``default`` preset (about 4-5 min on 2 cores).
 * ``cuda_untiled`` / ``cuda_tiled``: the default preset on a 4 MP image, when a GPU is present.
+* ``--packaged``: instead of all that, the models that ship (restorer/weights: ``fast``, ``quality``
+  where installed), each restoring the same 6000x4000 JPEG with ``restorer restore big.jpg --weights
+  NAME`` exactly as a user runs it (auto precision, projection on), side by side; the last line is
+  ``restore_24mp_seconds_fast: <value>``.
 
 The last line is ``restore_cpu_mpix_per_s: <value>`` (default preset, tiled, fp32, CPU).
 
   python bench/restore.py                 # ~2 min on 2 cores
   python bench/restore.py --full          # the 24 MP case with the default preset
   python bench/restore.py --threads 1     # torch threads in every child
+  python bench/restore.py --packaged      # the shipped models on a 24 MP JPEG, as `restore` runs them
 """
 from __future__ import annotations
 
@@ -103,6 +108,7 @@ def measured(cmd: list[str], env: dict) -> tuple[int, str, str, float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--full", action="store_true", help="24 MP case with the default preset (slow on CPU)")
+    ap.add_argument("--packaged", action="store_true", help="only the shipped models on a 24 MP JPEG, as users run them")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
     ap.add_argument("--size", default="1024x768", help="image size of the speed cases")
     ap.add_argument("--tile", type=int, default=512)
@@ -125,6 +131,8 @@ def main() -> int:
     threads = ["--threads", str(args.threads)] if args.threads else []
     print(f"# restore bench: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
           f"cuda {'yes: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}")
+    if args.packaged:
+        return packaged_models(env, threads)
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="bench_restore_"))
     # (name, device, tile, bf16, channels_last): "auto" = restorer.hardware's rule for the device/precision
@@ -188,6 +196,37 @@ def main() -> int:
     best = next((r for r in rows if r[0] == "cpu_tiled"), None)
     print(f"restore_cpu_mpix_per_s: {best[5]:.3f}" if best else "restore_cpu_mpix_per_s: nan")
     return 0
+
+
+def packaged_models(env: dict, threads: list[str]) -> int:
+    """``restorer restore big.jpg --weights NAME`` for each packaged model, on the same 24 MP JPEG."""
+    import shutil
+
+    from PIL import Image
+
+    from restorer import weights as packaged
+
+    names = [n for n in packaged.NAMES if packaged.installed(n)]
+    tmp = Path(tempfile.mkdtemp(prefix="bench_restore_"))
+    big = tmp / "big.jpg"
+    Image.fromarray(photo_like(6000, 4000)).save(big, quality=30)
+    rows = {}
+    for name in names:
+        cmd = [sys.executable, "-m", "restorer.cli", "restore", str(big), "-o", str(tmp / f"{name}.png"),
+               "--weights", name, "--device", "cpu", "--no-progress"] + threads
+        code, out, err, wall, rss = measured(cmd, env)
+        if code != 0:
+            print(f"{name}: FAILED ({err.strip().splitlines()[-1] if err.strip() else code})")
+            continue
+        rows[name] = (wall, rss)
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{'weights':<8} {'seconds':>8} {'Mpix/s':>7} {'peak RSS MiB':>13} {'x fast':>7}")
+    for name, (wall, rss) in rows.items():
+        ratio = f"{wall / rows['fast'][0]:>7.2f}" if "fast" in rows else ""
+        print(f"{name:<8} {wall:>8.1f} {24.0 / wall:>7.2f} {rss:>13.0f} {ratio}")
+    print("(6000x4000 JPEG at q30, `restorer restore` end to end: decode, restore, projection, PNG encode)")
+    print(f"restore_24mp_seconds_fast: {rows['fast'][0]:.1f}" if "fast" in rows else "restore_24mp_seconds_fast: nan")
+    return 0 if len(rows) == len(names) else 1
 
 
 if __name__ == "__main__":
