@@ -108,6 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, help="what it was trained on (default: from the shards' manifest)")
     parser.add_argument("--hardware", default=None, help="default: from run_info.json")
     parser.add_argument("--wall-time-min", type=float, default=None, help="default: run_info.json wall_seconds")
+    parser.add_argument("--code", default=None, help="the commit it was trained at (default: run_info.json's)")
     parser.add_argument("--out", type=Path, default=REPO / "restorer/weights", help="folder to write NAME.* into")
     args = parser.parse_args(argv)
 
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
         "patches": steps * int(cfg["batch_size"]) * int(cfg.get("grad_accum", 1)) * world,
         "hardware": args.hardware or describe_hardware(info), "wall_time_min": round(wall, 1),
         "parameters": info.get("parameters"), "loss": cfg.get("loss", "mse"), "ema_decay": cfg.get("ema_decay"),
-        "code": f"restorer at commit {info.get('code') or 'unknown'}"},
+        "code": f"restorer at commit {args.code or info.get('code') or 'unknown'}"},
         "card": card, "checks": per_image_checks(weights, args.bsr)}
     try:
         atomic_write(args.out / f"{args.name}.safetensors", lambda tmp: shutil.copyfile(weights, tmp))
