@@ -45,10 +45,9 @@ def test_packaged_model_is_small_and_its_card_is_complete(name):
     assert (REPO / meta["training"]["recipe"]).is_file()
 
 
-def test_default_name_is_fast_on_cpu_and_on_gpus_without_the_quality_model():
+def test_default_name_is_fast_on_cpu_and_quality_on_gpus_where_installed():
     assert packaged.default_name("cpu") == "fast"
-    if not packaged.installed("quality"):
-        assert packaged.default_name("cuda") == "fast"
+    assert packaged.default_name("cuda") == ("quality" if packaged.installed("quality") else "fast")
 
 
 def test_restore_photo_with_no_flags_writes_it_beside_the_input(tmp_path):
