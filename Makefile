@@ -18,7 +18,7 @@ help:
 	@echo "make bench   run the benchmarks in bench/"
 	@echo "make demo    shards -> 2-process CPU training -> eval -> comparison picture (about 3.5 min with native bf16, 5.5 min in fp32, 2 cores)"
 	@echo "make bench-model-choice  train each candidate network/loss for the same time budget, eval on BSDS500 test (about 25 min)"
-	@echo "make release-weights NAME=fast|quality  train a packaged model by launch/configs/release_NAME.yaml, make its card, install it in restorer/weights (25 / 90 min on 2 CPU cores)"
+	@echo "make release-weights NAME=fast|quality  train a packaged model by launch/configs/release_NAME.yaml, make its card, install it in restorer/weights (about 31 / 90 min on 2 CPU cores with native bf16)"
 	@echo "make gpu-check  one CUDA GPU: model/loader/training/eval/24 MP restore figures side by side (meant for <= 8 min, not yet timed on a GPU; BSDS=PATH)"
 
 $(BIN)/python:

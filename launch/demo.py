@@ -93,9 +93,10 @@ def main() -> int:
     if wandb_runs:
         print(f"W&B offline  {wandb_runs[-1]}\n             upload later: wandb sync {wandb_runs[-1]}")
     print("next steps:")
-    print("  restore your own photos with the packaged model (trained on JPEG q5-95, double JPEG, 4:2:0 and 4:4:4;")
+    print("  restore your own photos with the packaged models (trained on JPEG q5-95, double JPEG, 4:2:0 and 4:4:4;")
     print("  the demo model knows only q10-40 of 6 photos):")
-    print("    .venv/bin/restorer restore photo.jpg            # -> photo.restored.png beside it")
+    print("    .venv/bin/restorer restore photo.jpg            # -> photo.restored.png beside it ('fast' on a CPU)")
+    print("    .venv/bin/restorer restore photo.jpg --weights quality   # the bigger model: better, 1.85x slower on a CPU")
     print(f"  train the CPU recipe on the shards the demo built ({args.shards}):")
     print("    ACCELERATE_USE_CPU=true .venv/bin/accelerate launch --config_file launch/accelerate/cpu2.yaml \\")
     print(f"        launch/train.py --config launch/configs/cpu.yaml --shards {args.shards} --run-dir runs/cpu")
