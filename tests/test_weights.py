@@ -72,6 +72,23 @@ def test_restore_photo_with_no_flags_writes_it_beside_the_input(tmp_path):
     assert (tmp_path / "photo.jpg").read_bytes() == original_bytes  # the input is never touched
 
 
+@pytest.mark.skipif(not packaged.installed("quality"), reason="the quality model is not packaged")
+def test_quality_model_by_name_beats_fast_on_a_photo(tmp_path):
+    """`restorer restore photo.jpg --weights quality`: the bigger model, closer to the original than
+    `fast` on a photo neither trained on."""
+    from restorer.cli import main
+
+    ref = data.astronaut()[96:288, 128:384]
+    Image.fromarray(ref).save(tmp_path / "photo.jpg", quality=20)
+    errors = {}
+    for name in ("fast", "quality"):
+        out = tmp_path / f"{name}.png"
+        assert main(["restore", str(tmp_path / "photo.jpg"), "-o", str(out), "--weights", name, "--device", "cpu",
+                     "--no-progress"]) == 0
+        errors[name] = float(np.mean((np.asarray(Image.open(out)).astype(np.float64) - ref) ** 2))
+    assert errors["quality"] < errors["fast"], errors
+
+
 @pytest.mark.skipif(not (SHARED_BSR / "BSDS500").is_dir(), reason="BSDS500 (../shared/datasets/BSR) is not here")
 @pytest.mark.parametrize("name", SHIPPED)
 def test_packaged_model_still_measures_what_its_card_says(name):
