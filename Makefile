@@ -49,7 +49,7 @@ demo: setup
 
 bench-model-choice: setup
 	$(BIN)/python -m shard_tools build --bsds ../shared/datasets/BSR --out data/bsr --max-samples 16
-	$(BIN)/python bench/model_choice.py --shards data/bsr --minutes 2.5 --eval-images 100 --only default tiny unet-tiny
+	$(BIN)/python bench/model_choice.py --shards data/bsr --minutes 2.5 --eval-images 200 --only default tiny unet-tiny --out runs/model_choice_200
 
 # BSDS500 (BSR folder or BSR_bsds500.tgz); no network, no W&B; a tiny CPU smoke run without CUDA.
 # No `setup` here: a GPU machine keeps the Python that has its CUDA torch (CHECK_PY=... to choose).
