@@ -44,18 +44,19 @@ class Choice:
         return {"value": self.value, "reason": self.reason}
 
 
-def _cpu_flags() -> set[str]:
-    """Feature words of /proc/cpuinfo (x86 'flags', Arm 'Features'); empty where unreadable."""
+def _cpuinfo(keys: tuple[str, ...]) -> list[str]:
+    """The values of /proc/cpuinfo lines whose (lower-case) key is in ``keys``; [] where unreadable."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        return set()
-    words: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            words.update(value.split())
-    return words
+        return []
+    pairs = (line.partition(":") for line in text.splitlines())
+    return [value.strip() for key, _, value in pairs if key.strip().lower() in keys]
+
+
+def _cpu_flags() -> set[str]:
+    """Feature words of /proc/cpuinfo (x86 'flags', Arm 'Features'); empty where unreadable."""
+    return {word for value in _cpuinfo(("flags", "features")) for word in value.split()}
 
 
 def device_name(device: torch.device) -> str:
@@ -63,15 +64,7 @@ def device_name(device: torch.device) -> str:
     (/proc/cpuinfo, else the platform's) with its core count and whether it computes bf16 natively."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip().lower() == "model name":
-                name = value.strip()
-                break
-    except OSError:
-        pass
+    name = next(iter(_cpuinfo(("model name",))), "")
     bf16 = cpu_bf16_capability()
     native = "" if bf16 is None else (", native bf16" if bf16[0] else ", no native bf16")
     return f"{name or platform.processor() or platform.machine()} ({os.cpu_count()} cores{native})"
