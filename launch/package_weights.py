@@ -98,9 +98,12 @@ def per_image_checks(weights: Path, bsr: Path) -> dict:
 
 
 def main(argv=None) -> int:
+    from restorer import weights as packaged
+    from restorer.errors import UserError
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a finished run dir (model.safetensors, model.json)")
-    parser.add_argument("--name", required=True, choices=("fast", "quality"))
+    parser.add_argument("--name", required=True, choices=packaged.NAMES)
     parser.add_argument("--recipe", required=True, help="the launch/configs/release_*.yaml that trained it")
     parser.add_argument("--card", type=Path, default=None, help="bench/model_card.py --json output (default RUN/card.json)")
     parser.add_argument("--bsr", type=Path, default=REPO.parent / "shared/datasets/BSR", help="BSR root for the checks")
@@ -114,7 +117,6 @@ def main(argv=None) -> int:
 
     import yaml
 
-    from restorer.errors import UserError
     from restorer.fsutil import atomic_write, atomic_write_text
 
     try:
@@ -139,8 +141,9 @@ def main(argv=None) -> int:
         "hardware": args.hardware or describe_hardware(info), "wall_time_min": round(wall, 1),
         "parameters": info.get("parameters"), "loss": cfg.get("loss", "mse"), "ema_decay": cfg.get("ema_decay"),
         "code": f"restorer at commit {args.code or info.get('code') or 'unknown'}"},
-        "card": card, "checks": per_image_checks(weights, args.bsr)}
+        "card": card}
     try:
+        doc["checks"] = per_image_checks(weights, args.bsr)  # before anything is written
         atomic_write(args.out / f"{args.name}.safetensors", lambda tmp: shutil.copyfile(weights, tmp))
         atomic_write_text(args.out / f"{args.name}.json", json.dumps(doc, indent=1) + "\n")
     except UserError as exc:

@@ -67,6 +67,15 @@ def test_a_run_is_packaged_with_its_card_and_checks(tmp_path, small_q10_weights)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # the run is only read
 
 
+def test_a_missing_bsr_is_one_line_and_writes_nothing(tmp_path, small_q10_weights):
+    run = fake_run(tmp_path, small_q10_weights)
+    with pytest.raises(SystemExit) as exc:
+        package_weights.main(["--run", str(run), "--name", "quality", "--recipe", "r.yaml",
+                              "--bsr", str(tmp_path / "nowhere"), "--out", str(tmp_path / "w")])
+    assert str(exc.value).startswith("error: ") and "nowhere" in str(exc.value) and "\n" not in str(exc.value)
+    assert not (tmp_path / "w").exists()
+
+
 def test_an_unfinished_run_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         package_weights.main(["--run", str(tmp_path), "--name", "fast", "--recipe", "x.yaml",
