@@ -30,6 +30,7 @@ go to ``--json``. The exit status is 1 when any stage failed.
   python bench/gpu_check.py --bsds data/BSR --work-dir runs/gpu_check --json runs/gpu_check.json
   python bench/gpu_check.py --tiny        # the CPU smoke version: 1.5 min on 2 busy cores
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,6 +68,7 @@ TINY_CAPS = {"shards": 60, "model": 60, "loader": 60, "train": 120, "eval": 60, 
 @dataclasses.dataclass
 class Sizes:
     """Everything that differs between the real check and the tiny CPU version."""
+
     tiny: bool
     presets: tuple[str, ...]  # model stage, in this order (eager for all first, then compiled)
     compile_models: bool
@@ -88,10 +90,24 @@ class Sizes:
     def for_mode(cls, tiny: bool, recipe: dict, train_seconds: float) -> "Sizes":
         if tiny:
             return cls(True, ("tiny",), False, 32, 4, 0.3, (1,), 1.0, 32, 4, 2, 8, 1, 0.0, (480, 320), 3)
-        return cls(False, ("default", "tiny", "small", "large", "seed"), True, int(recipe["patch_size"]),
-                   int(recipe["batch_size"]), 2.0, (1, 6, 12), 8.0, int(recipe["patch_size"]),
-                   int(recipe["batch_size"]), int(recipe["patches_per_image"]), int(recipe["shuffle_buffer"]),
-                   int(recipe["num_workers"]), train_seconds, (6000, 4000), None)
+        return cls(
+            False,
+            ("default", "tiny", "small", "large", "seed"),
+            True,
+            int(recipe["patch_size"]),
+            int(recipe["batch_size"]),
+            2.0,
+            (1, 6, 12),
+            8.0,
+            int(recipe["patch_size"]),
+            int(recipe["batch_size"]),
+            int(recipe["patches_per_image"]),
+            int(recipe["shuffle_buffer"]),
+            int(recipe["num_workers"]),
+            train_seconds,
+            (6000, 4000),
+            None,
+        )
 
 
 @dataclasses.dataclass
@@ -104,6 +120,7 @@ class Stage:
 
 
 # ------------------------------------------------------------------------------------ the stages
+
 
 class Check:
     """The stages, run in order by :meth:`run`; each records its status, seconds, note and figures
@@ -127,8 +144,9 @@ class Check:
         return [sys.executable, *args]
 
     def child(self, name: str, spec: dict) -> tuple[Optional[int], list[dict]]:
-        code, out = run_child(self.python(str(CHILD_SCRIPT), name, json.dumps(spec)), self.caps[name],
-                              self.logs / name, child_env())
+        code, out = run_child(
+            self.python(str(CHILD_SCRIPT), name, json.dumps(spec)), self.caps[name], self.logs / name, child_env()
+        )
         return code, records(out)
 
     def run(self, name: str, fn) -> Stage:
@@ -158,8 +176,21 @@ class Check:
 
     # 1 ---------------------------------------------------------------------------------------
     def stage_shards(self, stage: Stage) -> None:
-        cmd = self.python("-m", "shard_tools", "build", "--bsds", str(self.args.bsds), "--out", str(self.shards),
-                          "--max-samples", "16", "--workers", str(min(8, os.cpu_count() or 1)), "--progress", "false")
+        cmd = self.python(
+            "-m",
+            "shard_tools",
+            "build",
+            "--bsds",
+            str(self.args.bsds),
+            "--out",
+            str(self.shards),
+            "--max-samples",
+            "16",
+            "--workers",
+            str(min(8, os.cpu_count() or 1)),
+            "--progress",
+            "false",
+        )
         if self.sizes.image_limit:
             cmd += ["--max-images", str(self.sizes.image_limit)]
         code, _ = run_child(cmd, self.caps["shards"], self.logs / "shards", child_env())
@@ -175,21 +206,34 @@ class Check:
     # 2 ---------------------------------------------------------------------------------------
     def stage_model(self, stage: Stage) -> None:
         s = self.sizes
-        spec = {"device": self.device, "presets": list(s.presets), "compile": s.compile_models,
-                "condition_on_quality": bool(self.recipe.get("condition_on_quality", False)),
-                "bf16": self.precision.value == "bf16", "channels_last": bool(self.channels_last.value),
-                "patch": s.model_patch, "batch": s.model_batch, "seconds": s.model_seconds}
+        spec = {
+            "device": self.device,
+            "presets": list(s.presets),
+            "compile": s.compile_models,
+            "condition_on_quality": bool(self.recipe.get("condition_on_quality", False)),
+            "bf16": self.precision.value == "bf16",
+            "channels_last": bool(self.channels_last.value),
+            "patch": s.model_patch,
+            "batch": s.model_batch,
+            "seconds": s.model_seconds,
+        }
         code, recs = self.child("model", spec)
         peak = gpu_peak_flops(self.gpu_name)
         rows = {}
         for r in recs:
             if "patches_per_s" in r:
-                achieved = r["patches_per_s"] * 3 * r["flops_per_pixel"] * s.model_patch ** 2
+                achieved = r["patches_per_s"] * 3 * r["flops_per_pixel"] * s.model_patch**2
                 r["train_tflops"] = achieved / 1e12
                 r["mfu"] = achieved / peak if peak else None
             rows[f"{r['preset']}/{r['variant']}"] = r
-        stage.figures = {"rows": rows, "peak_bf16_flops": peak, "bf16": spec["bf16"],
-                         "channels_last": spec["channels_last"], "patch": s.model_patch, "batch": s.model_batch}
+        stage.figures = {
+            "rows": rows,
+            "peak_bf16_flops": peak,
+            "bf16": spec["bf16"],
+            "channels_last": spec["channels_last"],
+            "patch": s.model_patch,
+            "batch": s.model_batch,
+        }
         expected = len(s.presets) * (2 if s.compile_models else 1)
         errors = [k for k, r in rows.items() if "error" in r]
         if code != 0:
@@ -206,9 +250,17 @@ class Check:
         if self.no_shards(stage):
             return
         s = self.sizes
-        spec = {"shards": str(self.shards), "splits": ["train", "val"], "patch": s.patch, "batch": s.batch,
-                "patches_per_image": s.patches_per_image, "quality": str(self.recipe["quality"]),
-                "shuffle_buffer": s.shuffle_buffer, "workers": list(s.loader_workers), "seconds": s.loader_seconds}
+        spec = {
+            "shards": str(self.shards),
+            "splits": ["train", "val"],
+            "patch": s.patch,
+            "batch": s.batch,
+            "patches_per_image": s.patches_per_image,
+            "quality": str(self.recipe["quality"]),
+            "shuffle_buffer": s.shuffle_buffer,
+            "workers": list(s.loader_workers),
+            "seconds": s.loader_seconds,
+        }
         code, recs = self.child("loader", spec)
         stage.figures = {"rows": {str(r["workers"]): r for r in recs}}
         errors = [r for r in recs if "error" in r]
@@ -245,30 +297,95 @@ class Check:
         steps = self.train_steps()
         val_crop = 64 if s.tiny else int(self.recipe["val_crop"])
         acc_cfg = self.work / "accelerate_1proc.yaml"
-        acc_cfg.write_text(yaml.safe_dump({"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO",
-                                           "num_machines": 1, "num_processes": 1, "machine_rank": 0,
-                                           "mixed_precision": "no", "use_cpu": self.device == "cpu"}))
-        flags = ["--config", str(GPU_RECIPE), "--shards", str(self.shards), "--train-splits", "train", "val",
-                 "--val-split", "test", "--run-dir", str(run_dir), "--tracker", "none", "--resampled",
-                 "--resume", "none", "--max-steps", str(steps), "--warmup-steps", str(max(1, min(2000, steps // 10))),
-                 "--val-every", str(steps), "--save-every", str(steps), "--keep-checkpoints", "1",
-                 "--log-every", str(max(1, steps // 20)), "--val-qualities", *map(str, QUALITIES),
-                 "--mixed-precision", str(self.precision.value),
-                 "--channels-last", str(bool(self.channels_last.value)).lower(),
-                 "--compile", str(bool(self.compile.value)).lower(), "--num-workers", str(s.train_workers)]
+        acc_cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "compute_environment": "LOCAL_MACHINE",
+                    "distributed_type": "NO",
+                    "num_machines": 1,
+                    "num_processes": 1,
+                    "machine_rank": 0,
+                    "mixed_precision": "no",
+                    "use_cpu": self.device == "cpu",
+                }
+            )
+        )
+        flags = [
+            "--config",
+            str(GPU_RECIPE),
+            "--shards",
+            str(self.shards),
+            "--train-splits",
+            "train",
+            "val",
+            "--val-split",
+            "test",
+            "--run-dir",
+            str(run_dir),
+            "--tracker",
+            "none",
+            "--resampled",
+            "--resume",
+            "none",
+            "--max-steps",
+            str(steps),
+            "--warmup-steps",
+            str(max(1, min(2000, steps // 10))),
+            "--val-every",
+            str(steps),
+            "--save-every",
+            str(steps),
+            "--keep-checkpoints",
+            "1",
+            "--log-every",
+            str(max(1, steps // 20)),
+            "--val-qualities",
+            *map(str, QUALITIES),
+            "--mixed-precision",
+            str(self.precision.value),
+            "--channels-last",
+            str(bool(self.channels_last.value)).lower(),
+            "--compile",
+            str(bool(self.compile.value)).lower(),
+            "--num-workers",
+            str(s.train_workers),
+        ]
         if s.tiny:
-            flags += ["--preset", "tiny", "--patch-size", str(s.patch), "--batch-size", str(s.batch),
-                      "--patches-per-image", str(s.patches_per_image), "--shuffle-buffer", str(s.shuffle_buffer),
-                      "--val-crop", str(val_crop), "--val-batch-size", "4", "--panel-images", "0"]
-        cmd = self.python("-m", "accelerate.commands.launch", "--config_file", str(acc_cfg),
-                          str(REPO / "launch" / "train.py"), *flags)
+            flags += [
+                "--preset",
+                "tiny",
+                "--patch-size",
+                str(s.patch),
+                "--batch-size",
+                str(s.batch),
+                "--patches-per-image",
+                str(s.patches_per_image),
+                "--shuffle-buffer",
+                str(s.shuffle_buffer),
+                "--val-crop",
+                str(val_crop),
+                "--val-batch-size",
+                "4",
+                "--panel-images",
+                "0",
+            ]
+        cmd = self.python(
+            "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg), str(REPO / "launch" / "train.py"), *flags
+        )
         env = {**child_env(), "WANDB_MODE": "disabled"}
         if self.device == "cpu":
             env["ACCELERATE_USE_CPU"] = "true"
         code, _ = run_child(cmd, self.caps["train"], self.logs / "train", env)
-        stage.figures = {"run_dir": str(run_dir), "steps": steps, "batch": s.batch, "val_crop": val_crop,
-                         "precision": self.precision.value, "channels_last": bool(self.channels_last.value),
-                         "compile": bool(self.compile.value), **train_figures(run_dir / "metrics.jsonl")}
+        stage.figures = {
+            "run_dir": str(run_dir),
+            "steps": steps,
+            "batch": s.batch,
+            "val_crop": val_crop,
+            "precision": self.precision.value,
+            "channels_last": bool(self.channels_last.value),
+            "compile": bool(self.compile.value),
+            **train_figures(run_dir / "metrics.jsonl"),
+        }
         weights = run_dir / "model.safetensors"
         stage.figures["weights"] = str(weights) if weights.is_file() else None
         if code != 0:
@@ -283,27 +400,57 @@ class Check:
             stage.status, stage.note = "not run", "no trained weights (training failed)"
             return
         out = self.work / "eval.json"
-        cmd = self.python("-m", "restorer.cli", "eval", "--weights", weights, "--images", str(self.args.bsds),
-                          "--split", "test", "--quality", *map(str, QUALITIES), "--metrics", "psnr",
-                          "--json", str(out), "--device", self.device, "--no-progress")
+        cmd = self.python(
+            "-m",
+            "restorer.cli",
+            "eval",
+            "--weights",
+            weights,
+            "--images",
+            str(self.args.bsds),
+            "--split",
+            "test",
+            "--quality",
+            *map(str, QUALITIES),
+            "--metrics",
+            "psnr",
+            "--json",
+            str(out),
+            "--device",
+            self.device,
+            "--no-progress",
+        )
         if self.sizes.image_limit:
             cmd += ["--limit", str(self.sizes.image_limit)]
         code, _ = run_child(cmd, self.caps["eval"], self.logs / "eval", child_env())
         if code != 0 or not out.is_file():
             return self.fail(stage, "eval", code)
         means = json.loads(out.read_text())["mean"]
-        stage.figures = {"rows": {str(m["quality"]): {"images": m["images"], "jpeg_psnr": m["jpeg_psnr_rgb"],
-                                                      "restored_psnr": m["restored_psnr_rgb"],
-                                                      "gain": m["gain_psnr_rgb"]} for m in means}}
+        stage.figures = {
+            "rows": {
+                str(m["quality"]): {
+                    "images": m["images"],
+                    "jpeg_psnr": m["jpeg_psnr_rgb"],
+                    "restored_psnr": m["restored_psnr_rgb"],
+                    "gain": m["gain_psnr_rgb"],
+                }
+                for m in means
+            }
+        }
 
     # 6 ---------------------------------------------------------------------------------------
     def stage_restore(self, stage: Stage) -> None:
         work = self.work / "restore"
         work.mkdir(exist_ok=True)
-        spec = {"size": list(self.sizes.restore_size), "work": str(work), "bsds": str(self.args.bsds),
-                "weights": self.stages["train"].figures.get("weights"), "device": self.device,
-                "preset": "tiny" if self.sizes.tiny else self.recipe.get("preset", "default"),
-                "packaged": [n for n in packaged_weights.NAMES if packaged_weights.installed(n)]}
+        spec = {
+            "size": list(self.sizes.restore_size),
+            "work": str(work),
+            "bsds": str(self.args.bsds),
+            "weights": self.stages["train"].figures.get("weights"),
+            "device": self.device,
+            "preset": "tiny" if self.sizes.tiny else self.recipe.get("preset", "default"),
+            "packaged": [n for n in packaged_weights.NAMES if packaged_weights.installed(n)],
+        }
         code, recs = self.child("restore", spec)
         if code != 0 or not recs or recs[0].get("exit") != 0:
             return self.fail(stage, "restore", code if code != 0 or not recs else recs[0].get("exit"))
@@ -344,6 +491,7 @@ def train_figures(metrics: Path) -> dict:
 
 # ------------------------------------------------------------------------------------- the table
 
+
 def fmt(v, spec: str = ",.0f", missing: str = "-") -> str:
     return missing if v is None else format(v, spec)
 
@@ -352,19 +500,24 @@ def report(check: Check, total_s: float) -> list[str]:
     st, s = check.stages, check.sizes
     import torch
 
-    lines = [f"== gpu check: {check.gpu_name or 'no GPU (CPU)'}; mode {'tiny' if s.tiny else 'full'}; "
-             f"torch {torch.__version__}; {os.cpu_count()} CPUs; total {total_s / 60:.1f} min",
-             f"   precision {check.precision.value} ({check.precision.reason}); channels_last "
-             f"{check.channels_last.value}; compile in training {check.compile.value} ({check.compile.reason})"]
+    lines = [
+        f"== gpu check: {check.gpu_name or 'no GPU (CPU)'}; mode {'tiny' if s.tiny else 'full'}; "
+        f"torch {torch.__version__}; {os.cpu_count()} CPUs; total {total_s / 60:.1f} min",
+        f"   precision {check.precision.value} ({check.precision.reason}); channels_last "
+        f"{check.channels_last.value}; compile in training {check.compile.value} ({check.compile.reason})",
+    ]
     m = st.get("model", Stage("model")).figures
     if m.get("rows"):
         peak = m["peak_bf16_flops"]
-        lines.append(f"\n## model-only training step, batch {m['batch']} x {m['patch']} px, "
-                     f"{'bf16' if m['bf16'] else 'fp32'}{' + channels_last' if m['channels_last'] else ''}"
-                     + (f"; MFU over {peak / 1e12:,.0f} TFLOP/s dense bf16" if peak
-                        else "; MFU n/a (no known GPU peak)"))
-        lines.append(f"{'preset':<8} {'C':>4} {'N':>3} {'GFLOP/patch':>11} {'eager p/s':>10} {'MFU':>6} "
-                     f"{'compiled p/s':>12} {'MFU':>6} {'compile s':>9} {'speedup':>7}")
+        lines.append(
+            f"\n## model-only training step, batch {m['batch']} x {m['patch']} px, "
+            f"{'bf16' if m['bf16'] else 'fp32'}{' + channels_last' if m['channels_last'] else ''}"
+            + (f"; MFU over {peak / 1e12:,.0f} TFLOP/s dense bf16" if peak else "; MFU n/a (no known GPU peak)")
+        )
+        lines.append(
+            f"{'preset':<8} {'C':>4} {'N':>3} {'GFLOP/patch':>11} {'eager p/s':>10} {'MFU':>6} "
+            f"{'compiled p/s':>12} {'MFU':>6} {'compile s':>9} {'speedup':>7}"
+        )
         for preset in s.presets:
             e, c = m["rows"].get(f"{preset}/eager", {}), m["rows"].get(f"{preset}/compiled", {})
             base = e or c
@@ -372,28 +525,38 @@ def report(check: Check, total_s: float) -> list[str]:
                 lines.append(f"{preset:<8} not reached")
                 continue
             ep, cp = e.get("patches_per_s"), c.get("patches_per_s")
-            lines.append(f"{preset:<8} {base['channels']:>4} {base['units']:>3} "
-                         f"{3 * base['flops_per_pixel'] * m['patch'] ** 2 / 1e9:>11.2f} "
-                         f"{fmt(ep, ',.1f', 'error' if 'error' in e else '-'):>10} {fmt(e.get('mfu'), '.1%'):>6} "
-                         f"{fmt(cp, ',.1f', 'error' if 'error' in c else '-'):>12} {fmt(c.get('mfu'), '.1%'):>6} "
-                         f"{fmt(c.get('first_step_s'), '.0f'):>9} {f'{cp / ep:.2f}x' if ep and cp else '-':>7}")
+            lines.append(
+                f"{preset:<8} {base['channels']:>4} {base['units']:>3} "
+                f"{3 * base['flops_per_pixel'] * m['patch'] ** 2 / 1e9:>11.2f} "
+                f"{fmt(ep, ',.1f', 'error' if 'error' in e else '-'):>10} {fmt(e.get('mfu'), '.1%'):>6} "
+                f"{fmt(cp, ',.1f', 'error' if 'error' in c else '-'):>12} {fmt(c.get('mfu'), '.1%'):>6} "
+                f"{fmt(c.get('first_step_s'), '.0f'):>9} {f'{cp / ep:.2f}x' if ep and cp else '-':>7}"
+            )
     lo = st.get("loader", Stage("loader")).figures.get("rows", {})
     if lo:
-        lines.append(f"\n## loader alone: {s.patch} px patches, {s.patches_per_image} per tile, quality "
-                     f"{check.recipe['quality']}, batch {s.batch}, resampled BSDS500 shards (train+val)")
+        lines.append(
+            f"\n## loader alone: {s.patch} px patches, {s.patches_per_image} per tile, quality "
+            f"{check.recipe['quality']}, batch {s.batch}, resampled BSDS500 shards (train+val)"
+        )
         lines.append(f"{'workers':>7} {'patches/s':>10} {'per worker':>10} {'first batch s':>13}")
         for w, r in lo.items():
             p = r.get("patches_per_s")
-            lines.append(f"{w:>7} {fmt(p, ',.0f', 'error'):>10} {fmt(p and p / int(w), ',.0f'):>10} "
-                         f"{fmt(r.get('first_batch_s'), '.1f'):>13}")
+            lines.append(
+                f"{w:>7} {fmt(p, ',.0f', 'error'):>10} {fmt(p and p / int(w), ',.0f'):>10} "
+                f"{fmt(r.get('first_batch_s'), '.1f'):>13}"
+            )
     t = st.get("train", Stage("train")).figures
     if t:
         gains = " ".join(f"q{q} {v:+.2f}" for q, v in t.get("val_gain", {}).items())
-        lines.append(f"\n## training: launch/configs/gpu.yaml on BSDS500 train+val (val: test), {t.get('steps')} steps "
-                     f"x {t.get('batch')} patches, {t.get('precision')}, compile {t.get('compile')}, resampled")
-        lines.append(f"patches/s {fmt(t.get('patches_per_s'))}  data wait {fmt(t.get('data_wait_frac'), '.0%')}  "
-                     f"peak GPU mem {fmt(t.get('peak_gpu_mem_gb'), '.1f')} GB  "
-                     f"val gain (dB, {t.get('val_crop')} px crops) {gains or '-'}")
+        lines.append(
+            f"\n## training: launch/configs/gpu.yaml on BSDS500 train+val (val: test), {t.get('steps')} steps "
+            f"x {t.get('batch')} patches, {t.get('precision')}, compile {t.get('compile')}, resampled"
+        )
+        lines.append(
+            f"patches/s {fmt(t.get('patches_per_s'))}  data wait {fmt(t.get('data_wait_frac'), '.0%')}  "
+            f"peak GPU mem {fmt(t.get('peak_gpu_mem_gb'), '.1f')} GB  "
+            f"val gain (dB, {t.get('val_crop')} px crops) {gains or '-'}"
+        )
     ev = st.get("eval", Stage("eval")).figures.get("rows", {})
     if ev:
         n = next(iter(ev.values()))["images"]
@@ -405,11 +568,15 @@ def report(check: Check, total_s: float) -> list[str]:
     if r:
         w, h = s.restore_size
         lines.append(f"\n## restorer restore {w}x{h} ({r['megapixels']:.1f} MP) JPEG, end to end (decode, tiles, PNG)")
-        lines.append(f"seconds {r['seconds']:.1f}  Mpix/s {r['megapixels'] / r['seconds']:.2f}  peak GPU mem "
-                     f"{fmt(r.get('peak_gpu_mib'), ',.0f')} MiB  peak RSS {r['peak_rss_mib']:,.0f} MiB")
+        lines.append(
+            f"seconds {r['seconds']:.1f}  Mpix/s {r['megapixels'] / r['seconds']:.2f}  peak GPU mem "
+            f"{fmt(r.get('peak_gpu_mib'), ',.0f')} MiB  peak RSS {r['peak_rss_mib']:,.0f} MiB"
+        )
         for name, p in r.get("packaged", {}).items():  # restorer/weights/: the models that ship
-            lines.append(f"packaged '{name}': seconds {p['seconds']:.1f}  exit {p['exit']}  peak GPU mem "
-                         f"{fmt(p.get('peak_gpu_mib'), ',.0f')} MiB")
+            lines.append(
+                f"packaged '{name}': seconds {p['seconds']:.1f}  exit {p['exit']}  peak GPU mem "
+                f"{fmt(p.get('peak_gpu_mib'), ',.0f')} MiB"
+            )
     lines.append(f"\n## stages\n{'stage':<8} {'status':<10} {'seconds':>7}  note")
     for stage in st.values():
         lines.append(f"{stage.name:<8} {stage.status:<10} {stage.seconds:>7.0f}  {stage.note}")
@@ -422,16 +589,25 @@ def summary_value(check: Check) -> Optional[float]:
 
 # ------------------------------------------------------------------------------------------- main
 
+
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bsds", type=Path, default=DEFAULT_BSDS,
-                    help=f"BSR folder or BSR_bsds500.tgz (default {DEFAULT_BSDS})")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--bsds", type=Path, default=DEFAULT_BSDS, help=f"BSR folder or BSR_bsds500.tgz (default {DEFAULT_BSDS})"
+    )
     ap.add_argument("--work-dir", type=Path, default=REPO / "runs" / "gpu_check", help="shards, runs and logs go here")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here (default WORK_DIR/gpu_check.json)")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (automatic without CUDA): a CPU smoke run")
-    ap.add_argument("--train-seconds", type=float, default=120.0,
-                    help="size the training run's steps to about this long (plus start-up, compiling, validation)")
+    ap.add_argument(
+        "--train-seconds",
+        type=float,
+        default=120.0,
+        help="size the training run's steps to about this long (plus start-up, compiling, validation)",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -446,17 +622,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     recipe = yaml.safe_load(GPU_RECIPE.read_text())
     sizes = Sizes.for_mode(tiny, recipe, args.train_seconds)
     check = Check(args, sizes, device, torch.cuda.get_device_name(0) if cuda else None, recipe)
-    print(f"[gpu-check] {'tiny (CPU smoke) ' if tiny else ''}check on {check.gpu_name or 'CPU'}; work dir "
-          f"{check.work}; logs in {check.logs}", flush=True)
+    print(
+        f"[gpu-check] {'tiny (CPU smoke) ' if tiny else ''}check on {check.gpu_name or 'CPU'}; work dir "
+        f"{check.work}; logs in {check.logs}",
+        flush=True,
+    )
     for name in ("shards", "model", "loader", "train", "eval", "restore"):
         check.run(name, getattr(check, f"stage_{name}"))
     total = time.perf_counter() - t0
     lines = report(check, total)
     print("\n".join(lines))
-    doc = {"device": check.gpu_name or "cpu", "mode": "tiny" if tiny else "full", "total_seconds": total,
-           "precision": check.precision.as_dict(), "channels_last": check.channels_last.as_dict(),
-           "compile": check.compile.as_dict(), "stage_caps_s": check.caps,
-           "stages": {k: dataclasses.asdict(v) for k, v in check.stages.items()}, SUMMARY: summary_value(check)}
+    doc = {
+        "device": check.gpu_name or "cpu",
+        "mode": "tiny" if tiny else "full",
+        "total_seconds": total,
+        "precision": check.precision.as_dict(),
+        "channels_last": check.channels_last.as_dict(),
+        "compile": check.compile.as_dict(),
+        "stage_caps_s": check.caps,
+        "stages": {k: dataclasses.asdict(v) for k, v in check.stages.items()},
+        SUMMARY: summary_value(check),
+    }
     from restorer.fsutil import atomic_write_text
 
     json_path = args.json or check.work / "gpu_check.json"

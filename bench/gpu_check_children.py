@@ -5,6 +5,7 @@ JSON record per line that gpu_check.py reads back. Also the process plumbing bot
 
   python bench/gpu_check_children.py STAGE SPEC_JSON     # what gpu_check.py runs; not meant by hand
 """
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ from restorer.errors import first_line  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ processes
+
 
 def run_child(cmd: list[str], cap: float, log: Path, env: Optional[dict] = None) -> tuple[Optional[int], str]:
     """Run ``cmd`` in its own process group with stdout to ``log``.out and stderr to ``log``.err;
@@ -83,6 +85,7 @@ def child_env() -> dict:
 
 # ---------------------------------------------------------------------------- child: model step
 
+
 def child_model(spec: dict) -> None:
     """One record per (preset, variant): patches/s, first-step seconds (includes compiling)."""
     import torch
@@ -95,13 +98,25 @@ def child_model(spec: dict) -> None:
     for variant, compile_ in variants:
         for preset in spec["presets"]:
             cfg = ModelConfig(preset=preset, condition_on_quality=spec["condition_on_quality"]).resolved()
-            rec = {"preset": preset, "variant": variant, "channels": cfg.channels, "units": cfg.units,
-                   "flops_per_pixel": flops_per_pixel(build_model(cfg))}
+            rec = {
+                "preset": preset,
+                "variant": variant,
+                "channels": cfg.channels,
+                "units": cfg.units,
+                "flops_per_pixel": flops_per_pixel(build_model(cfg)),
+            }
             try:
                 if compile_:
                     torch._dynamo.reset()
-                step = make_step(cfg, bf16=spec["bf16"], channels_last=spec["channels_last"], compile=compile_,
-                                 patch=spec["patch"], batch=spec["batch"], device=device)
+                step = make_step(
+                    cfg,
+                    bf16=spec["bf16"],
+                    channels_last=spec["channels_last"],
+                    compile=compile_,
+                    patch=spec["patch"],
+                    batch=spec["batch"],
+                    device=device,
+                )
                 t0 = time.perf_counter()
                 step()
                 if device == "cuda":
@@ -120,6 +135,7 @@ def child_model(spec: dict) -> None:
 
 # --------------------------------------------------------------------------------- child: loader
 
+
 def child_loader(spec: dict) -> None:
     """patches/s of the training loader alone, per worker count (after its first batch)."""
     import gc
@@ -129,9 +145,16 @@ def child_loader(spec: dict) -> None:
     from restorer.data import StreamConfig, make_train_loader
 
     torch.set_num_threads(1)
-    cfg = StreamConfig(shards=spec["shards"], splits=spec["splits"], patch_size=spec["patch"],
-                       patches_per_image=spec["patches_per_image"], quality=spec["quality"],
-                       shuffle_buffer=spec["shuffle_buffer"], resampled=True, seed=0)
+    cfg = StreamConfig(
+        shards=spec["shards"],
+        splits=spec["splits"],
+        patch_size=spec["patch"],
+        patches_per_image=spec["patches_per_image"],
+        quality=spec["quality"],
+        shuffle_buffer=spec["shuffle_buffer"],
+        resampled=True,
+        seed=0,
+    )
     for workers in spec["workers"]:
         rec = {"workers": workers}
         try:
@@ -158,6 +181,7 @@ def child_loader(spec: dict) -> None:
 
 
 # -------------------------------------------------------------------------------- child: restore
+
 
 def child_restore(spec: dict) -> None:
     """``restorer restore`` (the CLI's main, in this process) on a synthetic JPEG; one record with
@@ -194,16 +218,31 @@ def child_restore(spec: dict) -> None:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         code = cli.main(restore_argv(jpeg, work / "restored.png", name, spec["device"]))
-        rec = {"seconds": time.perf_counter() - t0, "exit": code, "megapixels": w * h / 1e6, "weights": name,
-               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        rec = {
+            "seconds": time.perf_counter() - t0,
+            "exit": code,
+            "megapixels": w * h / 1e6,
+            "weights": name,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
         if spec["device"] == "cuda":
-            rec["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+            rec["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         emit(rec)
 
 
 def restore_argv(jpeg: Path, out: Path, weights: str, device: str) -> list[str]:
-    return ["restore", str(jpeg), "-o", str(out), "--weights", weights, "--device", device, "--overwrite",
-            "--no-progress"]
+    return [
+        "restore",
+        str(jpeg),
+        "-o",
+        str(out),
+        "--weights",
+        weights,
+        "--device",
+        device,
+        "--overwrite",
+        "--no-progress",
+    ]
 
 
 CHILDREN = {"model": child_model, "loader": child_loader, "restore": child_restore}

@@ -31,6 +31,7 @@ builder's default encoding over baseline, per worker, 2K-class set).
 
     python bench/loader.py [--seconds 6] [--workers N] [--cache DIR] [--no-remote]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,6 +67,7 @@ PARAMS = augment.AugmentParams(patch_size=PATCH)  # the design's defaults: resca
 
 # ------------------------------------------------------------------------------------ image sets
 
+
 def bsds_files() -> list[Path]:
     root = BSDS / "BSDS500" / "data" / "images"
     files = sorted(root.glob("*/*.jpg"))
@@ -99,13 +101,29 @@ def build_shards(out: Path, source_args: list[str], encoding: str, fallback_file
     """Shards via the builder (preferred); else 512 px tiles written here with ShardWriter."""
     if (out / "manifest.json").is_file():
         return out, json.loads((out / "manifest.json").read_text()).get("_made_by", "shard_tools build")
-    cmd = [sys.executable, "-m", "shard_tools", "build", "--out", str(out), "--tile", "512",
-           "--encoding", encoding, "--workers", str(min(4, os.cpu_count() or 1)), *source_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "shard_tools",
+        "build",
+        "--out",
+        str(out),
+        "--tile",
+        "512",
+        "--encoding",
+        encoding,
+        "--workers",
+        str(min(4, os.cpu_count() or 1)),
+        *source_args,
+    ]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if res.returncode == 0 and (out / "manifest.json").is_file():
         return out, "shard_tools build"
-    print(f"note: shard_tools build failed ({res.stderr.strip().splitlines()[-1:] or res.returncode}); "
-          "writing shards with webdataset.ShardWriter", file=sys.stderr)
+    print(
+        f"note: shard_tools build failed ({res.stderr.strip().splitlines()[-1:] or res.returncode}); "
+        "writing shards with webdataset.ShardWriter",
+        file=sys.stderr,
+    )
     write_shards_fallback(out, fallback_files, encoding)
     return out, "ShardWriter fallback"
 
@@ -130,17 +148,34 @@ def write_shards_fallback(out: Path, files: list[Path], encoding: str) -> None:
                         tile.save(buf, "PPM")
                     else:
                         tile.save(buf, "PNG", compress_level=1)
-                    meta = {"source": "bench", "source_id": f.stem, "split": "train", "orig_size": list(img.size),
-                            "tile": {"y": y, "x": x, "h": tile.height, "w": tile.width}}
-                    sink.write({"__key__": f"bench/{f.stem}/{y}_{x}", encoding: buf.getvalue(),
-                                "json": json.dumps(meta).encode()})
+                    meta = {
+                        "source": "bench",
+                        "source_id": f.stem,
+                        "split": "train",
+                        "orig_size": list(img.size),
+                        "tile": {"y": y, "x": x, "h": tile.height, "w": tile.width},
+                    }
+                    sink.write(
+                        {
+                            "__key__": f"bench/{f.stem}/{y}_{x}",
+                            encoding: buf.getvalue(),
+                            "json": json.dumps(meta).encode(),
+                        }
+                    )
                     name = Path(sink.fname).name  # the shard this sample went to
                     counts[name] = counts.get(name, 0) + 1
     shards = [{"path": f"train/{n}", "samples": c} for n, c in sorted(counts.items())]
     (out / "train" / "sizes.json").write_text(json.dumps(dict(sorted(counts.items()))))
-    (out / "manifest.json").write_text(json.dumps({"format": 1, "encoding": encoding, "_made_by": "ShardWriter fallback",
-                                                   "splits": {"train": {"samples": sum(counts.values()),
-                                                                        "shards": shards}}}))
+    (out / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "encoding": encoding,
+                "_made_by": "ShardWriter fallback",
+                "splits": {"train": {"samples": sum(counts.values()), "shards": shards}},
+            }
+        )
+    )
 
 
 def splits_of(shards: Path) -> list[str]:
@@ -148,6 +183,7 @@ def splits_of(shards: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- measurements
+
 
 def ceiling(seconds: float) -> float:
     """Pillow crop + JPEG round trip of a 128 px patch from an already decoded 512 px tile."""
@@ -216,8 +252,9 @@ def baseline_rate(files: list[Path], workers: int, seconds: float) -> float:
 
 def pipeline_rate(shards: Path, workers: int, seconds: float, spec: str | None = None) -> float:
     """Patches/s of the training loader over ``shards`` (or ``spec``, the same shards elsewhere)."""
-    cfg = StreamConfig(shards=spec or str(shards), splits=splits_of(shards), patch_size=PATCH, quality=str(QUALITY),
-                       resampled=True)  # a continuous stream however small the set; default buffer (1000)
+    cfg = StreamConfig(
+        shards=spec or str(shards), splits=splits_of(shards), patch_size=PATCH, quality=str(QUALITY), resampled=True
+    )  # a continuous stream however small the set; default buffer (1000)
     loader = make_train_loader(cfg, batch_size=BATCH, num_workers=workers, epoch_patches=10**6)
     return rate(loader, seconds)
 
@@ -258,8 +295,10 @@ def protocol_rates(shards: Path, seconds: float) -> Optional[dict[str, float]]:
     try:
         http, s3, stop = serve_remote(shards)
     except Exception as exc:  # noqa: BLE001 (moto/s3fs missing or failing: the rows are optional)
-        print(f"note: HTTP/S3 loader rows skipped ({type(exc).__name__}: {exc}); pip install -e '.[dev,s3]'",
-              file=sys.stderr)
+        print(
+            f"note: HTTP/S3 loader rows skipped ({type(exc).__name__}: {exc}); pip install -e '.[dev,s3]'",
+            file=sys.stderr,
+        )
         return None
     specs = {"local": None, "http": http, "s3": s3}
     rates: dict[str, list[float]] = {k: [] for k in specs}
@@ -283,7 +322,7 @@ def epochs_vs_resampled(shards: Path, workers: int, seconds: float, rounds: int 
     resampled = dataclasses.replace(one_pass, resampled=True)
     rates: dict[bool, list[float]] = {False: [], True: []}
     for r in range(rounds):
-        for cfg in (one_pass, resampled)[::1 if r % 2 == 0 else -1]:
+        for cfg in (one_pass, resampled)[:: 1 if r % 2 == 0 else -1]:
             loader = make_train_loader(cfg, batch_size=BATCH, num_workers=workers, epoch_patches=bpe * BATCH)
             rates[cfg.resampled].append(rate(loader, seconds))
             del loader
@@ -295,8 +334,9 @@ def paced(shards: Path, resampled: bool, workers: int, step_s: float, epochs: in
     warm-up one: (patches/s it gets, mean wait for the first batch of an epoch, data-wait fraction)."""
     splits = [s for s in splits_of(shards) if s in ("train", "val")]
     cfg = StreamConfig(shards=str(shards), splits=splits, patch_size=PATCH, quality=str(QUALITY), resampled=resampled)
-    bpe = make_train_loader(dataclasses.replace(cfg, resampled=False), batch_size=BATCH,
-                            num_workers=workers).batches_per_epoch
+    bpe = make_train_loader(
+        dataclasses.replace(cfg, resampled=False), batch_size=BATCH, num_workers=workers
+    ).batches_per_epoch
     loader = make_train_loader(cfg, batch_size=BATCH, num_workers=workers, epoch_patches=bpe * BATCH)
     it = iter(loader)
     for _ in range(bpe):
@@ -320,15 +360,19 @@ def gpu_estimate(per_worker: float, per_worker_ppm: float) -> list[str]:
     fwd = flops_per_pixel(build_model(ModelConfig(preset="default")))
     train_per_patch = 3 * fwd * PATCH * PATCH
     peak = 989e12  # H100 SXM dense bf16 tensor-core peak
-    lines = [f"GPU feed estimate (default model: {fwd / 1e6:.2f} MFLOP/pixel forward, training ~3x = "
-             f"{train_per_patch / 1e9:.1f} GFLOP per {PATCH} px patch; H100 dense bf16 peak 989 TFLOPS):"]
+    lines = [
+        f"GPU feed estimate (default model: {fwd / 1e6:.2f} MFLOP/pixel forward, training ~3x = "
+        f"{train_per_patch / 1e9:.1f} GFLOP per {PATCH} px patch; H100 dense bf16 peak 989 TFLOPS):"
+    ]
     # 64-channel 3x3 convs sit near the H100's compute/bandwidth ridge (~290 FLOP/byte in bf16) and
     # the 1x1 convs, PReLUs and skip adds are bandwidth-bound: 20-35% of peak is a realistic range.
     for util in (0.20, 0.25, 0.35):
         patches = util * peak / train_per_patch
-        lines.append(f"  at {util:.0%} of peak ({util * peak / 1e12:.0f} TFLOPS): {patches:,.0f} patches/s "
-                     f"-> {patches / per_worker:.1f} loader workers on webp shards ({per_worker:.0f}/s each), "
-                     f"{patches / per_worker_ppm:.1f} on ppm shards ({per_worker_ppm:.0f}/s each)")
+        lines.append(
+            f"  at {util:.0%} of peak ({util * peak / 1e12:.0f} TFLOPS): {patches:,.0f} patches/s "
+            f"-> {patches / per_worker:.1f} loader workers on webp shards ({per_worker:.0f}/s each), "
+            f"{patches / per_worker_ppm:.1f} on ppm shards ({per_worker_ppm:.0f}/s each)"
+        )
     lines.append("  (assumption, not measured on a GPU here; bench/train_step.py measures the real step rate)")
     return lines
 
@@ -347,12 +391,15 @@ def main(argv=None) -> int:
 
     files_2k = make_2k_set(args.cache / "div2k_class", args.images)
     files_bsds = bsds_files()
-    sh_2k_default, made_by = build_shards(args.cache / "shards_2k_webp", ["--folder", str(files_2k[0].parent),
-                                          "--val-fraction", "0"], "webp", files_2k)
-    sh_2k_png, _ = build_shards(args.cache / "shards_2k_png", ["--folder", str(files_2k[0].parent),
-                                "--val-fraction", "0"], "png", files_2k)
-    sh_2k_ppm, _ = build_shards(args.cache / "shards_2k_ppm", ["--folder", str(files_2k[0].parent),
-                                "--val-fraction", "0"], "ppm", files_2k)
+    sh_2k_default, made_by = build_shards(
+        args.cache / "shards_2k_webp", ["--folder", str(files_2k[0].parent), "--val-fraction", "0"], "webp", files_2k
+    )
+    sh_2k_png, _ = build_shards(
+        args.cache / "shards_2k_png", ["--folder", str(files_2k[0].parent), "--val-fraction", "0"], "png", files_2k
+    )
+    sh_2k_ppm, _ = build_shards(
+        args.cache / "shards_2k_ppm", ["--folder", str(files_2k[0].parent), "--val-fraction", "0"], "ppm", files_2k
+    )
     sh_bsds, _ = build_shards(args.cache / "shards_bsds_webp", ["--bsds", str(BSDS)], "webp", files_bsds)
     prep = time.perf_counter() - t0
 
@@ -368,8 +415,9 @@ def main(argv=None) -> int:
     aug_crop = augment_rate(files_2k, augment.crop_first, min(sec, 2.0))
     bb = baseline_rate(files_bsds, 0, sec)
     pb = pipeline_rate(sh_bsds, 0, sec)
-    sh_bsr, _ = build_shards(args.cache / "shards_bsds_16", ["--bsds", str(BSDS), "--max-samples", "16"], "webp",
-                             files_bsds)
+    sh_bsr, _ = build_shards(
+        args.cache / "shards_bsds_16", ["--bsds", str(BSDS), "--max-samples", "16"], "webp", files_bsds
+    )
     bpe, one_pass, resampled = epochs_vs_resampled(sh_bsr, 2, sec)
     step_s = BATCH / (0.8 * min(one_pass, resampled))  # a consumer at 80% of what the loader gives
     paced_rows = [(name, *paced(sh_bsr, res, 2, step_s)) for name, res in (("one-pass", False), ("resampled", True))]
@@ -383,29 +431,44 @@ def main(argv=None) -> int:
         ("BSDS500   baseline: whole JPEG file per sample", bb, None, 1.0),
         ("BSDS500   pipeline: webp shards (tile = whole photo)", pb, None, pb / bb),
     ]
-    print(f"loader benchmark: {PATCH} px patches, JPEG q{QUALITY} 4:2:0, batch {BATCH}, rescale p=0.5 "
-          f"{PARAMS.rescale_scales}, rotate p=0.5, patches_per_image 4, shuffle buffer 1000")
-    print(f"data: 2K-class = {len(files_2k)} PNGs 2040x1356 (4x4 mosaics of BSDS500 photos, bicubic); "
-          f"BSDS500 = {len(files_bsds)} JPEGs; shards by {made_by} (512 px tiles); prep {prep:.0f}s")
-    print(f"machine: {os.cpu_count()} cpu(s) (shared); totals use {args.workers} DataLoader workers; "
-          f"{sec:.0f}s windows, steady state (after the first batch)")
+    print(
+        f"loader benchmark: {PATCH} px patches, JPEG q{QUALITY} 4:2:0, batch {BATCH}, rescale p=0.5 "
+        f"{PARAMS.rescale_scales}, rotate p=0.5, patches_per_image 4, shuffle buffer 1000"
+    )
+    print(
+        f"data: 2K-class = {len(files_2k)} PNGs 2040x1356 (4x4 mosaics of BSDS500 photos, bicubic); "
+        f"BSDS500 = {len(files_bsds)} JPEGs; shards by {made_by} (512 px tiles); prep {prep:.0f}s"
+    )
+    print(
+        f"machine: {os.cpu_count()} cpu(s) (shared); totals use {args.workers} DataLoader workers; "
+        f"{sec:.0f}s windows, steady state (after the first batch)"
+    )
     print(f"{'':56s} {'patches/s/worker':>16s} {'total':>9s} {'ratio/worker':>13s}")
     for name, pw, tot, ratio in rows:
         total = f"{tot:9.1f}" if tot is not None else f"{'-':>9s}"
         print(f"{name:56s} {pw:16.1f} {total} {ratio:12.1f}x")
-    print(f"augment only, 512 px tile -> {PATCH} px patch: whole-tile rescale/rotate {aug_whole:.0f}/s, "
-          f"crop-first {aug_crop:.0f}/s ({aug_crop / aug_whole:.1f}x)")
-    print(f"BSDS500 train+val, 16 per shard, 2 workers: one-pass epochs of {bpe} batches {one_pass:.1f} patches/s "
-          f"vs resampled {resampled:.1f} patches/s ({one_pass / resampled:.2f}x)")
+    print(
+        f"augment only, 512 px tile -> {PATCH} px patch: whole-tile rescale/rotate {aug_whole:.0f}/s, "
+        f"crop-first {aug_crop:.0f}/s ({aug_crop / aug_whole:.1f}x)"
+    )
+    print(
+        f"BSDS500 train+val, 16 per shard, 2 workers: one-pass epochs of {bpe} batches {one_pass:.1f} patches/s "
+        f"vs resampled {resampled:.1f} patches/s ({one_pass / resampled:.2f}x)"
+    )
     print(f"  the same, read by a consumer taking {step_s * 1000:.0f} ms per batch (80% of the loader's rate):")
     for name, got, boundary, wait_frac in paced_rows:
-        print(f"  {name:10s} {got:7.1f} patches/s, first batch of an epoch waited {boundary * 1000:6.0f} ms, "
-              f"data wait {wait_frac:.1%}")
+        print(
+            f"  {name:10s} {got:7.1f} patches/s, first batch of an epoch waited {boundary * 1000:6.0f} ms, "
+            f"data wait {wait_frac:.1%}"
+        )
     if remote is not None:
         print("protocol layer, 2K-class webp shards, 1 DataLoader worker, servers on 127.0.0.1 in the bench process:")
         print(f"  {'shards read from':40s} {'patches/s/worker':>16s} {'vs local':>9s}")
-        for name, label in (("local", "local files"), ("http", "http:// (urlio, Python HTTP server)"),
-                            ("s3", "s3:// (urlio + s3fs, moto server)")):
+        for name, label in (
+            ("local", "local files"),
+            ("http", "http:// (urlio, Python HTTP server)"),
+            ("s3", "s3:// (urlio + s3fs, moto server)"),
+        ):
             print(f"  {label:40s} {remote[name]:16.1f} {remote[name] / remote['local']:8.2f}x")
     print(f"pipeline share of the ceiling (per worker, 2K webp): {p2k / ceil:.0%}")
     for line in gpu_estimate(p2k, p2k_ppm):

@@ -18,6 +18,7 @@ channel's, signed).
 
 The last line is ``min_gain_db: <the smallest single/double gain over all qualities>``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,10 +89,22 @@ def main(argv=None) -> int:
             raw_psnr = image_metrics(raw, ref, which=("psnr",))["psnr_rgb"]
             shift = (out.astype(np.float64) - ref).reshape(-1, 3).mean(axis=0)
             jshift = (jpeg.astype(np.float64) - ref).reshape(-1, 3).mean(axis=0)
-            row = {"jpeg_psnr": jm["psnr_rgb"], "psnr": rm["psnr_rgb"], "raw_psnr": raw_psnr,
-                   "jpeg_ssim": jm["ssim_rgb"], "ssim": rm["ssim_rgb"], "jpeg_psnrb": jm["psnrb_rgb"],
-                   "psnrb": rm["psnrb_rgb"], "shift_r": shift[0], "shift_g": shift[1], "shift_b": shift[2],
-                   "jpeg_shift_r": jshift[0], "jpeg_shift_g": jshift[1], "jpeg_shift_b": jshift[2], "images": 1}
+            row = {
+                "jpeg_psnr": jm["psnr_rgb"],
+                "psnr": rm["psnr_rgb"],
+                "raw_psnr": raw_psnr,
+                "jpeg_ssim": jm["ssim_rgb"],
+                "ssim": rm["ssim_rgb"],
+                "jpeg_psnrb": jm["psnrb_rgb"],
+                "psnrb": rm["psnrb_rgb"],
+                "shift_r": shift[0],
+                "shift_g": shift[1],
+                "shift_b": shift[2],
+                "jpeg_shift_r": jshift[0],
+                "jpeg_shift_g": jshift[1],
+                "jpeg_shift_b": jshift[2],
+                "images": 1,
+            }
             acc = sums.setdefault((kind, q), {k: 0.0 for k in row})
             for k, v in row.items():
                 acc[k] += float(v)
@@ -101,30 +114,52 @@ def main(argv=None) -> int:
         n = acc.pop("images")
         m = {k: v / n for k, v in acc.items()}
         shift = max((m["shift_r"], m["shift_g"], m["shift_b"]), key=abs)
-        table.append({"case": kind, "quality": q, "images": int(n), "jpeg_psnr": m["jpeg_psnr"], "psnr": m["psnr"],
-                      "gain": m["psnr"] - m["jpeg_psnr"], "raw_gain": m["raw_psnr"] - m["jpeg_psnr"],
-                      "jpeg_ssim": m["jpeg_ssim"], "ssim": m["ssim"], "jpeg_psnrb": m["jpeg_psnrb"], "psnrb": m["psnrb"],
-                      "colour_shift": shift, "colour_shift_rgb": [m["shift_r"], m["shift_g"], m["shift_b"]],
-                      "jpeg_colour_shift_rgb": [m["jpeg_shift_r"], m["jpeg_shift_g"], m["jpeg_shift_b"]]})
-    print(f"\n{restorer.describe()}; {device}, {precision.value}; BSDS500 {args.split}, RGB, no border crop; "
-          f"double = q{FIRST_QUALITY} then cropped {CROP} px then q; {seconds / 60:.1f} min")
+        table.append(
+            {
+                "case": kind,
+                "quality": q,
+                "images": int(n),
+                "jpeg_psnr": m["jpeg_psnr"],
+                "psnr": m["psnr"],
+                "gain": m["psnr"] - m["jpeg_psnr"],
+                "raw_gain": m["raw_psnr"] - m["jpeg_psnr"],
+                "jpeg_ssim": m["jpeg_ssim"],
+                "ssim": m["ssim"],
+                "jpeg_psnrb": m["jpeg_psnrb"],
+                "psnrb": m["psnrb"],
+                "colour_shift": shift,
+                "colour_shift_rgb": [m["shift_r"], m["shift_g"], m["shift_b"]],
+                "jpeg_colour_shift_rgb": [m["jpeg_shift_r"], m["jpeg_shift_g"], m["jpeg_shift_b"]],
+            }
+        )
+    print(
+        f"\n{restorer.describe()}; {device}, {precision.value}; BSDS500 {args.split}, RGB, no border crop; "
+        f"double = q{FIRST_QUALITY} then cropped {CROP} px then q; {seconds / 60:.1f} min"
+    )
     print("| case | q | images | JPEG dB | restored dB | gain | raw net gain | SSIM | PSNR-B dB | colour shift |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---|---:|")
     for r in table:
-        print(f"| {r['case']} | {r['quality']} | {r['images']} | {r['jpeg_psnr']:.2f} | {r['psnr']:.2f} | "
-              f"{r['gain']:+.2f} | {r['raw_gain']:+.2f} | {r['jpeg_ssim']:.3f} -> {r['ssim']:.3f} | "
-              f"{r['jpeg_psnrb']:.2f} -> {r['psnrb']:.2f} | {r['colour_shift']:+.2f} |")
+        print(
+            f"| {r['case']} | {r['quality']} | {r['images']} | {r['jpeg_psnr']:.2f} | {r['psnr']:.2f} | "
+            f"{r['gain']:+.2f} | {r['raw_gain']:+.2f} | {r['jpeg_ssim']:.3f} -> {r['ssim']:.3f} | "
+            f"{r['jpeg_psnrb']:.2f} -> {r['psnrb']:.2f} | {r['colour_shift']:+.2f} |"
+        )
     if args.json:
         from restorer.fsutil import atomic_write_text
 
-        doc = {"protocol": {"images": f"BSDS500 {args.split} ({len(refs)} images; double rows: first "
-                                      f"{min(len(refs), args.double_limit)})",
-                            "metric": "RGB, 8-bit peak 255, no border crop, mean of per-image values",
-                            "jpeg": "Pillow, 4:2:0, baseline",
-                            "double": f"q{FIRST_QUALITY}, crop {CROP} px top/left, then q",
-                            "restored": "model, then projection onto the JPEG's quantisation set",
-                            "device": str(device), "precision": precision.value},
-               "rows": table}
+        doc = {
+            "protocol": {
+                "images": f"BSDS500 {args.split} ({len(refs)} images; double rows: first "
+                f"{min(len(refs), args.double_limit)})",
+                "metric": "RGB, 8-bit peak 255, no border crop, mean of per-image values",
+                "jpeg": "Pillow, 4:2:0, baseline",
+                "double": f"q{FIRST_QUALITY}, crop {CROP} px top/left, then q",
+                "restored": "model, then projection onto the JPEG's quantisation set",
+                "device": str(device),
+                "precision": precision.value,
+            },
+            "rows": table,
+        }
         atomic_write_text(args.json, json.dumps(doc, indent=1) + "\n")
     print(f"min_gain_db: {min(r['gain'] for r in table):+.3f}")
     return 0

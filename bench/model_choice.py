@@ -19,6 +19,7 @@ parameters, MFLOP per pixel and training patches/s.
 
 The last line is ``best: NAME gain_q10: +X.XX dB (vs default: +Y.YY dB)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,31 @@ CANDIDATES = [
     ("unet-tiny l1", ["--preset", "unet-tiny", "--loss", "l1"]),
     ("unet-tiny charbonnier", ["--preset", "unet-tiny", "--loss", "charbonnier"]),
 ]
-COMMON = ["--quality", "10-40", "--condition-on-quality", "true", "--lr", "1e-3", "--ema-decay", "0.995",
-          "--tracker", "none", "--val-qualities", "10", "40", "--resume", "none", "--keep-checkpoints", "1",
-          "--mixed-precision", "auto", "--channels-last", "auto", "--compile", "auto"]
+COMMON = [
+    "--quality",
+    "10-40",
+    "--condition-on-quality",
+    "true",
+    "--lr",
+    "1e-3",
+    "--ema-decay",
+    "0.995",
+    "--tracker",
+    "none",
+    "--val-qualities",
+    "10",
+    "40",
+    "--resume",
+    "none",
+    "--keep-checkpoints",
+    "1",
+    "--mixed-precision",
+    "auto",
+    "--channels-last",
+    "auto",
+    "--compile",
+    "auto",
+]
 SETUP = {  # per hardware: patch size, batch per process, processes, loader workers
     "cpu": {"patch": 64, "batch": 8, "procs": 2, "workers": 1},
     "gpu": {"patch": 128, "batch": 64, "procs": 1, "workers": 12},
@@ -53,13 +76,32 @@ SETUP = {  # per hardware: patch size, batch per process, processes, loader work
 def launch(args: list[str], log: Path, hw: str) -> float:
     setup = SETUP[hw]
     if hw == "cpu":
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "launch/accelerate/cpu2.yaml"), str(REPO / "launch/train.py"), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "launch/accelerate/cpu2.yaml"),
+            str(REPO / "launch/train.py"),
+            *args,
+        ]
         env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(setup["procs"]),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(REPO / "launch/train.py"), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(setup["procs"]),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(REPO / "launch/train.py"),
+            *args,
+        ]
         env = dict(os.environ)
     t0 = time.perf_counter()
     with open(log, "w") as fh:
@@ -81,9 +123,29 @@ def rows(run_dir: Path) -> list[dict]:
 
 def evaluate(weights: Path, images: Path, out: Path, limit: int | None, device: str) -> dict[int, tuple[float, float]]:
     """{quality: (JPEG PSNR, restored PSNR)} from ``restorer eval`` on the test split."""
-    cmd = [sys.executable, "-m", "restorer.cli", "eval", "--weights", str(weights), "--images", str(images),
-           "--split", "test", "--quality", "10", "40", "--metrics", "psnr", "--no-projection", "--no-progress",
-           "--device", device, "--json", str(out)] + (["--limit", str(limit)] if limit else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "restorer.cli",
+        "eval",
+        "--weights",
+        str(weights),
+        "--images",
+        str(images),
+        "--split",
+        "test",
+        "--quality",
+        "10",
+        "40",
+        "--metrics",
+        "psnr",
+        "--no-projection",
+        "--no-progress",
+        "--device",
+        device,
+        "--json",
+        str(out),
+    ] + (["--limit", str(limit)] if limit else [])
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     means = json.loads(out.read_text())["mean"]
     return {int(r["quality"]): (r["jpeg_psnr_rgb"], r["restored_psnr_rgb"]) for r in means}
@@ -92,8 +154,11 @@ def evaluate(weights: Path, images: Path, out: Path, limit: int | None, device: 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", default="data/bsr", help="BSDS500 shards with train, val and test splits")
-    parser.add_argument("--images", default=str(REPO.parent / "shared/datasets/BSR"),
-                        help="BSR root (BSDS500 test images for the evaluation)")
+    parser.add_argument(
+        "--images",
+        default=str(REPO.parent / "shared/datasets/BSR"),
+        help="BSR root (BSDS500 test images for the evaluation)",
+    )
     parser.add_argument("--minutes", type=float, default=3.0, help="training budget per candidate")
     parser.add_argument("--gpu", action="store_true", help="one CUDA GPU instead of 2 CPU processes")
     parser.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N test images")
@@ -103,10 +168,27 @@ def main() -> int:
     args = parser.parse_args()
     hw = "gpu" if args.gpu else "cpu"
     setup = SETUP[hw]
-    data = ["--shards", str(Path(args.shards).resolve()), "--train-splits", "train", "val", "--val-split", "test",
-            "--patch-size", str(setup["patch"]), "--batch-size", str(setup["batch"]),
-            "--num-workers", str(setup["workers"]), "--patches-per-image", "8", "--flip-p", "0.5",
-            "--val-crop", "128"]
+    data = [
+        "--shards",
+        str(Path(args.shards).resolve()),
+        "--train-splits",
+        "train",
+        "val",
+        "--val-split",
+        "test",
+        "--patch-size",
+        str(setup["patch"]),
+        "--batch-size",
+        str(setup["batch"]),
+        "--num-workers",
+        str(setup["workers"]),
+        "--patches-per-image",
+        "8",
+        "--flip-p",
+        "0.5",
+        "--val-crop",
+        "128",
+    ]
     if hw == "gpu":
         data += ["--resampled", "true"]
     patches_per_step = setup["batch"] * setup["procs"]
@@ -122,39 +204,100 @@ def main() -> int:
         shutil.rmtree(probe_dir, ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)
         n = args.probe_steps
-        launch([*data, *COMMON, *flags, "--run-dir", str(probe_dir), "--max-steps", str(n), "--warmup-steps", "5",
-                "--log-every", str(n // 4), "--val-every", str(10 * n), "--save-every", str(10 * n)],
-               args.out / f"{slug}-probe.log", hw)
+        launch(
+            [
+                *data,
+                *COMMON,
+                *flags,
+                "--run-dir",
+                str(probe_dir),
+                "--max-steps",
+                str(n),
+                "--warmup-steps",
+                "5",
+                "--log-every",
+                str(n // 4),
+                "--val-every",
+                str(10 * n),
+                "--save-every",
+                str(10 * n),
+            ],
+            args.out / f"{slug}-probe.log",
+            hw,
+        )
         speeds = [r["perf/patches_per_s"] for r in rows(probe_dir) if "perf/patches_per_s" in r]
         patches_per_s = max(speeds[1:] or speeds)  # the first window includes start-up and compiling
         steps = max(50, int(patches_per_s * args.minutes * 60 / patches_per_step))
         print(f"{name}: {patches_per_s:.1f} patches/s -> {steps} steps for {args.minutes:g} min", flush=True)
-        seconds = launch([*data, *COMMON, *flags, "--run-dir", str(run_dir), "--max-steps", str(steps),
-                          "--warmup-steps", str(max(10, steps // 20)), "--log-every", str(max(1, steps // 20)),
-                          "--val-every", str(10 * steps), "--save-every", str(steps)], args.out / f"{slug}.log", hw)
-        scores = evaluate(run_dir / "model.safetensors", Path(args.images), args.out / f"{slug}-eval.json",
-                          args.eval_images, "cuda" if hw == "gpu" else "cpu")
+        seconds = launch(
+            [
+                *data,
+                *COMMON,
+                *flags,
+                "--run-dir",
+                str(run_dir),
+                "--max-steps",
+                str(steps),
+                "--warmup-steps",
+                str(max(10, steps // 20)),
+                "--log-every",
+                str(max(1, steps // 20)),
+                "--val-every",
+                str(10 * steps),
+                "--save-every",
+                str(steps),
+            ],
+            args.out / f"{slug}.log",
+            hw,
+        )
+        scores = evaluate(
+            run_dir / "model.safetensors",
+            Path(args.images),
+            args.out / f"{slug}-eval.json",
+            args.eval_images,
+            "cuda" if hw == "gpu" else "cpu",
+        )
         info = json.loads((run_dir / "model.json").read_text())["model"]
         model = build_model(ModelConfig(**info))
-        results.append({"name": name, "params": count_parameters(model), "mflop_px": flops_per_pixel(model) / 1e6,
-                        "patches_per_s": patches_per_s, "steps": steps, "seconds": seconds,
-                        "jpeg_q10": scores[10][0], "psnr_q10": scores[10][1], "gain_q10": scores[10][1] - scores[10][0],
-                        "jpeg_q40": scores[40][0], "psnr_q40": scores[40][1], "gain_q40": scores[40][1] - scores[40][0]})
+        results.append(
+            {
+                "name": name,
+                "params": count_parameters(model),
+                "mflop_px": flops_per_pixel(model) / 1e6,
+                "patches_per_s": patches_per_s,
+                "steps": steps,
+                "seconds": seconds,
+                "jpeg_q10": scores[10][0],
+                "psnr_q10": scores[10][1],
+                "gain_q10": scores[10][1] - scores[10][0],
+                "jpeg_q40": scores[40][0],
+                "psnr_q40": scores[40][1],
+                "gain_q40": scores[40][1] - scores[40][0],
+            }
+        )
         print(json.dumps(results[-1]), flush=True)
     (args.out / f"results-{hw}.json").write_text(json.dumps(results, indent=2) + "\n")
     n_images = args.eval_images or 200
-    print(f"\n{args.minutes:g} min per candidate on {'one GPU' if hw == 'gpu' else '2 CPU processes'}, "
-          f"{setup['patch']} px patches, batch {setup['procs']}x{setup['batch']}, q10-40 conditioned, precision/compile "
-          f"auto; eval: BSDS500 test, {n_images} whole images, RGB PSNR, no border crop, raw model output")
-    print(f"{'candidate':<22} {'params':>9} {'MFLOP/px':>8} {'patch/s':>8} {'steps':>6} "
-          f"{'q10 dB':>7} {'gain':>6} {'q40 dB':>7} {'gain':>6}")
+    print(
+        f"\n{args.minutes:g} min per candidate on {'one GPU' if hw == 'gpu' else '2 CPU processes'}, "
+        f"{setup['patch']} px patches, batch {setup['procs']}x{setup['batch']}, q10-40 conditioned, precision/compile "
+        f"auto; eval: BSDS500 test, {n_images} whole images, RGB PSNR, no border crop, raw model output"
+    )
+    print(
+        f"{'candidate':<22} {'params':>9} {'MFLOP/px':>8} {'patch/s':>8} {'steps':>6} "
+        f"{'q10 dB':>7} {'gain':>6} {'q40 dB':>7} {'gain':>6}"
+    )
     for r in results:
-        print(f"{r['name']:<22} {r['params']:>9,} {r['mflop_px']:>8.2f} {r['patches_per_s']:>8.1f} {r['steps']:>6} "
-              f"{r['psnr_q10']:>7.2f} {r['gain_q10']:>+6.2f} {r['psnr_q40']:>7.2f} {r['gain_q40']:>+6.2f}")
+        print(
+            f"{r['name']:<22} {r['params']:>9,} {r['mflop_px']:>8.2f} {r['patches_per_s']:>8.1f} {r['steps']:>6} "
+            f"{r['psnr_q10']:>7.2f} {r['gain_q10']:>+6.2f} {r['psnr_q40']:>7.2f} {r['gain_q40']:>+6.2f}"
+        )
     best = max(results, key=lambda r: r["gain_q10"])
     base = next((r for r in results if r["name"] == "default mse"), None)
-    print(f"best: {best['name']} gain_q10: {best['gain_q10']:+.2f} dB"
-          + (f" (vs default: {base['gain_q10']:+.2f} dB)" if base else ""))
+    print(
+        f"best: {best['name']} gain_q10: {best['gain_q10']:+.2f} dB"
+        + (f" (vs default: {base['gain_q10']:+.2f} dB)" if base else "")
+    )
     return 0
 
 

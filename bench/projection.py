@@ -22,6 +22,7 @@ projected restoration over the JPEG (>= 0 means never worse than the JPEG, on av
   python bench/projection.py --limit 20 --qualities 10 50 90       # quicker
   python bench/projection.py --weights runs/demo/model.safetensors --limit 50
 """
+
 from __future__ import annotations
 
 import argparse
@@ -113,8 +114,11 @@ def big_photo_seconds(subsampling: str) -> tuple[float, float, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 4)[-1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n\n", 4)[-1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of reference images (default BSDS500 test)")
     p.add_argument("--limit", type=int, default=0, help="first N images (sorted; 0 = all)")
     p.add_argument("--qualities", type=int, nargs="+", default=list(range(10, 100, 10)))
@@ -131,10 +135,12 @@ def main(argv=None) -> int:
     from restorer.infer.projection import project, read_coefficients
 
     folder = Path(args.images)
-    files = sorted(f for f in folder.glob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png")) if folder.is_dir() else []
+    files = (
+        sorted(f for f in folder.glob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png")) if folder.is_dir() else []
+    )
     if not files:
         sys.exit(f"error: {folder}: no reference images (BSDS500 absent? pass --images)")
-    files = files[:args.limit] if args.limit else files
+    files = files[: args.limit] if args.limit else files
     restore, label = model_restorer(args.weights, args.device) if args.weights else standin(args.sigma)
 
     warm = np.zeros((16, 16, 3), np.uint8)  # imports (torch, jpeglib) outside the timed calls
@@ -153,23 +159,35 @@ def main(argv=None) -> int:
             t1 = time.perf_counter()
             projected = project(restored, coefs)
             t2 = time.perf_counter()
-            t_read, t_proj, megapixels = t_read + t1 - t0, t_proj + t2 - t1, megapixels + ref.shape[0] * ref.shape[1] / 1e6
+            t_read, t_proj, megapixels = (
+                t_read + t1 - t0,
+                t_proj + t2 - t1,
+                megapixels + ref.shape[0] * ref.shape[1] / 1e6,
+            )
             for name, img in (("jpeg", jpeg), ("restored", restored), ("projected", projected)):
                 rows[q][name].append(psnr(img, ref))
 
-    print(f"\n{len(files)} images from {folder}, Pillow JPEG {args.subsampling}; RGB PSNR (8-bit, no crop), "
-          f"mean of per-image values\nrestoration = {label}")
-    print(f"{'q':>4} {'JPEG':>7} {'restored':>9} {'+proj':>7} {'restored-JPEG':>14} {'+proj-JPEG':>11} {'proj gain':>10}")
+    print(
+        f"\n{len(files)} images from {folder}, Pillow JPEG {args.subsampling}; RGB PSNR (8-bit, no crop), "
+        f"mean of per-image values\nrestoration = {label}"
+    )
+    print(
+        f"{'q':>4} {'JPEG':>7} {'restored':>9} {'+proj':>7} {'restored-JPEG':>14} {'+proj-JPEG':>11} {'proj gain':>10}"
+    )
     worst = float("inf")
     for q in args.qualities:
         j, r, pr = (float(np.mean(rows[q][k])) for k in ("jpeg", "restored", "projected"))
         worst = min(worst, pr - j)
         print(f"{q:>4} {j:7.2f} {r:9.2f} {pr:7.2f} {r - j:+14.2f} {pr - j:+11.2f} {pr - r:+10.2f}")
-    print(f"speed on BSDS images: read_coefficients {t_read / megapixels:.3f} s/MP, project {t_proj / megapixels:.3f} s/MP")
+    print(
+        f"speed on BSDS images: read_coefficients {t_read / megapixels:.3f} s/MP, project {t_proj / megapixels:.3f} s/MP"
+    )
     if not args.no_big:
         read_s, proj_s, dec_s = big_photo_seconds(args.subsampling)
-        print(f"24 MP photo (6000x4000, q80, {args.subsampling}): read_coefficients {read_s:.2f} s, project "
-              f"{proj_s:.2f} s ({proj_s / 24:.3f} s/MP); Pillow's own decode of it {dec_s:.2f} s")
+        print(
+            f"24 MP photo (6000x4000, q80, {args.subsampling}): read_coefficients {read_s:.2f} s, project "
+            f"{proj_s:.2f} s ({proj_s / 24:.3f} s/MP); Pillow's own decode of it {dec_s:.2f} s"
+        )
     print(f"projected_minus_jpeg_worst_db: {worst:.2f}")
     return 0
 

@@ -26,6 +26,7 @@ The last line is ``restore_cpu_mpix_per_s: <value>`` (default preset, tiled, fp3
   python bench/restore.py --threads 1     # torch threads in every child
   python bench/restore.py --packaged      # the shipped models on a 24 MP JPEG, as `restore` runs them
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,9 +72,16 @@ def child(args) -> None:
     for p in model.parameters():  # fixed-seed weights; the tail non-zero so the net is not the identity
         torch.nn.init.normal_(p, std=0.02)
     device = torch.device(args.device)
-    r = Restorer(model.to(device).eval(), {"model": {"in_channels": 3}}, Path(args.preset), device,
-                 args.tile, None, "bf16" if args.bf16 else "fp32",
-                 {"auto": None, "true": True, "false": False}[args.channels_last])
+    r = Restorer(
+        model.to(device).eval(),
+        {"model": {"in_channels": 3}},
+        Path(args.preset),
+        device,
+        args.tile,
+        None,
+        "bf16" if args.bf16 else "fp32",
+        {"auto": None, "true": True, "false": False}[args.channels_last],
+    )
     w, h = (int(v) for v in args.size.split("x"))
     img = jpeg_roundtrip(photo_like(w, h), 30)
     r.restore(img[:128, :128], 30, tile=args.tile)  # warm-up (kernel selection)
@@ -88,7 +96,7 @@ def child(args) -> None:
         np.save(args.save, out)
     res = {"seconds": dt, "mpix_per_s": w * h / 1e6 / dt, "threads": torch.get_num_threads()}
     if device.type == "cuda":
-        res["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        res["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(res))
 
 
@@ -108,7 +116,9 @@ def measured(cmd: list[str], env: dict) -> tuple[int, str, str, float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--full", action="store_true", help="24 MP case with the default preset (slow on CPU)")
-    ap.add_argument("--packaged", action="store_true", help="only the shipped models on a 24 MP JPEG, as users run them")
+    ap.add_argument(
+        "--packaged", action="store_true", help="only the shipped models on a 24 MP JPEG, as users run them"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
     ap.add_argument("--size", default="1024x768", help="image size of the speed cases")
     ap.add_argument("--tile", type=int, default=512)
@@ -129,34 +139,74 @@ def main() -> int:
 
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     threads = ["--threads", str(args.threads)] if args.threads else []
-    print(f"# restore bench: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
-          f"cuda {'yes: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}")
+    print(
+        f"# restore bench: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
+        f"cuda {'yes: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}"
+    )
     if args.packaged:
         return packaged_models(env, threads)
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="bench_restore_"))
     # (name, device, tile, bf16, channels_last): "auto" = restorer.hardware's rule for the device/precision
-    cases = [("cpu_untiled", "cpu", 0, False, "auto"), ("cpu_tiled", "cpu", args.tile, False, "auto"),
-             ("cpu_tiled_nhwc", "cpu", args.tile, False, "true"), ("cpu_tiled_bf16", "cpu", args.tile, True, "auto")]
+    cases = [
+        ("cpu_untiled", "cpu", 0, False, "auto"),
+        ("cpu_tiled", "cpu", args.tile, False, "auto"),
+        ("cpu_tiled_nhwc", "cpu", args.tile, False, "true"),
+        ("cpu_tiled_bf16", "cpu", args.tile, True, "auto"),
+    ]
     if torch.cuda.is_available():
         cases += [("cuda_untiled", "cuda", 0, False, "auto"), ("cuda_tiled", "cuda", args.tile, False, "auto")]
     outputs = {}
     for name, device, tile, bf16, nhwc in cases:
         size = args.size if device == "cpu" else "2304x1728"
         save = tmp / f"{name}.npy"
-        cmd = [sys.executable, __file__, "--case", "--preset", "default", "--device", device, "--tile", str(tile),
-               "--size", size, "--save", str(save), "--channels-last", nhwc] + threads + (["--bf16"] if bf16 else [])
+        cmd = (
+            [
+                sys.executable,
+                __file__,
+                "--case",
+                "--preset",
+                "default",
+                "--device",
+                device,
+                "--tile",
+                str(tile),
+                "--size",
+                size,
+                "--save",
+                str(save),
+                "--channels-last",
+                nhwc,
+            ]
+            + threads
+            + (["--bf16"] if bf16 else [])
+        )
         code, out, err, wall, rss = measured(cmd, env)
         if code != 0:
             print(f"{name}: FAILED ({err.strip().splitlines()[-1] if err.strip() else code})")
             continue
         res = json.loads(out.strip().splitlines()[-1])
         outputs[name] = save
-        rows.append((name, "default", size, tile or "-", "bf16" if bf16 else "fp32", res["mpix_per_s"],
-                     res["seconds"], rss, res.get("cuda_peak_mib")))
+        rows.append(
+            (
+                name,
+                "default",
+                size,
+                tile or "-",
+                "bf16" if bf16 else "fp32",
+                res["mpix_per_s"],
+                res["seconds"],
+                rss,
+                res.get("cuda_peak_mib"),
+            )
+        )
     diffs = {}
-    for a, b in (("cpu_untiled", "cpu_tiled"), ("cpu_untiled", "cpu_tiled_nhwc"), ("cuda_untiled", "cuda_tiled"),
-                 ("cpu_untiled", "cpu_tiled_bf16")):
+    for a, b in (
+        ("cpu_untiled", "cpu_tiled"),
+        ("cpu_untiled", "cpu_tiled_nhwc"),
+        ("cuda_untiled", "cuda_tiled"),
+        ("cpu_untiled", "cpu_tiled_bf16"),
+    ):
         if a in outputs and b in outputs:
             diffs[b] = int(np.abs(np.load(outputs[a]).astype(np.int16) - np.load(outputs[b]).astype(np.int16)).max())
 
@@ -175,20 +225,40 @@ def main() -> int:
     weights = export_weights(model, cfg, tmp / "w", facts={"quality": "10-90"})
     big = tmp / "big.jpg"
     Image.fromarray(photo_like(6000, 4000)).save(big, quality=30)
-    cmd = [sys.executable, "-m", "restorer.cli", "restore", str(big), "-o", str(tmp / "big.png"), "--weights",
-           str(weights), "--device", "cpu", "--tile", str(args.tile), "--precision", "fp32", "--no-progress"] + threads
+    cmd = [
+        sys.executable,
+        "-m",
+        "restorer.cli",
+        "restore",
+        str(big),
+        "-o",
+        str(tmp / "big.png"),
+        "--weights",
+        str(weights),
+        "--device",
+        "cpu",
+        "--tile",
+        str(args.tile),
+        "--precision",
+        "fp32",
+        "--no-progress",
+    ] + threads
     code, out, err, wall, rss = measured(cmd, env)
     if code == 0:
         rows.append(("cli_24mp", big_preset, "6000x4000", args.tile, "fp32", 24.0 / wall, wall, rss, None))
     else:
         print(f"cli_24mp: FAILED ({err.strip().splitlines()[-1] if err.strip() else code})")
 
-    print(f"{'case':<16} {'preset':<8} {'size':<10} {'tile':>5} {'dtype':<5} {'Mpix/s':>8} {'seconds':>8} "
-          f"{'peak RSS MiB':>13} {'max |diff| vs untiled':>22}")
+    print(
+        f"{'case':<16} {'preset':<8} {'size':<10} {'tile':>5} {'dtype':<5} {'Mpix/s':>8} {'seconds':>8} "
+        f"{'peak RSS MiB':>13} {'max |diff| vs untiled':>22}"
+    )
     for name, preset, size, tile, dtype, mps, sec, rss, cuda_mib in rows:
         extra = f"{diffs[name]:>22}" if name in diffs else f"{'':>22}"
         cuda = f"  (GPU peak {cuda_mib:.0f} MiB)" if cuda_mib else ""
-        print(f"{name:<16} {preset:<8} {size:<10} {tile!s:>5} {dtype:<5} {mps:>8.3f} {sec:>8.1f} {rss:>13.0f} {extra}{cuda}")
+        print(
+            f"{name:<16} {preset:<8} {size:<10} {tile!s:>5} {dtype:<5} {mps:>8.3f} {sec:>8.1f} {rss:>13.0f} {extra}{cuda}"
+        )
     print("(cli_24mp: end to end incl. JPEG decode and PNG encode; peak RSS of the whole `restorer restore` process)")
     import shutil
 
@@ -212,8 +282,20 @@ def packaged_models(env: dict, threads: list[str]) -> int:
     Image.fromarray(photo_like(6000, 4000)).save(big, quality=30)
     rows = {}
     for name in names:
-        cmd = [sys.executable, "-m", "restorer.cli", "restore", str(big), "-o", str(tmp / f"{name}.png"),
-               "--weights", name, "--device", "cpu", "--no-progress"] + threads
+        cmd = [
+            sys.executable,
+            "-m",
+            "restorer.cli",
+            "restore",
+            str(big),
+            "-o",
+            str(tmp / f"{name}.png"),
+            "--weights",
+            name,
+            "--device",
+            "cpu",
+            "--no-progress",
+        ] + threads
         code, out, err, wall, rss = measured(cmd, env)
         if code != 0:
             print(f"{name}: FAILED ({err.strip().splitlines()[-1] if err.strip() else code})")

@@ -9,6 +9,7 @@
 
 Last line: ``shards_images_per_s_2workers: <value>``.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,8 +32,7 @@ from shard_tools.sources import DEFAULT_TRAIN, DEFAULT_VAL, skimage_data_dir  # 
 BSR = Path(os.environ.get("BSR", REPO.parent / "shared" / "datasets" / "BSR"))
 
 ENCODERS = {
-    "webp lossless m0 (chosen)": lambda im, b: im.save(b, "WEBP", lossless=True, quality=0,
-                                                         method=0, exact=True),
+    "webp lossless m0 (chosen)": lambda im, b: im.save(b, "WEBP", lossless=True, quality=0, method=0, exact=True),
     "webp lossless m4": lambda im, b: im.save(b, "WEBP", lossless=True, quality=50, method=4),
     "png level 1": lambda im, b: im.save(b, "PNG", compress_level=1),
     "png level 6": lambda im, b: im.save(b, "PNG", compress_level=6),
@@ -50,9 +50,14 @@ def bench_build(workers: int) -> dict:
         images = sum(sum(per.values()) for per in m["sources"].values())
         out_bytes = sum(s["bytes"] for info in m["splits"].values() for s in info["shards"])
     in_bytes = sum(p.stat().st_size for p in (BSR / "BSDS500/data/images").rglob("*.jpg"))
-    return {"workers": workers, "seconds": dt, "images": images,
-            "images_per_s": images / dt, "in_mb_per_s": in_bytes / 1e6 / dt,
-            "out_mb_per_s": out_bytes / 1e6 / dt}
+    return {
+        "workers": workers,
+        "seconds": dt,
+        "images": images,
+        "images_per_s": images / dt,
+        "in_mb_per_s": in_bytes / 1e6 / dt,
+        "out_mb_per_s": out_bytes / 1e6 / dt,
+    }
 
 
 def tiles_512() -> list[Image.Image]:
@@ -85,16 +90,21 @@ def bench_encodings(repeats: int = 5) -> list[dict]:
             blobs.append(b.getvalue())
         enc_s = time.perf_counter() - t0
         for blob, t in zip(blobs, tiles):  # lossless check
-            assert np.array_equal(np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")),
-                                  np.asarray(t)), name
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")), np.asarray(t)), name
         t0 = time.perf_counter()
         for _ in range(repeats):
             for blob in blobs:
                 Image.open(io.BytesIO(blob)).convert("RGB").load()
         dec_s = (time.perf_counter() - t0) / repeats
-        rows.append({"name": name, "decode_ms": dec_s / len(tiles) * 1e3,
-                     "encode_ms": enc_s / len(tiles) * 1e3,
-                     "bytes_per_px": sum(map(len, blobs)) / px, "tiles": len(tiles)})
+        rows.append(
+            {
+                "name": name,
+                "decode_ms": dec_s / len(tiles) * 1e3,
+                "encode_ms": enc_s / len(tiles) * 1e3,
+                "bytes_per_px": sum(map(len, blobs)) / px,
+                "tiles": len(tiles),
+            }
+        )
     return rows
 
 
@@ -111,23 +121,28 @@ def main() -> int:
             with contextlib.redirect_stdout(io.StringIO()):
                 builds.append(bench_build(w))
         print("\n## build real BSDS500 (500 images, webp tiles of 512 px)")
-        print(f"{'workers':>7} {'seconds':>8} {'images/s':>9} {'in MB/s':>8} {'out MB/s':>9} "
-              f"{'speedup':>8}")
+        print(f"{'workers':>7} {'seconds':>8} {'images/s':>9} {'in MB/s':>8} {'out MB/s':>9} {'speedup':>8}")
         for b in builds:
-            print(f"{b['workers']:>7} {b['seconds']:>8.2f} {b['images_per_s']:>9.1f} "
-                  f"{b['in_mb_per_s']:>8.2f} {b['out_mb_per_s']:>9.2f} "
-                  f"{b['images_per_s'] / builds[0]['images_per_s']:>7.2f}x")
+            print(
+                f"{b['workers']:>7} {b['seconds']:>8.2f} {b['images_per_s']:>9.1f} "
+                f"{b['in_mb_per_s']:>8.2f} {b['out_mb_per_s']:>9.2f} "
+                f"{b['images_per_s'] / builds[0]['images_per_s']:>7.2f}x"
+            )
     else:
         print(f"\n(BSDS500 not found at {BSR}: build timing skipped; set BSR=/path/to/BSR)")
     rows = bench_encodings()
     base = rows[0]
     print(f"\n## lossless encodings, 512 px RGB tiles of real photos ({base['tiles']} tiles)")
-    print(f"{'encoding':<26} {'decode ms':>9} {'x chosen':>8} {'encode ms':>9} {'x chosen':>8} "
-          f"{'bytes/px':>8} {'x chosen':>8}")
+    print(
+        f"{'encoding':<26} {'decode ms':>9} {'x chosen':>8} {'encode ms':>9} {'x chosen':>8} "
+        f"{'bytes/px':>8} {'x chosen':>8}"
+    )
     for r in rows:
-        print(f"{r['name']:<26} {r['decode_ms']:>9.2f} {r['decode_ms'] / base['decode_ms']:>8.2f} "
-              f"{r['encode_ms']:>9.1f} {r['encode_ms'] / base['encode_ms']:>8.2f} "
-              f"{r['bytes_per_px']:>8.3f} {r['bytes_per_px'] / base['bytes_per_px']:>8.2f}")
+        print(
+            f"{r['name']:<26} {r['decode_ms']:>9.2f} {r['decode_ms'] / base['decode_ms']:>8.2f} "
+            f"{r['encode_ms']:>9.1f} {r['encode_ms'] / base['encode_ms']:>8.2f} "
+            f"{r['bytes_per_px']:>8.3f} {r['bytes_per_px'] / base['bytes_per_px']:>8.2f}"
+        )
     print()
     if builds:
         print(f"shards_images_per_s_2workers: {builds[-1]['images_per_s']:.1f}")

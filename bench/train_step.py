@@ -16,6 +16,7 @@ The process uses torch's thread count as set by OMP_NUM_THREADS (never raised). 
   python bench/train_step.py                      # ~2.5 min on 2 cores
   python bench/train_step.py --patch-size 128 --batch-size 16 --seconds 5 --no-compile
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,20 +37,36 @@ import yaml
 from restorer.model import ModelConfig, build_model, flops_per_pixel
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = {"fp32": (False, False), "bf16": (True, False), "channels_last": (False, True),
-            "bf16_channels_last": (True, True)}
+VARIANTS = {
+    "fp32": (False, False),
+    "bf16": (True, False),
+    "channels_last": (False, True),
+    "bf16_channels_last": (True, True),
+}
 # dense bf16 tensor-core peak, FLOP/s (vendor datasheets, SXM parts)
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 
 
 def cpu_recipe() -> ModelConfig:
     cfg = yaml.safe_load((REPO / "launch" / "configs" / "cpu.yaml").read_text())
-    return ModelConfig(preset=cfg.get("preset", "default"), channels=cfg.get("channels"), units=cfg.get("units"),
-                       condition_on_quality=bool(cfg.get("condition_on_quality", False))).resolved()
+    return ModelConfig(
+        preset=cfg.get("preset", "default"),
+        channels=cfg.get("channels"),
+        units=cfg.get("units"),
+        condition_on_quality=bool(cfg.get("condition_on_quality", False)),
+    ).resolved()
 
 
-def make_step(model_cfg: ModelConfig, *, bf16: bool, channels_last: bool, compile: bool, patch: int, batch: int,
-              device: str = "cpu"):
+def make_step(
+    model_cfg: ModelConfig,
+    *,
+    bf16: bool,
+    channels_last: bool,
+    compile: bool,
+    patch: int,
+    batch: int,
+    device: str = "cpu",
+):
     """A closure running one training step of a fresh model on a fixed synthetic batch."""
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device)
@@ -74,6 +91,7 @@ def make_step(model_cfg: ModelConfig, *, bf16: bool, channels_last: bool, compil
 
 def timed(step, batch: int, seconds: float, device: str = "cpu", min_steps: int = 3) -> float:
     """patches/s of ``step`` over at least ``seconds`` (and ``min_steps`` steps)."""
+
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
@@ -87,10 +105,21 @@ def timed(step, batch: int, seconds: float, device: str = "cpu", min_steps: int 
     return n * batch / (time.perf_counter() - t0)
 
 
-def measure(model_cfg: ModelConfig, *, bf16: bool, channels_last: bool, compile: bool, patch: int, batch: int,
-            seconds: float, warmup: int, device: str = "cpu") -> float:
-    step = make_step(model_cfg, bf16=bf16, channels_last=channels_last, compile=compile, patch=patch, batch=batch,
-                     device=device)
+def measure(
+    model_cfg: ModelConfig,
+    *,
+    bf16: bool,
+    channels_last: bool,
+    compile: bool,
+    patch: int,
+    batch: int,
+    seconds: float,
+    warmup: int,
+    device: str = "cpu",
+) -> float:
+    step = make_step(
+        model_cfg, bf16=bf16, channels_last=channels_last, compile=compile, patch=patch, batch=batch, device=device
+    )
     for _ in range(warmup):
         step()
     return timed(step, batch, seconds, device)
@@ -99,8 +128,10 @@ def measure(model_cfg: ModelConfig, *, bf16: bool, channels_last: bool, compile:
 def measure_variants(model_cfg: ModelConfig, args) -> dict[str, float]:
     """All CPU variants of one model, timed round-robin (``--rounds`` rounds, best round kept), so
     that load from other processes on a shared machine hits every variant alike."""
-    steps = {v: make_step(model_cfg, bf16=b, channels_last=c, compile=False, patch=args.patch_size,
-                          batch=args.batch_size) for v, (b, c) in VARIANTS.items()}
+    steps = {
+        v: make_step(model_cfg, bf16=b, channels_last=c, compile=False, patch=args.patch_size, batch=args.batch_size)
+        for v, (b, c) in VARIANTS.items()
+    }
     for step in steps.values():
         step()  # warmup (first-call allocations, oneDNN kernel selection)
     best = dict.fromkeys(steps, 0.0)
@@ -112,8 +143,18 @@ def measure_variants(model_cfg: ModelConfig, args) -> dict[str, float]:
 
 def compile_in_child(model_cfg: ModelConfig, args) -> tuple[float | None, str]:
     """torch.compile in a child process, so a slow or broken compiler cannot stall the benchmark."""
-    cmd = [sys.executable, __file__, "--child-compile", json.dumps(model_cfg.__dict__), "--patch-size",
-           str(args.patch_size), "--batch-size", str(args.batch_size), "--seconds", str(args.seconds)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child-compile",
+        json.dumps(model_cfg.__dict__),
+        "--patch-size",
+        str(args.patch_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--seconds",
+        str(args.seconds),
+    ]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.compile_timeout)
@@ -131,13 +172,24 @@ def gpu_part(args) -> None:
     cfg = ModelConfig(preset="default").resolved()
     fpp = flops_per_pixel(build_model(cfg))
     patch, batch = 128, args.gpu_batch_size
-    rate = measure(cfg, bf16=True, channels_last=True, compile=False, patch=patch, batch=batch,
-                   seconds=args.seconds, warmup=10, device="cuda")
+    rate = measure(
+        cfg,
+        bf16=True,
+        channels_last=True,
+        compile=False,
+        patch=patch,
+        batch=batch,
+        seconds=args.seconds,
+        warmup=10,
+        device="cuda",
+    )
     achieved = rate * 3 * fpp * patch * patch
     peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
     mfu = f"{100 * achieved / peak:.1f}%" if peak else "n/a (peak of this GPU unknown)"
-    print(f"\nGPU {name}: default model, bf16 + channels_last, batch {batch} x {patch} px: "
-          f"{rate:,.0f} patches/s, {achieved / 1e12:.1f} TFLOP/s, MFU {mfu}")
+    print(
+        f"\nGPU {name}: default model, bf16 + channels_last, batch {batch} x {patch} px: "
+        f"{rate:,.0f} patches/s, {achieved / 1e12:.1f} TFLOP/s, MFU {mfu}"
+    )
 
 
 def main() -> int:
@@ -154,14 +206,24 @@ def main() -> int:
 
     if args.child_compile:
         cfg = ModelConfig(**json.loads(args.child_compile))
-        rate = measure(cfg, bf16=False, channels_last=False, compile=True, patch=args.patch_size,
-                       batch=args.batch_size, seconds=args.seconds, warmup=3)
+        rate = measure(
+            cfg,
+            bf16=False,
+            channels_last=False,
+            compile=True,
+            patch=args.patch_size,
+            batch=args.batch_size,
+            seconds=args.seconds,
+            warmup=3,
+        )
         print(json.dumps({"patches_per_s": rate}))
         return 0
 
     models = {"default": ModelConfig(preset="default").resolved(), "cpu-recipe": cpu_recipe()}
-    print(f"CPU training step, batch {args.batch_size} x {args.patch_size} px, {torch.get_num_threads()} thread(s) "
-          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), torch {torch.__version__}")
+    print(
+        f"CPU training step, batch {args.batch_size} x {args.patch_size} px, {torch.get_num_threads()} thread(s) "
+        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), torch {torch.__version__}"
+    )
     results: dict[str, dict[str, float | None]] = {}
     notes: dict[str, str] = {}
     for label, cfg in models.items():
@@ -177,11 +239,11 @@ def main() -> int:
     for label, cfg in models.items():
         fpp = flops_per_pixel(build_model(cfg))
         base = results[label]["fp32"]
-        cells = [label, str(cfg.channels), str(cfg.units), f"{3 * fpp * args.patch_size ** 2 / 1e9:.2f}"]
+        cells = [label, str(cfg.channels), str(cfg.units), f"{3 * fpp * args.patch_size**2 / 1e9:.2f}"]
         for variant, rate in results[label].items():
             cells.append("n/a" if rate is None else f"{rate:.1f} ({rate / base:.2f}x)")
         print("  ".join(cells) + (f"   [compile {notes[label]}]" if label in notes else ""))
-        print(f"  {label} fp32 achieved {base * 3 * fpp * args.patch_size ** 2 / 1e9:.1f} GFLOP/s")
+        print(f"  {label} fp32 achieved {base * 3 * fpp * args.patch_size**2 / 1e9:.1f} GFLOP/s")
 
     if torch.cuda.is_available():
         gpu_part(args)

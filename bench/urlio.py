@@ -7,6 +7,7 @@ each block is one ranged GET, so fewer, larger blocks cost fewer requests.
 
 The last line is ``s3_urlio_vs_get_object: <ratio>x``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,8 +82,11 @@ def main() -> None:
         ("http   urlio", lambda: drain(urlio.open_url(http.url("s.tar"), policy)), "http   urllib"),
         ("s3     boto3 get_object", lambda: drain(s3.get_object(Bucket="bench-bucket", Key="s.tar")["Body"]), None),
         ("s3     urlio, 4 MiB blocks", lambda: with_block(4 << 20, s3_url, policy), "s3     boto3 get_object"),
-        (f"s3     urlio, {urlio.FSSPEC_BLOCK >> 20} MiB blocks (default)",
-         lambda: with_block(urlio.FSSPEC_BLOCK, s3_url, policy), "s3     boto3 get_object"),
+        (
+            f"s3     urlio, {urlio.FSSPEC_BLOCK >> 20} MiB blocks (default)",
+            lambda: with_block(urlio.FSSPEC_BLOCK, s3_url, policy),
+            "s3     boto3 get_object",
+        ),
     ]
     res = {}
     try:

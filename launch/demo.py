@@ -17,6 +17,7 @@ Re-running it resumes: finished shards and a finished training run are reused.
 Precision and memory format are chosen on the machine (``--mixed-precision auto``): bf16 +
 channels_last where the CPU computes bf16 natively, fp32 elsewhere (emulated bf16 is 10-30x slower).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,25 +61,65 @@ def main() -> int:
         if not (heldout / name).exists():
             shutil.copyfile(photos / name, heldout / name)
 
-    step("1/5 shards from the embedded default photos",
-         [py, "-m", "shard_tools", "build", "--out", str(args.shards), "--max-samples", "2"])
-    train = [str(bin_dir / "accelerate"), "launch", "--config_file", "launch/accelerate/cpu2.yaml",
-             "launch/train.py", "--config", "launch/configs/demo.yaml", "--shards", str(args.shards),
-             "--run-dir", str(args.run_dir)]
+    step(
+        "1/5 shards from the embedded default photos",
+        [py, "-m", "shard_tools", "build", "--out", str(args.shards), "--max-samples", "2"],
+    )
+    train = [
+        str(bin_dir / "accelerate"),
+        "launch",
+        "--config_file",
+        "launch/accelerate/cpu2.yaml",
+        "launch/train.py",
+        "--config",
+        "launch/configs/demo.yaml",
+        "--shards",
+        str(args.shards),
+        "--run-dir",
+        str(args.run_dir),
+    ]
     if args.max_steps:
         train += ["--max-steps", str(args.max_steps)]
     train += train_flags  # passed through to launch/train.py: they win over demo.yaml
-    step("2/5 training: 2 CPU processes (DDP over gloo), precision chosen for this CPU", train,
-         {"ACCELERATE_USE_CPU": "true"})
+    step(
+        "2/5 training: 2 CPU processes (DDP over gloo), precision chosen for this CPU",
+        train,
+        {"ACCELERATE_USE_CPU": "true"},
+    )
     weights = args.run_dir / "model.safetensors"
     eval_json = args.run_dir / "eval_heldout.json"
-    step("3/5 eval on the held-out photos: JPEG vs restored",
-         [str(bin_dir / "restorer"), "eval", "--weights", str(weights), "--images", str(heldout),
-          "--quality", *QUALITIES, "--json", str(eval_json), "--no-progress"])
+    step(
+        "3/5 eval on the held-out photos: JPEG vs restored",
+        [
+            str(bin_dir / "restorer"),
+            "eval",
+            "--weights",
+            str(weights),
+            "--images",
+            str(heldout),
+            "--quality",
+            *QUALITIES,
+            "--json",
+            str(eval_json),
+            "--no-progress",
+        ],
+    )
     panel = args.run_dir / "compare_q10.png"
-    step("4/5 comparison picture",
-         [str(bin_dir / "restorer"), "compare", str(heldout / DEFAULT_VAL[0]), "--weights", str(weights),
-          "--quality", "10", "-o", str(panel), "--overwrite"])
+    step(
+        "4/5 comparison picture",
+        [
+            str(bin_dir / "restorer"),
+            "compare",
+            str(heldout / DEFAULT_VAL[0]),
+            "--weights",
+            str(weights),
+            "--quality",
+            "10",
+            "-o",
+            str(panel),
+            "--overwrite",
+        ],
+    )
     step("5/5 training curves", [str(bin_dir / "restorer"), "plot", str(args.run_dir)])
 
     means = json.loads(eval_json.read_text())["mean"]
@@ -96,14 +137,21 @@ def main() -> int:
     print("  restore your own photos with the packaged models (trained on JPEG q5-95, double JPEG, 4:2:0 and 4:4:4;")
     print("  the demo model knows only q10-40 of 6 photos):")
     print("    .venv/bin/restorer restore photo.jpg            # -> photo.restored.png beside it ('fast' on a CPU)")
-    print("    .venv/bin/restorer restore photo.jpg --weights quality   # the bigger model: better, 1.85x slower on a CPU")
+    print(
+        "    .venv/bin/restorer restore photo.jpg --weights quality   # the bigger model: better, 1.85x slower on a CPU"
+    )
     print(f"  train the CPU recipe on the shards the demo built ({args.shards}):")
     print("    ACCELERATE_USE_CPU=true .venv/bin/accelerate launch --config_file launch/accelerate/cpu2.yaml \\")
     print(f"        launch/train.py --config launch/configs/cpu.yaml --shards {args.shards} --run-dir runs/cpu")
     print("  real data: make shards ARGS='--bsds PATH/TO/BSR', then launch/configs/bsds_cpu.yaml (README: Training)")
-    print("held-out photos, RGB PSNR (no border crop): " +
-          ", ".join(f"q{m['quality']} JPEG {m['jpeg_psnr_rgb']:.2f} -> {m['restored_psnr_rgb']:.2f} dB "
-                    f"({m['gain_psnr_rgb']:+.2f})" for m in means))
+    print(
+        "held-out photos, RGB PSNR (no border crop): "
+        + ", ".join(
+            f"q{m['quality']} JPEG {m['jpeg_psnr_rgb']:.2f} -> {m['restored_psnr_rgb']:.2f} dB "
+            f"({m['gain_psnr_rgb']:+.2f})"
+            for m in means
+        )
+    )
     losing = [q for q, g in gains.items() if not g > 0]
     if losing:
         print(f"demo: restored output does not beat JPEG at quality {losing}", file=sys.stderr)

@@ -13,6 +13,7 @@ run itself is only read.
   .venv/bin/python launch/package_weights.py --run runs/release_quality --name quality \\
       --recipe launch/configs/release_quality.yaml
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,11 @@ if __package__ in (None, ""):
 
 REPO = Path(__file__).resolve().parents[1]
 CHECK_IMAGES, CHECK_QUALITIES = 3, (10, 50, 90)
-CPU2_COMMAND = ("python -m shard_tools build --bsds ../shared/datasets/BSR --out {shards} --max-samples 16 && "
-                "ACCELERATE_USE_CPU=true accelerate launch --config_file launch/accelerate/cpu2.yaml "
-                "launch/train.py --config {recipe}")
+CPU2_COMMAND = (
+    "python -m shard_tools build --bsds ../shared/datasets/BSR --out {shards} --max-samples 16 && "
+    "ACCELERATE_USE_CPU=true accelerate launch --config_file launch/accelerate/cpu2.yaml "
+    "launch/train.py --config {recipe}"
+)
 GPU_COMMAND = "accelerate launch launch/train.py --config {recipe}"
 
 
@@ -41,23 +44,32 @@ def describe_data(cfg: dict) -> str:
         parts = [f"{s} ({counts[s]['samples']})" for s in splits]
     except (OSError, KeyError, ValueError):
         parts = list(splits)
-    return (f"shards {cfg['shards']}: {' + '.join(parts)} images; "
-            f"validated on '{cfg.get('val_split')}', never trained on")
+    return (
+        f"shards {cfg['shards']}: {' + '.join(parts)} images; validated on '{cfg.get('val_split')}', never trained on"
+    )
 
 
 def describe_degradations(cfg: dict) -> str:
     p = float(cfg.get("double_jpeg_p") or 0)
-    double = (f"{100 * p:.0f}% of patches compressed twice (first at another quality of the range; half of "
-              f"those with the second 8x8 grid shifted by 0-7 px)" if p else "single compression only")
-    return (f"JPEG quality drawn per patch over {cfg['quality']} (Pillow); {double}; chroma "
-            f"{' or '.join(str(cfg.get('chroma_subsampling', '4:2:0')).split(','))} per patch; "
-            + ("the model is told the last quality" if cfg.get("condition_on_quality") else "blind"))
+    double = (
+        f"{100 * p:.0f}% of patches compressed twice (first at another quality of the range; half of "
+        f"those with the second 8x8 grid shifted by 0-7 px)"
+        if p
+        else "single compression only"
+    )
+    return (
+        f"JPEG quality drawn per patch over {cfg['quality']} (Pillow); {double}; chroma "
+        f"{' or '.join(str(cfg.get('chroma_subsampling', '4:2:0')).split(','))} per patch; "
+        + ("the model is told the last quality" if cfg.get("condition_on_quality") else "blind")
+    )
 
 
 def describe_augmentation(cfg: dict) -> str:
     scales = "-".join(str(s) for s in (max(cfg["rescale_scales"]), min(cfg["rescale_scales"])))
-    return (f"{cfg['patch_size']} px patches, {cfg['patches_per_image']} per photo; rescale p={cfg['rescale_p']} "
-            f"({scales}, bicubic), rotate p={cfg['rotate_p']}, flip p={cfg['flip_p']}")
+    return (
+        f"{cfg['patch_size']} px patches, {cfg['patches_per_image']} per photo; rescale p={cfg['rescale_p']} "
+        f"({scales}, bicubic), rotate p={cfg['rotate_p']}, flip p={cfg['flip_p']}"
+    )
 
 
 def describe_hardware(info: dict) -> str:
@@ -66,8 +78,10 @@ def describe_hardware(info: dict) -> str:
     extra = " (gloo DDP), 1 thread each" if kind == "CPU" and world > 1 else ""
     layout = " + channels_last" if info.get("channels_last") else ""
     where = f" on {info['device_name']}" if info.get("device_name") else ""
-    return (f"{world} {kind} process{'es' if world > 1 else ''}{extra}{where}, {info.get('mixed_precision')}"
-            f"{layout} ({info.get('mixed_precision_reason', '')})")
+    return (
+        f"{world} {kind} process{'es' if world > 1 else ''}{extra}{where}, {info.get('mixed_precision')}"
+        f"{layout} ({info.get('mixed_precision_reason', '')})"
+    )
 
 
 def per_image_checks(weights: Path, bsr: Path) -> dict:
@@ -89,12 +103,20 @@ def per_image_checks(weights: Path, bsr: Path) -> dict:
         for q in CHECK_QUALITIES:
             jpeg, data = decoded_jpeg(ref, q)
             out = project(restorers[0].restore(jpeg, q), data)
-            rows.append({"image": path.name, "quality": q,
-                         "jpeg_psnr": round(image_metrics(jpeg, ref, which=("psnr",))["psnr_rgb"], 4),
-                         "psnr": round(image_metrics(out, ref, which=("psnr",))["psnr_rgb"], 4)})
-    return {"about": f"per-image RGB PSNR of the first {CHECK_IMAGES} BSDS500 test images, Pillow 4:2:0 JPEG, "
-                     "model in fp32 + projection (what restore does); tests/test_weights.py re-measures them "
-                     "within 0.05 dB", "rows": rows}
+            rows.append(
+                {
+                    "image": path.name,
+                    "quality": q,
+                    "jpeg_psnr": round(image_metrics(jpeg, ref, which=("psnr",))["psnr_rgb"], 4),
+                    "psnr": round(image_metrics(out, ref, which=("psnr",))["psnr_rgb"], 4),
+                }
+            )
+    return {
+        "about": f"per-image RGB PSNR of the first {CHECK_IMAGES} BSDS500 test images, Pillow 4:2:0 JPEG, "
+        "model in fp32 + projection (what restore does); tests/test_weights.py re-measures them "
+        "within 0.05 dB",
+        "rows": rows,
+    }
 
 
 def main(argv=None) -> int:
@@ -105,7 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--run", type=Path, required=True, help="a finished run dir (model.safetensors, model.json)")
     parser.add_argument("--name", required=True, choices=packaged.NAMES)
     parser.add_argument("--recipe", required=True, help="the launch/configs/release_*.yaml that trained it")
-    parser.add_argument("--card", type=Path, default=None, help="bench/model_card.py --json output (default RUN/card.json)")
+    parser.add_argument(
+        "--card", type=Path, default=None, help="bench/model_card.py --json output (default RUN/card.json)"
+    )
     parser.add_argument("--bsr", type=Path, default=REPO.parent / "shared/datasets/BSR", help="BSR root for the checks")
     parser.add_argument("--command", default=None, help="the documented training command (default: from the run)")
     parser.add_argument("--data", default=None, help="what it was trained on (default: from the shards' manifest)")
@@ -132,16 +156,27 @@ def main(argv=None) -> int:
     world = int(info.get("world_size", 1))
     cpu = not str(info.get("device", "")).startswith("cuda")
     steps = int(meta["facts"]["steps"])
-    doc = {**meta, "name": args.name, "training": {
-        "recipe": args.recipe,
-        "command": args.command or (CPU2_COMMAND if cpu else GPU_COMMAND).format(shards=cfg["shards"], recipe=args.recipe),
-        "data": args.data or describe_data(cfg), "degradations": describe_degradations(cfg),
-        "augmentation": describe_augmentation(cfg), "steps": steps,
-        "patches": steps * int(cfg["batch_size"]) * int(cfg.get("grad_accum", 1)) * world,
-        "hardware": args.hardware or describe_hardware(info), "wall_time_min": round(wall, 1),
-        "parameters": info.get("parameters"), "loss": cfg.get("loss", "mse"), "ema_decay": cfg.get("ema_decay"),
-        "code": f"restorer at commit {args.code or info.get('code') or 'unknown'}"},
-        "card": card}
+    doc = {
+        **meta,
+        "name": args.name,
+        "training": {
+            "recipe": args.recipe,
+            "command": args.command
+            or (CPU2_COMMAND if cpu else GPU_COMMAND).format(shards=cfg["shards"], recipe=args.recipe),
+            "data": args.data or describe_data(cfg),
+            "degradations": describe_degradations(cfg),
+            "augmentation": describe_augmentation(cfg),
+            "steps": steps,
+            "patches": steps * int(cfg["batch_size"]) * int(cfg.get("grad_accum", 1)) * world,
+            "hardware": args.hardware or describe_hardware(info),
+            "wall_time_min": round(wall, 1),
+            "parameters": info.get("parameters"),
+            "loss": cfg.get("loss", "mse"),
+            "ema_decay": cfg.get("ema_decay"),
+            "code": f"restorer at commit {args.code or info.get('code') or 'unknown'}",
+        },
+        "card": card,
+    }
     try:
         doc["checks"] = per_image_checks(weights, args.bsr)  # before anything is written
         atomic_write(args.out / f"{args.name}.safetensors", lambda tmp: shutil.copyfile(weights, tmp))
@@ -149,8 +184,8 @@ def main(argv=None) -> int:
     except UserError as exc:
         sys.exit(f"error: {exc}")
     size = (args.out / f"{args.name}.safetensors").stat().st_size
-    print(f"packaged {args.name}: {args.out / args.name}.safetensors ({size / 2 ** 20:.2f} MB) + .json")
-    print(f"weights_mb: {size / 2 ** 20:.2f}")
+    print(f"packaged {args.name}: {args.out / args.name}.safetensors ({size / 2**20:.2f} MB) + .json")
+    print(f"weights_mb: {size / 2**20:.2f}")
     return 0
 
 

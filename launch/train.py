@@ -39,6 +39,7 @@ affected by the number of processes. A step whose loss is not finite on any proc
 all of them (the weights are untouched) and counted; ``--max-nonfinite`` in a row stop the run.
 SIGTERM/SIGUSR1 (SLURM preemption) make every process save a checkpoint and exit at the next step.
 """
+
 from __future__ import annotations
 
 import sys

@@ -2,6 +2,7 @@
 
 Each command lives in its own module with a ``main(argv) -> int``; this file only dispatches.
 """
+
 from __future__ import annotations
 
 import importlib

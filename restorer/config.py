@@ -12,6 +12,7 @@ flat for users). ``rename`` maps an inner field to another flat name (``{"splits
 "train_splits"}``); ``hide`` lists inner fields that are not options (derived by the program).
 Two options with one flat name are a programming error (``TypeError``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,6 +58,7 @@ def _parse_bool(text: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class FlatField:
     """One option of a (possibly composed) config: its flat name and where it lives."""
+
     name: str  # the flag / YAML key, snake_case
     path: tuple[str, ...]  # attribute path from the top-level config
     field: dataclasses.Field
@@ -72,8 +74,11 @@ def flat_fields(cls: type) -> list[FlatField]:
             rename, hide = field.metadata.get("rename", {}), set(field.metadata.get("hide", ()))
             for inner in flat_fields(hints[field.name]):
                 if inner.path[0] not in hide:
-                    out.append(dataclasses.replace(inner, name=rename.get(inner.name, inner.name),
-                                                   path=(field.name, *inner.path)))
+                    out.append(
+                        dataclasses.replace(
+                            inner, name=rename.get(inner.name, inner.name), path=(field.name, *inner.path)
+                        )
+                    )
         else:
             out.append(FlatField(field.name, (field.name,), field, hints[field.name]))
     seen: set[str] = set()
@@ -93,8 +98,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         tp, is_list = _base_type(flat.type)
         help_text = field.metadata.get("help", "")
-        default = field.default if field.default is not dataclasses.MISSING else (
-            field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
+        default = (
+            field.default
+            if field.default is not dataclasses.MISSING
+            else (field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
+        )
         help_text = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
         kwargs: dict[str, Any] = {"dest": flat.name, "default": None, "help": help_text}
         if "choices" in field.metadata:
@@ -159,15 +167,23 @@ def build_config(cls: type[T], overrides: dict[str, Any], source: str = "config"
     return cfg
 
 
-def parse_config(cls: type[T], argv: Sequence[str] | None = None, *, prog: str | None = None,
-                 description: str | None = None, epilog: str | None = None,
-                 parser: argparse.ArgumentParser | None = None) -> T:
+def parse_config(
+    cls: type[T],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str | None = None,
+    description: str | None = None,
+    epilog: str | None = None,
+    parser: argparse.ArgumentParser | None = None,
+) -> T:
     """Parse ``argv`` into ``cls``: defaults < ``--config`` YAML < explicit flags."""
     if parser is None:
-        parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, metavar="YAML",
-                        help="YAML file of option: value pairs (flags given here win)")
+        parser = argparse.ArgumentParser(
+            prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+    parser.add_argument(
+        "--config", default=None, metavar="YAML", help="YAML file of option: value pairs (flags given here win)"
+    )
     add_dataclass_arguments(parser, cls)
     ns = parser.parse_args(argv)
     values: dict[str, Any] = {}

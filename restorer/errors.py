@@ -1,4 +1,5 @@
 """User-facing errors: one clear line naming the file and the problem, never a traceback wall."""
+
 from __future__ import annotations
 
 import functools
@@ -50,8 +51,11 @@ def cli_entry(func: Callable[..., int | None]) -> Callable[..., int]:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
 class AgreedError(UserError):

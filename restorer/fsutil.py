@@ -6,6 +6,7 @@ the target (``os.replace``) and fsyncs the folder, so a reader (or a crash) sees
 the new one, never half of one. The temporary file is removed on any failure, and an ``OSError``
 becomes one :class:`~restorer.errors.UserError` line ``<path>: cannot write (<reason>)``.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,7 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object], *,
-                 replace: bool = True) -> Path:
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object], *, replace: bool = True) -> Path:
     """Call ``write_fn(tmp)`` to write the content to a temporary path, then move it to ``path``.
 
     ``replace=False`` never clobbers: the file is hard-linked into place, so a ``path`` that

@@ -17,6 +17,7 @@ Rules (``auto``):
 * compile: on CUDA yes (1.49x model-only on an H200), on CPU no (0.78x measured on CPU).
   :func:`compile_or_eager` falls back to eager mode with one warning when compiling fails.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,8 +85,11 @@ def cpu_bf16_capability() -> Optional[tuple[bool, str]]:
         flags = _cpu_flags()
         if flags:
             native = bool(flags & {"avx512_bf16", "amx_bf16"})
-            return native, ("CPU flags include avx512_bf16/amx_bf16" if native
-                            else "CPU flags lack avx512_bf16 and amx_bf16 (bf16 would be emulated)")
+            return native, (
+                "CPU flags include avx512_bf16/amx_bf16"
+                if native
+                else "CPU flags lack avx512_bf16 and amx_bf16 (bf16 would be emulated)"
+            )
         return None
     if machine in ("aarch64", "arm64"):
         flags = _cpu_flags()
@@ -100,8 +104,9 @@ def probe_cpu_bf16(budget_s: float = 2.0) -> tuple[bool, str]:
     """Time a small conv forward+backward in fp32 and under bf16 autocast; bf16 wins only if it is
     at least 1.2x faster. Bounded by ``budget_s`` in total."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.PReLU(),
-                              torch.nn.Conv2d(32, 32, 3, padding=1))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.PReLU(), torch.nn.Conv2d(32, 32, 3, padding=1)
+    )
     x = torch.rand(4, 32, 48, 48)
 
     def once(bf16: bool) -> float:

@@ -8,13 +8,27 @@ It imports nothing from the project: ``shard_tools`` imports it, and ``restorer`
 * :func:`to_rgb8`: any Pillow mode -> 8-bit RGB; gray is replicated, palette expanded, alpha
   composited on white ``(c*a + 255*(255-a) + 127) // 255``, 16-bit gray scaled ``round(v/257)``.
 """
+
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".webp", ".ppm",
-                  ".pgm", ".pnm", ".gif")
+IMAGE_SUFFIXES = (
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".png",
+    ".tif",
+    ".tiff",
+    ".bmp",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pnm",
+    ".gif",
+)
 TILE_ENCODINGS = ("webp", "png", "ppm")
 
 

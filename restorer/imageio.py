@@ -11,6 +11,7 @@ decompression bomb never allocates its pixels). It also
 * splits off an alpha channel (restoration never touches it),
 * reports the JPEG quality estimated from the quantisation tables (``degrade.estimate_quality``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,8 +75,10 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             if width <= 0 or height <= 0:
                 raise UserError(f"{path}: image declares an empty size {width}x{height}")
             if width * height > max_pixels:
-                raise UserError(f"{path}: image declares {width}x{height} = {width * height / 1e6:.0f} "
-                                f"megapixels, over the limit of {max_pixels / 1e6:.0f} (--max-pixels)")
+                raise UserError(
+                    f"{path}: image declares {width}x{height} = {width * height / 1e6:.0f} "
+                    f"megapixels, over the limit of {max_pixels / 1e6:.0f} (--max-pixels)"
+                )
             fmt = img.format or "unknown"
             quality = estimate_quality(img) if fmt in ("JPEG", "MPO") else None
             img.load()  # decode now: truncation and corrupt data surface here
@@ -176,10 +179,8 @@ def find_images(inputs: list[str], recursive: bool = False) -> tuple[list[tuple[
     return found, errors
 
 
-OUTPUT_FORMATS = {"png": ("PNG", ".png"), "tiff": ("TIFF", ".tif"), "jpeg": ("JPEG", ".jpg"),
-                  "webp": ("WEBP", ".webp")}
-SUFFIX_FORMATS = {".png": "png", ".tif": "tiff", ".tiff": "tiff", ".jpg": "jpeg", ".jpeg": "jpeg",
-                  ".webp": "webp"}
+OUTPUT_FORMATS = {"png": ("PNG", ".png"), "tiff": ("TIFF", ".tif"), "jpeg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
+SUFFIX_FORMATS = {".png": "png", ".tif": "tiff", ".tiff": "tiff", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
 def format_for_suffix(path: Path) -> Optional[str]:
@@ -187,9 +188,17 @@ def format_for_suffix(path: Path) -> Optional[str]:
     return SUFFIX_FORMATS.get(path.suffix.lower())
 
 
-def save_image(pixels: np.ndarray, alpha: Optional[np.ndarray], out: Path, *, fmt: str = "png",
-               icc_profile: Optional[bytes] = None, exif: Optional[bytes] = None,
-               overwrite: bool = False, jpeg_quality: int = 95) -> list[str]:
+def save_image(
+    pixels: np.ndarray,
+    alpha: Optional[np.ndarray],
+    out: Path,
+    *,
+    fmt: str = "png",
+    icc_profile: Optional[bytes] = None,
+    exif: Optional[bytes] = None,
+    overwrite: bool = False,
+    jpeg_quality: int = 95,
+) -> list[str]:
     """Write atomically (temporary file in the same folder, then rename); never replaces an
     existing file unless ``overwrite``. PNG, TIFF (LZW) and WebP are lossless; JPEG is written at
     ``jpeg_quality`` with 4:4:4 chroma. Every error names ``out`` (or its folder). Returns notes

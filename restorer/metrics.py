@@ -13,6 +13,7 @@ are float64 per image, so means across images and ranks reduce exactly.
                  increased by the blocking effect factor (BEF) of the *test* image on the 8x8
                  block grid; see :func:`blocking_effect_factor`.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,7 +55,7 @@ def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _psnr_from_mse(err: torch.Tensor, data_range: float) -> torch.Tensor:
-    return 10.0 * torch.log10(data_range ** 2 / err)
+    return 10.0 * torch.log10(data_range**2 / err)
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -64,12 +65,13 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
 
 def _gaussian_1d(size: int, sigma: float, device, dtype) -> torch.Tensor:
     x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = torch.exp(-(x**2) / (2 * sigma**2))
     return g / g.sum()
 
 
-def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0,
-         win_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def ssim(
+    pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, win_size: int = 11, sigma: float = 1.5
+) -> torch.Tensor:
     """Per-image SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1=0.01, K2=0.03,
     'valid' filtering, mean over channels and positions. The Gaussian is applied as two 1-D
     passes (it is separable: identical to the 2-D window up to rounding, ~5x fewer operations)."""
@@ -84,17 +86,17 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0,
     def blur(t):  # separable 'valid' Gaussian as shifted sums (float64 conv2d is slow on CPU)
         across = g[0] * t[..., :, 0:wo]
         for k in range(1, win_size):
-            across = across + g[k] * t[..., :, k:k + wo]
+            across = across + g[k] * t[..., :, k : k + wo]
         out = g[0] * across[..., 0:ho, :]
         for k in range(1, win_size):
-            out = out + g[k] * across[..., k:k + ho, :]
+            out = out + g[k] * across[..., k : k + ho, :]
         return out
 
     mu_x, mu_y = blur(x), blur(y)
-    sxx = blur(x * x) - mu_x ** 2
-    syy = blur(y * y) - mu_y ** 2
+    sxx = blur(x * x) - mu_x**2
+    syy = blur(y * y) - mu_y**2
     sxy = blur(x * y) - mu_x * mu_y
-    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
+    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
     return s.flatten(1).mean(dim=1)
 
 
@@ -134,8 +136,9 @@ def blocking_effect_factor(y: torch.Tensor, block: int = 8, offset: tuple[int, i
     return torch.where(d_b > d_c, eta * (d_b - d_c), torch.zeros_like(d_b))
 
 
-def psnr_b(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, block: int = 8,
-           offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+def psnr_b(
+    pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, block: int = 8, offset: tuple[int, int] = (0, 0)
+) -> torch.Tensor:
     """Per-image PSNR-B (Yim & Bovik 2011): 10 log10(peak^2 / (MSE + BEF(pred))).
 
     ``pred`` is the test image (JPEG or restored), ``target`` the reference. BEF is only

@@ -25,6 +25,7 @@ equal to whole-image inference.
 Quality conditioning (``condition_on_quality``) appends one input plane filled with quality/100,
 so a single blind model serves every JPEG quality.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,7 +43,8 @@ class ModelConfig:
     units: Optional[int] = dataclasses.field(default=None, metadata={"help": "override the preset's unit count N"})
     in_channels: int = 3  # 3 = RGB, 1 = grayscale
     condition_on_quality: bool = dataclasses.field(
-        default=False, metadata={"help": "add an input plane of quality/100 (one blind model for all qualities)"})
+        default=False, metadata={"help": "add an input plane of quality/100 (one blind model for all qualities)"}
+    )
 
     def resolved(self) -> "ModelConfig":
         """Fill channels/units from the preset, so the config alone describes the architecture."""
@@ -100,8 +102,12 @@ class SeedNet(nn.Module):
         self.condition_on_quality = condition_on_quality
         cin = in_channels + int(condition_on_quality)
         self.body = nn.Sequential(
-            ConvUnit(cin, 128), ConvUnit(128, 64), ConvUnit(64, 32),
-            nn.Conv2d(32, 16, 1), nn.PReLU(), nn.Conv2d(16, in_channels, 5, padding=2),
+            ConvUnit(cin, 128),
+            ConvUnit(128, 64),
+            ConvUnit(64, 32),
+            nn.Conv2d(32, 16, 1),
+            nn.PReLU(),
+            nn.Conv2d(16, in_channels, 5, padding=2),
         )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -166,22 +172,24 @@ class UNet(nn.Module):
     Inputs of any size: the image is padded (replicate) to a multiple of :attr:`alignment`
     (4 for 3 scales) and the output cropped back."""
 
-    def __init__(self, channels: int, units: int, in_channels: int = 3, condition_on_quality: bool = False,
-                 scales: int = UNET_SCALES):
+    def __init__(
+        self,
+        channels: int,
+        units: int,
+        in_channels: int = 3,
+        condition_on_quality: bool = False,
+        scales: int = UNET_SCALES,
+    ):
         super().__init__()
         self.condition_on_quality = condition_on_quality
         self.scales = scales
         self.alignment = 2 ** (scales - 1)
-        widths = [channels * 2 ** s for s in range(scales)]
+        widths = [channels * 2**s for s in range(scales)]
         self.head = ConvUnit(in_channels + int(condition_on_quality), channels)
-        self.down_units = nn.ModuleList(
-            nn.ModuleList(ConvUnit(w, w) for _ in range(units)) for w in widths)
-        self.down = nn.ModuleList(
-            nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(4 * w, 2 * w, 1)) for w in widths[:-1])
-        self.up = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(2 * w, 4 * w, 1), nn.PixelShuffle(2)) for w in widths[:-1])
-        self.up_units = nn.ModuleList(
-            nn.ModuleList(ConvUnit(w, w) for _ in range(units)) for w in widths[:-1])
+        self.down_units = nn.ModuleList(nn.ModuleList(ConvUnit(w, w) for _ in range(units)) for w in widths)
+        self.down = nn.ModuleList(nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(4 * w, 2 * w, 1)) for w in widths[:-1])
+        self.up = nn.ModuleList(nn.Sequential(nn.Conv2d(2 * w, 4 * w, 1), nn.PixelShuffle(2)) for w in widths[:-1])
+        self.up_units = nn.ModuleList(nn.ModuleList(ConvUnit(w, w) for _ in range(units)) for w in widths[:-1])
         self.tail = nn.Conv2d(channels, in_channels, 3, padding=1)
         nn.init.zeros_(self.tail.weight)
         nn.init.zeros_(self.tail.bias)
@@ -216,9 +224,9 @@ class UNet(nn.Module):
         this bound against the measured gradient footprint and tiled == untiled inference."""
         radius = _conv_radius(self.head) + _conv_radius(self.tail)
         for s in range(self.scales):
-            radius += _conv_radius(self.down_units[s]) * 2 ** s
+            radius += _conv_radius(self.down_units[s]) * 2**s
             if s < self.scales - 1:
-                radius += _conv_radius(self.up_units[s]) * 2 ** s
+                radius += _conv_radius(self.up_units[s]) * 2**s
         return radius + self.alignment - 1
 
 

@@ -3,6 +3,7 @@
 FLOPs count 2 x the multiply-accumulates of every convolution (see ``restorer.model.flops_per_pixel``);
 a training step is taken as 3 x the forward pass (forward, gradients w.r.t. activations and weights).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,10 +17,15 @@ EPILOG = """examples:
   restorer model-info --all
 """
 
-COLUMNS = (("preset", "preset", "{}"), ("C", "channels", "{}"), ("N", "units", "{}"),
-           ("cond", "condition_on_quality", "{}"), ("params", "parameters", "{:,}"),
-           ("GFLOPs/MP", "gflops_per_megapixel", "{:.1f}"),
-           ("train GFLOPs/128px patch", "train_gflops_per_128px_patch", "{:.2f}"))
+COLUMNS = (
+    ("preset", "preset", "{}"),
+    ("C", "channels", "{}"),
+    ("N", "units", "{}"),
+    ("cond", "condition_on_quality", "{}"),
+    ("params", "parameters", "{:,}"),
+    ("GFLOPs/MP", "gflops_per_megapixel", "{:.1f}"),
+    ("train GFLOPs/128px patch", "train_gflops_per_128px_patch", "{:.2f}"),
+)
 
 
 def table(rows: list[dict]) -> str:
@@ -32,8 +38,12 @@ def table(rows: list[dict]) -> str:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="restorer model-info", description=__doc__.split("\n\n")[0],
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="restorer model-info",
+        description=__doc__.split("\n\n")[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)} (default: default)")
     parser.add_argument("--all", action="store_true", help="one row per preset")
     parser.add_argument("--channels", type=int, default=None, help="override C (residual presets)")
@@ -49,9 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for preset in presets:
         try:
-            rows.append(model_summary(ModelConfig(preset=preset, channels=args.channels, units=args.units,
-                                                  in_channels=1 if args.grayscale else 3,
-                                                  condition_on_quality=args.condition_on_quality)))
+            rows.append(
+                model_summary(
+                    ModelConfig(
+                        preset=preset,
+                        channels=args.channels,
+                        units=args.units,
+                        in_channels=1 if args.grayscale else 3,
+                        condition_on_quality=args.condition_on_quality,
+                    )
+                )
+            )
         except ValueError as exc:
             raise UserError(str(exc)) from None
     print(table(rows))

@@ -4,6 +4,7 @@
 (qualities trained on, steps, metrics), so a weights file is self-describing. Training state
 (optimizer, EMA, RNG) lives in Accelerate checkpoints and is loaded with ``weights_only=True``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,9 @@ META_NAME = "model.json"
 FORMAT_VERSION = 1
 
 
-def export_weights(model: torch.nn.Module, model_cfg: ModelConfig, out_dir: str | os.PathLike,
-                   facts: dict[str, Any] | None = None) -> Path:
+def export_weights(
+    model: torch.nn.Module, model_cfg: ModelConfig, out_dir: str | os.PathLike, facts: dict[str, Any] | None = None
+) -> Path:
     """Write ``out_dir/model.safetensors`` and ``out_dir/model.json`` atomically; return the weights path.
 
     ``facts`` is free-form training information (e.g. ``{"quality": "10-90", "step": 5000,
@@ -40,8 +42,7 @@ def export_weights(model: torch.nn.Module, model_cfg: ModelConfig, out_dir: str 
     model = getattr(model, "module", model)  # unwrap DDP
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    meta = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(model_cfg.resolved()),
-            "facts": facts or {}}
+    meta = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(model_cfg.resolved()), "facts": facts or {}}
     weights_path, meta_path = out / WEIGHTS_NAME, out / META_NAME
     atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"restorer": json.dumps(meta)}))
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
@@ -70,7 +71,9 @@ def read_meta(weights: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path}: not a restorer weights file ({first_line(exc)})") from None
 
 
-def load_weights(weights: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_weights(
+    weights: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the model that ``model.json`` describes and load ``model.safetensors`` into it.
 
     Never unpickles: a file that is not safetensors (a pickle, say) is refused with one line.
@@ -91,8 +94,9 @@ def load_weights(weights: str | os.PathLike, device: str | torch.device = "cpu")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise UserError(f"{path}: weights do not match the {model_cfg.preset} architecture "
-                        f"({first_line(exc)})") from None
+        raise UserError(
+            f"{path}: weights do not match the {model_cfg.preset} architecture ({first_line(exc)})"
+        ) from None
     return model.to(device).eval(), meta
 
 
@@ -104,5 +108,4 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint file not found") from None
     except Exception as exc:  # UnpicklingError, RuntimeError for a zip that is not a checkpoint
-        raise UserError(f"{path}: refused to load (not a plain-tensor checkpoint: "
-                        f"{first_line(exc)})") from None
+        raise UserError(f"{path}: refused to load (not a plain-tensor checkpoint: {first_line(exc)})") from None

@@ -5,6 +5,7 @@ JSON object per logged event with a ``step``. Keys containing ``loss`` go in the
 containing ``psnr`` in the middle one (JPEG references dashed, one colour per quality), and the
 gains over JPEG per quality in the right one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,12 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
             if not isinstance(step, int):
                 continue
             for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                        and math.isfinite(value):
+                if (
+                    key != "step"
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                    and math.isfinite(value)
+                ):
                     series[key].append((step, float(value)))
     return dict(series)
 
@@ -53,8 +58,7 @@ def _panel(ax, series: dict[str, list[tuple[int, float]]], keys: list[str], titl
     palette: dict[str, str] = {}
     for key in keys:
         steps, values = zip(*series[key])
-        ax.plot(steps, values, label=key, marker="o" if len(steps) < 30 else None, markersize=3,
-                **_style(key, palette))
+        ax.plot(steps, values, label=key, marker="o" if len(steps) < 30 else None, markersize=3, **_style(key, palette))
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
@@ -94,8 +98,9 @@ def plot_run(run_dir: Path, out: Path, log_loss: bool = False) -> Path:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="restorer plot", description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="restorer plot", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", type=Path, help="run directory holding metrics.jsonl (or the file itself)")
     parser.add_argument("-o", "--out", type=Path, default=None, help="PNG to write (default RUN_DIR/curves.png)")
     parser.add_argument("--log-loss", action="store_true", help="log scale for the loss panel")

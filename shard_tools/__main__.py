@@ -1,4 +1,5 @@
 """``python -m shard_tools {build,verify,merge}``: pack image datasets into WebDataset shards."""
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,13 @@ def _build(argv: list[str]) -> int:
     from shard_tools.build import build
     from shard_tools.config import BuildConfig
 
-    cfg = parse_config(BuildConfig, argv, prog="python -m shard_tools build",
-                       description="Build WebDataset shards of lossless image tiles.",
-                       epilog=BUILD_EPILOG)
+    cfg = parse_config(
+        BuildConfig,
+        argv,
+        prog="python -m shard_tools build",
+        description="Build WebDataset shards of lossless image tiles.",
+        epilog=BUILD_EPILOG,
+    )
     manifest = build(cfg)
     return 1 if manifest.get("verify_problems") else 0
 
@@ -63,9 +68,12 @@ def _build(argv: list[str]) -> int:
 def _verify(argv: list[str]) -> int:
     from shard_tools.writer import verify
 
-    p = argparse.ArgumentParser(prog="python -m shard_tools verify", epilog=VERIFY_EPILOG,
-                                description="Check shards against their manifest.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m shard_tools verify",
+        epilog=VERIFY_EPILOG,
+        description="Check shards against their manifest.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("dir", help="shard folder or URL (s3://bucket/prefix) holding manifest.json")
     ns = p.parse_args(argv)
     problems = verify(ns.dir)
@@ -79,9 +87,12 @@ def _verify(argv: list[str]) -> int:
 def _merge(argv: list[str]) -> int:
     from shard_tools.writer import merge
 
-    p = argparse.ArgumentParser(prog="python -m shard_tools merge", epilog=MERGE_EPILOG,
-                                description="Join the parts of a multi-machine build.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m shard_tools merge",
+        epilog=MERGE_EPILOG,
+        description="Join the parts of a multi-machine build.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("out", help="output shard folder")
     p.add_argument("parts", nargs="+", help="part folders written by build --job-index")
     ns = p.parse_args(argv)
@@ -103,11 +114,13 @@ COMMANDS = {"build": _build, "verify": _verify, "merge": _merge}
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: python -m shard_tools {build,verify,merge} [--help]\n\n"
-              "  build   pack datasets into shards (python -m shard_tools build --help)\n"
-              "  verify  re-hash shards against the manifest\n"
-              "  merge   join the parts of a multi-machine build", file=sys.stderr
-              if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        print(
+            "usage: python -m shard_tools {build,verify,merge} [--help]\n\n"
+            "  build   pack datasets into shards (python -m shard_tools build --help)\n"
+            "  verify  re-hash shards against the manifest\n"
+            "  merge   join the parts of a multi-machine build",
+            file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
+        )
         if argv and argv[0] not in ("-h", "--help"):
             raise UserError(f"unknown command {argv[0]!r} (choose build, verify or merge)")
         return 0 if argv else 2

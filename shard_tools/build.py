@@ -19,6 +19,7 @@ the set, and a split's fingerprint covers the hashes of the splits before it. Li
 Memory: one small record per input file, plus at most ``2 * workers + 2`` decoded images in
 flight; images are never all held at once.
 """
+
 from __future__ import annotations
 
 import collections
@@ -40,21 +41,32 @@ from restorer.errors import UserError
 from shard_tools import __version__, remote, sources
 from shard_tools.config import NON_CONTENT_FIELDS, BuildConfig
 from shard_tools.images import Decoded, Skip, decode
-from shard_tools.writer import (Journal, ShardSink, clean_split_dir, journalled_images,
-                                split_summary, verify, write_json_atomic, write_sizes)
+from shard_tools.writer import (
+    Journal,
+    ShardSink,
+    clean_split_dir,
+    journalled_images,
+    split_summary,
+    verify,
+    write_json_atomic,
+    write_sizes,
+)
 
 log = logging.getLogger("shard_tools.build")
 
 # Measured by bench/shards.py (see images.py); recorded in every manifest with the choice.
 ENCODING_MEASUREMENT = {
     "what": "512px RGB tiles of real photos, Pillow 13, 1 core of a shared 2-core machine, "
-            "bench/shards.py: [decode ms/tile, encode ms/tile, bytes/pixel]",
-    "webp_lossless_m0": [3.51, 6.4, 1.255], "webp_lossless_m4": [3.59, 82.5, 1.138],
-    "png1": [5.83, 15.4, 1.670], "png6": [5.69, 50.7, 1.584], "png9": [7.83, 113.4, 1.572],
+    "bench/shards.py: [decode ms/tile, encode ms/tile, bytes/pixel]",
+    "webp_lossless_m0": [3.51, 6.4, 1.255],
+    "webp_lossless_m4": [3.59, 82.5, 1.138],
+    "png1": [5.83, 15.4, 1.670],
+    "png6": [5.69, 50.7, 1.584],
+    "png9": [7.83, 113.4, 1.572],
     "ppm": [0.30, 0.2, 3.000],
     "choice": "webp (lossless, method 0): 1.33x smaller than PNG-1 and 1.66x faster to decode, "
-              "2.4x smaller than PPM; --encoding ppm when the loader is decode-bound on fast "
-              "local disk (decodes ~12x faster)",
+    "2.4x smaller than PPM; --encoding ppm when the loader is decode-bound on fast "
+    "local disk (decodes ~12x faster)",
 }
 
 SPLIT_ORDER = ("train", "val", "test")
@@ -63,8 +75,12 @@ SPLIT_ORDER = ("train", "val", "test")
 # ----------------------------------------------------------------------------------- planning
 def check_inputs(cfg: BuildConfig) -> None:
     """Fail at once, before any work, on a missing input path."""
-    for flag, paths in (("--div2k", cfg.div2k), ("--bsds", cfg.bsds),
-                        ("--openimages", cfg.openimages), ("--folder", cfg.folder)):
+    for flag, paths in (
+        ("--div2k", cfg.div2k),
+        ("--bsds", cfg.bsds),
+        ("--openimages", cfg.openimages),
+        ("--folder", cfg.folder),
+    ):
         for p in paths:
             if not Path(p).expanduser().exists():
                 raise UserError(f"{Path(p).expanduser()}: {flag} input not found")
@@ -100,11 +116,9 @@ def _shuffle_key(seed: int, ref: sources.Ref) -> tuple[bytes, str]:
     return hashlib.sha1(f"{seed}:{ref.key}".encode()).digest(), ref.where
 
 
-def plan_split(streams: list[sources.Stream], cfg: BuildConfig, split: str
-               ) -> tuple[list[sources.Ref], list[dict]]:
+def plan_split(streams: list[sources.Stream], cfg: BuildConfig, split: str) -> tuple[list[sources.Ref], list[dict]]:
     """The ordered refs this job builds for ``split``, and the refs skipped while planning."""
-    pool = sorted((r for s in streams if not s.sequential for r in s.refs),
-                  key=lambda r: _shuffle_key(cfg.seed, r))
+    pool = sorted((r for s in streams if not s.sequential for r in s.refs), key=lambda r: _shuffle_key(cfg.seed, r))
     lists = [pool] + [list(s.refs) for s in streams if s.sequential]
     lists = [lst for lst in lists if lst]
     rng = random.Random(f"{cfg.seed}:{split}")
@@ -119,15 +133,21 @@ def plan_split(streams: list[sources.Stream], cfg: BuildConfig, split: str
     kept, skipped, seen, per_source = [], [], {}, Counter()
     for ref in order:
         if ref.key in seen:
-            skipped.append({"path": ref.where, "reason": f"duplicate source id {ref.key} "
-                            f"(also {seen[ref.key]})", "source": ref.source, "split": split})
+            skipped.append(
+                {
+                    "path": ref.where,
+                    "reason": f"duplicate source id {ref.key} (also {seen[ref.key]})",
+                    "source": ref.source,
+                    "split": split,
+                }
+            )
             continue
         seen[ref.key] = ref.where
         if cfg.max_images is not None and per_source[ref.source] >= cfg.max_images:
             continue
         per_source[ref.source] += 1
         kept.append(ref)
-    mine = kept[cfg.job_index::cfg.num_jobs]
+    mine = kept[cfg.job_index :: cfg.num_jobs]
     return mine, (skipped if cfg.job_index == 0 else [])
 
 
@@ -136,14 +156,13 @@ def content_config(cfg: BuildConfig) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def fingerprint(cfg: BuildConfig, split: str, refs: list[sources.Ref],
-                seen: dict[str, str] | None = None) -> str:
+def fingerprint(cfg: BuildConfig, split: str, refs: list[sources.Ref], seen: dict[str, str] | None = None) -> str:
     """Of the content config, the ordered inputs and the images of the splits built before this
     one (``seen``: their file hashes decide which of this split's images are duplicates)."""
-    seen_digest = hashlib.sha256("\n".join(f"{k}\t{v}" for k, v in sorted((seen or {}).items()))
-                                 .encode()).hexdigest()
-    h = hashlib.sha256(json.dumps([__version__, split, content_config(cfg), "dedupe-sha256",
-                                   seen_digest], sort_keys=True).encode())
+    seen_digest = hashlib.sha256("\n".join(f"{k}\t{v}" for k, v in sorted((seen or {}).items())).encode()).hexdigest()
+    h = hashlib.sha256(
+        json.dumps([__version__, split, content_config(cfg), "dedupe-sha256", seen_digest], sort_keys=True).encode()
+    )
     for r in refs:
         h.update(f"\n{r.key}\t{r.where}\t{r.size}\t{r.rotation}".encode())
     return h.hexdigest()
@@ -153,8 +172,7 @@ def fingerprint(cfg: BuildConfig, split: str, refs: list[sources.Ref],
 _READER: sources.Reader | None = None
 
 
-def _process(ref: sources.Ref, data: bytes | None, skip_tiles: int, params: dict
-             ) -> tuple[str, Decoded | str]:
+def _process(ref: sources.Ref, data: bytes | None, skip_tiles: int, params: dict) -> tuple[str, Decoded | str]:
     """Runs in a worker: read (if not given) and decode one input. Never raises."""
     global _READER
     try:
@@ -164,11 +182,16 @@ def _process(ref: sources.Ref, data: bytes | None, skip_tiles: int, params: dict
             if 0 <= params["max_file_bytes"] < ref.size:
                 raise Skip(f"file larger than max_file_bytes {params['max_file_bytes']}")
             data = _READER.read(ref)
-        dec = decode(data, encoding=params["encoding"], tile=params["tile"],
-                     min_size=params["min_size"], max_pixels=params["max_pixels"],
-                     rotation=ref.rotation,
-                     downscale=params["downscale_lossy"] if ref.lossy else 1.0,
-                     skip_tiles=skip_tiles)
+        dec = decode(
+            data,
+            encoding=params["encoding"],
+            tile=params["tile"],
+            min_size=params["min_size"],
+            max_pixels=params["max_pixels"],
+            rotation=ref.rotation,
+            downscale=params["downscale_lossy"] if ref.lossy else 1.0,
+            skip_tiles=skip_tiles,
+        )
         return "ok", dec
     except Skip as exc:
         return "skip", str(exc)
@@ -178,8 +201,9 @@ def _process(ref: sources.Ref, data: bytes | None, skip_tiles: int, params: dict
         return "skip", f"unreadable ({type(exc).__name__}: {exc})"
 
 
-def _tasks(order: list[sources.Ref], start: int, start_tile: int, max_file_bytes: int
-           ) -> Iterator[tuple[int, sources.Ref, bytes | None, str | None, int]]:
+def _tasks(
+    order: list[sources.Ref], start: int, start_tile: int, max_file_bytes: int
+) -> Iterator[tuple[int, sources.Ref, bytes | None, str | None, int]]:
     """(index, ref, bytes-or-None, skip reason, tiles to skip); tar members read here, in order."""
     cursors: dict[str, sources.TarCursor] = {}
     broken: dict[str, str] = {}
@@ -193,8 +217,7 @@ def _tasks(order: list[sources.Ref], start: int, start_tile: int, max_file_bytes
                 else:
                     cur = cursors.get(ref.container)
                     if cur is None:
-                        cur = cursors[ref.container] = sources.TarCursor(ref.container,
-                                                                         max_file_bytes)
+                        cur = cursors[ref.container] = sources.TarCursor(ref.container, max_file_bytes)
                     try:
                         data = cur.read(ref.member)
                     except Skip as exc:
@@ -227,11 +250,11 @@ def _results(tasks, params: dict, workers: int):
             res = ("skip", reason) if reason else _process(ref, data, skip_tiles, params)
             yield idx, ref, res
         return
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
-                                      else "spawn")
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     window: collections.deque = collections.deque()
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                                initargs=(os.getpid(),)) as ex:
+    with cf.ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
+    ) as ex:
         for idx, ref, data, reason, skip_tiles in tasks:
             fut = None if reason else ex.submit(_process, ref, data, skip_tiles, params)
             window.append((idx, ref, fut, reason))
@@ -244,8 +267,15 @@ def _results(tasks, params: dict, workers: int):
 
 
 # ----------------------------------------------------------------------------------- building
-def build_split(out: Path, split: str, order: list[sources.Ref], fp: str, cfg: BuildConfig,
-                bar=None, seen: dict[str, str] | None = None) -> list[dict]:
+def build_split(
+    out: Path,
+    split: str,
+    order: list[sources.Ref],
+    fp: str,
+    cfg: BuildConfig,
+    bar=None,
+    seen: dict[str, str] | None = None,
+) -> list[dict]:
     """Build one split. ``seen`` (sha256 of an original file -> its path) holds the images of
     the splits built before; an image whose file hash is in it is skipped as a duplicate, and
     every image written is added to it. The check runs here, in the parent, in sample order,
@@ -258,44 +288,50 @@ def build_split(out: Path, split: str, order: list[sources.Ref], fp: str, cfg: B
     seen.update(journalled_images(records))
     if records and records[-1].get("final"):
         clean_split_dir(split_dir, keep=sum(1 for r in records if "shard" in r))
-        log.info("%s: %d shard(s) already complete, nothing to do", split_dir,
-                 sum(1 for r in records if "shard" in r))
+        log.info("%s: %d shard(s) already complete, nothing to do", split_dir, sum(1 for r in records if "shard" in r))
         if bar is not None:
             bar.update(len(order))
         return records
     n_done = sum(1 for r in records if "shard" in r)
-    start, start_tile = (records[-1]["end"] if records else (0, 0))
+    start, start_tile = records[-1]["end"] if records else (0, 0)
     clean_split_dir(split_dir, keep=n_done)
     journal.start()
     if n_done:
-        log.info("%s: resuming after %d complete shard(s), at image %d of %d", split_dir, n_done,
-                 start, len(order))
+        log.info("%s: resuming after %d complete shard(s), at image %d of %d", split_dir, n_done, start, len(order))
     if bar is not None:
         bar.update(start)
     sink = ShardSink(split_dir, journal, n_done, cfg.max_samples, cfg.max_bytes)
-    params = {k: getattr(cfg, k) for k in ("encoding", "tile", "min_size", "max_pixels",
-                                           "downscale_lossy", "max_file_bytes")}
+    params = {
+        k: getattr(cfg, k) for k in ("encoding", "tile", "min_size", "max_pixels", "downscale_lossy", "max_file_bytes")
+    }
     ext = cfg.encoding
     try:
-        for idx, ref, (status, res) in _results(_tasks(order, start, start_tile,
-                                                       cfg.max_file_bytes), params, cfg.n_workers):
+        for idx, ref, (status, res) in _results(
+            _tasks(order, start, start_tile, cfg.max_file_bytes), params, cfg.n_workers
+        ):
             if status == "ok" and res.sha256 in seen:
                 status, res = "skip", f"duplicate of {seen[res.sha256]}"
             if status == "skip":
                 log.debug("skip %s: %s", ref.where, res)
-                sink.note_skip({"path": ref.where, "reason": res, "source": ref.source,
-                                "split": split})
+                sink.note_skip({"path": ref.where, "reason": res, "source": ref.source, "split": split})
             else:
                 dec: Decoded = res
                 first = start_tile if idx == start else 0
                 for i, t in enumerate(dec.tiles):
-                    meta = {"source": ref.source, "source_id": ref.source_id, "split": split,
-                            "orig_size": list(dec.orig_size), "size": list(dec.size),
-                            "tile": {"y": t.y, "x": t.x, "h": t.h, "w": t.w},
-                            "sha256": dec.sha256, "file": ref.where, "format": dec.orig_format,
-                            "mode": dec.orig_mode, "rotation": dec.rotation}
-                    sample = {"__key__": f"{ref.key}/{t.y}_{t.x}", ext: t.data,
-                              "json": json.dumps(meta).encode()}
+                    meta = {
+                        "source": ref.source,
+                        "source_id": ref.source_id,
+                        "split": split,
+                        "orig_size": list(dec.orig_size),
+                        "size": list(dec.size),
+                        "tile": {"y": t.y, "x": t.x, "h": t.h, "w": t.w},
+                        "sha256": dec.sha256,
+                        "file": ref.where,
+                        "format": dec.orig_format,
+                        "mode": dec.orig_mode,
+                        "rotation": dec.rotation,
+                    }
+                    sample = {"__key__": f"{ref.key}/{t.y}_{t.x}", ext: t.data, "json": json.dumps(meta).encode()}
                     sink.write(sample, (idx, first + i))
                 seen[dec.sha256] = ref.where
                 sink.note_image(ref.source, dec.sha256, ref.where)
@@ -342,9 +378,16 @@ def build_into(cfg: BuildConfig, out: Path) -> dict:
     splits = sorted(by_split, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 9, s))
     plans = {split: plan_split(by_split[split], cfg, split) for split in splits}
     total = sum(len(p[0]) for p in plans.values())
-    log.info("%d input images in %s (job %d of %d), %d worker(s), encoding %s, out %s", total,
-             ", ".join(f"{s}: {len(plans[s][0])}" for s in splits), cfg.job_index, cfg.num_jobs,
-             cfg.n_workers, cfg.encoding, out)
+    log.info(
+        "%d input images in %s (job %d of %d), %d worker(s), encoding %s, out %s",
+        total,
+        ", ".join(f"{s}: {len(plans[s][0])}" for s in splits),
+        cfg.job_index,
+        cfg.num_jobs,
+        cfg.n_workers,
+        cfg.encoding,
+        out,
+    )
     bar = None
     if cfg.progress:
         from tqdm import tqdm
@@ -366,10 +409,16 @@ def build_into(cfg: BuildConfig, out: Path) -> dict:
     finally:
         if bar is not None:
             bar.close()
-    manifest = {"format": 1, "package_version": __version__, "encoding": cfg.encoding,
-                "encoding_measurement": ENCODING_MEASUREMENT, "splits": manifest_splits,
-                "sources": sources_count, "skipped": skipped,
-                "config": json.loads(json.dumps(vars(cfg), default=str))}
+    manifest = {
+        "format": 1,
+        "package_version": __version__,
+        "encoding": cfg.encoding,
+        "encoding_measurement": ENCODING_MEASUREMENT,
+        "splits": manifest_splits,
+        "sources": sources_count,
+        "skipped": skipped,
+        "config": json.loads(json.dumps(vars(cfg), default=str)),
+    }
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
 
@@ -379,14 +428,28 @@ def print_summary(manifest: dict, seconds: float) -> None:
     skipped = Counter(s["split"] for s in manifest["skipped"])
     for split, info in manifest["splits"].items():
         images = sum(per.get(split, 0) for per in manifest["sources"].values())
-        rows.append((split, str(images), str(info["samples"]), str(len(info["shards"])),
-                     f"{sum(s['bytes'] for s in info['shards']) / 1e6:.1f}", str(skipped[split])))
+        rows.append(
+            (
+                split,
+                str(images),
+                str(info["samples"]),
+                str(len(info["shards"])),
+                f"{sum(s['bytes'] for s in info['shards']) / 1e6:.1f}",
+                str(skipped[split]),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     src = ", ".join(f"{name} {sum(per.values())}" for name, per in manifest["sources"].items())
-    print("\n".join(lines) + f"\nsources: {src or '-'}; {len(manifest['skipped'])} skipped; "
-          f"{seconds:.1f} s", file=sys.stdout)
-    reasons = Counter("duplicate of an earlier image" if s["reason"].startswith("duplicate of ")
-                      else s["reason"].split(" (")[0].split(":")[0] for s in manifest["skipped"])
+    print(
+        "\n".join(lines) + f"\nsources: {src or '-'}; {len(manifest['skipped'])} skipped; {seconds:.1f} s",
+        file=sys.stdout,
+    )
+    reasons = Counter(
+        "duplicate of an earlier image"
+        if s["reason"].startswith("duplicate of ")
+        else s["reason"].split(" (")[0].split(":")[0]
+        for s in manifest["skipped"]
+    )
     for reason, n in reasons.most_common(5):
         print(f"  skipped {n}: {reason}", file=sys.stdout)

@@ -1,4 +1,5 @@
 """The one config dataclass of ``python -m shard_tools build``."""
+
 from __future__ import annotations
 
 import os
@@ -14,36 +15,51 @@ NON_CONTENT_FIELDS = ("out", "stage_dir", "workers", "verify", "progress")
 
 @dataclass
 class BuildConfig:
-    out: str = field(default="data/shards", metadata={
-        "help": "output folder, or a bucket URL (s3://bucket/prefix, gs://...)"})
-    stage_dir: Optional[str] = field(default=None, metadata={
-        "help": "with a URL --out: local folder to build in before uploading (kept, so a re-run "
-                "resumes; default: a temporary folder, removed at the end)"})
-    div2k: list[str] = field(default_factory=list, metadata={
-        "help": "folder with DIV2K_train_HR/, DIV2K_valid_HR/ (folders or .zip)", "append": True})
-    bsds: list[str] = field(default_factory=list, metadata={
-        "help": "folder holding BSR/ (or BSR/ itself) or BSR_bsds500.tgz", "append": True})
-    openimages: list[str] = field(default_factory=list, metadata={
-        "help": "Open Images folder(s)/.tar.gz (train_0.., validation, test) and image-ids CSV",
-        "append": True})
-    folder: list[str] = field(default_factory=list, metadata={
-        "help": "any tree of images (repeatable); split by a hash of the path", "append": True})
+    out: str = field(
+        default="data/shards", metadata={"help": "output folder, or a bucket URL (s3://bucket/prefix, gs://...)"}
+    )
+    stage_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "with a URL --out: local folder to build in before uploading (kept, so a re-run "
+            "resumes; default: a temporary folder, removed at the end)"
+        },
+    )
+    div2k: list[str] = field(
+        default_factory=list,
+        metadata={"help": "folder with DIV2K_train_HR/, DIV2K_valid_HR/ (folders or .zip)", "append": True},
+    )
+    bsds: list[str] = field(
+        default_factory=list,
+        metadata={"help": "folder holding BSR/ (or BSR/ itself) or BSR_bsds500.tgz", "append": True},
+    )
+    openimages: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Open Images folder(s)/.tar.gz (train_0.., validation, test) and image-ids CSV",
+            "append": True,
+        },
+    )
+    folder: list[str] = field(
+        default_factory=list,
+        metadata={"help": "any tree of images (repeatable); split by a hash of the path", "append": True},
+    )
     val_fraction: float = field(default=0.1, metadata={"help": "share of --folder images in val"})
-    max_images: Optional[int] = field(default=None, metadata={
-        "help": "at most N images per source and split"})
+    max_images: Optional[int] = field(default=None, metadata={"help": "at most N images per source and split"})
     tile: int = field(default=512, metadata={"help": "tile side in pixels"})
-    min_size: int = field(default=128, metadata={
-        "help": "skip images, and drop remainder tiles, whose shorter side is below this"})
-    downscale_lossy: float = field(default=0.5, metadata={
-        "help": "bicubic scale factor applied to lossy sources (Open Images JPEGs); 1 = off"})
-    encoding: str = field(default="webp", metadata={
-        "help": "lossless tile encoding", "choices": list(ENCODINGS)})
+    min_size: int = field(
+        default=128, metadata={"help": "skip images, and drop remainder tiles, whose shorter side is below this"}
+    )
+    downscale_lossy: float = field(
+        default=0.5, metadata={"help": "bicubic scale factor applied to lossy sources (Open Images JPEGs); 1 = off"}
+    )
+    encoding: str = field(default="webp", metadata={"help": "lossless tile encoding", "choices": list(ENCODINGS)})
     max_samples: int = field(default=256, metadata={"help": "samples per shard at most"})
     max_bytes: int = field(default=256_000_000, metadata={"help": "payload bytes per shard"})
-    max_pixels: int = field(default=100_000_000, metadata={
-        "help": "skip images declaring more pixels (decompression bombs)"})
-    max_file_bytes: int = field(default=512 * 2 ** 20, metadata={
-        "help": "skip input files larger than this"})
+    max_pixels: int = field(
+        default=100_000_000, metadata={"help": "skip images declaring more pixels (decompression bombs)"}
+    )
+    max_file_bytes: int = field(default=512 * 2**20, metadata={"help": "skip input files larger than this"})
     seed: int = field(default=0, metadata={"help": "seed of the sample shuffle"})
     workers: int = field(default=0, metadata={"help": "decode processes (0 = all cores)"})
     num_jobs: int = field(default=1, metadata={"help": "split the build over K machines"})

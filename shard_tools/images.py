@@ -37,6 +37,7 @@ PPM 0.30 / 0.2 / 3.000. **Default: WebP lossless, method 0**: 1.25-1.33x smaller
 better choice when shards sit on fast local disk and the loader is decode-bound
 (``--encoding ppm``); PNG is offered for tools without WebP.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -110,8 +111,13 @@ def _orient(img: Image.Image, rotation: int | None) -> tuple[Image.Image, int]:
     if rotation:
         if rotation % 90:
             raise Skip(f"rotation {rotation} is not a multiple of 90 degrees")
-        op = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
-              270: Image.Transpose.ROTATE_270}[rotation % 360] if rotation % 360 else None
+        op = (
+            {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}[
+                rotation % 360
+            ]
+            if rotation % 360
+            else None
+        )
         return (img.transpose(op) if op else img), rotation % 360
     try:
         orientation = img.getexif().get(0x0112, 1)
@@ -148,14 +154,21 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     if w <= 0 or h <= 0:
         raise Skip(f"invalid declared size {w}x{h}")
     if w * h > max_pixels:
-        raise Skip(f"decompression bomb: declares {w}x{h} = {w * h} pixels "
-                   f"> max_pixels {max_pixels}")
+        raise Skip(f"decompression bomb: declares {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
     return img
 
 
-def decode(data: bytes, *, encoding: str = "webp", tile: int = 512, min_size: int = 128,
-           max_pixels: int = 100_000_000, rotation: int | None = None,
-           downscale: float = 1.0, skip_tiles: int = 0) -> Decoded:
+def decode(
+    data: bytes,
+    *,
+    encoding: str = "webp",
+    tile: int = 512,
+    min_size: int = 128,
+    max_pixels: int = 100_000_000,
+    rotation: int | None = None,
+    downscale: float = 1.0,
+    skip_tiles: int = 0,
+) -> Decoded:
     """Decode ``data`` and return its tiles (encoded). Raises :class:`Skip` with a reason.
 
     ``skip_tiles``: the first N tiles are computed but not encoded (resume inside an image).
@@ -173,8 +186,16 @@ def decode(data: bytes, *, encoding: str = "webp", tile: int = 512, min_size: in
         Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
-def _decode(data: bytes, encoding: str, tile: int, min_size: int, max_pixels: int,
-            rotation: int | None, downscale: float, skip_tiles: int) -> Decoded:
+def _decode(
+    data: bytes,
+    encoding: str,
+    tile: int,
+    min_size: int,
+    max_pixels: int,
+    rotation: int | None,
+    downscale: float,
+    skip_tiles: int,
+) -> Decoded:
     sha = hashlib.sha256(data).hexdigest()
     img = _open_checked(data, max_pixels)
     fmt, mode = img.format or "?", img.mode
@@ -192,8 +213,7 @@ def _decode(data: bytes, encoding: str, tile: int, min_size: int, max_pixels: in
         img = img.resize((nw, nh), Image.Resampling.BICUBIC)
     if min(img.size) < min_size:
         raise Skip(f"too small: {img.width}x{img.height} (shorter side < min_size {min_size})")
-    out = Decoded(orig_size=orig_size, size=img.size, sha256=sha, orig_mode=mode,
-                  orig_format=fmt, rotation=rot)
+    out = Decoded(orig_size=orig_size, size=img.size, sha256=sha, orig_mode=mode, orig_format=fmt, rotation=rot)
     for i, (y, x, th, tw) in enumerate(tile_grid(img.width, img.height, tile, min_size)):
         if i < skip_tiles:
             continue

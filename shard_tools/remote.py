@@ -14,6 +14,7 @@ The upload keeps what object stores allow of the local guarantees:
   object has that size, is not uploaded again (so re-running the same command uploads nothing);
 - remote shards that the new manifest does not list are deleted after it is written.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -161,8 +162,9 @@ def upload(local: Path, url: str, manifest: dict) -> dict:
         old = json.loads(old_text) if old_text is not None else None
     except ValueError:
         old = {}  # unreadable: replaced
-    old_shards = {s["path"]: (s["sha256"], s["bytes"])
-                  for info in (old or {}).get("splits", {}).values() for s in info["shards"]}
+    old_shards = {
+        s["path"]: (s["sha256"], s["bytes"]) for info in (old or {}).get("splits", {}).values() for s in info["shards"]
+    }
     todo, kept = [], 0
     for info in manifest["splits"].values():
         for s in info["shards"]:
@@ -189,6 +191,11 @@ def upload(local: Path, url: str, manifest: dict) -> dict:
             if SHARD_RE.match(name) and name not in listed:
                 tree.delete(f"{split}/{name}")
                 deleted += 1
-    log.info("%s: %d shard(s) uploaded, %d already there, %d stale deleted; manifest written last",
-             url, len(todo), kept, deleted)
+    log.info(
+        "%s: %d shard(s) uploaded, %d already there, %d stale deleted; manifest written last",
+        url,
+        len(todo),
+        kept,
+        deleted,
+    )
     return {"uploaded": len(todo), "kept": kept, "deleted": deleted}

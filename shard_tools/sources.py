@@ -18,6 +18,7 @@ Layouts (read in place, archives are never extracted):
 Only files with an image extension are considered (so ``Thumbs.db`` & co. are ignored); a file
 with an image extension that is not a decodable image is skipped later, with a reason.
 """
+
 from __future__ import annotations
 
 import csv
@@ -40,8 +41,14 @@ SOURCES = ("div2k", "bsds", "openimages", "folder", "default")
 
 # The natural colour photographs scikit-image ships (synthetic / gray / texture images excluded).
 # val is fixed (3 photos, so val always holds >= 2); the rest is train.
-DEFAULT_TRAIN = ("astronaut.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
-                 "motorcycle_right.png", "retina.jpg")
+DEFAULT_TRAIN = (
+    "astronaut.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "retina.jpg",
+)
 DEFAULT_VAL = ("chelsea.png", "coffee.png", "rocket.jpg")
 
 
@@ -69,6 +76,7 @@ class Ref(NamedTuple):
 class Stream:
     """Refs of one split from one input. ``sequential`` streams (tar archives) must be read in
     their stored order; the others allow random access and are shuffled."""
+
     name: str
     split: str
     sequential: bool
@@ -86,7 +94,7 @@ def is_image_name(name: str) -> bool:
 
 def stable_fraction(text: str) -> float:
     """A number in [0, 1) fixed by ``text`` (same on every machine and Python version)."""
-    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") / 2 ** 64
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") / 2**64
 
 
 def _require(path: str | os.PathLike, what: str) -> Path:
@@ -125,8 +133,7 @@ def _list_tar(p: Path) -> list[tuple[str, int]]:
 def _list_zip(p: Path) -> list[tuple[str, int]]:
     try:
         with zipfile.ZipFile(p) as zf:
-            return [(i.filename, i.file_size) for i in zf.infolist()
-                    if not i.is_dir() and is_image_name(i.filename)]
+            return [(i.filename, i.file_size) for i in zf.infolist() if not i.is_dir() and is_image_name(i.filename)]
     except (zipfile.BadZipFile, OSError) as exc:
         raise UserError(f"{p}: cannot read zip archive ({exc})") from None
 
@@ -148,16 +155,16 @@ def div2k(path: str) -> list[Stream]:
             elif (p / f"{name}.zip").is_file():
                 candidates[name] = p / f"{name}.zip"
     if not candidates:
-        raise UserError(f"{p}: unknown DIV2K layout (expected DIV2K_train_HR/ or DIV2K_valid_HR/, "
-                        "as folders or .zip)")
+        raise UserError(f"{p}: unknown DIV2K layout (expected DIV2K_train_HR/ or DIV2K_valid_HR/, as folders or .zip)")
     streams = []
     for name, c in sorted(candidates.items()):
         split = _DIV2K[name]
         s = Stream(f"div2k:{c}", split, sequential=False)
         if c.is_dir():
             for f, size in _list_dir(c):
-                s.refs.append(Ref("div2k", clean_id(f.relative_to(c).with_suffix("").as_posix()),
-                                  split, "file", str(f), "", size))
+                s.refs.append(
+                    Ref("div2k", clean_id(f.relative_to(c).with_suffix("").as_posix()), split, "file", str(f), "", size)
+                )
         else:
             for member, size in _list_zip(c):
                 rel = PurePosixPath(member)
@@ -184,9 +191,17 @@ def bsds(path: str) -> list[Stream]:
                         continue
                     s = Stream(f"bsds:{root / split}", split, sequential=False)
                     for f, size in _list_dir(root / split):
-                        s.refs.append(Ref("bsds", clean_id(f.relative_to(root / split)
-                                                           .with_suffix("").as_posix()),
-                                          split, "file", str(f), "", size))
+                        s.refs.append(
+                            Ref(
+                                "bsds",
+                                clean_id(f.relative_to(root / split).with_suffix("").as_posix()),
+                                split,
+                                "file",
+                                str(f),
+                                "",
+                                size,
+                            )
+                        )
                     streams.append(s)
                 if not streams:
                     break
@@ -195,8 +210,9 @@ def bsds(path: str) -> list[Stream]:
         if tgz.is_file():
             p = tgz
         else:
-            raise UserError(f"{p}: unknown BSDS500 layout (expected BSR/BSDS500/data/images/"
-                            "{train,val,test}/ or BSR_bsds500.tgz)")
+            raise UserError(
+                f"{p}: unknown BSDS500 layout (expected BSR/BSDS500/data/images/{{train,val,test}}/ or BSR_bsds500.tgz)"
+            )
     if not _is_tar(p):
         raise UserError(f"{p}: unknown BSDS500 layout (expected a folder or BSR_bsds500.tgz)")
     by_split: dict[str, Stream] = {}
@@ -206,8 +222,9 @@ def bsds(path: str) -> list[Stream]:
             continue
         split = m.group(1)
         s = by_split.setdefault(split, Stream(f"bsds:{p}:{split}", split, sequential=True))
-        s.refs.append(Ref("bsds", clean_id(str(PurePosixPath(m.group(2)).with_suffix(""))),
-                          split, "tar", str(p), member, size))
+        s.refs.append(
+            Ref("bsds", clean_id(str(PurePosixPath(m.group(2)).with_suffix(""))), split, "tar", str(p), member, size)
+        )
     if not by_split:
         raise UserError(f"{p}: unknown BSDS500 layout (no BSDS500/data/images/<split>/ members)")
     return list(by_split.values())
@@ -264,14 +281,15 @@ def openimages(paths: list[str]) -> list[Stream]:
             csvs.extend(sorted(p.parent.glob("*.csv")) if p.is_dir() else [])
             continue
         if p.is_dir():
-            found = [(s, c) for c in sorted(p.iterdir()) if (s := _oi_split(c.name))
-                     and (c.is_dir() or _is_tar(c))]
+            found = [(s, c) for c in sorted(p.iterdir()) if (s := _oi_split(c.name)) and (c.is_dir() or _is_tar(c))]
             if found:
                 dirs.extend(found)
                 csvs.extend(sorted(p.glob("*.csv")))
                 continue
-        raise UserError(f"{p}: unknown Open Images layout (expected train_0..train_f/, "
-                        "validation/, test/ folders or .tar.gz, or an image-ids .csv)")
+        raise UserError(
+            f"{p}: unknown Open Images layout (expected train_0..train_f/, "
+            "validation/, test/ folders or .tar.gz, or an image-ids .csv)"
+        )
     if not dirs:
         raise UserError(f"{paths[0]}: no Open Images image folders found (only CSV files given)")
     rotations: dict[str, int] = {}
@@ -282,13 +300,26 @@ def openimages(paths: list[str]) -> list[Stream]:
     for split, c in dirs:
         seq = not c.is_dir()
         s = Stream(f"openimages:{c}", split, sequential=seq)
-        listing = ([(str(f), str(f.relative_to(c)), n) for f, n in _list_dir(c)] if c.is_dir()
-                   else [(str(c), m, n) for m, n in _list_tar(c)])
+        listing = (
+            [(str(f), str(f.relative_to(c)), n) for f, n in _list_dir(c)]
+            if c.is_dir()
+            else [(str(c), m, n) for m, n in _list_tar(c)]
+        )
         for container, member_or_rel, size in listing:
             image_id = PurePosixPath(member_or_rel).stem
-            s.refs.append(Ref("openimages", clean_id(image_id), split, "tar" if seq else "file",
-                              container, member_or_rel if seq else "", size,
-                              rotations.get(image_id), lossy=True))
+            s.refs.append(
+                Ref(
+                    "openimages",
+                    clean_id(image_id),
+                    split,
+                    "tar" if seq else "file",
+                    container,
+                    member_or_rel if seq else "",
+                    size,
+                    rotations.get(image_id),
+                    lossy=True,
+                )
+            )
         streams.append(s)
     return streams
 
@@ -298,8 +329,7 @@ def folder(path: str, val_fraction: float) -> list[Stream]:
     p = _require(path, "folder")
     if not p.is_dir():
         raise UserError(f"{p}: --folder expects a directory of images")
-    streams = {"train": Stream(f"folder:{p}:train", "train", False),
-               "val": Stream(f"folder:{p}:val", "val", False)}
+    streams = {"train": Stream(f"folder:{p}:train", "train", False), "val": Stream(f"folder:{p}:val", "val", False)}
     root_name = p.resolve().name or "root"
     for f, size in _list_dir(p):
         rel = f.relative_to(p).as_posix()
@@ -324,10 +354,8 @@ def default() -> list[Stream]:
         for name in names:
             f = d / name
             if not f.is_file():
-                raise UserError(f"{f}: scikit-image's sample photograph is missing "
-                                "(reinstall scikit-image)")
-            s.refs.append(Ref("default", clean_id(Path(name).stem), split, "file", str(f), "",
-                              f.stat().st_size))
+                raise UserError(f"{f}: scikit-image's sample photograph is missing (reinstall scikit-image)")
+            s.refs.append(Ref("default", clean_id(Path(name).stem), split, "file", str(f), "", f.stat().st_size))
         streams.append(s)
     return streams
 

@@ -11,6 +11,7 @@ after the last one: finished shards are not read, decoded or rewritten. A differ
 starts that split over. Tar members carry mtime 0, so shard bytes do not depend on when they
 were built (an interrupted-and-resumed build equals an uninterrupted one).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -151,8 +152,7 @@ class ShardSink:
     """Feeds samples to webdataset's ShardWriter; each finished shard is made final atomically
     and journalled with the sample position where the next shard starts."""
 
-    def __init__(self, split_dir: Path, journal: Journal, start_shard: int, max_samples: int,
-                 max_bytes: int):
+    def __init__(self, split_dir: Path, journal: Journal, start_shard: int, max_samples: int, max_bytes: int):
         self.dir = split_dir
         self.journal = journal
         self.start_shard = start_shard
@@ -191,10 +191,20 @@ class ShardSink:
         fsync_dir(self.dir)
         st = final.stat()
         n = int(SHARD_RE.match(final.name).group(1))
-        self.journal.append({"shard": n, "path": final.name, "samples": self._count,
-                             "bytes": st.st_size, "sha256": digest, "mtime_ns": st.st_mtime_ns,
-                             "end": list(self._pos), "sources": dict(self._sources),
-                             "skipped": self._skipped, "images": self._images})
+        self.journal.append(
+            {
+                "shard": n,
+                "path": final.name,
+                "samples": self._count,
+                "bytes": st.st_size,
+                "sha256": digest,
+                "mtime_ns": st.st_mtime_ns,
+                "end": list(self._pos),
+                "sources": dict(self._sources),
+                "skipped": self._skipped,
+                "images": self._images,
+            }
+        )
         log.debug("finished %s (%d samples)", final, self._count)
         self._sources, self._skipped, self._images = Counter(), [], {}
 
@@ -202,11 +212,18 @@ class ShardSink:
     def write(self, sample: dict, pos: tuple[int, int]) -> None:
         self._pos = list(pos)
         if self._writer is None:
-            self._writer = ShardWriter(str(self.dir / SHARD_PATTERN), maxcount=self.max_samples,
-                                       maxsize=self.max_bytes, post=self._post,
-                                       start_shard=self.start_shard, verbose=0,
-                                       opener=self._open, encoder=False, mtime=0,
-                                       format="PAX_FORMAT")
+            self._writer = ShardWriter(
+                str(self.dir / SHARD_PATTERN),
+                maxcount=self.max_samples,
+                maxsize=self.max_bytes,
+                post=self._post,
+                start_shard=self.start_shard,
+                verbose=0,
+                opener=self._open,
+                encoder=False,
+                mtime=0,
+                format="PAX_FORMAT",
+            )
         self._guarded(self._writer.write, sample)
         self._count += 1
 
@@ -237,8 +254,15 @@ class ShardSink:
         if self._writer is not None:
             self._guarded(self._writer.close)
             self._writer = None
-        self.journal.append({"final": True, "end": list(end), "sources": dict(self._sources),
-                             "skipped": self._skipped, "images": self._images})
+        self.journal.append(
+            {
+                "final": True,
+                "end": list(end),
+                "sources": dict(self._sources),
+                "skipped": self._skipped,
+                "images": self._images,
+            }
+        )
 
     def abort(self) -> None:
         """Drop the shard being written (never leaves a partial file under a final name)."""
@@ -270,16 +294,21 @@ def split_summary(records: list[dict], split: str) -> tuple[dict, Counter, list[
     shards, sources, skipped = [], Counter(), []
     for rec in records:
         if "shard" in rec:
-            shards.append({"path": f"{split}/{rec['path']}", "samples": rec["samples"],
-                           "bytes": rec["bytes"], "sha256": rec["sha256"]})
+            shards.append(
+                {
+                    "path": f"{split}/{rec['path']}",
+                    "samples": rec["samples"],
+                    "bytes": rec["bytes"],
+                    "sha256": rec["sha256"],
+                }
+            )
         sources.update(rec.get("sources", {}))
         skipped.extend(rec.get("skipped", []))
     return ({"samples": sum(s["samples"] for s in shards), "shards": shards}, sources, skipped)
 
 
 def write_sizes(split_dir: Path, shards: list[dict]) -> None:
-    write_json_atomic(split_dir / "sizes.json",
-                      {Path(s["path"]).name: s["samples"] for s in shards})
+    write_json_atomic(split_dir / "sizes.json", {Path(s["path"]).name: s["samples"] for s in shards})
 
 
 NO_MANIFEST = "no manifest (not a shard folder, or the build did not finish)"
@@ -408,13 +437,18 @@ def merge(out: Path, parts: list[Path]) -> dict:
         write_sizes(out / split, entry["shards"])
     base = manifests[0][1]
     missing = sorted(set(range(base["config"]["num_jobs"])) - set(seen_jobs))
-    manifest = {"format": FORMAT, "package_version": base["package_version"],
-                "encoding": base["encoding"],
-                "encoding_measurement": base.get("encoding_measurement"),
-                "splits": splits, "sources": {k: dict(v) for k, v in sources.items()},
-                "skipped": skipped,
-                "config": {**base["config"], "out": str(out), "job_index": None},
-                "merged_from": [str(p) for p, _ in manifests], "missing_jobs": missing}
+    manifest = {
+        "format": FORMAT,
+        "package_version": base["package_version"],
+        "encoding": base["encoding"],
+        "encoding_measurement": base.get("encoding_measurement"),
+        "splits": splits,
+        "sources": {k: dict(v) for k, v in sources.items()},
+        "skipped": skipped,
+        "config": {**base["config"], "out": str(out), "job_index": None},
+        "merged_from": [str(p) for p, _ in manifests],
+        "missing_jobs": missing,
+    }
     write_json_atomic(out / "manifest.json", manifest)
     if missing:
         log.warning("merge: job index(es) %s not given; the result is incomplete", missing)

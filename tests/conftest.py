@@ -1,5 +1,6 @@
 """Shared fixtures: tiny shards in the shard builder's format, made from real photos that
 scikit-image ships, so loader and training tests do not depend on the builder's speed."""
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,9 @@ def real_photos() -> list[np.ndarray]:
     return [getattr(data, name)() for name in PHOTOS]
 
 
-def write_shards(out: Path, *, splits: dict[str, int] | None = None, samples_per_shard: int = 4,
-                 tile: int = 192, seed: int = 0) -> Path:
+def write_shards(
+    out: Path, *, splits: dict[str, int] | None = None, samples_per_shard: int = 4, tile: int = 192, seed: int = 0
+) -> Path:
     """Write ``out/<split>/shard-%06d.tar`` + ``out/manifest.json`` + ``sizes.json`` with PNG tiles
     of the real photos, in the builder's contract format. ``splits`` maps split -> sample count."""
     import webdataset as wds
@@ -43,8 +45,14 @@ def write_shards(out: Path, *, splits: dict[str, int] | None = None, samples_per
     splits = splits or {"train": 12, "val": 4}
     rng = np.random.default_rng(seed)
     photos = real_photos()
-    manifest = {"format": 1, "encoding": "png", "splits": {}, "sources": {"default": {}},
-                "skipped": [], "config": {"fixture": True}}
+    manifest = {
+        "format": 1,
+        "encoding": "png",
+        "splits": {},
+        "sources": {"default": {}},
+        "skipped": [],
+        "config": {"fixture": True},
+    }
     for split, count in splits.items():
         (out / split).mkdir(parents=True, exist_ok=True)
         shards, sizes = [], {}
@@ -57,19 +65,35 @@ def write_shards(out: Path, *, splits: dict[str, int] | None = None, samples_per
                     photo = photos[i % len(photos)]
                     y = int(rng.integers(0, photo.shape[0] - tile + 1))
                     x = int(rng.integers(0, photo.shape[1] - tile + 1))
-                    crop = np.ascontiguousarray(photo[y:y + tile, x:x + tile])
+                    crop = np.ascontiguousarray(photo[y : y + tile, x : x + tile])
                     if crop.ndim == 2:
                         crop = np.stack([crop] * 3, axis=-1)
                     buf = io.BytesIO()
                     Image.fromarray(crop).save(buf, format="PNG", compress_level=1)
-                    meta = {"source": "default", "source_id": f"{PHOTOS[i % len(PHOTOS)]}_{i}", "split": split,
-                            "orig_size": [photo.shape[1], photo.shape[0]],
-                            "tile": {"y": y, "x": x, "h": tile, "w": tile}, "sha256": ""}
-                    sink.write({"__key__": f"default/{split}_{i}/{y}_{x}", "png": buf.getvalue(),
-                                "json": json.dumps(meta).encode()})
+                    meta = {
+                        "source": "default",
+                        "source_id": f"{PHOTOS[i % len(PHOTOS)]}_{i}",
+                        "split": split,
+                        "orig_size": [photo.shape[1], photo.shape[0]],
+                        "tile": {"y": y, "x": x, "h": tile, "w": tile},
+                        "sha256": "",
+                    }
+                    sink.write(
+                        {
+                            "__key__": f"default/{split}_{i}/{y}_{x}",
+                            "png": buf.getvalue(),
+                            "json": json.dumps(meta).encode(),
+                        }
+                    )
             data = path.read_bytes()
-            shards.append({"path": f"{split}/{name}", "samples": n, "bytes": len(data),
-                           "sha256": hashlib.sha256(data).hexdigest()})
+            shards.append(
+                {
+                    "path": f"{split}/{name}",
+                    "samples": n,
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            )
             sizes[name] = n
         (out / split / "sizes.json").write_text(json.dumps(sizes))
         manifest["splits"][split] = {"samples": count, "shards": shards}
@@ -109,10 +133,37 @@ TRAIN = REPO / "launch" / "train.py"
 CPU2 = REPO / "launch" / "accelerate" / "cpu2.yaml"
 
 # Overfitting setup: patch = whole 48 px tile, no augmentation, one quality: identical batches.
-FIT_ARGS = ["--preset", "tiny", "--patch-size", "48", "--batch-size", "2", "--patches-per-image", "1",
-            "--rescale-p", "0", "--rotate-p", "0", "--quality", "10", "--val-qualities", "10", "20",
-            "--val-crop", "48", "--num-workers", "0", "--lr", "3e-3", "--warmup-steps", "3",
-            "--log-every", "1", "--seed", "0"]
+FIT_ARGS = [
+    "--preset",
+    "tiny",
+    "--patch-size",
+    "48",
+    "--batch-size",
+    "2",
+    "--patches-per-image",
+    "1",
+    "--rescale-p",
+    "0",
+    "--rotate-p",
+    "0",
+    "--quality",
+    "10",
+    "--val-qualities",
+    "10",
+    "20",
+    "--val-crop",
+    "48",
+    "--num-workers",
+    "0",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "3",
+    "--log-every",
+    "1",
+    "--seed",
+    "0",
+]
 
 
 def free_port() -> int:
@@ -123,23 +174,42 @@ def free_port() -> int:
 
 def clean_env(tmp: Path, **extra: str) -> dict[str, str]:
     """No W&B credentials anywhere (so train.py must go offline by itself), CPU DDP."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("WANDB_", "RESTORER_FAULTS", "ACCELERATE_")) and k not in ("RANK", "WORLD_SIZE")}
-    env.update(NETRC=str(tmp / "no-netrc"), WANDB_CONFIG_DIR=str(tmp / "wandb-config"),
-               ACCELERATE_USE_CPU="true", PYTHONUNBUFFERED="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("WANDB_", "RESTORER_FAULTS", "ACCELERATE_")) and k not in ("RANK", "WORLD_SIZE")
+    }
+    env.update(
+        NETRC=str(tmp / "no-netrc"),
+        WANDB_CONFIG_DIR=str(tmp / "wandb-config"),
+        ACCELERATE_USE_CPU="true",
+        PYTHONUNBUFFERED="1",
+    )
     env.update(extra)
     return env
 
 
-def launch(args: list[str], tmp: Path, *, processes: int = 2, faults: str | None = None,
-           timeout: float = 240) -> subprocess.CompletedProcess:
+def launch(
+    args: list[str], tmp: Path, *, processes: int = 2, faults: str | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess:
     """``accelerate launch --config_file launch/accelerate/cpu2.yaml launch/train.py ARGS``."""
     env = clean_env(tmp, **({"RESTORER_FAULTS": faults} if faults else {}))
     if processes == 1:
         cmd = [sys.executable, str(TRAIN), *args]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU2),
-               "--num_processes", str(processes), "--main_process_port", str(free_port()), str(TRAIN), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CPU2),
+            "--num_processes",
+            str(processes),
+            "--main_process_port",
+            str(free_port()),
+            str(TRAIN),
+            *args,
+        ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -164,11 +234,13 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def fit_shards(tmp_path_factory) -> Path:
     """2 shards of 2 tiles of 48 px (one shard, two tiles, one batch per rank), 2 val tiles."""
-    return write_shards(tmp_path_factory.mktemp("fit") / "shards", splits={"train": 4, "val": 2},
-                        samples_per_shard=2, tile=48)
+    return write_shards(
+        tmp_path_factory.mktemp("fit") / "shards", splits={"train": 4, "val": 2}, samples_per_shard=2, tile=48
+    )
 
 
 # --- hostile files -------------------------------------------------------------------------------
+
 
 class EvilPickle:
     """A pickle whose loading would run ``touch MARK``: every loader must refuse it, so ``mark``
@@ -228,8 +300,8 @@ def train_small_q10(steps: int = TRAIN_STEPS, seed: int = 0) -> torch.nn.Module:
             ref, jp = pairs[rng.integers(len(pairs))]
             y = int(rng.integers(0, (ref.shape[0] - size) // 8)) * 8
             x = int(rng.integers(0, (ref.shape[1] - size) // 8)) * 8
-            xs.append(jp[y:y + size, x:x + size])
-            ys.append(ref[y:y + size, x:x + size])
+            xs.append(jp[y : y + size, x : x + size])
+            ys.append(ref[y : y + size, x : x + size])
         x_t = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255
         y_t = torch.from_numpy(np.stack(ys)).permute(0, 3, 1, 2).float() / 255
         loss = (model(x_t) - y_t).pow(2).mean()

@@ -9,6 +9,7 @@ Fixtures (imported by tests/conftest.py):
 - ``http_faults``: a :class:`FaultServer` over a fresh temporary folder (``.root``); serve a file
   by writing it there, get its URL with ``.url(name)``, inject faults with ``.fail(name, ...)``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,8 +60,7 @@ class FaultServer:
         self.httpd = _QuietServer((HOST, 0), _handler_for(self))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
         self._thread.start()
 
     @property
@@ -146,7 +146,7 @@ def _handler_for(server: FaultServer):
             self.send_header("Accept-Ranges", "bytes")
             self.end_headers()
             if fault in ("drop", "stall-body"):
-                self.wfile.write(body[:len(body) // 2])
+                self.wfile.write(body[: len(body) // 2])
                 self.wfile.flush()
                 if fault == "stall-body":
                     self._stall()
@@ -197,8 +197,12 @@ def s3_server():
         server.stop()
 
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-          "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_SESSION_TOKEN": "testing",
+}
 
 
 def use_s3_endpoint(monkeypatch, endpoint: str) -> None:

@@ -1,5 +1,6 @@
 """Helpers for the shard builder tests: small datasets in each real download layout, seeded with
 real photographs (scikit-image's shipped photos, BSDS500 where present), plus broken files."""
+
 from __future__ import annotations
 
 import io
@@ -16,8 +17,16 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 BSR = Path(__file__).parents[1].parent / "shared/datasets/BSR"
 BSR_IMAGES = BSR / "BSDS500" / "data" / "images"
-PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg",
-          "motorcycle_left.png", "retina.jpg", "ihc.png")
+PHOTOS = (
+    "astronaut.png",
+    "coffee.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "hubble_deep_field.jpg",
+    "motorcycle_left.png",
+    "retina.jpg",
+    "ihc.png",
+)
 _CACHE: list[np.ndarray] = []
 
 
@@ -34,7 +43,7 @@ def photo_crops(n: int, h: int = 150, w: int = 200, seed: int = 0) -> list[np.nd
         p = photos[i % len(photos)]
         y = int(rng.integers(0, p.shape[0] - h + 1))
         x = int(rng.integers(0, p.shape[1] - w + 1))
-        out.append(np.ascontiguousarray(p[y:y + h, x:x + w, :3]))
+        out.append(np.ascontiguousarray(p[y : y + h, x : x + w, :3]))
     return out
 
 
@@ -57,8 +66,12 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
 def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny PNG whose header declares a huge RGB image."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr)
-            + _chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + _chunk(b"IEND", b"")
+    )
 
 
 BROKEN = {  # name -> bytes; none of them is a usable image
@@ -95,9 +108,13 @@ def read_shards(out: Path) -> dict[str, dict]:
                 ext = next(e for e in parts if e != "json")
                 if key in samples:
                     dup.append(key)
-                samples[key] = {"pixels": decode_bytes(parts[ext]),
-                                "meta": json.loads(parts["json"]), "shard": s["path"],
-                                "split": split, "ext": ext}
+                samples[key] = {
+                    "pixels": decode_bytes(parts[ext]),
+                    "meta": json.loads(parts["json"]),
+                    "shard": s["path"],
+                    "split": split,
+                    "ext": ext,
+                }
     assert not dup, f"samples in more than one shard: {dup[:5]}"
     return samples
 
@@ -110,7 +127,7 @@ def expected_tiles(arr: np.ndarray, tile: int, min_size: int) -> dict[str, np.nd
         for x in range(0, w, tile):
             th, tw = min(tile, h - y), min(tile, w - x)
             if th >= min_size and tw >= min_size:
-                out[f"{y}_{x}"] = arr[y:y + th, x:x + tw]
+                out[f"{y}_{x}"] = arr[y : y + th, x : x + tw]
     return out
 
 

@@ -1,4 +1,5 @@
 """`restorer compare`: a JPEG | restored | original panel with PSNR captions and a sensible crop."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,21 @@ def test_panel_from_a_real_photo(tmp_path, capsys, small_q10_weights):
     src = tmp_path / "chelsea.png"
     Image.fromarray(data.chelsea()[:, 224:]).save(src)  # the right half, unseen in training
     out = tmp_path / "panel.png"
-    code = compare_main([str(src), "--weights", str(small_q10_weights), "--quality", "10", "-o", str(out),
-                         "--crop-size", "64", "--zoom", "3"])
+    code = compare_main(
+        [
+            str(src),
+            "--weights",
+            str(small_q10_weights),
+            "--quality",
+            "10",
+            "-o",
+            str(out),
+            "--crop-size",
+            "64",
+            "--zoom",
+            "3",
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0
     with Image.open(out) as panel:
@@ -26,16 +40,16 @@ def test_panel_from_a_real_photo(tmp_path, capsys, small_q10_weights):
         assert w == 3 * 64 * 3 + 4 * 8 and h > 64 * 3 + 20  # three 192 px crops, gaps, captions
         arr = np.asarray(panel)
     # captions drawn below the crops: dark text pixels in the caption band of every column
-    band = arr[8 + 192 + 2:, :, :].min(axis=2)
+    band = arr[8 + 192 + 2 :, :, :].min(axis=2)
     for col in range(3):
         x0 = 8 + col * (192 + 8)
-        assert (band[:, x0:x0 + 192] < 100).any()
+        assert (band[:, x0 : x0 + 192] < 100).any()
     jpeg_db, restored_db = (float(t.split(" dB")[0].split()[-1]) for t in text.split(",")[:2])
     assert restored_db > jpeg_db
     # the crop shown equals the original, enlarged with nearest neighbour
     x, y, cw, ch = (int(v) for v in text.strip().split("crop ")[-1].split(","))
-    orig = data.chelsea()[:, 224:][y:y + ch, x:x + cw]
-    shown = arr[8:8 + 192, 8 + 2 * 200:8 + 2 * 200 + 192]
+    orig = data.chelsea()[:, 224:][y : y + ch, x : x + cw]
+    shown = arr[8 : 8 + 192, 8 + 2 * 200 : 8 + 2 * 200 + 192]
     assert np.array_equal(shown[::3, ::3], orig)
 
 
@@ -47,8 +61,9 @@ def test_explicit_crop_and_overwrite(tmp_path, capsys):
     assert Image.open(out).size == (3 * 120 + 32, Image.open(out).size[1])
     assert compare_main([str(src), "--weights", "none", "-o", str(out)]) == 2  # exists
     assert "--overwrite" in capsys.readouterr().err
-    assert compare_main([str(src), "--weights", "none", "--crop", "100,100,64,64", "-o", str(out),
-                         "--overwrite"]) == 2  # does not fit
+    assert (
+        compare_main([str(src), "--weights", "none", "--crop", "100,100,64,64", "-o", str(out), "--overwrite"]) == 2
+    )  # does not fit
 
 
 def test_auto_crop_finds_the_largest_error():
@@ -81,7 +96,7 @@ def test_psnr_is_the_metrics_one():
     ref = data.astronaut()[:64, :64]
     noisy = np.clip(ref.astype(int) + np.random.default_rng(0).integers(-9, 10, ref.shape), 0, 255).astype(np.uint8)
     mse = np.mean((ref.astype(np.float64) - noisy) ** 2)
-    assert _psnr(noisy, ref) == pytest.approx(10 * np.log10(255.0 ** 2 / mse), abs=1e-9)
+    assert _psnr(noisy, ref) == pytest.approx(10 * np.log10(255.0**2 / mse), abs=1e-9)
     assert _psnr(ref, ref) == float("inf")
 
 
@@ -96,8 +111,12 @@ def test_jpeg_of_another_image_is_refused(tmp_path, capsys):
     assert not out.exists()
     # a real JPEG of it at a low quality is accepted
     Image.fromarray(data.astronaut()[:128, :128]).save(tmp_path / "a5.jpg", quality=5)
-    assert compare_main([str(src), "--jpeg", str(tmp_path / "a5.jpg"), "--weights", "none", "-o", str(out),
-                         "--no-progress"]) == 0
+    assert (
+        compare_main(
+            [str(src), "--jpeg", str(tmp_path / "a5.jpg"), "--weights", "none", "-o", str(out), "--no-progress"]
+        )
+        == 0
+    )
 
 
 def test_panel_never_replaces_an_input(tmp_path, capsys):

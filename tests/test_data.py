@@ -1,4 +1,5 @@
 """Training and validation streams (restorer.data) over tiny real-photo shards."""
+
 from __future__ import annotations
 
 import io
@@ -186,8 +187,12 @@ def test_two_ranks_two_workers_split(tmp_path, monkeypatch, train):
                     owners[url] = (rank, worker)
             assert count == loader.batches_per_epoch
         # the plan hands every shard to exactly one slot; those not read this epoch were not needed
-        planned = sorted(loaders[0].plan.shards[i].url for r in range(2) for w in range(2)
-                         for i in loaders[0].plan.slot_shards(epoch, r, w))
+        planned = sorted(
+            loaders[0].plan.shards[i].url
+            for r in range(2)
+            for w in range(2)
+            for i in loaders[0].plan.slot_shards(epoch, r, w)
+        )
         assert planned == all_urls
         assert set(owners) <= set(all_urls)
         assert refill_tiles == 0
@@ -206,9 +211,20 @@ def test_shard_assignment_changes_with_epoch_but_not_slot_sizes():
 def test_slot_batches_follow_the_dataloader_rotation():
     """Batch p of a rank comes from worker p % workers: each slot owes an epoch floor or ceil of
     batches_per_epoch / workers, and the shares add up to batches_per_epoch in every epoch."""
+
     def plan_of(bpe, workers):
-        return plan.Plan(spec="x", shards=(), counts=(), counts_known=True, resampled=False, world_size=1,
-                         workers=workers, batch_size=1, seed=0, batches_per_epoch=bpe)
+        return plan.Plan(
+            spec="x",
+            shards=(),
+            counts=(),
+            counts_known=True,
+            resampled=False,
+            world_size=1,
+            workers=workers,
+            batch_size=1,
+            seed=0,
+            batches_per_epoch=bpe,
+        )
 
     p = plan_of(5, 2)
     assert [p.slot_batches(0, s) for s in range(2)] == [3, 2]  # positions 0..4
@@ -245,8 +261,9 @@ def test_resampled_stream(tiny_shards):
 
 def test_epoch_patches_are_patches_over_all_ranks(tiny_shards, caplog):
     cfg = cfg_for(tiny_shards)  # 12 tiles x 4 patches = 48 patches per pass
-    ranks = [make_train_loader(cfg, batch_size=4, num_workers=0, rank=r, world_size=2, epoch_patches=24)
-             for r in range(2)]
+    ranks = [
+        make_train_loader(cfg, batch_size=4, num_workers=0, rank=r, world_size=2, epoch_patches=24) for r in range(2)
+    ]
     assert [r.batches_per_epoch for r in ranks] == [3, 3] and ranks[0].num_samples == 24
     assert [len(batches(r)) for r in ranks] == [3, 3]
     odd = make_train_loader(cfg, batch_size=4, num_workers=0, rank=0, world_size=2, epoch_patches=30)
@@ -426,8 +443,22 @@ def test_val_unreadable_split_raises(tmp_path):
 def test_stream_config_from_cli_flags():
     from restorer.config import parse_config
 
-    cfg = parse_config(StreamConfig, ["--shards", "x", "--rescale-scales", "0.9", "0.8", "--splits", "train", "val",
-                                      "--grayscale", "--quality", "10-90"])
+    cfg = parse_config(
+        StreamConfig,
+        [
+            "--shards",
+            "x",
+            "--rescale-scales",
+            "0.9",
+            "0.8",
+            "--splits",
+            "train",
+            "val",
+            "--grayscale",
+            "--quality",
+            "10-90",
+        ],
+    )
     assert cfg.augment_params().rescale_scales == (0.9, 0.8) and cfg.splits == ["train", "val"] and cfg.grayscale
     with pytest.raises(UserError, match="rotate_p"):
         parse_config(StreamConfig, ["--shards", "x", "--rotate-p", "2"])
@@ -452,7 +483,7 @@ def test_endless_iterator_crosses_epochs_and_any_epoch_reproduces(tmp_path):
         epoch = SharedEpoch(start)
         again = make_train_loader(cfg, batch_size=2, num_workers=2, shared_epoch=epoch, epoch_patches=14)
         got = list(itertools.islice(iter(again), bpe))
-        assert all(_same(x, y) for x, y in zip(got, run[start * bpe:(start + 1) * bpe]))
+        assert all(_same(x, y) for x, y in zip(got, run[start * bpe : (start + 1) * bpe]))
     assert not _same(run[0], run[bpe])
 
 

@@ -1,4 +1,5 @@
 """Augmentation (restorer.data.augment): probabilities, crop-first == whole-image reference, small tiles."""
+
 from __future__ import annotations
 
 import io
@@ -46,7 +47,9 @@ def test_probabilities_zero_and_one():
     rng = np.random.default_rng(1)
     never = AugmentParams(patch_size=64, rescale_p=0.0, rotate_p=0.0, flip_p=0.0)
     always = AugmentParams(patch_size=64, rescale_p=1.0, rotate_p=1.0, flip_p=1.0)
-    assert all(d.scale == 1.0 and d.rot == 0 and not d.flip for d in (augment.draw(rng, 200, 300, never) for _ in range(300)))
+    assert all(
+        d.scale == 1.0 and d.rot == 0 and not d.flip for d in (augment.draw(rng, 200, 300, never) for _ in range(300))
+    )
     assert all(d.scale < 1.0 and d.rot and d.flip for d in (augment.draw(rng, 200, 300, always) for _ in range(300)))
 
 
@@ -82,7 +85,7 @@ def test_unscaled_unrotated_patch_is_a_plain_crop(photo):
     params = AugmentParams(patch_size=64, rescale_p=0.0, rotate_p=0.0)
     d = augment.draw(rng, photo.height, photo.width, params)
     patch = augment.crop_first(photo, d, 64)
-    np.testing.assert_array_equal(patch, np.asarray(photo)[d.y:d.y + 64, d.x:d.x + 64])
+    np.testing.assert_array_equal(patch, np.asarray(photo)[d.y : d.y + 64, d.x : d.x + 64])
 
 
 def test_small_tiles(photo):

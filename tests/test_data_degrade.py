@@ -1,5 +1,6 @@
 """Training degradations (restorer.data.degrade): quality ranges, double JPEG on a shifted grid,
 chroma subsampling drawn from a list, and the label = the last compression's quality."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -97,8 +98,14 @@ def test_loader_labels_each_patch_with_its_last_compression(tmp_path, monkeypatc
         return real(img, quality, subsampling)
 
     monkeypatch.setattr(degrade, "jpeg_roundtrip", recording)
-    cfg = StreamConfig(shards=str(root), patch_size=32, quality="10-90", double_jpeg_p=1.0,
-                       chroma_subsampling="4:2:0,4:4:4", shuffle_buffer=8)
+    cfg = StreamConfig(
+        shards=str(root),
+        patch_size=32,
+        quality="10-90",
+        double_jpeg_p=1.0,
+        chroma_subsampling="4:2:0,4:4:4",
+        shuffle_buffer=8,
+    )
     loader = make_train_loader(cfg, batch_size=4, num_workers=0)
     it = iter(loader)
     labels: list[int] = []
@@ -107,6 +114,6 @@ def test_loader_labels_each_patch_with_its_last_compression(tmp_path, monkeypatc
         labels.extend(q.tolist())
     # in-process: each patch's two encodes are consecutive calls; the label is the second
     firsts, lasts = calls[0::2], calls[1::2]
-    assert len(calls) >= 2 * len(labels) and lasts[:len(labels)] == labels
+    assert len(calls) >= 2 * len(labels) and lasts[: len(labels)] == labels
     assert all(a != b for a, b in zip(firsts, lasts))
     assert q.dtype == torch.int64 and set(labels) <= set(range(10, 91))

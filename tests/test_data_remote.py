@@ -4,6 +4,7 @@ read locally, over ``http://`` (a brace pattern) and from ``s3://bucket/prefix``
 plan and the same batches; dropped connections, 5xx, stalls, missing objects and a hanging
 ``pipe:`` command are retried, timed out, skipped and counted, and ranks stay in step. Every test
 is bounded in time; the read timeouts are made small through the RESTORER_* variables."""
+
 from __future__ import annotations
 
 import itertools
@@ -22,8 +23,12 @@ from restorer.errors import UserError
 
 pytestmark = pytest.mark.timeout(240)
 
-FAST_READS = {"RESTORER_CONNECT_TIMEOUT": "1", "RESTORER_READ_TIMEOUT": "1", "RESTORER_READ_RETRIES": "2",
-              "RESTORER_RETRY_BACKOFF": "0.05"}
+FAST_READS = {
+    "RESTORER_CONNECT_TIMEOUT": "1",
+    "RESTORER_READ_TIMEOUT": "1",
+    "RESTORER_READ_RETRIES": "2",
+    "RESTORER_RETRY_BACKOFF": "0.05",
+}
 
 
 def fast_reads(monkeypatch) -> None:
@@ -50,7 +55,7 @@ def upload(root: Path, bucket_url: str, prefix: str) -> str:
     import boto3
 
     s3 = boto3.client("s3")
-    bucket = bucket_url[len("s3://"):]
+    bucket = bucket_url[len("s3://") :]
     for rel, data in files_of(root).items():
         s3.put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=data)
     return f"{bucket_url}/{prefix}"
@@ -83,8 +88,11 @@ def test_http_and_s3_streams_equal_the_local_one(shards, s3_bucket, http_faults)
     """Plan, batches and validation items are the same whichever way the shards are reached."""
     s3 = upload(shards, s3_bucket, "p")
     http = serve(shards, http_faults)
-    specs = {"local": str(shards), "s3": s3,
-             "http": f"{http}/train/shard-{{000000..000003}}.tar"}  # counts from the served sizes.json
+    specs = {
+        "local": str(shards),
+        "s3": s3,
+        "http": f"{http}/train/shard-{{000000..000003}}.tar",
+    }  # counts from the served sizes.json
     for rank in (0, 1):
         got = {}
         for name, spec in specs.items():
@@ -97,9 +105,14 @@ def test_http_and_s3_streams_equal_the_local_one(shards, s3_bucket, http_faults)
             assert all(torch.equal(a, b) for x, y in zip(local, got[name][1]) for a, b in zip(x, y)), name
             assert got[name][2] == stats, name  # tiles read, nothing skipped
         assert stats["bad_shards"] == stats["missing_shards"] == 0
-    val = {name: make_val_loader(spec, split=split, qualities=(10, 30), crop=64, world_size=1, batch_size=4)
-           for name, spec, split in (("local", str(shards), "val"), ("s3", s3, "val"),
-                                     ("http", f"{http}/val/shard-{{000000..000001}}.tar", None))}
+    val = {
+        name: make_val_loader(spec, split=split, qualities=(10, 30), crop=64, world_size=1, batch_size=4)
+        for name, spec, split in (
+            ("local", str(shards), "val"),
+            ("s3", s3, "val"),
+            ("http", f"{http}/val/shard-{{000000..000001}}.tar", None),
+        )
+    }
     items = {name: [torch.cat(t) for t in zip(*v)] for name, v in val.items()}
     assert items["local"][0].shape[0] == 4 * 2
     for name in ("s3", "http"):
@@ -119,8 +132,7 @@ def test_s3_stream_in_dataloader_workers(shards, s3_bucket):
 
 
 # ------------------------------------------------------------------------------ faults while loading
-def test_faults_during_loading_are_retried_or_skipped_and_ranks_stay_in_step(shards, http_faults,
-                                                                            monkeypatch, caplog):
+def test_faults_during_loading_are_retried_or_skipped_and_ranks_stay_in_step(shards, http_faults, monkeypatch, caplog):
     """Shard 0: the connection drops mid-body (resumed with Range); shard 1: 503 then 500
     (retried); shard 2: the server never answers (timed out, retried, then skipped as bad);
     shard 3: the object is gone (404, counted as missing). Both ranks yield exactly
@@ -135,8 +147,7 @@ def test_faults_during_loading_are_retried_or_skipped_and_ranks_stay_in_step(sha
     spec = f"{http}/train/shard-{{000000..000003}}.tar"
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="restorer.data"):
-        loaders = [make_train_loader(cfg_for(spec), batch_size=4, num_workers=0, rank=r, world_size=2)
-                   for r in (0, 1)]
+        loaders = [make_train_loader(cfg_for(spec), batch_size=4, num_workers=0, rank=r, world_size=2) for r in (0, 1)]
         assert loaders[0].batches_per_epoch == loaders[1].batches_per_epoch == 4  # from the listing
         got = [epochs(loader, 2) for loader in loaders]
     assert time.monotonic() - t0 < 60
@@ -158,7 +169,7 @@ def test_missing_s3_object_is_counted_as_missing(shards, s3_bucket):
     import boto3
 
     s3 = upload(shards, s3_bucket, "m")
-    boto3.client("s3").delete_object(Bucket=s3_bucket[len("s3://"):], Key="m/train/shard-000001.tar")
+    boto3.client("s3").delete_object(Bucket=s3_bucket[len("s3://") :], Key="m/train/shard-000001.tar")
     loader = make_train_loader(cfg_for(s3), batch_size=4, num_workers=0)
     assert len(epochs(loader)) == loader.batches_per_epoch == 8
     stats = loader.stats()
@@ -171,8 +182,7 @@ def test_hanging_pipe_command_is_timed_out_and_skipped(shards, monkeypatch, capl
     fast_reads(monkeypatch)
     monkeypatch.setenv("RESTORER_READ_RETRIES", "0")
     hang = "shard-000001"
-    spec = (f"pipe:sh -c 'case $0 in *{hang}*) sleep 120;; *) cat $0;; esac' "
-            f"{shards}/train/shard-{{000000..000003}}.tar")
+    spec = f"pipe:sh -c 'case $0 in *{hang}*) sleep 120;; *) cat $0;; esac' {shards}/train/shard-{{000000..000003}}.tar"
     t0 = time.monotonic()
     loader = make_train_loader(cfg_for(spec, shuffle_buffer=0), batch_size=4, num_workers=0, epoch_patches=32)
     with caplog.at_level(logging.WARNING, logger="restorer.data"):
@@ -185,14 +195,17 @@ def test_hanging_pipe_command_is_timed_out_and_skipped(shards, monkeypatch, capl
 def test_missing_backend_package_stops_with_one_line():
     try:
         import gcsfs  # noqa: F401
+
         pytest.skip("gcsfs is installed")
     except ImportError:
         pass
     with pytest.raises(UserError) as ei:
-        make_train_loader(cfg_for("gs://bucket/shard-{000000..000001}.tar"), batch_size=4, num_workers=0,
-                          epoch_patches=64)
-    assert str(ei.value) == ("gs://bucket/sizes.json: gs:// needs a package that is not installed: "
-                             "pip install 'restorer[gcs]'")
+        make_train_loader(
+            cfg_for("gs://bucket/shard-{000000..000001}.tar"), batch_size=4, num_workers=0, epoch_patches=64
+        )
+    assert str(ei.value) == (
+        "gs://bucket/sizes.json: gs:// needs a package that is not installed: pip install 'restorer[gcs]'"
+    )
 
 
 def test_unreadable_remote_listing_stops_with_one_line(shards, http_faults, monkeypatch):
@@ -208,15 +221,30 @@ def test_unreadable_remote_listing_stops_with_one_line(shards, http_faults, monk
 
 
 # ------------------------------------------------------------------------------ 2-process training
-TRAIN_ARGS = [*FIT_ARGS, "--patch-size", "32", "--val-crop", "32", "--max-steps", "6", "--val-every", "3",
-              "--save-every", "100", "--tracker", "none"]
+TRAIN_ARGS = [
+    *FIT_ARGS,
+    "--patch-size",
+    "32",
+    "--val-crop",
+    "32",
+    "--max-steps",
+    "6",
+    "--val-every",
+    "3",
+    "--save-every",
+    "100",
+    "--tracker",
+    "none",
+]
 
 
 def _local_bpe(spec: str, workers: int) -> list[int]:
     """batches_per_epoch of each rank of a 2-process run with TRAIN_ARGS' data options."""
     cfg = StreamConfig(shards=spec, patch_size=32, patches_per_image=1, rescale_p=0, rotate_p=0, quality="10")
-    return [make_train_loader(cfg, batch_size=2, num_workers=workers, rank=r, world_size=2).batches_per_epoch
-            for r in (0, 1)]
+    return [
+        make_train_loader(cfg, batch_size=2, num_workers=workers, rank=r, world_size=2).batches_per_epoch
+        for r in (0, 1)
+    ]
 
 
 def _trained(run: Path, steps: int = 6) -> tuple[dict, list[dict]]:
@@ -240,8 +268,20 @@ def test_two_process_training_streams_s3_and_http(shards, s3_bucket, http_faults
     assert info["batches_per_epoch"] == want[0]
     assert rows[-1]["data/bad_shards"] == rows[-1]["data/missing_shards"] == 0
     run = tmp_path / "run-http"
-    check(launch(["--shards", f"{http}/train/shard-{{000000..000003}}.tar", "--run-dir", str(run), *TRAIN_ARGS,
-                  "--val-shards", f"{http}/val/shard-{{000000..000001}}.tar"], tmp_path))
+    check(
+        launch(
+            [
+                "--shards",
+                f"{http}/train/shard-{{000000..000003}}.tar",
+                "--run-dir",
+                str(run),
+                *TRAIN_ARGS,
+                "--val-shards",
+                f"{http}/val/shard-{{000000..000001}}.tar",
+            ],
+            tmp_path,
+        )
+    )
     info, rows = _trained(run)
     assert info["batches_per_epoch"] == _local_bpe(str(shards), workers=0)[0]
     assert rows[-1]["data/bad_shards"] == rows[-1]["data/missing_shards"] == 0
@@ -260,9 +300,21 @@ def test_two_process_training_survives_http_faults(shards, http_faults, tmp_path
     (http_faults.root / name(3).lstrip("/")).unlink()
     run = tmp_path / "run"
     t0 = time.monotonic()
-    proc = check(launch(["--shards", f"{http}/train/shard-{{000000..000003}}.tar", "--run-dir", str(run),
-                         *TRAIN_ARGS, "--val-shards", f"{http}/val/shard-{{000000..000001}}.tar"], tmp_path,
-                        timeout=200))
+    proc = check(
+        launch(
+            [
+                "--shards",
+                f"{http}/train/shard-{{000000..000003}}.tar",
+                "--run-dir",
+                str(run),
+                *TRAIN_ARGS,
+                "--val-shards",
+                f"{http}/val/shard-{{000000..000001}}.tar",
+            ],
+            tmp_path,
+            timeout=200,
+        )
+    )
     assert time.monotonic() - t0 < 200
     _, rows = _trained(run)
     assert rows[-1]["data/bad_shards"] >= 1 and rows[-1]["data/missing_shards"] >= 1

@@ -1,4 +1,5 @@
 """`restorer eval`: metrics per image agree with scikit-image, tables/JSON/CSV, --jpeg-dir, BSR layout."""
+
 from __future__ import annotations
 
 import csv
@@ -32,8 +33,22 @@ def refs(tmp_path_factory) -> Path:
 
 def test_identity_metrics_match_skimage(refs, tmp_path, capsys):
     js, cs = tmp_path / "r.json", tmp_path / "r.csv"
-    code = eval_main(["--weights", "none", "--images", str(refs), "--quality", "10", "30", "--json", str(js),
-                      "--csv", str(cs), "--no-progress"])
+    code = eval_main(
+        [
+            "--weights",
+            "none",
+            "--images",
+            str(refs),
+            "--quality",
+            "10",
+            "30",
+            "--json",
+            str(js),
+            "--csv",
+            str(cs),
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "| 10 | 3 | RGB |" in out and "| 30 | 3 | Y |" in out and "border crop 0 px" in out
@@ -43,9 +58,15 @@ def test_identity_metrics_match_skimage(refs, tmp_path, capsys):
         ref = np.asarray(Image.open(refs / row["image"]))
         jpeg = jpeg_roundtrip(ref, row["quality"])
         assert row["jpeg_psnr_rgb"] == pytest.approx(peak_signal_noise_ratio(ref, jpeg, data_range=255), abs=1e-9)
-        expected_ssim = structural_similarity(ref / 255.0, jpeg / 255.0, data_range=1.0, gaussian_weights=True,
-                                              sigma=1.5, use_sample_covariance=False,
-                                              channel_axis=-1 if ref.ndim == 3 else None)
+        expected_ssim = structural_similarity(
+            ref / 255.0,
+            jpeg / 255.0,
+            data_range=1.0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            channel_axis=-1 if ref.ndim == 3 else None,
+        )
         assert row["jpeg_ssim_rgb"] == pytest.approx(expected_ssim, abs=1e-7)
         assert row["jpeg_psnrb_y"] <= row["jpeg_psnr_y"] + 1e-9  # BEF only ever adds error
         assert "restored_psnr_rgb" not in row
@@ -55,13 +76,28 @@ def test_identity_metrics_match_skimage(refs, tmp_path, capsys):
     assert means[10]["jpeg_psnr_rgb"] < means[30]["jpeg_psnr_rgb"]
     assert f"{means[10]['jpeg_psnr_rgb']:.2f}" in out
     rows = list(csv.DictReader(cs.open()))
-    assert len(rows) == 6 and float(rows[0]["jpeg_psnr_rgb"]) == pytest.approx(doc["images"][0]["jpeg_psnr_rgb"], abs=1e-5)
+    assert len(rows) == 6 and float(rows[0]["jpeg_psnr_rgb"]) == pytest.approx(
+        doc["images"][0]["jpeg_psnr_rgb"], abs=1e-5
+    )
 
 
 def test_trained_weights_gain_and_crop_border(refs, tmp_path, capsys, small_q10_weights):
     js = tmp_path / "r.json"
-    code = eval_main(["--weights", str(small_q10_weights), "--images", str(refs), "--quality", "10",
-                      "--crop-border", "4", "--json", str(js), "--no-progress"])
+    code = eval_main(
+        [
+            "--weights",
+            str(small_q10_weights),
+            "--images",
+            str(refs),
+            "--quality",
+            "10",
+            "--crop-border",
+            "4",
+            "--json",
+            str(js),
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "restored PSNR" in out and "border crop 4 px" in out
     doc = json.loads(js.read_text())
@@ -82,8 +118,21 @@ def test_jpeg_dir_pairs_by_name_and_bsr_layout(refs, tmp_path, capsys):
         (bsr / p.name).write_bytes(p.read_bytes())
         Image.open(p).save(jdir / f"{p.stem}.jpg", quality=30)
     js1, js2 = tmp_path / "a.json", tmp_path / "b.json"
-    assert eval_main(["--identity", "--images", str(tmp_path / "BSR"), "--jpeg-dir", str(jdir),
-                      "--json", str(js1), "--no-progress"]) == 0
+    assert (
+        eval_main(
+            [
+                "--identity",
+                "--images",
+                str(tmp_path / "BSR"),
+                "--jpeg-dir",
+                str(jdir),
+                "--json",
+                str(js1),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert eval_main(["--identity", "--images", str(bsr), "--quality", "30", "--json", str(js2), "--no-progress"]) == 0
     a, b = json.loads(js1.read_text()), json.loads(js2.read_text())
     assert [r["quality"] for r in a["images"]] == [30, 30]  # estimated from the quantisation tables
@@ -100,8 +149,7 @@ def test_jpeg_dir_pairs_by_name_and_bsr_layout(refs, tmp_path, capsys):
 
 def test_bsds500_jpeg_row_reproduces_published_q10(bsr_root, capsys):
     """Pillow JPEG on the real BSDS500 test split: the published colour JPEG row, 25.84 dB at q10."""
-    code = eval_main(["--identity", "--images", str(bsr_root), "--quality", "10", "--metrics", "psnr",
-                      "--no-progress"])
+    code = eval_main(["--identity", "--images", str(bsr_root), "--quality", "10", "--metrics", "psnr", "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("| 10 | 200 | RGB |"))
@@ -126,12 +174,24 @@ def test_runtime_error_on_one_image_is_one_line_and_the_rest_go_on(refs, tmp_pat
 
     monkeypatch.setattr(options, "load_restorers", lambda *a, **k: ([Failing()], []))
     js = tmp_path / "out" / "r.json"
-    code = eval_main(["--weights", "fake", "--images", str(refs), "--quality", "10", "--metrics", "psnr",
-                      "--json", str(js), "--no-progress"])
+    code = eval_main(
+        [
+            "--weights",
+            "fake",
+            "--images",
+            str(refs),
+            "--quality",
+            "10",
+            "--metrics",
+            "psnr",
+            "--json",
+            str(js),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
-    assert err == [f"error: {refs / 'camera.png'}: failed (RuntimeError: CUDA out of memory. "
-                   "Tried to allocate 2 GiB)"]
+    assert err == [f"error: {refs / 'camera.png'}: failed (RuntimeError: CUDA out of memory. Tried to allocate 2 GiB)"]
     assert sorted(r["image"] for r in json.loads(js.read_text())["images"]) == ["astronaut.png", "coffee.png"]
     assert [p.name for p in js.parent.iterdir()] == ["r.json"]  # no temporary file left
 
@@ -139,8 +199,21 @@ def test_runtime_error_on_one_image_is_one_line_and_the_rest_go_on(refs, tmp_pat
 def test_unwritable_json_is_one_line(refs, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code = eval_main(["--weights", "none", "--images", str(refs), "--quality", "10", "--metrics", "psnr",
-                      "--json", str(blocker / "r.json"), "--no-progress"])
+    code = eval_main(
+        [
+            "--weights",
+            "none",
+            "--images",
+            str(refs),
+            "--quality",
+            "10",
+            "--metrics",
+            "psnr",
+            "--json",
+            str(blocker / "r.json"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {blocker / 'r.json'}: cannot write (")
 
@@ -149,7 +222,7 @@ def test_eval_reads_reference_images_from_a_bucket(refs, tmp_path, s3_bucket, sm
     """`--images s3://bucket/BSR` (BSR layout in the bucket) gives the same rows as the local folder."""
     import boto3
 
-    bucket = s3_bucket[len("s3://"):]
+    bucket = s3_bucket[len("s3://") :]
     client = boto3.client("s3")
     for f in refs.iterdir():
         client.put_object(Bucket=bucket, Key=f"BSR/BSDS500/data/images/test/{f.name}", Body=f.read_bytes())

@@ -2,6 +2,7 @@
 with wandb, scikit-image and matplotlib made unimportable (the check must run without them);
 a failing stage is reported and the others still run; the stage runner's time cap stops a whole
 process group; training figures are read from metrics.jsonl as documented."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -36,13 +37,33 @@ def run_check(tmp_path: Path, bsds: Path) -> tuple[subprocess.CompletedProcess, 
     blocker = tmp_path / "absent_modules"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(
-        "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in ABSENT))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in ABSENT)
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     out = tmp_path / "figures.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--bsds", str(bsds), "--work-dir",
-                           str(tmp_path / "work"), "--json", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--tiny",
+            "--bsds",
+            str(bsds),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return proc, (json.loads(out.read_text()) if out.is_file() else {})
 
 
@@ -57,8 +78,13 @@ def test_tiny_mode_runs_every_stage_end_to_end_without_wandb(tmp_path, bsr_root)
     proc, doc = run_check(tmp_path, bsr_root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert stage_rows(proc.stdout) == dict.fromkeys(STAGES, "ok")
-    for header in ("## model-only training step", "## loader alone", "## training:", "## restorer eval",
-                   "## restorer restore"):
+    for header in (
+        "## model-only training step",
+        "## loader alone",
+        "## training:",
+        "## restorer eval",
+        "## restorer restore",
+    ):
         assert header in proc.stdout
     last = proc.stdout.strip().splitlines()[-1]
     m = SUMMARY.match(last)
@@ -108,11 +134,13 @@ def test_a_failing_stage_is_reported_and_the_others_still_run(tmp_path):
 def test_stage_cap_stops_the_whole_process_group(tmp_path):
     gc = load_module()
     marker = tmp_path / "grandchild.pid"
-    code = ("import subprocess, sys, time\n"
-            f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-            f"open({str(marker)!r}, 'w').write(str(p.pid))\n"
-            "print('{\"started\": 1}', flush=True)\n"
-            "time.sleep(60)\n")
+    code = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(marker)!r}, 'w').write(str(p.pid))\n"
+        "print('{\"started\": 1}', flush=True)\n"
+        "time.sleep(60)\n"
+    )
     t0 = time.perf_counter()
     rc, out = gc.run_child([sys.executable, "-c", code], 3.0, tmp_path / "capped")
     assert rc is None and time.perf_counter() - t0 < 30
@@ -132,11 +160,19 @@ def test_stage_cap_stops_the_whole_process_group(tmp_path):
 
 def test_train_figures_skip_the_first_window_and_read_the_final_validation(tmp_path):
     gc = load_module()
-    rows = [{"step": 10, "perf/patches_per_s": 50.0, "perf/data_wait_frac": 0.9},  # compiling, loader start
-            {"step": 20, "perf/patches_per_s": 1000.0, "perf/data_wait_frac": 0.1},
-            {"step": 30, "perf/patches_per_s": 1200.0, "perf/data_wait_frac": 0.0},
-            {"step": 30, "val/gain": 1.0, "val/gain_q10": 1.2, "val/psnr_q10": 27.0, "val/gain_q20": 0.9,
-             "val/psnr_q20": 29.0}]
+    rows = [
+        {"step": 10, "perf/patches_per_s": 50.0, "perf/data_wait_frac": 0.9},  # compiling, loader start
+        {"step": 20, "perf/patches_per_s": 1000.0, "perf/data_wait_frac": 0.1},
+        {"step": 30, "perf/patches_per_s": 1200.0, "perf/data_wait_frac": 0.0},
+        {
+            "step": 30,
+            "val/gain": 1.0,
+            "val/gain_q10": 1.2,
+            "val/psnr_q10": 27.0,
+            "val/gain_q20": 0.9,
+            "val/psnr_q20": 29.0,
+        },
+    ]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 31, "perf/pat')  # a torn last line
     fig = gc.train_figures(path)
@@ -192,7 +228,8 @@ def test_full_mode_commands_parse_with_the_real_parsers(tmp_path, monkeypatch):
     check.run("eval", check.stage_eval)
     shards_cmd, train_cmd, eval_cmd = commands
     assert check.stages["train"].status == "failed" and check.stages["train"].figures["steps"] == int(
-        150 * 0.85 * 3000 / 64)  # the slower of model and loader, 85%, fills --train-seconds
+        150 * 0.85 * 3000 / 64
+    )  # the slower of model and loader, 85%, fills --train-seconds
 
     built = {}
 
@@ -214,7 +251,7 @@ def test_full_mode_commands_parse_with_the_real_parsers(tmp_path, monkeypatch):
     sys.modules["gpu_check_train"] = train
     spec.loader.exec_module(train)
     with pytest.raises(Parsed) as got:
-        train.main(train_cmd[marker + 1:])
+        train.main(train_cmd[marker + 1 :])
     cfg = fields(got.value.args[0])
     assert cfg["preset"] == recipe["preset"] and cfg["batch_size"] == 64 and cfg["num_workers"] == 12
     assert cfg["train_splits"] == ["train", "val"] and cfg["val_split"] == "test" and cfg["tracker"] == "none"
@@ -232,6 +269,9 @@ def test_full_mode_commands_parse_with_the_real_parsers(tmp_path, monkeypatch):
         restorer.cli.main(eval_cmd[3:])
     assert got.value.args[0].quality == [10, 20, 30, 40] and got.value.args[0].split == "test"
     with pytest.raises(Parsed) as got:
-        restorer.cli.main(sys.modules["gpu_check_children"].restore_argv(tmp_path / "a.jpg", tmp_path / "a.png",
-                                                                          "w.safetensors", "cuda"))
+        restorer.cli.main(
+            sys.modules["gpu_check_children"].restore_argv(
+                tmp_path / "a.jpg", tmp_path / "a.png", "w.safetensors", "cuda"
+            )
+        )
     assert got.value.args[0].device == "cuda"

@@ -1,4 +1,5 @@
 """restorer.hardware: the per-machine speed rules, with the CPU's capability simulated."""
+
 from __future__ import annotations
 
 import time
@@ -19,10 +20,18 @@ def test_unreadable_capability_falls_back_to_a_bounded_measured_probe(monkeypatc
     assert hardware.choose_precision("auto", torch.device("cpu")) == hardware.Choice("no", "probe says no")
 
 
-@pytest.mark.parametrize("machine,flags,native", [
-    ("x86_64", {"avx2", "fma"}, False), ("x86_64", {"avx2", "avx512_bf16"}, True), ("x86_64", {"amx_bf16"}, True),
-    ("aarch64", {"asimd", "bf16"}, True), ("aarch64", {"asimd"}, False), ("x86_64", set(), None),
-    ("riscv64", {"rv64"}, None)])
+@pytest.mark.parametrize(
+    "machine,flags,native",
+    [
+        ("x86_64", {"avx2", "fma"}, False),
+        ("x86_64", {"avx2", "avx512_bf16"}, True),
+        ("x86_64", {"amx_bf16"}, True),
+        ("aarch64", {"asimd", "bf16"}, True),
+        ("aarch64", {"asimd"}, False),
+        ("x86_64", set(), None),
+        ("riscv64", {"rv64"}, None),
+    ],
+)
 def test_capability_from_cpu_flags_when_torch_cannot_tell(monkeypatch, machine, flags, native):
     monkeypatch.setattr(hardware.platform, "machine", lambda: machine)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)

@@ -1,4 +1,5 @@
 """Tiled inference, receptive radius, weights choice."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,14 @@ def _random_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
 
 
 def _restorer(model, cfg: ModelConfig, tile: int = 0, **kw) -> Restorer:
-    return Restorer(model, {"model": {"in_channels": cfg.in_channels, "condition_on_quality": cfg.condition_on_quality}},
-                    Path("test"), torch.device("cpu"), tile, **kw)
+    return Restorer(
+        model,
+        {"model": {"in_channels": cfg.in_channels, "condition_on_quality": cfg.condition_on_quality}},
+        Path("test"),
+        torch.device("cpu"),
+        tile,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("preset", ["tiny", "seed", "default"])
@@ -90,9 +97,15 @@ def test_tiled_equals_whole_image_for_a_multiscale_unet():
     assert (whole != img).mean() > 0.5
 
 
-@pytest.mark.parametrize("cfg", [ModelConfig(preset="tiny"), ModelConfig(preset="seed"),
-                                 ModelConfig(preset="tiny", condition_on_quality=True),
-                                 ModelConfig(preset="tiny", in_channels=1)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ModelConfig(preset="tiny"),
+        ModelConfig(preset="seed"),
+        ModelConfig(preset="tiny", condition_on_quality=True),
+        ModelConfig(preset="tiny", in_channels=1),
+    ],
+)
 def test_tiled_equals_whole_image(cfg):
     model = _random_model(cfg)
     r = _restorer(model, cfg)
@@ -129,8 +142,9 @@ def test_untrained_residual_model_is_exact_identity():
 def test_choose_nearest_quality_range(tmp_path):
     paths = {}
     for name, q in (("q10", "10"), ("q30", "30"), ("blind", "10-90"), ("q50-60", "50-60")):
-        paths[name] = export_weights(build_model(ModelConfig(preset="tiny")), ModelConfig(preset="tiny"),
-                                     tmp_path / name, facts={"quality": q})
+        paths[name] = export_weights(
+            build_model(ModelConfig(preset="tiny")), ModelConfig(preset="tiny"), tmp_path / name, facts={"quality": q}
+        )
     restorers, errors = load_restorers([str(tmp_path / n) for n in paths], torch.device("cpu"))
     assert not errors and len(restorers) == 4
     pick = lambda q: choose_restorer(restorers, q).path.parent.name

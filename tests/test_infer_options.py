@@ -1,4 +1,5 @@
 """The options restore / eval / compare share: one definition, one check each, the same precision rule."""
+
 from __future__ import annotations
 
 import logging
@@ -26,17 +27,24 @@ def inputs(tmp_path):
 
 
 def _commands(d):
-    return {"restore": (restore_main, [str(d / "photo.jpg"), "-o", str(d / "out")]),
-            "eval": (eval_main, ["--images", str(d), "--quality", "10", "--metrics", "psnr"]),
-            "compare": (compare_main, [str(d / "ref.png"), "-o", str(d / "panel.png")])}
+    return {
+        "restore": (restore_main, [str(d / "photo.jpg"), "-o", str(d / "out")]),
+        "eval": (eval_main, ["--images", str(d), "--quality", "10", "--metrics", "psnr"]),
+        "compare": (compare_main, [str(d / "ref.png"), "-o", str(d / "panel.png")]),
+    }
 
 
 @pytest.mark.parametrize("command", ["restore", "eval", "compare"])
-@pytest.mark.parametrize("bad, words", [(["--tile", "-1"], "--tile must be >= 0"),
-                                        (["--tile-overlap", "-2"], "--tile-overlap must be >= 0"),
-                                        (["--threads", "0"], "--threads must be >= 1"),
-                                        (["--max-pixels", "0"], "--max-pixels must be positive"),
-                                        (["--bf16", "--precision", "fp32"], "contradicts --precision fp32")])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (["--tile", "-1"], "--tile must be >= 0"),
+        (["--tile-overlap", "-2"], "--tile-overlap must be >= 0"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--max-pixels", "0"], "--max-pixels must be positive"),
+        (["--bf16", "--precision", "fp32"], "contradicts --precision fp32"),
+    ],
+)
 def test_every_command_checks_the_shared_flags_the_same_way(inputs, capsys, command, bad, words):
     main, argv = _commands(inputs)[command]
     code = main(argv + ["--weights", "none", "--no-progress"] + bad)
@@ -47,8 +55,26 @@ def test_every_command_checks_the_shared_flags_the_same_way(inputs, capsys, comm
 @pytest.mark.parametrize("command", ["restore", "eval", "compare"])
 def test_every_command_takes_the_shared_flags(inputs, capsys, command):
     main, argv = _commands(inputs)[command]
-    code = main(argv + ["--weights", "none", "--no-progress", "--precision", "fp32", "--tile", "32",
-                        "--tile-overlap", "4", "--threads", "1", "--device", "cpu", "--max-pixels", "100000"])
+    code = main(
+        argv
+        + [
+            "--weights",
+            "none",
+            "--no-progress",
+            "--precision",
+            "fp32",
+            "--tile",
+            "32",
+            "--tile-overlap",
+            "4",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+            "--max-pixels",
+            "100000",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
 
 
@@ -84,8 +110,13 @@ def test_bf16_flag_is_precision_bf16_and_the_choice_is_logged_once(inputs, capsy
         for flags in (["--bf16"], ["--precision", "bf16"], []):
             caplog.clear()
             out = inputs / f"o{len(seen)}"
-            assert restore_main([str(inputs / "photo.jpg"), "-o", str(out), "--weights", str(w), "--device", "cpu",
-                                 "--no-progress"] + flags) == 0
+            assert (
+                restore_main(
+                    [str(inputs / "photo.jpg"), "-o", str(out), "--weights", str(w), "--device", "cpu", "--no-progress"]
+                    + flags
+                )
+                == 0
+            )
             lines = [r.getMessage() for r in caplog.records if "precision" in r.getMessage()]
             assert len(lines) == 1
     assert seen == ["bf16", "bf16", "fp32"]
@@ -105,7 +136,9 @@ def test_bf16_output_is_close_to_fp32():
         torch.nn.init.normal_(p, std=0.02)
     img = jpeg_roundtrip(data.astronaut()[:96, :96], 20)
     meta = {"model": {"in_channels": 3}}
-    out = {prec: Restorer(model.eval(), meta, Path("m"), torch.device("cpu"), 0, None, prec).restore(img, 20)
-           for prec in ("fp32", "bf16")}
+    out = {
+        prec: Restorer(model.eval(), meta, Path("m"), torch.device("cpu"), 0, None, prec).restore(img, 20)
+        for prec in ("fp32", "bf16")
+    }
     diff = np.abs(out["fp32"].astype(int) - out["bf16"].astype(int))
     assert diff.max() <= 3 and diff.mean() < 0.5

@@ -1,6 +1,7 @@
 """restorer.infer.projection: reading a JPEG's coefficients exactly, and projecting restored images
 onto the file's quantisation set (near no-op on the JPEG, never away from an original in the set,
 closer to the original for bad restorations)."""
+
 from __future__ import annotations
 
 import io
@@ -11,8 +12,17 @@ import pytest
 from PIL import Image, ImageOps
 
 from restorer.errors import UserError
-from restorer.infer.projection import (DCT, ORIENTATION_TAG, project, project_float, project_planes,
-                                      project_upright, read_coefficients, to_stored, to_upright)
+from restorer.infer.projection import (
+    DCT,
+    ORIENTATION_TAG,
+    project,
+    project_float,
+    project_planes,
+    project_upright,
+    read_coefficients,
+    to_stored,
+    to_upright,
+)
 
 BSDS_TEST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "BSR" / "BSDS500" / "data" / "images" / "test"
 SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}
@@ -22,7 +32,7 @@ def photo(h: int = 120, w: int = 160, y: int = 40, x: int = 150) -> np.ndarray:
     """A crop of a real photograph shipped with scikit-image (no download)."""
     from skimage import data
 
-    return np.ascontiguousarray(data.astronaut()[y:y + h, x:x + w])
+    return np.ascontiguousarray(data.astronaut()[y : y + h, x : x + w])
 
 
 def encode(img: np.ndarray, quality: int, subsampling: str = "4:2:0", **kwargs) -> bytes:
@@ -39,7 +49,7 @@ def decode(data: bytes) -> np.ndarray:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255.0 ** 2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+    return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
 def blur(img: np.ndarray, sigma: float = 1.5) -> np.ndarray:
@@ -52,8 +62,9 @@ def blur(img: np.ndarray, sigma: float = 1.5) -> np.ndarray:
 def block_dct(plane: np.ndarray) -> np.ndarray:
     """Reference 8x8 DCT, one block at a time: [r, c, 8, 8]."""
     r, c = plane.shape[0] // 8, plane.shape[1] // 8
-    return np.array([[DCT @ (plane[8 * i:8 * i + 8, 8 * j:8 * j + 8] - 128.0) @ DCT.T for j in range(c)]
-                     for i in range(r)])
+    return np.array(
+        [[DCT @ (plane[8 * i : 8 * i + 8, 8 * j : 8 * j + 8] - 128.0) @ DCT.T for j in range(c)] for i in range(r)]
+    )
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -77,8 +88,11 @@ def test_coefficients_are_the_files_own():
 @pytest.mark.parametrize("kind", ["progressive", "restart markers", "optimized huffman"])
 def test_progressive_and_restart_markers_give_identical_coefficients(kind):
     img = photo(101, 133)  # odd size: partial blocks and MCUs
-    kwargs = {"progressive": {"progressive": True}, "restart markers": {"restart_marker_blocks": 3},
-              "optimized huffman": {"optimize": True}}[kind]
+    kwargs = {
+        "progressive": {"progressive": True},
+        "restart markers": {"restart_marker_blocks": 3},
+        "optimized huffman": {"optimize": True},
+    }[kind]
     base, other = read_coefficients(encode(img, 40)), read_coefficients(encode(img, 40, **kwargs))
     if kind == "restart markers":
         assert encode(img, 40, **kwargs).count(b"\xff\xd0") > 0  # the markers are really there
@@ -105,9 +119,17 @@ def test_path_and_bytes_agree(tmp_path):
     assert path.read_bytes() == data  # the input file is never modified
 
 
-@pytest.mark.parametrize("content,expect", [
-    (None, "no such file"), (b"", "not an image"), (b"not a jpeg at all", "not an image"),
-    ("truncated", "unreadable JPEG"), ("png", "not a JPEG"), ("cmyk", "not supported")])
+@pytest.mark.parametrize(
+    "content,expect",
+    [
+        (None, "no such file"),
+        (b"", "not an image"),
+        (b"not a jpeg at all", "not an image"),
+        ("truncated", "unreadable JPEG"),
+        ("png", "not a JPEG"),
+        ("cmyk", "not supported"),
+    ],
+)
 def test_bad_files_give_one_clear_user_error(tmp_path, content, expect):
     path = tmp_path / "photo.jpg"
     if content == "truncated":
@@ -176,9 +198,14 @@ def test_projection_is_exact_and_nonexpansive_for_grayscale_float():
         # libjpeg's DCT of the real original is in the set up to its integer rounding
         assert np.mean(np.abs(block_dct(orig) - comp.coef * comp.qtable) <= comp.qtable / 2 + 1e-6) > 0.97
         rng = np.random.default_rng(quality)
-        candidates = [decode(data).astype(np.float64), blur(orig.astype(np.uint8), 2.0).astype(np.float64),
-                      orig + rng.normal(0, 20, orig.shape), np.full_like(orig, 128.0), rng.uniform(0, 255, orig.shape),
-                      orig[::-1].copy()]
+        candidates = [
+            decode(data).astype(np.float64),
+            blur(orig.astype(np.uint8), 2.0).astype(np.float64),
+            orig + rng.normal(0, 20, orig.shape),
+            np.full_like(orig, 128.0),
+            rng.uniform(0, 255, orig.shape),
+            orig[::-1].copy(),
+        ]
         for x in candidates:
             p = project_planes([x], coefs)[0]
             assert np.linalg.norm(p - o) <= np.linalg.norm(x - o) + 1e-9

@@ -33,9 +33,15 @@ def test_ssim_matches_skimage(pair, gray):
     ref, jpeg = pair
     if gray:
         ref, jpeg = ref[:, :, 1], jpeg[:, :, 1]
-    expected = structural_similarity(ref.astype(np.float64) / 255, jpeg.astype(np.float64) / 255, data_range=1.0,
-                                     gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                                     channel_axis=None if gray else -1)
+    expected = structural_similarity(
+        ref.astype(np.float64) / 255,
+        jpeg.astype(np.float64) / 255,
+        data_range=1.0,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        channel_axis=None if gray else -1,
+    )
     got = float(ssim(_t(jpeg), _t(ref)))
     assert got == pytest.approx(expected, abs=1e-7)
     assert 0.5 < got < 1.0

@@ -22,8 +22,10 @@ def test_all_presets_table(capsys):
 
 
 def test_overrides_and_conditioning(capsys):
-    assert cli_main(["model-info", "--preset", "default", "--channels", "96", "--units", "12",
-                     "--condition-on-quality"]) == 0
+    assert (
+        cli_main(["model-info", "--preset", "default", "--channels", "96", "--units", "12", "--condition-on-quality"])
+        == 0
+    )
     row = _rows(capsys.readouterr().out)["default"]
     model = build_model(ModelConfig(preset="default", channels=96, units=12, condition_on_quality=True))
     assert row[1:4] == ["96", "12", "True"] and row[4] == f"{count_parameters(model):,}"

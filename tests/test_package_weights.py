@@ -1,5 +1,6 @@
 """launch/package_weights.py: a finished run becomes restorer/weights/NAME.{safetensors,json} with a
 complete card and per-image checks that re-measure; the run is only read."""
+
 from __future__ import annotations
 
 import json
@@ -25,15 +26,41 @@ def fake_run(tmp: Path, weights: Path) -> Path:
     (run / "model.json").write_text(weights.with_name("model.json").read_text())
     (tmp / "shards").mkdir()
     (tmp / "shards" / "manifest.json").write_text(json.dumps({"splits": {"train": {"samples": 7}}}))
-    cfg = {"shards": str(tmp / "shards"), "train_splits": ["train"], "val_split": "test", "quality": "5-95",
-           "double_jpeg_p": 0.25, "chroma_subsampling": "4:2:0,4:4:4", "condition_on_quality": True,
-           "patch_size": 96, "patches_per_image": 8, "rescale_p": 0.5, "rescale_scales": [0.9, 0.8, 0.7, 0.6],
-           "rotate_p": 0.5, "flip_p": 0.5, "batch_size": 8, "grad_accum": 1, "loss": "mse", "ema_decay": 0.999}
+    cfg = {
+        "shards": str(tmp / "shards"),
+        "train_splits": ["train"],
+        "val_split": "test",
+        "quality": "5-95",
+        "double_jpeg_p": 0.25,
+        "chroma_subsampling": "4:2:0,4:4:4",
+        "condition_on_quality": True,
+        "patch_size": 96,
+        "patches_per_image": 8,
+        "rescale_p": 0.5,
+        "rescale_scales": [0.9, 0.8, 0.7, 0.6],
+        "rotate_p": 0.5,
+        "flip_p": 0.5,
+        "batch_size": 8,
+        "grad_accum": 1,
+        "loss": "mse",
+        "ema_decay": 0.999,
+    }
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    (run / "run_info.json").write_text(json.dumps({
-        "world_size": 2, "device": "cpu:0", "device_name": "Some CPU (2 cores, native bf16)",
-        "mixed_precision": "bf16", "channels_last": True, "mixed_precision_reason": "native", "parameters": 123,
-        "wall_seconds": 90.0, "code": "abc1234"}))
+    (run / "run_info.json").write_text(
+        json.dumps(
+            {
+                "world_size": 2,
+                "device": "cpu:0",
+                "device_name": "Some CPU (2 cores, native bf16)",
+                "mixed_precision": "bf16",
+                "channels_last": True,
+                "mixed_precision_reason": "native",
+                "parameters": 123,
+                "wall_seconds": 90.0,
+                "code": "abc1234",
+            }
+        )
+    )
     (run / "card.json").write_text(json.dumps({"protocol": {}, "rows": [{"case": "single", "quality": 10}]}))
     return run
 
@@ -50,8 +77,23 @@ def test_a_run_is_packaged_with_its_card_and_checks(tmp_path, small_q10_weights)
     run = fake_run(tmp_path, small_q10_weights)
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     out = tmp_path / "weights"
-    assert package_weights.main(["--run", str(run), "--name", "quality", "--recipe", "launch/configs/r.yaml",
-                                 "--bsr", str(fake_bsr(tmp_path)), "--out", str(out)]) == 0
+    assert (
+        package_weights.main(
+            [
+                "--run",
+                str(run),
+                "--name",
+                "quality",
+                "--recipe",
+                "launch/configs/r.yaml",
+                "--bsr",
+                str(fake_bsr(tmp_path)),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / "quality.safetensors").read_bytes() == small_q10_weights.read_bytes()
     doc = json.loads((out / "quality.json").read_text())
     assert doc["name"] == "quality" and doc["model"]["preset"] == "tiny" and doc["card"]["rows"][0]["quality"] == 10
@@ -70,15 +112,28 @@ def test_a_run_is_packaged_with_its_card_and_checks(tmp_path, small_q10_weights)
 def test_a_missing_bsr_is_one_line_and_writes_nothing(tmp_path, small_q10_weights):
     run = fake_run(tmp_path, small_q10_weights)
     with pytest.raises(SystemExit) as exc:
-        package_weights.main(["--run", str(run), "--name", "quality", "--recipe", "r.yaml",
-                              "--bsr", str(tmp_path / "nowhere"), "--out", str(tmp_path / "w")])
+        package_weights.main(
+            [
+                "--run",
+                str(run),
+                "--name",
+                "quality",
+                "--recipe",
+                "r.yaml",
+                "--bsr",
+                str(tmp_path / "nowhere"),
+                "--out",
+                str(tmp_path / "w"),
+            ]
+        )
     assert str(exc.value).startswith("error: ") and "nowhere" in str(exc.value) and "\n" not in str(exc.value)
     assert not (tmp_path / "w").exists()
 
 
 def test_an_unfinished_run_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        package_weights.main(["--run", str(tmp_path), "--name", "fast", "--recipe", "x.yaml",
-                              "--out", str(tmp_path / "w")])
+        package_weights.main(
+            ["--run", str(tmp_path), "--name", "fast", "--recipe", "x.yaml", "--out", str(tmp_path / "w")]
+        )
     assert str(exc.value).startswith(f"error: {tmp_path}: not a finished run") and "\n" not in str(exc.value)
     assert not (tmp_path / "w").exists()

@@ -2,6 +2,7 @@
 `make shards ARGS=...`, `accelerate launch ... launch/train.py ...` and `sbatch ... train.sbatch ...`
 line in its code blocks is fed to the real argument parser (nothing is executed). The commands that
 run for real are exercised by the other tests and by `make demo`."""
+
 from __future__ import annotations
 
 import argparse
@@ -55,16 +56,19 @@ def route(words: list[str]):
     head = Path(words[0]).name
     if head == "restorer":
         from restorer.cli import main
+
         return main, words[1:]
     if head.startswith("python") and words[1:3] == ["-m", "shard_tools"]:
         from shard_tools.__main__ import main
+
         return main, words[3:]
     if head == "make" and len(words) > 2 and words[1] == "shards" and words[2].startswith("ARGS="):
         from shard_tools.__main__ import main
-        return main, ["build", *shlex.split(words[2][len("ARGS="):])]
+
+        return main, ["build", *shlex.split(words[2][len("ARGS=") :])]
     for marker in ("launch/train.py", "launch/slurm/train.sbatch"):
         if marker in words and head in ("accelerate", "sbatch"):
-            return _train_main, words[words.index(marker) + 1:]
+            return _train_main, words[words.index(marker) + 1 :]
     return None
 
 

@@ -1,4 +1,5 @@
 """`restorer restore` end to end: real photos, metadata kept, every bad input one line, hostile files."""
+
 from __future__ import annotations
 
 import io
@@ -90,8 +91,11 @@ def test_orientation_icc_exif_kept(tmp_path, capsys, identity_weights):
 
 def test_grayscale_stays_grayscale(tmp_path, capsys, identity_weights):
     src = jpeg_file(tmp_path / "g.jpg", data.camera()[:80, :72], 20)
-    gray_model = export_weights(build_model(ModelConfig(preset="tiny", in_channels=1)),
-                                ModelConfig(preset="tiny", in_channels=1), tmp_path / "gray_w")
+    gray_model = export_weights(
+        build_model(ModelConfig(preset="tiny", in_channels=1)),
+        ModelConfig(preset="tiny", in_channels=1),
+        tmp_path / "gray_w",
+    )
     for i, w in enumerate((identity_weights, gray_model)):
         code, _, err = run([src, "-o", tmp_path / f"o{i}", "--weights", w], capsys)
         assert code == 0, err
@@ -109,8 +113,9 @@ def test_alpha_kept_and_non_jpeg_needs_quality(tmp_path, capsys, small_q10_weigh
     lines = error_lines(err)
     assert len(lines) == 1 and "a.png" in lines[0] and "not a JPEG" in lines[0] and "--quality" in lines[0]
     assert not (tmp_path / "out" / "a.png").exists()
-    code, out, err = run([tmp_path / "a.png", "-o", tmp_path / "out", "--weights", small_q10_weights,
-                          "--quality", "10"], capsys)
+    code, out, err = run(
+        [tmp_path / "a.png", "-o", tmp_path / "out", "--weights", small_q10_weights, "--quality", "10"], capsys
+    )
     assert code == 0, err
     assert "quality 10 (--quality)" in out
     with Image.open(tmp_path / "out" / "a.png") as res:
@@ -120,18 +125,21 @@ def test_alpha_kept_and_non_jpeg_needs_quality(tmp_path, capsys, small_q10_weigh
 
 def _bomb_png(path: Path, width: int, height: int) -> Path:
     """A PNG whose header declares width x height (its data is tiny and wrong)."""
+
     def chunk(tag, payload):
         return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    )
     return path
 
 
 def test_bad_inputs_one_line_each_others_processed(tmp_path, capsys, identity_weights, monkeypatch):
     monkeypatch.chdir(tmp_path)
     good = jpeg_file(tmp_path / "good.jpg", data.chelsea()[:48, :48], 30)
-    full = (tmp_path / "full.jpg")
+    full = tmp_path / "full.jpg"
     jpeg_file(full, data.coffee(), 50)
     (tmp_path / "trunc.jpg").write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])
     (tmp_path / "text.jpg").write_text("this is not an image\n")
@@ -184,15 +192,18 @@ def test_globs_and_nearest_weights_printed(tmp_path, capsys):
     cfg = ModelConfig(preset="tiny")
     for q in ("10", "30-50"):
         export_weights(build_model(cfg), cfg, tmp_path / "weights" / f"w{q}", facts={"quality": q})
-    code, out, err = run([str(tmp_path / "img_*.jpg"), "-o", tmp_path / "out", "--weights", tmp_path / "weights"],
-                         capsys)
+    code, out, err = run(
+        [str(tmp_path / "img_*.jpg"), "-o", tmp_path / "out", "--weights", tmp_path / "weights"], capsys
+    )
     assert code == 0, err
     line10 = next(line for line in out.splitlines() if "img_q10.jpg" in line)
     line40 = next(line for line in out.splitlines() if "img_q40.jpg" in line)
     assert "w10" in line10 and "quality 10" in line10
     assert "w30-50" in line40 and "trained on quality 30-50" in line40
-    code, out, _ = run([str(tmp_path / "img_*.jpg"), "-o", tmp_path / "out2", "--weights", tmp_path / "weights",
-                        "--quality", "45"], capsys)
+    code, out, _ = run(
+        [str(tmp_path / "img_*.jpg"), "-o", tmp_path / "out2", "--weights", tmp_path / "weights", "--quality", "45"],
+        capsys,
+    )
     assert code == 0 and out.count("w30-50") == 2 and "quality 45 (--quality)" in out
 
 
@@ -220,10 +231,17 @@ def _check_hostile(path: Path) -> None:
 
 
 @settings(max_examples=50, deadline=3000, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=st.sampled_from(["random", "prefix", "flip", "wrong_ext", "huge"]), blob=st.binary(max_size=2048),
-       cut=st.integers(0, len(_REAL_JPEG)), w=st.integers(1, 2 ** 31 - 1), h=st.integers(1, 2 ** 31 - 1))
+@given(
+    kind=st.sampled_from(["random", "prefix", "flip", "wrong_ext", "huge"]),
+    blob=st.binary(max_size=2048),
+    cut=st.integers(0, len(_REAL_JPEG)),
+    w=st.integers(1, 2**31 - 1),
+    h=st.integers(1, 2**31 - 1),
+)
 def test_hostile_images_never_crash(tmp_path, kind, blob, cut, w, h):
-    path = tmp_path / {"random": "r.jpg", "prefix": "p.jpg", "flip": "f.jpg", "wrong_ext": "w.png", "huge": "h.png"}[kind]
+    path = (
+        tmp_path / {"random": "r.jpg", "prefix": "p.jpg", "flip": "f.jpg", "wrong_ext": "w.png", "huge": "h.png"}[kind]
+    )
     if kind == "random":
         path.write_bytes(blob)
     elif kind == "prefix":
@@ -244,7 +262,7 @@ def test_huge_declared_jpeg_refused_before_decoding(tmp_path):
     # patch the SOF0 frame size of a real JPEG to 65500 x 65500
     raw = bytearray(_REAL_JPEG)
     sof = raw.index(b"\xff\xc0")
-    raw[sof + 5:sof + 9] = struct.pack(">HH", 65500, 65500)
+    raw[sof + 5 : sof + 9] = struct.pack(">HH", 65500, 65500)
     (tmp_path / "big.jpg").write_bytes(bytes(raw))
     with pytest.raises(UserError, match="megapixels"):
         open_image(tmp_path / "big.jpg")
@@ -265,8 +283,9 @@ def q10_40_weights(tmp_path_factory) -> Path:
     model = build_model(cfg)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    return export_weights(model, cfg, tmp_path_factory.mktemp("q10_40"),
-                          facts={"quality": "10-40", "quality_range": [10, 40]})
+    return export_weights(
+        model, cfg, tmp_path_factory.mktemp("q10_40"), facts={"quality": "10-40", "quality_range": [10, 40]}
+    )
 
 
 def test_default_output_is_beside_the_input(tmp_path, capsys, identity_weights):
@@ -296,8 +315,10 @@ def test_never_writes_over_an_input_even_with_overwrite(tmp_path, capsys, identi
     Image.fromarray(data.coffee()[:40, :40]).save(png)
     digests = {p: _digest(p) for p in (jpg, png)}
     # the issue's case: a folder restored into itself as JPEG replaced photo.jpg
-    code, out, err = run([folder, "-o", folder, "--format", "jpeg", "--overwrite", "--quality", "30",
-                          "--weights", identity_weights], capsys)
+    code, out, err = run(
+        [folder, "-o", folder, "--format", "jpeg", "--overwrite", "--quality", "30", "--weights", identity_weights],
+        capsys,
+    )
     assert code == 1
     line = next(line for line in error_lines(err) if "photo.jpg" in line)
     assert "input" in line and "--overwrite" in line
@@ -308,8 +329,9 @@ def test_never_writes_over_an_input_even_with_overwrite(tmp_path, capsys, identi
     os.link(png, tmp_path / "hard.png")
     (tmp_path / "soft.png").symlink_to(png)
     for alias in ("hard.png", "soft.png"):
-        code, _, err = run([png, "-o", tmp_path / alias, "--quality", "30", "--overwrite",
-                            "--weights", identity_weights], capsys)
+        code, _, err = run(
+            [png, "-o", tmp_path / alias, "--quality", "30", "--overwrite", "--weights", identity_weights], capsys
+        )
         assert code == 1 and "refusing to write over an input" in err, alias
     assert all(_digest(p) == d for p, d in digests.items())
     # only the output that was not an input was written (scan.png -> scan.jpg in the first run)
@@ -327,9 +349,11 @@ def test_output_name_decides_file_and_format(tmp_path, capsys, identity_weights)
     code, _, err = run([a, "-o", tmp_path / "x.jpg", "--weights", identity_weights], capsys)
     assert code == 0 and Image.open(tmp_path / "x.jpg").format == "JPEG"
     # contradictions are usage errors: one line naming the output, nothing written
-    for argv, words in (([a, b, "-o", tmp_path / "single.png"], ("single.png", "2 input images")),
-                        ([a, "-o", tmp_path / "out.png", "--format", "jpeg"], ("out.png", "--format jpeg")),
-                        ([a, "-o", tmp_path / "out.bmp"], ("out.bmp", "cannot write .bmp"))):
+    for argv, words in (
+        ([a, b, "-o", tmp_path / "single.png"], ("single.png", "2 input images")),
+        ([a, "-o", tmp_path / "out.png", "--format", "jpeg"], ("out.png", "--format jpeg")),
+        ([a, "-o", tmp_path / "out.bmp"], ("out.bmp", "cannot write .bmp")),
+    ):
         code, _, err = run([*argv, "--weights", identity_weights], capsys)
         lines = error_lines(err)
         assert code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), lines

@@ -1,4 +1,5 @@
 """python -m shard_tools build/verify/merge on small datasets in each real download layout."""
+
 from __future__ import annotations
 
 import csv
@@ -14,8 +15,19 @@ import pytest
 from PIL import Image
 
 from restorer.errors import UserError
-from shard_fixtures import (BROKEN, REPO, decode_bytes, expected_tiles, jpeg_bytes, make_bsr_tgz,
-                            make_div2k, photo_crops, png_bytes, read_shards, truncated_jpeg)
+from shard_fixtures import (
+    BROKEN,
+    REPO,
+    decode_bytes,
+    expected_tiles,
+    jpeg_bytes,
+    make_bsr_tgz,
+    make_div2k,
+    photo_crops,
+    png_bytes,
+    read_shards,
+    truncated_jpeg,
+)
 from shard_tools.__main__ import main
 from shard_tools.build import build
 from shard_tools.config import BuildConfig
@@ -59,18 +71,31 @@ def layouts(tmp_path_factory) -> dict:
     d["div2k_zip"] = make_div2k(root / "div2k_zip", crops[0:3], crops[3:5], zipped=True)
     d["div2k_dir"] = make_div2k(root / "div2k_dir", crops[0:2], crops[3:4], zipped=False)
     # BSR tgz: JPEGs (real BSDS crops when present), broken members, Thumbs.db
-    bsr = {"train": {"100075.jpg": jpeg_bytes(crops[5]), "100080.jpg": jpeg_bytes(crops[6]),
-                     "empty.jpg": b"", "bad.jpg": truncated_jpeg()},
-           "val": {"3096.jpg": jpeg_bytes(crops[7])},
-           "test": {"2018.jpg": jpeg_bytes(crops[8]), "bomb.jpg": BROKEN["bomb.png"]}}
+    bsr = {
+        "train": {
+            "100075.jpg": jpeg_bytes(crops[5]),
+            "100080.jpg": jpeg_bytes(crops[6]),
+            "empty.jpg": b"",
+            "bad.jpg": truncated_jpeg(),
+        },
+        "val": {"3096.jpg": jpeg_bytes(crops[7])},
+        "test": {"2018.jpg": jpeg_bytes(crops[8]), "bomb.jpg": BROKEN["bomb.png"]},
+    }
     d["bsr_files"] = bsr
     d["bsr_tgz"] = make_bsr_tgz(root / "dl" / "BSR_bsds500.tgz", bsr)
     # Open Images: train_0/ and validation/ with the ids CSV (rotation in CCW degrees)
     oi = root / "openimages"
-    ids = {"train": ["000a1249af2bc5f0", "000d1b6fe1fe8fe9", "0011ac1c7a5ce5f4"],
-           "val": ["0001eeaf4aed83f9", "0004886b7d043cfd"]}
-    rot = {"000a1249af2bc5f0": "90", "000d1b6fe1fe8fe9": "", "0011ac1c7a5ce5f4": "270",
-           "0001eeaf4aed83f9": "180", "0004886b7d043cfd": "0.0"}
+    ids = {
+        "train": ["000a1249af2bc5f0", "000d1b6fe1fe8fe9", "0011ac1c7a5ce5f4"],
+        "val": ["0001eeaf4aed83f9", "0004886b7d043cfd"],
+    }
+    rot = {
+        "000a1249af2bc5f0": "90",
+        "000d1b6fe1fe8fe9": "",
+        "0011ac1c7a5ce5f4": "270",
+        "0001eeaf4aed83f9": "180",
+        "0004886b7d043cfd": "0.0",
+    }
     uprights = {}
     for split, folder, base in (("train", "train_0", 9), ("val", "validation", 12)):
         (oi / folder).mkdir(parents=True)
@@ -117,9 +142,15 @@ def layouts(tmp_path_factory) -> dict:
 
 def test_all_layouts_together(tmp_path, layouts):
     out = tmp_path / "shards"
-    m = run(out, div2k=[str(layouts["div2k_zip"])], bsds=[str(layouts["bsr_tgz"])],
-            openimages=[str(layouts["openimages"])], folder=[str(layouts["folder"])],
-            downscale_lossy=1.0, val_fraction=0.3)
+    m = run(
+        out,
+        div2k=[str(layouts["div2k_zip"])],
+        bsds=[str(layouts["bsr_tgz"])],
+        openimages=[str(layouts["openimages"])],
+        folder=[str(layouts["folder"])],
+        downscale_lossy=1.0,
+        val_fraction=0.3,
+    )
     samples = read_shards(out)
     check_counts(out, m, samples)
     crops = layouts["crops"]
@@ -148,16 +179,22 @@ def test_all_layouts_together(tmp_path, layouts):
     # counts per source/split equal what is in the shards
     images = {}
     for k, s in samples.items():
-        images.setdefault(s["meta"]["source"], {}).setdefault(s["split"], set()).add(
-            k.rsplit("/", 1)[0])
-    assert m["sources"] == {src: {sp: len(v) for sp, v in per.items()} for src, per in
-                            images.items()}
+        images.setdefault(s["meta"]["source"], {}).setdefault(s["split"], set()).add(k.rsplit("/", 1)[0])
+    assert m["sources"] == {src: {sp: len(v) for sp, v in per.items()} for src, per in images.items()}
     assert m["sources"]["bsds"] == {"train": 2, "val": 1, "test": 1}
     # skipped: every broken file listed once with a reason; Thumbs.db / .txt ignored silently
     reasons = {Path(s["path"].split(":")[-1]).name: s["reason"] for s in m["skipped"]}
     assert len(reasons) == len(m["skipped"])
-    assert set(reasons) == {"empty.jpg", "bad.jpg", "bomb.jpg", "empty.png", "random.jpg",
-                            "text.jpg", "bomb.png", "truncated.jpg"}
+    assert set(reasons) == {
+        "empty.jpg",
+        "bad.jpg",
+        "bomb.jpg",
+        "empty.png",
+        "random.jpg",
+        "text.jpg",
+        "bomb.png",
+        "truncated.jpg",
+    }
     assert "empty" in reasons["empty.png"] and "bomb" in reasons["bomb.png"]
     assert "not an image" in reasons["text.jpg"] and "truncated" in reasons["truncated.jpg"]
     # shards mix sources (seeded interleave), keys follow the contract
@@ -174,8 +211,7 @@ def test_all_layouts_together(tmp_path, layouts):
 
 def test_div2k_folders_default_and_downscale(tmp_path, layouts):
     out = tmp_path / "a"
-    run(out, div2k=[str(layouts["div2k_dir"])], openimages=[str(layouts["openimages"] / "train_0")],
-        encoding="png")
+    run(out, div2k=[str(layouts["div2k_dir"])], openimages=[str(layouts["openimages"] / "train_0")], encoding="png")
     samples = read_shards(out)
     check_image(samples, "div2k/0001", layouts["crops"][0], "train")
     check_image(samples, "div2k/0801", layouts["crops"][3], "val")
@@ -211,6 +247,7 @@ def test_rerun_rewrites_nothing_and_verify(tmp_path, layouts):
     data[len(data) // 3] ^= 0x01
     shard.write_bytes(bytes(data))
     from shard_tools.writer import verify
+
     problems = verify(out)
     assert len(problems) == 1 and str(shard) in problems[0] and "sha256" in problems[0]
     assert main(["verify", str(out)]) == 1
@@ -247,8 +284,9 @@ def test_user_errors_in_process(tmp_path, layouts):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shard_tools", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "shard_tools", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_missing_input_and_unwritable_output(tmp_path, layouts):
@@ -276,8 +314,7 @@ def test_openimages_tar_bsr_parent_folder_and_max_images(tmp_path, layouts):
     src = layouts["openimages"]
     with tarfile.open(oi / "validation.tar.gz", "w:gz") as tf:
         tf.add(src / "validation", arcname="validation")
-    (oi / "validation-images-with-rotation.csv").write_bytes(
-        (src / "validation-images-with-rotation.csv").read_bytes())
+    (oi / "validation-images-with-rotation.csv").write_bytes((src / "validation-images-with-rotation.csv").read_bytes())
     bsr_parent = tmp_path / "datasets"
     for split, named in layouts["bsr_files"].items():
         d = bsr_parent / "BSR" / "BSDS500" / "data" / "images" / split
@@ -292,8 +329,7 @@ def test_openimages_tar_bsr_parent_folder_and_max_images(tmp_path, layouts):
         if split == "val":
             check_image(samples, f"openimages/{image_id}", upright, split)
     assert m["sources"]["bsds"] == {"train": 2, "val": 1, "test": 1}
-    m2 = run(tmp_path / "cap", bsds=[str(bsr_parent)], folder=[str(layouts["folder"])],
-             max_images=1)
+    m2 = run(tmp_path / "cap", bsds=[str(bsr_parent)], folder=[str(layouts["folder"])], max_images=1)
     assert all(n <= 1 for per in m2["sources"].values() for n in per.values())
 
 
@@ -302,8 +338,7 @@ def test_same_file_twice_is_written_once_across_splits(tmp_path):
     written once: its repeats are skipped as 'duplicate of <first path>', also with --workers,
     after a resume mid-train, and when val is rebuilt on its own."""
     c = photo_crops(3, h=100, w=140, seed=21)
-    root = make_div2k(tmp_path / "div2k", [c[0], c[1], c[2], c[0], c[1], c[2]], [c[0], c[2]],
-                      zipped=False)
+    root = make_div2k(tmp_path / "div2k", [c[0], c[1], c[2], c[0], c[1], c[2]], [c[0], c[2]], zipped=False)
     kw = dict(div2k=[str(root)])
     m = run(tmp_path / "a", **kw)
     dups = [s for s in m["skipped"] if s["reason"].startswith("duplicate of ")]
@@ -311,8 +346,10 @@ def test_same_file_twice_is_written_once_across_splits(tmp_path):
     train_written = {v["meta"]["file"] for v in read_shards(tmp_path / "a").values()}
     assert len(train_written) == 3 and m["splits"].get("val", {"samples": 0})["samples"] == 0
     assert all(s["reason"].removeprefix("duplicate of ") in train_written for s in dups)
-    assert run(tmp_path / "b", **kw, workers=2) == {**m, "config": m["config"] | {
-        "out": str(tmp_path / "b"), "workers": 2}}
+    assert run(tmp_path / "b", **kw, workers=2) == {
+        **m,
+        "config": m["config"] | {"out": str(tmp_path / "b"), "workers": 2},
+    }
     # resume: keep only train's first journalled shard (its first image), drop the rest
     out = tmp_path / "a"
     journal = out / "train" / ".journal.jsonl"

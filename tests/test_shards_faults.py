@@ -1,4 +1,5 @@
 """Fault injection for the shard builder: disk full mid-shard, SIGKILL mid-build, real BSDS500."""
+
 from __future__ import annotations
 
 import errno
@@ -28,8 +29,16 @@ def _folder(root: Path, n: int, seed: int = 5) -> Path:
 
 
 def _cfg(out: Path, folder: Path, **kw) -> BuildConfig:
-    base = dict(out=str(out), folder=[str(folder)], tile=64, min_size=32, workers=1,
-                progress=False, max_samples=3, val_fraction=0.2)
+    base = dict(
+        out=str(out),
+        folder=[str(folder)],
+        tile=64,
+        min_size=32,
+        workers=1,
+        progress=False,
+        max_samples=3,
+        val_fraction=0.2,
+    )
     return BuildConfig(**{**base, **kw})
 
 
@@ -92,9 +101,28 @@ def test_sigkill_midway_then_rerun(tmp_path):
     clean = tmp_path / "clean"
     build(_cfg(clean, folder, max_samples=2))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "shard_tools", "build", "--out", str(out), "--folder",
-           str(folder), "--tile", "64", "--min-size", "32", "--workers", "2",
-           "--max-samples", "2", "--val-fraction", "0.2", "--progress", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "shard_tools",
+        "build",
+        "--out",
+        str(out),
+        "--folder",
+        str(folder),
+        "--tile",
+        "64",
+        "--min-size",
+        "32",
+        "--workers",
+        "2",
+        "--max-samples",
+        "2",
+        "--val-fraction",
+        "0.2",
+        "--progress",
+        "false",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = out / "train" / ".journal.jsonl"
     deadline = time.time() + 60
@@ -117,8 +145,10 @@ def test_sigkill_midway_then_rerun(tmp_path):
     assert _shard_shas(out) == _shard_shas(clean)  # no duplicated, missing or changed sample
     got, want = read_shards(out), read_shards(clean)
     assert set(got) == set(want)
-    assert json.loads((out / "manifest.json").read_text())["splits"] == \
-        json.loads((clean / "manifest.json").read_text())["splits"]
+    assert (
+        json.loads((out / "manifest.json").read_text())["splits"]
+        == json.loads((clean / "manifest.json").read_text())["splits"]
+    )
     assert not list(out.rglob("*.tmp"))
 
 
@@ -128,11 +158,9 @@ def test_real_bsds500(tmp_path):
         pytest.skip(f"real BSDS500 not found at {BSR} (CI has it at ../shared/datasets/BSR)")
     out = tmp_path / "bsr"
     t0 = time.time()
-    m = build(BuildConfig(out=str(out), bsds=[str(BSR)], workers=2, tile=1024, progress=False,
-                          max_samples=64))
+    m = build(BuildConfig(out=str(out), bsds=[str(BSR)], workers=2, tile=1024, progress=False, max_samples=64))
     assert time.time() - t0 < 60
     assert m["sources"] == {"bsds": {"train": 200, "val": 100, "test": 200}}
-    assert {s: info["samples"] for s, info in m["splits"].items()} == \
-        {"train": 200, "val": 100, "test": 200}
+    assert {s: info["samples"] for s, info in m["splits"].items()} == {"train": 200, "val": 100, "test": 200}
     assert m["skipped"] == []  # Thumbs.db ignored, not skipped
     assert verify(out) == []

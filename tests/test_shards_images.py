@@ -1,4 +1,5 @@
 """shard_tools.images: colour modes, orientation, tiles, bomb limits, hostile bytes."""
+
 from __future__ import annotations
 
 import io
@@ -10,8 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from shard_tools.images import Skip, decode, tile_grid, to_rgb8
-from shard_fixtures import (decode_bytes, jpeg_bytes, photo_crops, png_bomb, png_bytes,
-                                  truncated_jpeg)
+from shard_fixtures import decode_bytes, jpeg_bytes, photo_crops, png_bomb, png_bytes, truncated_jpeg
 
 PHOTO = photo_crops(1, h=100, w=140, seed=3)[0]
 
@@ -25,7 +25,7 @@ def assemble(tiles: dict[str, np.ndarray], h: int, w: int) -> np.ndarray:
     out = np.zeros((h, w, 3), np.uint8)
     for key, arr in tiles.items():
         y, x = map(int, key.split("_"))
-        out[y:y + arr.shape[0], x:x + arr.shape[1]] = arr
+        out[y : y + arr.shape[0], x : x + arr.shape[1]] = arr
     return out
 
 
@@ -41,8 +41,13 @@ def test_lossless_round_trip_every_encoding(encoding):
 def test_tile_grid_keeps_remainders_at_least_min_size():
     assert list(tile_grid(130, 70, 64, 16)) == [(0, 0, 64, 64), (0, 64, 64, 64)]
     assert list(tile_grid(150, 90, 64, 16)) == [
-        (0, 0, 64, 64), (0, 64, 64, 64), (0, 128, 64, 22),
-        (64, 0, 26, 64), (64, 64, 26, 64), (64, 128, 26, 22)]
+        (0, 0, 64, 64),
+        (0, 64, 64, 64),
+        (0, 128, 64, 22),
+        (64, 0, 26, 64),
+        (64, 64, 26, 64),
+        (64, 128, 26, 22),
+    ]
 
 
 def test_exif_orientation_applied():
@@ -101,8 +106,12 @@ def test_colour_modes():
 
 
 def test_bad_inputs_skip_with_reason():
-    cases = {b"": "empty", png_bomb(): "decompression bomb", truncated_jpeg(): "truncated",
-             b"hello world, not an image" * 20: "not an image"}
+    cases = {
+        b"": "empty",
+        png_bomb(): "decompression bomb",
+        truncated_jpeg(): "truncated",
+        b"hello world, not an image" * 20: "not an image",
+    }
     for data, reason in cases.items():
         with pytest.raises(Skip, match=reason):
             decode(data)
@@ -136,8 +145,7 @@ def test_one_list_of_image_extensions():
 def test_downscale_lossy_bicubic():
     dec = decode(jpeg_bytes(PHOTO), tile=512, min_size=16, downscale=0.5, encoding="png")
     assert dec.orig_size == (140, 100) and dec.size == (70, 50)
-    ref = Image.open(io.BytesIO(jpeg_bytes(PHOTO))).convert("RGB").resize((70, 50),
-                                                                       Image.Resampling.BICUBIC)
+    ref = Image.open(io.BytesIO(jpeg_bytes(PHOTO))).convert("RGB").resize((70, 50), Image.Resampling.BICUBIC)
     assert np.array_equal(decode_bytes(dec.tiles[0].data), np.asarray(ref))
 
 
@@ -146,13 +154,11 @@ _REAL = [png_bytes(PHOTO), jpeg_bytes(PHOTO)]
 
 
 def _hostile():
-    prefixes = st.tuples(st.sampled_from(_REAL), st.floats(0, 1)).map(
-        lambda t: t[0][: int(len(t[0]) * t[1])])
-    header_bomb = st.tuples(st.integers(1, 2 ** 31 - 1), st.integers(1, 2 ** 31 - 1)).map(
-        lambda wh: png_bomb(*wh))
-    flipped = st.tuples(st.sampled_from(_REAL), st.integers(0, 10 ** 6), st.integers(1, 255)).map(
-        lambda t: t[0][: t[1] % len(t[0])] + bytes([t[0][t[1] % len(t[0])] ^ t[2]])
-        + t[0][t[1] % len(t[0]) + 1:])
+    prefixes = st.tuples(st.sampled_from(_REAL), st.floats(0, 1)).map(lambda t: t[0][: int(len(t[0]) * t[1])])
+    header_bomb = st.tuples(st.integers(1, 2**31 - 1), st.integers(1, 2**31 - 1)).map(lambda wh: png_bomb(*wh))
+    flipped = st.tuples(st.sampled_from(_REAL), st.integers(0, 10**6), st.integers(1, 255)).map(
+        lambda t: t[0][: t[1] % len(t[0])] + bytes([t[0][t[1] % len(t[0])] ^ t[2]]) + t[0][t[1] % len(t[0]) + 1 :]
+    )
     return st.one_of(st.binary(max_size=3000), prefixes, header_bomb, flipped)
 
 

@@ -1,6 +1,7 @@
 """python -m shard_tools build --out s3://... and verify s3://..., against a moto S3 server on
 127.0.0.1: same shards as a local build, manifest written last, nothing re-uploaded on a re-run,
 an interrupted upload leaves no manifest, remote corruption found by verify."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,9 @@ def photos(tmp_path_factory) -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shard_tools", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "shard_tools", *args], cwd=REPO, capture_output=True, text=True, timeout=240
+    )
 
 
 def _main(capsys, *args: str) -> tuple[int, str, str]:
@@ -50,10 +52,10 @@ def _s3():
 
 
 def _objects(bucket_url: str, prefix: str) -> dict[str, bytes]:
-    bucket = bucket_url[len("s3://"):]
+    bucket = bucket_url[len("s3://") :]
     s3 = _s3()
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
-    return {k[len(prefix):]: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+    return {k[len(prefix) :]: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
 class Recorder:
@@ -83,13 +85,33 @@ class Recorder:
 
 def test_build_to_s3_equals_a_local_build_and_verifies(s3_bucket, photos, tmp_path):
     url = f"{s3_bucket}/shards/folder"
-    r = _cli("build", "--folder", str(photos), "--out", url, "--tile", "64", "--min-size", "32",
-             "--workers", "1", "--progress", "false", "--max-samples", "5", "--val-fraction", "0.3")
+    r = _cli(
+        "build",
+        "--folder",
+        str(photos),
+        "--out",
+        url,
+        "--tile",
+        "64",
+        "--min-size",
+        "32",
+        "--workers",
+        "1",
+        "--progress",
+        "false",
+        "--max-samples",
+        "5",
+        "--val-fraction",
+        "0.3",
+    )
     assert r.returncode == 0, r.stderr
     local = build(BuildConfig(out=str(tmp_path / "local"), folder=[str(photos)], **SMALL))
     got = _objects(s3_bucket, "shards/folder/")
-    want = {str(p.relative_to(tmp_path / "local")): p.read_bytes()
-            for p in (tmp_path / "local").rglob("*") if p.is_file() and not p.name.startswith(".")}
+    want = {
+        str(p.relative_to(tmp_path / "local")): p.read_bytes()
+        for p in (tmp_path / "local").rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    }
     assert sorted(got) == sorted(want)  # shards, sizes.json, manifest.json; no journal, no probe
     assert {"train", "val"} <= {k.split("/")[0] for k in got if "/" in k}
     for rel, data in want.items():
@@ -114,8 +136,7 @@ def test_manifest_is_written_last_and_a_rerun_uploads_nothing(s3_bucket, photos,
     assert rec.ops == []  # same command again: nothing uploaded, nothing deleted
 
 
-def test_changed_build_deletes_the_old_manifest_first_and_stale_shards_last(s3_bucket, photos,
-                                                                            monkeypatch, capsys):
+def test_changed_build_deletes_the_old_manifest_first_and_stale_shards_last(s3_bucket, photos, monkeypatch, capsys):
     url = f"{s3_bucket}/p"
     build(BuildConfig(out=url, folder=[str(photos)], **{**SMALL, "max_samples": 2}))
     n_before = len([k for k in _objects(s3_bucket, "p/train/") if k.endswith(".tar")])
@@ -123,15 +144,14 @@ def test_changed_build_deletes_the_old_manifest_first_and_stale_shards_last(s3_b
     m = build(BuildConfig(out=url, folder=[str(photos)], **SMALL))  # fewer, bigger shards
     assert rec.ops[0] == ("delete", "manifest.json")
     i_manifest = rec.ops.index(("put", "manifest.json"))
-    assert all(op == "delete" and rel.endswith(".tar") for op, rel in rec.ops[i_manifest + 1:])
+    assert all(op == "delete" and rel.endswith(".tar") for op, rel in rec.ops[i_manifest + 1 :])
     left = sorted(k for k in _objects(s3_bucket, "p/train/") if k.endswith(".tar"))
     assert left == sorted(Path(s["path"]).name for s in m["splits"]["train"]["shards"])
     assert len(left) < n_before
     assert _main(capsys, "verify", url)[0] == 0
 
 
-def test_interrupted_upload_leaves_no_manifest_and_a_rerun_completes(s3_bucket, photos,
-                                                                     monkeypatch, capsys):
+def test_interrupted_upload_leaves_no_manifest_and_a_rerun_completes(s3_bucket, photos, monkeypatch, capsys):
     url = f"{s3_bucket}/p"
     build(BuildConfig(out=url, folder=[str(photos)], **{**SMALL, "max_samples": 2}))
     with monkeypatch.context() as mp:
@@ -146,7 +166,7 @@ def test_interrupted_upload_leaves_no_manifest_and_a_rerun_completes(s3_bucket, 
 def test_verify_finds_changed_missing_and_unlisted_shards_in_the_bucket(s3_bucket, photos, capsys):
     url = f"{s3_bucket}/p"
     m = build(BuildConfig(out=url, folder=[str(photos)], **SMALL))
-    bucket = s3_bucket[len("s3://"):]
+    bucket = s3_bucket[len("s3://") :]
     first, second = (s["path"] for s in m["splits"]["train"]["shards"][:2])
     original = _objects(s3_bucket, f"p/{first}")[""]
     _s3().put_object(Bucket=bucket, Key=f"p/{first}", Body=b"\0" * 1024 + original[1024:])
@@ -162,11 +182,11 @@ def test_verify_finds_changed_missing_and_unlisted_shards_in_the_bucket(s3_bucke
 
 def test_missing_bucket_is_one_line_before_any_work(s3_bucket, photos, capsys):
     url = f"{s3_bucket}-absent/p"
-    rc, out, err = _main(capsys, "build", "--folder", str(photos), "--out", url, "--workers", "1",
-                         "--progress", "false")
+    rc, out, err = _main(
+        capsys, "build", "--folder", str(photos), "--out", url, "--workers", "1", "--progress", "false"
+    )
     assert rc == 2 and out == ""
-    assert err == (f"error: {url}: output is not writable (FileNotFoundError: The specified bucket "
-                   "does not exist)\n")
+    assert err == (f"error: {url}: output is not writable (FileNotFoundError: The specified bucket does not exist)\n")
     rc, out, err = _main(capsys, "verify", url)
     assert rc == 2 and err.startswith(f"error: {url}/manifest.json: ") and len(err.splitlines()) == 1
 
@@ -177,8 +197,7 @@ def test_merge_refuses_urls(s3_bucket, capsys):
     assert err == f"error: {s3_bucket}/out: merge works on local folders (merge locally, then upload)\n"
 
 
-def test_stage_dir_is_kept_and_a_rerun_rebuilds_and_uploads_nothing(s3_bucket, photos, tmp_path,
-                                                                    monkeypatch):
+def test_stage_dir_is_kept_and_a_rerun_rebuilds_and_uploads_nothing(s3_bucket, photos, tmp_path, monkeypatch):
     url, stage = f"{s3_bucket}/p", tmp_path / "stage"
     build(BuildConfig(out=url, folder=[str(photos)], stage_dir=str(stage), **SMALL))
     shards = sorted(stage.glob("*/shard-*.tar"))

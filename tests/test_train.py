@@ -4,6 +4,7 @@ One reference run (module fixture) overfits two 48 px tiles per rank -- every ba
 so the loss must fall -- and logs to an offline W&B run. A second run is SIGKILLed while writing
 a checkpoint and a third resumes it; their steps, LRs and losses are compared with the reference.
 """
+
 from __future__ import annotations
 
 import glob
@@ -58,8 +59,15 @@ def test_checkpoints_config_and_validation(reference):
     assert ckpts == ["step-0000020", "step-0000030"]  # --keep-checkpoints 2
     for name in ckpts:
         files = {p.name for p in (reference / "checkpoints" / name).iterdir()}
-        assert {"COMPLETE", "model.safetensors", "optimizer.bin", "ema.safetensors", "train_state.json",
-                "random_states_0.pkl", "random_states_1.pkl"} <= files
+        assert {
+            "COMPLETE",
+            "model.safetensors",
+            "optimizer.bin",
+            "ema.safetensors",
+            "train_state.json",
+            "random_states_0.pkl",
+            "random_states_1.pkl",
+        } <= files
     assert "max_steps: 30" in (reference / "config.yaml").read_text()
     final = [r for r in metrics(reference) if "val/ssim_q10" in r]
     assert len(final) == 1 and final[0]["step"] == 30
@@ -98,7 +106,7 @@ def test_exported_weights_reproduce_the_ema_model(reference):
     assert set(facts["val_psnr"]) == {"10", "20"} and facts["condition_on_quality"] is False
     fresh = build_model(ModelConfig(preset="tiny"))
     ema = load_file(str(reference / "checkpoints" / "step-0000030" / "ema.safetensors"))
-    fresh.load_state_dict({k[len("model."):]: v for k, v in ema.items() if k.startswith("model.")})
+    fresh.load_state_dict({k[len("model.") :]: v for k, v in ema.items() if k.startswith("model.")})
     x = torch.rand(2, 3, 40, 56)
     with torch.no_grad():
         assert torch.equal(model(x), fresh.eval()(x))
@@ -139,8 +147,9 @@ def test_running_a_finished_run_again_changes_nothing(reference, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(reference, run, ignore=shutil.ignore_patterns("wandb"))
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
-    proc = check(launch(["--shards", "unused", "--run-dir", str(run), "--tracker", "none", *REF_ARGS], tmp_path,
-                        processes=1))
+    proc = check(
+        launch(["--shards", "unused", "--run-dir", str(run), "--tracker", "none", *REF_ARGS], tmp_path, processes=1)
+    )
     assert "nothing to do" in proc.stdout and "step-0000030 is at step 30" in proc.stdout
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # no re-validation, no re-save
 
@@ -153,22 +162,65 @@ def test_val_split_checked_at_start_and_val_shards_taken_as_is(fit_shards, tmp_p
     assert proc.returncode == 2 and len(error_lines(proc)) == 1 and "'nope'" in error_lines(proc)[0], proc.stderr
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()  # before any training
 
-    check(launch([*args, "--val-split", "nope", "--val-shards", str(fit_shards / "val" / "shard-000000.tar"),
-                  "--resampled", "--max-steps", "2", "--val-every", "100"], tmp_path, processes=1))
+    check(
+        launch(
+            [
+                *args,
+                "--val-split",
+                "nope",
+                "--val-shards",
+                str(fit_shards / "val" / "shard-000000.tar"),
+                "--resampled",
+                "--max-steps",
+                "2",
+                "--val-every",
+                "100",
+            ],
+            tmp_path,
+            processes=1,
+        )
+    )
     final = [r for r in metrics(run) if "val/images" in r]
     assert len(final) == 1 and final[0]["val/images"] == 4  # the tar's 2 tiles x 2 qualities
     assert "resampled: true" in (run / "config.yaml").read_text()
 
 
 def test_help_lists_flags_and_examples():
-    proc = subprocess.run([sys.executable, str(TRAIN), "--help"], capture_output=True, text=True, cwd=REPO,
-                          timeout=60)
+    proc = subprocess.run([sys.executable, str(TRAIN), "--help"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0
-    for flag in ("--shards", "--run-dir", "--max-steps", "--batch-size", "--patch-size", "--quality", "--lr",
-                 "--mixed-precision", "--tracker", "--resume", "--preset", "--channels", "--units",
-                 "--condition-on-quality", "--train-splits", "--val-split", "--val-every", "--save-every",
-                 "--keep-checkpoints", "--num-workers", "--grad-accum", "--clip-grad", "--warmup-steps",
-                 "--ema-decay", "--channels-last", "--compile", "--seed", "--max-nonfinite", "--config",
-                 "--val-shards", "--resampled", "--epoch-patches"):
+    for flag in (
+        "--shards",
+        "--run-dir",
+        "--max-steps",
+        "--batch-size",
+        "--patch-size",
+        "--quality",
+        "--lr",
+        "--mixed-precision",
+        "--tracker",
+        "--resume",
+        "--preset",
+        "--channels",
+        "--units",
+        "--condition-on-quality",
+        "--train-splits",
+        "--val-split",
+        "--val-every",
+        "--save-every",
+        "--keep-checkpoints",
+        "--num-workers",
+        "--grad-accum",
+        "--clip-grad",
+        "--warmup-steps",
+        "--ema-decay",
+        "--channels-last",
+        "--compile",
+        "--seed",
+        "--max-nonfinite",
+        "--config",
+        "--val-shards",
+        "--resampled",
+        "--epoch-patches",
+    ):
         assert flag in proc.stdout, flag
     assert "accelerate launch" in proc.stdout and "examples:" in proc.stdout

@@ -2,6 +2,7 @@
 config, TrainState, one optimizer step (accumulation, non-finite skip, EMA), the validation pass,
 save / resume / export, the speed choices (auto precision per CPU, compile falling back to eager,
 a compiled model's checkpoints), and a whole ``train()`` run."""
+
 from __future__ import annotations
 
 import functools
@@ -24,16 +25,42 @@ from restorer.train.state import TrainState, Window
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = ["--preset", "tiny", "--patch-size", "32", "--batch-size", "2", "--patches-per-image", "1",
-        "--rescale-p", "0", "--rotate-p", "0", "--quality", "10", "--val-qualities", "10", "20",
-        "--val-crop", "48", "--num-workers", "0", "--warmup-steps", "2", "--tracker", "none",
-        "--mixed-precision", "no"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--patch-size",
+    "32",
+    "--batch-size",
+    "2",
+    "--patches-per-image",
+    "1",
+    "--rescale-p",
+    "0",
+    "--rotate-p",
+    "0",
+    "--quality",
+    "10",
+    "--val-qualities",
+    "10",
+    "20",
+    "--val-crop",
+    "48",
+    "--num-workers",
+    "0",
+    "--warmup-steps",
+    "2",
+    "--tracker",
+    "none",
+    "--mixed-precision",
+    "no",
+]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    return write_shards(tmp_path_factory.mktemp("loop") / "shards", splits={"train": 4, "val": 2},
-                        samples_per_shard=2, tile=48)
+    return write_shards(
+        tmp_path_factory.mktemp("loop") / "shards", splits={"train": 4, "val": 2}, samples_per_shard=2, tile=48
+    )
 
 
 def fresh_accelerator():
@@ -61,12 +88,27 @@ def cfg_for(shards: Path, run_dir: Path, *extra: str) -> TrainConfig:
 
 # --- config -------------------------------------------------------------------------------------
 
+
 def test_config_is_composed_and_flat(tmp_path):
     from restorer.data import StreamConfig
     from restorer.model import ModelConfig
 
-    cfg = parse_config(TrainConfig, ["--quality", "20-30", "--train-splits", "train", "val", "--preset", "small",
-                                     "--channels-last", "--epoch-patches", "64", "--grayscale"])
+    cfg = parse_config(
+        TrainConfig,
+        [
+            "--quality",
+            "20-30",
+            "--train-splits",
+            "train",
+            "val",
+            "--preset",
+            "small",
+            "--channels-last",
+            "--epoch-patches",
+            "64",
+            "--grayscale",
+        ],
+    )
     assert cfg.data.quality == "20-30" and cfg.data.splits == ["train", "val"] and cfg.model.preset == "small"
     assert cfg.channels_last == "true" and cfg.epoch_patches == 64 and cfg.model.in_channels == 1
     # one definition: the defaults are the stream's and the model's own
@@ -91,16 +133,19 @@ def test_every_recipe_parses_and_says_auto():
     assert bsds.data.splits == ["train", "val"] and bsds.model.condition_on_quality
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--patch-size", "0"], "patch"),
-    (["--quality", "0"], "quality"),
-    (["--val-qualities", "101"], "quality"),
-    (["--preset", "huge"], "preset"),
-    (["--ema-decay", "1"], "--ema-decay"),
-    (["--epoch-patches", "0"], "--epoch-patches"),
-    (["--train-splits"], None),  # argparse: needs a value
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--patch-size", "0"], "patch"),
+        (["--quality", "0"], "quality"),
+        (["--val-qualities", "101"], "quality"),
+        (["--preset", "huge"], "preset"),
+        (["--ema-decay", "1"], "--ema-decay"),
+        (["--epoch-patches", "0"], "--epoch-patches"),
+        (["--train-splits"], None),  # argparse: needs a value
+    ],
+)
 def test_config_checks_are_one_line(argv, message):
     if message is None:
         with pytest.raises(SystemExit):
@@ -120,6 +165,7 @@ def test_old_epoch_samples_key_is_an_unknown_option(tmp_path):
 
 # --- state --------------------------------------------------------------------------------------
 
+
 def test_train_state_epochs_and_checkpoint_round_trip():
     state = TrainState(step=7, start_epoch=2, batches_taken=11, nonfinite_total=1, wandb_id="abcd")
     assert state.epoch(4) == 4 and state.batch_in_epoch(4) == 3
@@ -128,7 +174,12 @@ def test_train_state_epochs_and_checkpoint_round_trip():
     again = TrainState.from_checkpoint(saved)
     # a partly seen epoch is not replayed: the loader starts the next one
     assert (again.step, again.start_epoch, again.batches_taken, again.nonfinite_total, again.wandb_id) == (
-        7, 5, 0, 1, "abcd")
+        7,
+        5,
+        0,
+        1,
+        "abcd",
+    )
     assert TrainState.from_checkpoint({**saved, "batch_in_epoch": 0}).start_epoch == 4
 
 
@@ -144,6 +195,7 @@ def test_window_figures():
 
 # --- one optimizer step -------------------------------------------------------------------------
 
+
 def _setup(cfg, accelerator):
     from restorer.train.loop import build_model, make_loader
     from restorer.data import SharedEpoch
@@ -156,9 +208,22 @@ def _setup(cfg, accelerator):
 def _step(cfg, accelerator, model, ema, optimizer, batches, state, faults, bpe, tmp_path, window=None):
     from restorer.train.step import optimizer_step
 
-    return optimizer_step(model=model, forward=model, optimizer=optimizer, accelerator=accelerator, ema=ema,
-                          batches=batches, state=state, cfg=cfg, batches_per_epoch=bpe, channels_last=False,
-                          stop_requested=False, faults=faults, window=window or Window(), ckpt_root=tmp_path / "none")
+    return optimizer_step(
+        model=model,
+        forward=model,
+        optimizer=optimizer,
+        accelerator=accelerator,
+        ema=ema,
+        batches=batches,
+        state=state,
+        cfg=cfg,
+        batches_per_epoch=bpe,
+        channels_last=False,
+        stop_requested=False,
+        faults=faults,
+        window=window or Window(),
+        ckpt_root=tmp_path / "none",
+    )
 
 
 def test_optimizer_step_accumulates_skips_nonfinite_and_updates_ema(shards, tmp_path, accelerator):
@@ -190,8 +255,19 @@ def test_loss_option_trains_and_train_psnr_stays_the_mse_psnr(shards, tmp_path, 
     cfg = cfg_for(shards, tmp_path / "run", "--loss", loss)
     model, ema, optimizer, loader = _setup(cfg, accelerator)
     window = Window()
-    result = _step(cfg, accelerator, model, ema, optimizer, iter(loader), TrainState(), Faults(),
-                   loader.batches_per_epoch, tmp_path, window=window)
+    result = _step(
+        cfg,
+        accelerator,
+        model,
+        ema,
+        optimizer,
+        iter(loader),
+        TrainState(),
+        Faults(),
+        loader.batches_per_epoch,
+        tmp_path,
+        window=window,
+    )
     assert result.taken and result.loss > 0
     figures = window.figures(cfg.batch_size)
     # an untrained model is the identity: its MSE is the JPEG's, far below its L1 (errors < 1)
@@ -205,12 +281,14 @@ def test_pixel_losses():
     assert float(pixel_loss("mse", out, target)) == pytest.approx(0.02)
     assert float(pixel_loss("l1", out, target)) == pytest.approx(0.1)
     assert float(pixel_loss("charbonnier", out, target)) == pytest.approx(
-        (math.sqrt(0.04 + CHARBONNIER_EPS ** 2) + CHARBONNIER_EPS) / 2)
+        (math.sqrt(0.04 + CHARBONNIER_EPS**2) + CHARBONNIER_EPS) / 2
+    )
     with pytest.raises(ValueError, match="unknown loss"):
         pixel_loss("ssim", out, target)
 
 
 # --- validation, checkpoints, resume ------------------------------------------------------------
+
 
 def test_val_pass_figures_are_consistent(shards, tmp_path, accelerator):
     from restorer.model import build_model
@@ -239,8 +317,9 @@ def test_save_resume_export_and_finished(shards, tmp_path, accelerator):
     model, ema, optimizer, loader = _setup(cfg, accelerator)
     state = TrainState(wandb_id="w1", last_val={"val/psnr_q10": 30.0, "val/gain_q10": 0.5})
     _step(cfg, accelerator, model, ema, optimizer, iter(loader), state, Faults(), loader.batches_per_epoch, tmp_path)
-    path = save_and_export(accelerator, cfg, state, model=model, ema=ema, run_dir=run,
-                           batches_per_epoch=loader.batches_per_epoch)
+    path = save_and_export(
+        accelerator, cfg, state, model=model, ema=ema, run_dir=run, batches_per_epoch=loader.batches_per_epoch
+    )
     assert find_resume("auto", run / "checkpoints") == path and finished_at(path, run, 1) == 1
     assert finished_at(path, run, 2) is None  # more steps asked: not finished
     with pytest.raises(UserError, match="--resume auto"):
@@ -258,6 +337,7 @@ def test_save_resume_export_and_finished(shards, tmp_path, accelerator):
 
 
 # --- speed choices ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("native, expected", [(False, ("no", False, False)), (True, ("bf16", True, False))])
 def test_auto_precision_follows_the_cpu(monkeypatch, native, expected):
@@ -292,8 +372,9 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplo
     monkeypatch.setattr(torch, "compile", lambda model, **kw: Broken(model))
     cfg = cfg_for(shards, tmp_path / "run")
     model, _, _, _ = _setup(cfg, accelerator)
-    smoke = smoke_step(model, accelerator, batch_size=2, in_channels=3, patch_size=32, channels_last=False,
-                       condition_on_quality=False)
+    smoke = smoke_step(
+        model, accelerator, batch_size=2, in_channels=3, patch_size=32, channels_last=False, condition_on_quality=False
+    )
     with caplog.at_level(logging.WARNING):
         forward, why = compiled_forward(model, smoke, wanted=True)
     assert forward is model and "torch.compile failed" in why and "running eager" in why and "\n" not in why
@@ -316,19 +397,33 @@ def test_compiled_model_checkpoint_resumes_and_exports_loadable_weights(monkeypa
     run = tmp_path / "run"
     cfg = cfg_for(shards, run, "--max-steps", "2")
     model, ema, optimizer, loader = _setup(cfg, accelerator)
-    smoke = smoke_step(model, accelerator, batch_size=2, in_channels=3, patch_size=32, channels_last=False,
-                       condition_on_quality=False)
+    smoke = smoke_step(
+        model, accelerator, batch_size=2, in_channels=3, patch_size=32, channels_last=False, condition_on_quality=False
+    )
     forward, why = compiled_forward(model, smoke, wanted=True)
     assert why is None and forward is not model and hasattr(forward, "_orig_mod")
     assert all(p.grad is None for p in model.parameters())  # the smoke step left no gradient behind
     state, batches = TrainState(), iter(loader)
     for _ in range(2):
-        assert optimizer_step(model=model, forward=forward, optimizer=optimizer, accelerator=accelerator, ema=ema,
-                              batches=batches, state=state, cfg=cfg, batches_per_epoch=loader.batches_per_epoch,
-                              channels_last=False, stop_requested=False, faults=Faults(), window=Window(),
-                              ckpt_root=run / "checkpoints").taken
-    path = save_and_export(accelerator, cfg, state, model=model, ema=ema, run_dir=run,
-                           batches_per_epoch=loader.batches_per_epoch)
+        assert optimizer_step(
+            model=model,
+            forward=forward,
+            optimizer=optimizer,
+            accelerator=accelerator,
+            ema=ema,
+            batches=batches,
+            state=state,
+            cfg=cfg,
+            batches_per_epoch=loader.batches_per_epoch,
+            channels_last=False,
+            stop_requested=False,
+            faults=Faults(),
+            window=Window(),
+            ckpt_root=run / "checkpoints",
+        ).taken
+    path = save_and_export(
+        accelerator, cfg, state, model=model, ema=ema, run_dir=run, batches_per_epoch=loader.batches_per_epoch
+    )
     for name in ("model.safetensors", "ema.safetensors"):
         assert not [k for k in load_file(str(path / name)) if "_orig_mod" in k], name
     exported, meta = load_weights(run / "model.safetensors")  # strict load into a fresh model
@@ -343,6 +438,7 @@ def test_compiled_model_checkpoint_resumes_and_exports_loadable_weights(monkeypa
 
 
 # --- the whole run, in-process ------------------------------------------------------------------
+
 
 def test_train_runs_in_process_and_records_speed_choices(shards, tmp_path, accelerator, capsys):
     from restorer.train.loop import train

@@ -1,5 +1,6 @@
 """Pieces of the trainer that need no launch: LR schedule, EMA, fault spec, W&B credential
 detection, metrics log, and checkpoint verification (malicious and incomplete directories)."""
+
 from __future__ import annotations
 
 import json
@@ -105,14 +106,27 @@ def test_metrics_log_lines(tmp_path):
 
 # --- checkpoint directories ---------------------------------------------------------------------
 
+
 def _fake_checkpoint(path: Path, step: int = 4) -> Path:
     """The files Accelerate and train.py write, with the same kinds of content."""
     path.mkdir(parents=True)
     save_file({"w": torch.zeros(3)}, str(path / "model.safetensors"))
-    torch.save({"state": {0: {"exp_avg": torch.zeros(3), "step": torch.tensor(4.0)}},
-                "param_groups": [{"lr": 1e-3, "params": [0]}]}, path / "optimizer.bin")
-    torch.save({"step": 0, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
-                "torch_manual_seed": torch.get_rng_state()}, path / "random_states_0.pkl")
+    torch.save(
+        {
+            "state": {0: {"exp_avg": torch.zeros(3), "step": torch.tensor(4.0)}},
+            "param_groups": [{"lr": 1e-3, "params": [0]}],
+        },
+        path / "optimizer.bin",
+    )
+    torch.save(
+        {
+            "step": 0,
+            "random_state": random.getstate(),
+            "numpy_random_seed": np.random.get_state(),
+            "torch_manual_seed": torch.get_rng_state(),
+        },
+        path / "random_states_0.pkl",
+    )
     save_file({"model.w": torch.zeros(3), "updates": torch.tensor(4)}, str(path / "ema.safetensors"))
     (path / "train_state.json").write_text(json.dumps({"step": step, "epoch": 1}))
     (path / "COMPLETE").write_text("{}")
@@ -125,8 +139,9 @@ def test_verify_accepts_what_accelerate_writes(tmp_path):
     assert verify_checkpoint(_fake_checkpoint(tmp_path / "step-0000004"))["step"] == 4
 
 
-@pytest.mark.parametrize("target", ["optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
-                                    "model.safetensors", "scaler.pt"])
+@pytest.mark.parametrize(
+    "target", ["optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl", "model.safetensors", "scaler.pt"]
+)
 def test_verify_refuses_code_in_any_file(tmp_path, target):
     from restorer.train.checkpoint import verify_checkpoint
 
@@ -140,8 +155,7 @@ def test_verify_refuses_code_in_any_file(tmp_path, target):
 
 
 def test_incomplete_and_stale_directories(tmp_path):
-    from restorer.train.checkpoint import (complete_checkpoints, latest_checkpoint, remove_stale_temp,
-                                           verify_checkpoint)
+    from restorer.train.checkpoint import complete_checkpoints, latest_checkpoint, remove_stale_temp, verify_checkpoint
 
     root = tmp_path / "checkpoints"
     _fake_checkpoint(root / "step-0000002", 2)
@@ -160,6 +174,7 @@ def test_incomplete_and_stale_directories(tmp_path):
 
 class _OneProcess:
     """The part of an Accelerator that save_checkpoint uses, for one process."""
+
     is_main_process, device = True, torch.device("cpu")
 
     def __init__(self, payload: bytes):

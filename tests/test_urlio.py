@@ -1,5 +1,6 @@
 """restorer.data.urlio against real servers on 127.0.0.1: every fault (dropped connection, 5xx, stall,
 missing object) through HTTP, S3 (moto) and pipe:, with retries counted and every test bounded."""
+
 from __future__ import annotations
 
 import pickle
@@ -184,14 +185,13 @@ def test_pipe_slow_but_steady_command_is_not_killed():
     assert data == b"01234567" * 8 and raw.failures == 0
 
 
-def test_pipe_command_stalling_mid_stream_restarts_and_skips_what_was_read(tmp_path: Path,
-                                                                             shard: bytes):
+def test_pipe_command_stalling_mid_stream_restarts_and_skips_what_was_read(tmp_path: Path, shard: bytes):
     src = tmp_path / "s.tar"
     src.write_bytes(shard)
     flag = tmp_path / "stalled-once"
     half = len(shard) // 2
     # first run: half the bytes, then silence; second run: everything
-    cmd = (f"if [ -e {flag} ]; then cat {src}; else touch {flag}; head -c {half} {src}; sleep 60; fi")
+    cmd = f"if [ -e {flag} ]; then cat {src}; else touch {flag}; head -c {half} {src}; sleep 60; fi"
     data, raw = _read_all(f"pipe:{cmd}", ReadPolicy(read_timeout=1, retries=2, backoff=0.01))
     assert data == shard and raw.failures == 1
 
@@ -205,15 +205,14 @@ def test_pipe_command_writing_much_to_stderr_does_not_block(tiny_shards: Path, s
 def test_pipe_failing_command_reports_its_status_and_stderr():
     with pytest.raises(UrlReadError) as ei:
         read_bytes("pipe:echo 'curl: (7) Failed to connect' >&2; exit 7", FAST)
-    assert str(ei.value).endswith("command exited with status 7: curl: (7) Failed to connect "
-                                  "(after 4 attempts)")
+    assert str(ei.value).endswith("command exited with status 7: curl: (7) Failed to connect (after 4 attempts)")
 
 
 # ----------------------------------------------------------------------------------- s3
 def _put(bucket: str, key: str, data: bytes) -> None:
     import boto3
 
-    boto3.client("s3").put_object(Bucket=bucket[len("s3://"):], Key=key, Body=data)
+    boto3.client("s3").put_object(Bucket=bucket[len("s3://") :], Key=key, Body=data)
 
 
 def test_s3_read_and_read_text(s3_bucket: str, shard: bytes):
@@ -268,23 +267,27 @@ def test_missing_backend_is_one_line_naming_the_extra():
     pytest.importorskip("fsspec")
     try:
         import gcsfs  # noqa: F401
+
         pytest.skip("gcsfs is installed")
     except ImportError:
         pass
     with pytest.raises(UserError) as ei:
         open_url("gs://bucket/shard-000000.tar", FAST)
-    assert str(ei.value) == ("gs://bucket/shard-000000.tar: gs:// needs a package that is not "
-                             "installed: pip install 'restorer[gcs]'")
+    assert str(ei.value) == (
+        "gs://bucket/shard-000000.tar: gs:// needs a package that is not installed: pip install 'restorer[gcs]'"
+    )
 
 
 def test_missing_s3fs_is_one_line_naming_the_extra():
-    code = ("import sys; sys.modules['s3fs'] = None\n"
-            "from restorer.errors import UserError\nfrom restorer.data.urlio import open_url\n"
-            "try:\n    open_url('s3://b/x.tar')\nexcept UserError as e:\n    print(e)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                         timeout=60)
-    assert out.stdout.strip() == ("s3://b/x.tar: s3:// needs a package that is not installed: "
-                                  "pip install 'restorer[s3]'"), out.stderr
+    code = (
+        "import sys; sys.modules['s3fs'] = None\n"
+        "from restorer.errors import UserError\nfrom restorer.data.urlio import open_url\n"
+        "try:\n    open_url('s3://b/x.tar')\nexcept UserError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == (
+        "s3://b/x.tar: s3:// needs a package that is not installed: pip install 'restorer[s3]'"
+    ), out.stderr
 
 
 def test_policy_from_environment(monkeypatch):

@@ -1,5 +1,6 @@
 """The packaged models (restorer/weights/): they load pickle-free, restore with no flags at all, and
 still measure what their model card says."""
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,7 @@ def test_the_fast_model_ships():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_packaged_model_is_small_and_its_card_is_complete(name):
-    assert (packaged.FOLDER / f"{name}.safetensors").stat().st_size <= 5 * 2 ** 20
+    assert (packaged.FOLDER / f"{name}.safetensors").stat().st_size <= 5 * 2**20
     meta = card(name)
     assert meta["name"] == name
     assert meta["facts"]["quality_range"] == [5, 95] and meta["model"]["condition_on_quality"] is True
@@ -58,8 +59,9 @@ def test_restore_photo_with_no_flags_writes_it_beside_the_input(tmp_path):
     original_bytes = (tmp_path / "photo.jpg").read_bytes()
     script = Path(sys.executable).with_name("restorer")
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "restorer.cli"]
-    proc = subprocess.run([*cmd, "restore", "photo.jpg", "--device", "cpu"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [*cmd, "restore", "photo.jpg", "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "photo.restored.png"
     assert out.is_file() and "fast.safetensors" in proc.stderr + proc.stdout
@@ -83,8 +85,22 @@ def test_quality_model_by_name_beats_fast_on_a_photo(tmp_path):
     errors = {}
     for name in ("fast", "quality"):
         out = tmp_path / f"{name}.png"
-        assert main(["restore", str(tmp_path / "photo.jpg"), "-o", str(out), "--weights", name, "--device", "cpu",
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "restore",
+                    str(tmp_path / "photo.jpg"),
+                    "-o",
+                    str(out),
+                    "--weights",
+                    name,
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         errors[name] = float(np.mean((np.asarray(Image.open(out)).astype(np.float64) - ref) ** 2))
     assert errors["quality"] < errors["fast"], errors
 

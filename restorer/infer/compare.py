@@ -10,6 +10,7 @@ A ``--jpeg`` that is not a JPEG of IMAGE (another size, or a PSNR to IMAGE below
 ``MIN_JPEG_PSNR`` dB: a different photo) is an error, not a meaningless panel. The panel is never
 written over IMAGE or the ``--jpeg`` file, even with ``--overwrite``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,14 @@ from restorer.errors import UserError, cli_entry, describe
 from restorer.imageio import open_image, save_image
 from restorer.infer.engine import choose_restorer
 from restorer.infer.evaluate import uint8_tensor
-from restorer.infer.options import (add_model_args, parse_args, InputFiles, load_models, project_output,
-                                    report_weight_errors)
+from restorer.infer.options import (
+    add_model_args,
+    parse_args,
+    InputFiles,
+    load_models,
+    project_output,
+    report_weight_errors,
+)
 
 # Below this PSNR to the original, a --jpeg is not a JPEG of it (q5 of a real photo is ~22 dB;
 # a different photo of the same size, ~13 dB).
@@ -43,8 +50,12 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="restorer compare", description="Side-by-side panel: JPEG | restored | original.",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="restorer compare",
+        description="Side-by-side panel: JPEG | restored | original.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("image", metavar="IMAGE", help="the clean original image")
     p.add_argument("--quality", type=int, default=None, help="JPEG quality to compress with (default 10)")
     p.add_argument("--jpeg", default=None, metavar="FILE", help="an existing JPEG of IMAGE to use instead")
@@ -95,8 +106,9 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def make_panel(crops: list[np.ndarray], captions: list[list[str]], zoom: int, gap: int = 8) -> Image.Image:
-    tiles = [Image.fromarray(c).convert("RGB").resize((c.shape[1] * zoom, c.shape[0] * zoom), Image.NEAREST)
-             for c in crops]
+    tiles = [
+        Image.fromarray(c).convert("RGB").resize((c.shape[1] * zoom, c.shape[0] * zoom), Image.NEAREST) for c in crops
+    ]
     font = _font(max(12, min(18, tiles[0].width // 18)))
     line_h = int(font.getbbox("Ag")[3] + 6) if hasattr(font, "getbbox") else 16
     cap_h = line_h * max(len(c) for c in captions) + 8
@@ -133,8 +145,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if jpeg.shape != ref.shape:
             raise UserError(f"{args.jpeg}: its size or colour mode differs from {args.image}")
         if _psnr(jpeg, ref) < MIN_JPEG_PSNR:
-            raise UserError(f"{args.jpeg}: PSNR {_psnr(jpeg, ref):.2f} dB to {args.image}, below "
-                            f"{MIN_JPEG_PSNR:.0f} dB: not a JPEG of that image")
+            raise UserError(
+                f"{args.jpeg}: PSNR {_psnr(jpeg, ref):.2f} dB to {args.image}, below "
+                f"{MIN_JPEG_PSNR:.0f} dB: not a JPEG of that image"
+            )
         label = f"JPEG (q{quality})" if quality else "JPEG"
     else:
         quality = args.quality or 10
@@ -156,14 +170,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         diff = (jpeg.astype(np.float64) - ref.astype(np.float64)) ** 2
         box = auto_crop(diff if diff.ndim == 2 else diff.mean(axis=2), args.crop_size)
     x, y, cw, ch = box
-    crops = [a[y:y + ch, x:x + cw] for a in (jpeg, restored, ref)]
-    cap = [[label, f"{_psnr(jpeg, ref):.2f} dB (crop {_psnr(crops[0], crops[2]):.2f})"],
-           ["restored", f"{_psnr(restored, ref):.2f} dB (crop {_psnr(crops[1], crops[2]):.2f})"],
-           ["original", f"crop {x},{y},{cw},{ch}"]]
+    crops = [a[y : y + ch, x : x + cw] for a in (jpeg, restored, ref)]
+    cap = [
+        [label, f"{_psnr(jpeg, ref):.2f} dB (crop {_psnr(crops[0], crops[2]):.2f})"],
+        ["restored", f"{_psnr(restored, ref):.2f} dB (crop {_psnr(crops[1], crops[2]):.2f})"],
+        ["original", f"crop {x},{y},{cw},{ch}"],
+    ]
     panel = make_panel(crops, cap, args.zoom)
     save_image(np.asarray(panel), None, out, fmt="png", overwrite=args.overwrite)
-    print(f"{out}: {label} {_psnr(jpeg, ref):.2f} dB, restored {_psnr(restored, ref):.2f} dB "
-          f"({restorer.describe()}), crop {x},{y},{cw},{ch}")
+    print(
+        f"{out}: {label} {_psnr(jpeg, ref):.2f} dB, restored {_psnr(restored, ref):.2f} dB "
+        f"({restorer.describe()}), crop {x},{y},{cw},{ch}"
+    )
     return 1 if werrs else 0
 
 

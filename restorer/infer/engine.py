@@ -38,6 +38,7 @@ Precision and memory format
 :func:`restorer.hardware.choose_channels_last` for the device and precision. Both are decided by
 the caller (``restorer.infer.options``), never hard-coded here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -95,8 +96,10 @@ def tile_spans(length: int, tile: int, overlap: int, align: int = 1) -> list[tup
     overlap = -(-overlap // align) * align
     core = (tile - 2 * overlap) // align * align
     if core <= 0:
-        raise UserError(f"--tile {tile} must be larger than twice --tile-overlap ({overlap}"
-                        f"{f', a multiple of the model alignment {align}' if align > 1 else ''})")
+        raise UserError(
+            f"--tile {tile} must be larger than twice --tile-overlap ({overlap}"
+            f"{f', a multiple of the model alignment {align}' if align > 1 else ''})"
+        )
     spans = []
     for c0 in range(0, length, core):
         c1 = min(c0 + core, length)
@@ -156,15 +159,21 @@ class Restorer:
         if self.overlap is None:
             self.overlap = self.radius
         elif self.overlap < self.radius:
-            log.warning("tile overlap %d is below the receptive radius %d of %s: tiled output may "
-                        "differ from whole-image output near tile borders", self.overlap, self.radius, self.path)
+            log.warning(
+                "tile overlap %d is below the receptive radius %d of %s: tiled output may "
+                "differ from whole-image output near tile borders",
+                self.overlap,
+                self.radius,
+                self.path,
+            )
         cfg = self.meta.get("model", {})
         self.in_channels = int(cfg.get("in_channels", 3))
         self.conditioned = bool(cfg.get("condition_on_quality", False))
         self.quality_range = trained_quality_range(self.meta.get("facts") or {}, self.path)
         if self.channels_last is None:
-            self.channels_last = bool(choose_channels_last(
-                "auto", self.device, "bf16" if self.precision == "bf16" else "no").value)
+            self.channels_last = bool(
+                choose_channels_last("auto", self.device, "bf16" if self.precision == "bf16" else "no").value
+            )
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.device.type == "cpu":
@@ -176,8 +185,11 @@ class Restorer:
 
     def describe(self) -> str:
         rng = self.quality_range
-        trained = "quality unknown" if rng is None else (
-            f"quality {rng[0]}" if rng[0] == rng[1] else f"quality {rng[0]}-{rng[1]}")
+        trained = (
+            "quality unknown"
+            if rng is None
+            else (f"quality {rng[0]}" if rng[0] == rng[1] else f"quality {rng[0]}-{rng[1]}")
+        )
         return f"{self.path} (trained on {trained})"
 
     def covers(self, quality: int) -> bool:
@@ -194,8 +206,9 @@ class Restorer:
     def _forward(self, x: torch.Tensor, quality: Optional[int]) -> torch.Tensor:
         q = None
         if self.conditioned:
-            q = torch.full((x.shape[0],), float(quality if quality is not None else self.default_quality()),
-                           device=x.device)
+            q = torch.full(
+                (x.shape[0],), float(quality if quality is not None else self.default_quality()), device=x.device
+            )
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.precision == "bf16":
@@ -203,8 +216,13 @@ class Restorer:
                 return self.model(x, q).float()
         return self.model(x, q)
 
-    def apply_planes(self, planes: np.ndarray, fn: Callable[[torch.Tensor], torch.Tensor],
-                     tile: Optional[int] = None, progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    def apply_planes(
+        self,
+        planes: np.ndarray,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        tile: Optional[int] = None,
+        progress: Optional[Callable[[int], None]] = None,
+    ) -> np.ndarray:
         """Run ``fn`` ([1, C, h, w] float -> [1, C', h, w] float) over ``planes`` ([H, W, C] uint8)
         tile by tile; return [H, W, C'] uint8."""
         tile = self.tile if tile is None else tile
@@ -217,7 +235,7 @@ class Restorer:
                 for x0, x1, cx0, cx1 in cols:
                     chunk = torch.from_numpy(np.array(planes[y0:y1, x0:x1], copy=True))
                     x = chunk.to(self.device).permute(2, 0, 1).unsqueeze(0).float().div_(255)
-                    y = fn(x)[0, :, cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+                    y = fn(x)[0, :, cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
                     if out is None:
                         out = np.empty((h, w, y.shape[0]), dtype=np.uint8)
                     out[cy0:cy1, cx0:cx1] = to_uint8(y)
@@ -227,23 +245,34 @@ class Restorer:
         assert out is not None
         return out
 
-    def restore(self, pixels: np.ndarray, quality: Optional[int] = None, tile: Optional[int] = None,
-                progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    def restore(
+        self,
+        pixels: np.ndarray,
+        quality: Optional[int] = None,
+        tile: Optional[int] = None,
+        progress: Optional[Callable[[int], None]] = None,
+    ) -> np.ndarray:
         """Restore a uint8 image ([H, W] gray or [H, W, 3] RGB); returns the same shape, uint8."""
         gray = pixels.ndim == 2
         if not gray and (pixels.ndim != 3 or pixels.shape[2] != 3):
             raise ValueError(f"expected [H, W] or [H, W, 3] uint8 pixels, got shape {pixels.shape}")
         if self.in_channels == 3:
             if gray:
+
                 def fn(x):
                     return self._forward(x.expand(-1, 3, -1, -1), quality).mean(dim=1, keepdim=True)
+
                 return self.apply_planes(pixels[:, :, None], fn, tile, progress)[:, :, 0]
             return self.apply_planes(pixels, lambda x: self._forward(x, quality), tile, progress)
         if self.in_channels == 1:
             if gray:
-                return self.apply_planes(pixels[:, :, None], lambda x: self._forward(x, quality), tile, progress)[:, :, 0]
+                return self.apply_planes(pixels[:, :, None], lambda x: self._forward(x, quality), tile, progress)[
+                    :, :, 0
+                ]
             ycc = np.asarray(Image.fromarray(pixels).convert("YCbCr")).copy()
-            ycc[:, :, 0] = self.apply_planes(ycc[:, :, :1], lambda x: self._forward(x, quality), tile, progress)[:, :, 0]
+            ycc[:, :, 0] = self.apply_planes(ycc[:, :, :1], lambda x: self._forward(x, quality), tile, progress)[
+                :, :, 0
+            ]
             return np.asarray(Image.fromarray(ycc, mode="YCbCr").convert("RGB"))
         raise UserError(f"{self.path}: models with {self.in_channels} input channels are not supported")
 
@@ -303,8 +332,13 @@ def weights_files(spec: str) -> list[Path]:
     return [p]
 
 
-def load_restorers(specs: list[str], device: torch.device, tile: int = DEFAULT_TILE,
-                   overlap: Optional[int] = None, precision: str = "fp32") -> tuple[list[Restorer], list[str]]:
+def load_restorers(
+    specs: list[str],
+    device: torch.device,
+    tile: int = DEFAULT_TILE,
+    overlap: Optional[int] = None,
+    precision: str = "fp32",
+) -> tuple[list[Restorer], list[str]]:
     """Load every weights file named (packaged names, files or folders). Returns the usable ones
     and one error line per file that could not be used; ``none`` gives the identity."""
     restorers: list[Restorer] = []

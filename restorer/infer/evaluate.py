@@ -13,6 +13,7 @@ grouped by the quality estimated from their quantisation tables.
 (``restore`` would pass such images through unchanged); the device and the precision used are
 logged and recorded in ``--json`` (bf16 is not bit-identical to fp32).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,21 +55,44 @@ SPACES = ("rgb", "y")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="restorer eval", description="PSNR / SSIM / PSNR-B of JPEG and restored images against references.",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="restorer eval",
+        description="PSNR / SSIM / PSNR-B of JPEG and restored images against references.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_model_args(p)
     p.add_argument("--identity", action="store_true", help="same as --weights none")
-    p.add_argument("--images", required=True, metavar="DIR",
-                   help="folder of reference images, or a BSR/BSDS500 root (uses --split); also s3:// or gs:// "
-                        "(copied to a temporary folder first)")
+    p.add_argument(
+        "--images",
+        required=True,
+        metavar="DIR",
+        help="folder of reference images, or a BSR/BSDS500 root (uses --split); also s3:// or gs:// "
+        "(copied to a temporary folder first)",
+    )
     p.add_argument("--split", default="test", help="BSDS500 split when --images is a BSR root (default test)")
-    p.add_argument("--quality", type=int, nargs="+", default=[10, 20, 30, 40], help="JPEG qualities (default 10 20 30 40)")
-    p.add_argument("--jpeg-dir", default=None, metavar="DIR",
-                   help="use these already-compressed JPEGs (matched to references by base name) instead of compressing")
-    p.add_argument("--subsampling", choices=sorted(SUBSAMPLING), default="4:2:0", help="chroma subsampling (default 4:2:0)")
-    p.add_argument("--crop-border", type=int, default=0, help="pixels cropped from each side before metrics (default 0)")
-    p.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS),
-                   help="metrics to compute (default: psnr ssim psnrb)")
+    p.add_argument(
+        "--quality", type=int, nargs="+", default=[10, 20, 30, 40], help="JPEG qualities (default 10 20 30 40)"
+    )
+    p.add_argument(
+        "--jpeg-dir",
+        default=None,
+        metavar="DIR",
+        help="use these already-compressed JPEGs (matched to references by base name) instead of compressing",
+    )
+    p.add_argument(
+        "--subsampling", choices=sorted(SUBSAMPLING), default="4:2:0", help="chroma subsampling (default 4:2:0)"
+    )
+    p.add_argument(
+        "--crop-border", type=int, default=0, help="pixels cropped from each side before metrics (default 0)"
+    )
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        choices=METRICS,
+        default=list(METRICS),
+        help="metrics to compute (default: psnr ssim psnrb)",
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by name)")
     p.add_argument("--json", default=None, metavar="PATH", help="write per-image results and means as JSON")
     p.add_argument("--csv", default=None, metavar="PATH", help="write per-image results as CSV")
@@ -98,8 +122,9 @@ def fetch_remote_images(url: str, split: str, dest: Path, limit: Optional[int] =
     base = url.rstrip("/")
     for sub in ("", "/BSDS500/data/images/" + split, "/data/images/" + split, "/images/" + split):
         try:
-            names = sorted(p for p in fs.ls(root.rstrip("/") + sub, detail=False)
-                           if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            names = sorted(
+                p for p in fs.ls(root.rstrip("/") + sub, detail=False) if Path(p).suffix.lower() in IMAGE_SUFFIXES
+            )
         except FileNotFoundError:
             continue
         except OSError as exc:
@@ -169,8 +194,11 @@ def summarise(rows: list[dict], identity: bool, which=METRICS) -> list[dict]:
 
 
 def markdown_table(summary: list[dict], identity: bool, crop: int, source: str, which=METRICS) -> str:
-    lines = [f"JPEG {source}; mean of per-image values; peak 255; border crop {crop} px; "
-             f"Y = BT.601 luma (16-235); PSNR-B on the 8x8 grid", ""]
+    lines = [
+        f"JPEG {source}; mean of per-image values; peak 255; border crop {crop} px; "
+        f"Y = BT.601 luma (16-235); PSNR-B on the 8x8 grid",
+        "",
+    ]
     label = {"psnr": "PSNR", "ssim": "SSIM", "psnrb": "PSNR-B"}
     fmt = {"psnr": "{:.2f}", "ssim": "{:.4f}", "psnrb": "{:.2f}"}
     cols: list[tuple[str, str, str]] = []  # (header, key prefix, metric)
@@ -237,8 +265,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         for f in sorted(jpeg_dir.iterdir()):
             if f.suffix.lower() in (".jpg", ".jpeg", ".jpe", ".jfif"):
                 jpeg_index.setdefault(f.stem, f)
-    source = (f"from {jpeg_dir} (quality estimated from quantisation tables)" if jpeg_dir else
-              f"by Pillow at quality {' '.join(map(str, args.quality))}, {args.subsampling}")
+    source = (
+        f"from {jpeg_dir} (quality estimated from quantisation tables)"
+        if jpeg_dir
+        else f"by Pillow at quality {' '.join(map(str, args.quality))}, {args.subsampling}"
+    )
     log.info("%d reference images in %s", len(refs), folder)
 
     from tqdm import tqdm
@@ -259,17 +290,29 @@ def main(argv: Optional[list[str]] = None) -> int:
                     raise UserError(f"{jp}: not a JPEG")
                 jpeg = jimg.pixels
                 if jpeg.ndim != ref.ndim:  # gray JPEG of a colour reference or vice versa
-                    jpeg = np.repeat(jpeg[:, :, None], 3, axis=2) if jpeg.ndim == 2 else jpeg.mean(axis=2).round().astype(np.uint8)
+                    jpeg = (
+                        np.repeat(jpeg[:, :, None], 3, axis=2)
+                        if jpeg.ndim == 2
+                        else jpeg.mean(axis=2).round().astype(np.uint8)
+                    )
                 if jpeg.shape != ref.shape:
-                    raise UserError(f"{jp}: size {jpeg.shape[1]}x{jpeg.shape[0]} differs from its reference "
-                                    f"{ref.shape[1]}x{ref.shape[0]}")
+                    raise UserError(
+                        f"{jp}: size {jpeg.shape[1]}x{jpeg.shape[0]} differs from its reference "
+                        f"{ref.shape[1]}x{ref.shape[0]}"
+                    )
                 pairs = [(jimg.quality, jpeg, jp)]
             else:
                 pairs = [(q, *decoded_jpeg(ref, q, args.subsampling)) for q in args.quality]
             for q, jpeg, jpeg_src in pairs:
                 restorer = choose_restorer(restorers, q)
-                row = {"image": ref_path.name, "quality": q, "weights": str(restorer.path),
-                       "width": ref.shape[1], "height": ref.shape[0], "crop_border": args.crop_border}
+                row = {
+                    "image": ref_path.name,
+                    "quality": q,
+                    "weights": str(restorer.path),
+                    "width": ref.shape[1],
+                    "height": ref.shape[0],
+                    "crop_border": args.crop_border,
+                }
                 jm = image_metrics(jpeg, ref, args.crop_border, args.metrics)
                 row.update({f"jpeg_{k}": v for k, v in jm.items()})
                 if not identity:
@@ -294,12 +337,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     summary = summarise(rows, identity, args.metrics)
     print(markdown_table(summary, identity, args.crop_border, source, args.metrics))
     if args.json:
-        doc = {"protocol": {"images": str(folder), "jpeg": source, "crop_border": args.crop_border,
-                            "y": "BT.601 16 + 65.481 R + 128.553 G + 24.966 B, /255",
-                            "weights": [r.describe() for r in restorers],
-                            "device": str(models.device), "precision": models.precision.as_dict()},
-               "mean": [{k: _jsonable(v) for k, v in s.items()} for s in summary],
-               "images": [{k: _jsonable(v) for k, v in r.items()} for r in rows]}
+        doc = {
+            "protocol": {
+                "images": str(folder),
+                "jpeg": source,
+                "crop_border": args.crop_border,
+                "y": "BT.601 16 + 65.481 R + 128.553 G + 24.966 B, /255",
+                "weights": [r.describe() for r in restorers],
+                "device": str(models.device),
+                "precision": models.precision.as_dict(),
+            },
+            "mean": [{k: _jsonable(v) for k, v in s.items()} for s in summary],
+            "images": [{k: _jsonable(v) for k, v in r.items()} for r in rows],
+        }
         atomic_write_text(Path(args.json), json.dumps(doc, indent=1) + "\n")
     if args.csv:
         import io

@@ -12,6 +12,7 @@ precision and the reason for it, and the weights.
 that is (or resolves to, or is a link of) one of the inputs is refused, with or without
 ``--overwrite``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,7 @@ from restorer import weights as packaged
 from restorer.errors import UserError, setup_logging
 from restorer.hardware import Choice, choose_precision
 from restorer.imageio import DEFAULT_MAX_PIXELS
-from restorer.infer.engine import (DEFAULT_TILE, PRECISIONS, Restorer, load_restorers, pick_device,
-                                   set_threads)
+from restorer.infer.engine import DEFAULT_TILE, PRECISIONS, Restorer, load_restorers, pick_device, set_threads
 
 log = logging.getLogger("restorer.infer.options")
 
@@ -38,29 +38,53 @@ PRECISION_CHOICES = ("auto",) + PRECISIONS
 
 def add_model_args(p: argparse.ArgumentParser, weights_help: str = "") -> None:
     """The flags shared by ``restore``, ``eval`` and ``compare``."""
-    p.add_argument("--weights", nargs="+", default=None, metavar="W",
-                   help="'fast' or 'quality' (the models shipped with restorer), model.safetensors file(s) "
-                        "or folder(s) of them, or 'none' (the JPEG itself); default: 'quality' on a GPU, "
-                        "'fast' on a CPU. With several, the one trained nearest to each image's JPEG "
-                        "quality is used" + weights_help)
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        default=None,
+        metavar="W",
+        help="'fast' or 'quality' (the models shipped with restorer), model.safetensors file(s) "
+        "or folder(s) of them, or 'none' (the JPEG itself); default: 'quality' on a GPU, "
+        "'fast' on a CPU. With several, the one trained nearest to each image's JPEG "
+        "quality is used" + weights_help,
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--tile", type=int, default=DEFAULT_TILE,
-                   help=f"tile side in pixels for bounded memory; 0 = whole image at once (default {DEFAULT_TILE})")
-    p.add_argument("--tile-overlap", type=int, default=None,
-                   help="context pixels around each tile (default: the model's receptive radius, "
-                        "which makes tiled output equal to whole-image output)")
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=DEFAULT_TILE,
+        help=f"tile side in pixels for bounded memory; 0 = whole image at once (default {DEFAULT_TILE})",
+    )
+    p.add_argument(
+        "--tile-overlap",
+        type=int,
+        default=None,
+        help="context pixels around each tile (default: the model's receptive radius, "
+        "which makes tiled output equal to whole-image output)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                   help="auto (default): bf16 on GPUs that support it and on CPUs that compute bf16 "
-                        "natively (AVX512-BF16 / AMX / Arm BF16), else fp32; bf16 is faster there but "
-                        "not bit-identical to fp32")
+    p.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default=None,
+        help="auto (default): bf16 on GPUs that support it and on CPUs that compute bf16 "
+        "natively (AVX512-BF16 / AMX / Arm BF16), else fp32; bf16 is faster there but "
+        "not bit-identical to fp32",
+    )
     p.add_argument("--bf16", action="store_true", help="same as --precision bf16 (kept for old scripts)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse images declaring more pixels than this (default {DEFAULT_MAX_PIXELS:,})")
-    p.add_argument("--no-projection", action="store_true",
-                   help="keep the model's raw output; by default the output of a JPEG input is projected "
-                        "onto the quantisation intervals of the JPEG's own DCT coefficients, which cannot "
-                        "move it away from the original (restorer/infer/projection.py)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse images declaring more pixels than this (default {DEFAULT_MAX_PIXELS:,})",
+    )
+    p.add_argument(
+        "--no-projection",
+        action="store_true",
+        help="keep the model's raw output; by default the output of a JPEG input is projected "
+        "onto the quantisation intervals of the JPEG's own DCT coefficients, which cannot "
+        "move it away from the original (restorer/infer/projection.py)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -129,8 +153,14 @@ def load_models(args: argparse.Namespace) -> Models:
     models = Models(restorers, errors, device, precision, specs)
     if restorers and not models.identity:
         default = "" if args.weights else f" (default on {device.type}; --weights to choose)"
-        log.info("device %s, precision %s (%s); weights%s: %s", device, precision.value, precision.reason,
-                 default, "; ".join(r.describe() for r in restorers))
+        log.info(
+            "device %s, precision %s (%s); weights%s: %s",
+            device,
+            precision.value,
+            precision.reason,
+            default,
+            "; ".join(r.describe() for r in restorers),
+        )
     return models
 
 
@@ -148,8 +178,9 @@ def report_weight_errors(models: Models, err: Callable[[str], None]) -> None:
         err(line)
 
 
-def project_output(restored: np.ndarray, jpeg: "Path | bytes", args: argparse.Namespace, *,
-                   upright: bool = True) -> np.ndarray:
+def project_output(
+    restored: np.ndarray, jpeg: "Path | bytes", args: argparse.Namespace, *, upright: bool = True
+) -> np.ndarray:
     """The model's output as the commands write and measure it: projected onto the JPEG's
     quantisation set (``jpeg``: the file, or its bytes) unless ``--no-projection``. ``upright``:
     ``restored`` is EXIF-upright (as ``restorer.imageio.open_image`` returns a file's pixels);
@@ -192,5 +223,7 @@ class InputFiles:
             except OSError:
                 pass
         if src is not None:
-            raise UserError(f"{target}: is the input {src}; refusing to write over an input "
-                            f"(even with --overwrite): choose another -o")
+            raise UserError(
+                f"{target}: is the input {src}; refusing to write over an input "
+                f"(even with --overwrite): choose another -o"
+            )

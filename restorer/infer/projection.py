@@ -37,6 +37,7 @@ those use ``project_upright``, which undoes the file's orientation, projects, an
 Grayscale JPEGs carry no colour: a colour output is projected onto gray (its Y, projected, in all
 three channels); a [H, W] output stays [H, W].
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,9 +60,7 @@ ORIENTATION_TAG = 0x0112
 ROWS_PER_STRIP = 64  # block rows of a component processed at once: bounds memory on big photos
 
 # JFIF full-range YCbCr (ITU-R BT.601 coefficients, as libjpeg's jccolor.c / jdcolor.c)
-RGB_TO_YCC = np.array([[0.299, 0.587, 0.114],
-                       [-0.168735892, -0.331264108, 0.5],
-                       [0.5, -0.418687589, -0.081312411]])
+RGB_TO_YCC = np.array([[0.299, 0.587, 0.114], [-0.168735892, -0.331264108, 0.5], [0.5, -0.418687589, -0.081312411]])
 YCC_TO_RGB = np.linalg.inv(RGB_TO_YCC)
 
 
@@ -133,14 +132,21 @@ def read_coefficients(src: JpegSource) -> JpegCoefficients:
             space = str(j.jpeg_color_space)
             samp = np.asarray(j.samp_factor, dtype=np.int64).reshape(-1, 2)  # (v, h) per component
             tables = [np.asarray(j.qt[int(t)], dtype=np.float64) for t in j.quant_tbl_no]
-            height, width, progressive, ncomp = int(j.height), int(j.width), bool(j.progressive_mode), int(j.num_components)
+            height, width, progressive, ncomp = (
+                int(j.height),
+                int(j.width),
+                bool(j.progressive_mode),
+                int(j.num_components),
+            )
         except Exception as exc:
             raise UserError(f"{name}: unreadable JPEG coefficients ({first_line(exc)})") from None
     finally:
         os.unlink(tmp)
     if "YCbCr" not in space and "GRAYSCALE" not in space or ncomp not in (1, 3):
-        raise UserError(f"{name}: JPEG colour space {space.replace('JCS_', '')} with {ncomp} components "
-                        "is not supported (only grayscale and YCbCr)")
+        raise UserError(
+            f"{name}: JPEG colour space {space.replace('JCS_', '')} with {ncomp} components "
+            "is not supported (only grayscale and YCbCr)"
+        )
     vmax, hmax = samp[:, 0].max(), samp[:, 1].max()
     comps = []
     for coef, (v, h), q in zip(planes, samp, tables):
@@ -272,8 +278,10 @@ def _as_levels(restored) -> np.ndarray:
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"expected uint8 or float pixels, got {x.dtype}")
     if x.size and (np.nanmin(x) < -0.5 or np.nanmax(x) > 1.5):
-        raise ValueError("float pixels must be in [0, 1] (the project's convention); "
-                         f"got values in [{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]")
+        raise ValueError(
+            "float pixels must be in [0, 1] (the project's convention); "
+            f"got values in [{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]"
+        )
     return x.astype(np.float32) * np.float32(255)
 
 
@@ -284,9 +292,11 @@ def project_float(restored, jpeg: "JpegSource | JpegCoefficients") -> np.ndarray
     coefs = jpeg if isinstance(jpeg, JpegCoefficients) else read_coefficients(jpeg)
     x = _as_levels(restored)
     if x.shape[:2] != (coefs.height, coefs.width) or not (x.ndim == 2 or (x.ndim == 3 and x.shape[2] == 3)):
-        raise ValueError(f"{coefs.name}: restored image has shape {x.shape}, the JPEG stores "
-                         f"{coefs.height}x{coefs.width} (stored orientation; for EXIF-upright pixels "
-                         "use project_upright)")
+        raise ValueError(
+            f"{coefs.name}: restored image has shape {x.shape}, the JPEG stores "
+            f"{coefs.height}x{coefs.width} (stored orientation; for EXIF-upright pixels "
+            "use project_upright)"
+        )
     if x.ndim == 2 and not coefs.is_gray:
         raise ValueError(f"{coefs.name}: a colour JPEG needs an [H, W, 3] restored image, got [H, W]")
     f32 = np.float32
@@ -308,7 +318,9 @@ def project_float(restored, jpeg: "JpegSource | JpegCoefficients") -> np.ndarray
                 plane = to_ycc[i, 0] * rgb[0] + to_ycc[i, 1] * rgb[1] + to_ycc[i, 2] * rgb[2] + f32(128)
                 change.append(_strip_correction(plane, coefs.components[i], *spans[i]))
             for i in range(3):
-                out[y0:y1, :, i] = rgb[i] + to_rgb[i, 0] * change[0] + to_rgb[i, 1] * change[1] + to_rgb[i, 2] * change[2]
+                out[y0:y1, :, i] = (
+                    rgb[i] + to_rgb[i, 0] * change[0] + to_rgb[i, 1] * change[1] + to_rgb[i, 2] * change[2]
+                )
     return np.clip(out, 0, 255, out=out)
 
 
@@ -326,9 +338,16 @@ def project(restored, jpeg: "JpegSource | JpegCoefficients") -> np.ndarray:
 # -- EXIF orientation -----------------------------------------------------------------------------------
 def to_upright(a: np.ndarray, orientation: int) -> np.ndarray:
     """Stored -> upright pixels for EXIF ``orientation`` (what PIL.ImageOps.exif_transpose does)."""
-    ops = {1: lambda t: t, 2: lambda t: t[:, ::-1], 3: lambda t: t[::-1, ::-1], 4: lambda t: t[::-1],
-           5: lambda t: t.swapaxes(0, 1), 6: lambda t: np.rot90(t, -1), 7: lambda t: np.rot90(t, 2).swapaxes(0, 1),
-           8: lambda t: np.rot90(t, 1)}
+    ops = {
+        1: lambda t: t,
+        2: lambda t: t[:, ::-1],
+        3: lambda t: t[::-1, ::-1],
+        4: lambda t: t[::-1],
+        5: lambda t: t.swapaxes(0, 1),
+        6: lambda t: np.rot90(t, -1),
+        7: lambda t: np.rot90(t, 2).swapaxes(0, 1),
+        8: lambda t: np.rot90(t, 1),
+    }
     return np.ascontiguousarray(ops.get(orientation, ops[1])(a))
 
 

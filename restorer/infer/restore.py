@@ -17,6 +17,7 @@ Guarantees (each tested in tests/test_restore.py):
   ``facts.quality_range``); outside it the decoded image is written unchanged (lossless for PNG,
   TIFF, WebP) with one ``note:`` line, unless ``--force``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,24 @@ from typing import Optional
 import numpy as np
 
 from restorer.errors import UserError, cli_entry, describe
-from restorer.imageio import (IMAGE_SUFFIXES, OUTPUT_FORMATS, LoadedImage, find_images, format_for_suffix,
-                              open_image, save_image)
+from restorer.imageio import (
+    IMAGE_SUFFIXES,
+    OUTPUT_FORMATS,
+    LoadedImage,
+    find_images,
+    format_for_suffix,
+    open_image,
+    save_image,
+)
 from restorer.infer.engine import Restorer, choose_restorer
-from restorer.infer.options import (add_model_args, parse_args, InputFiles, load_models, project_output,
-                                    report_weight_errors)
+from restorer.infer.options import (
+    add_model_args,
+    parse_args,
+    InputFiles,
+    load_models,
+    project_output,
+    report_weight_errors,
+)
 
 log = logging.getLogger("restorer.infer.restore")
 
@@ -63,24 +77,47 @@ weights).
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="restorer restore", description="Remove JPEG artifacts from photos.",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="restorer restore",
+        description="Remove JPEG artifacts from photos.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, or quoted globs")
-    p.add_argument("-o", "--output", default=None, metavar="OUT",
-                   help=f"output file (a name ending in an image suffix; one input image only) or folder; "
-                        f"default: NAME{RESTORED_TAG}.png beside each input")
+    p.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        metavar="OUT",
+        help=f"output file (a name ending in an image suffix; one input image only) or folder; "
+        f"default: NAME{RESTORED_TAG}.png beside each input",
+    )
     add_model_args(p)
-    p.add_argument("--quality", type=int, default=None,
-                   help="JPEG quality the images were compressed at (default: read from each JPEG's "
-                        "quantisation tables; required for PNG, WebP and other non-JPEG inputs)")
-    p.add_argument("--force", action="store_true",
-                   help="apply the weights even outside the JPEG quality range they were trained on "
-                        "(default: such images are written unchanged, with a note)")
-    p.add_argument("--format", choices=sorted(OUTPUT_FORMATS), default=None,
-                   help="output format (default: from the -o file name's suffix, else png)")
+    p.add_argument(
+        "--quality",
+        type=int,
+        default=None,
+        help="JPEG quality the images were compressed at (default: read from each JPEG's "
+        "quantisation tables; required for PNG, WebP and other non-JPEG inputs)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="apply the weights even outside the JPEG quality range they were trained on "
+        "(default: such images are written unchanged, with a note)",
+    )
+    p.add_argument(
+        "--format",
+        choices=sorted(OUTPUT_FORMATS),
+        default=None,
+        help="output format (default: from the -o file name's suffix, else png)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
-    p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs "
-                   "(their structure is mirrored under OUT)")
+    p.add_argument(
+        "--recursive",
+        action="store_true",
+        help="descend into sub-folders of folder inputs (their structure is mirrored under OUT)",
+    )
     return p
 
 
@@ -98,14 +135,20 @@ class OutputPlan:
             if not names_folder and suffix in IMAGE_SUFFIXES:
                 wanted = format_for_suffix(self.out)
                 if wanted is None:
-                    raise UserError(f"{self.out}: cannot write {suffix} images; name the output "
-                                    f"{' / '.join(sorted(set(s for _, s in OUTPUT_FORMATS.values())))}")
+                    raise UserError(
+                        f"{self.out}: cannot write {suffix} images; name the output "
+                        f"{' / '.join(sorted(set(s for _, s in OUTPUT_FORMATS.values())))}"
+                    )
                 if fmt is not None and fmt != wanted:
-                    raise UserError(f"{self.out}: the name says {wanted} but --format {fmt}; make them agree "
-                                    f"(e.g. -o {self.out.with_suffix(OUTPUT_FORMATS[fmt][1])})")
+                    raise UserError(
+                        f"{self.out}: the name says {wanted} but --format {fmt}; make them agree "
+                        f"(e.g. -o {self.out.with_suffix(OUTPUT_FORMATS[fmt][1])})"
+                    )
                 if n_images > 1:
-                    raise UserError(f"{self.out}: names one file, but there are {n_images} input images; "
-                                    f"give a folder (e.g. -o {self.out.with_suffix('')}/)")
+                    raise UserError(
+                        f"{self.out}: names one file, but there are {n_images} input images; "
+                        f"give a folder (e.g. -o {self.out.with_suffix('')}/)"
+                    )
                 self.single_file, fmt = True, wanted
             elif self.out.exists() and not self.out.is_dir():
                 raise UserError(f"{self.out}: exists and is not a folder (several inputs need an output folder)")
@@ -142,8 +185,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     skipped = set(earlier_outputs(found, args.inputs))
     found = [(p, rel) for p, rel in found if p not in skipped]
     if skipped:
-        _write(f"note: skipped {len(skipped)} earlier output(s) named *{RESTORED_TAG}.* in the input folders",
-               sys.stderr)
+        _write(
+            f"note: skipped {len(skipped)} earlier output(s) named *{RESTORED_TAG}.* in the input folders", sys.stderr
+        )
     plan = OutputPlan(args.output, args.format, len(found))
 
     models = load_models(args)
@@ -193,8 +237,10 @@ def image_quality(img: LoadedImage, given: Optional[int]) -> tuple[int, str]:
     if given is not None:
         return given, "--quality"
     if not img.is_jpeg:
-        raise UserError(f"{img.path}: not a JPEG ({img.format}), so the JPEG quality it went through is "
-                        f"unknown; give --quality Q to restore it")
+        raise UserError(
+            f"{img.path}: not a JPEG ({img.format}), so the JPEG quality it went through is "
+            f"unknown; give --quality Q to restore it"
+        )
     if img.quality is None:
         raise UserError(f"{img.path}: JPEG without readable quantisation tables; give --quality Q")
     return img.quality, "quantisation tables"
@@ -214,17 +260,31 @@ def _restore_one(path: Path, target: Path, fmt: str, restorers: list[Restorer], 
     else:
         lo, hi = restorer.quality_range  # covers() is True when the range is unknown
         pixels, action = img.pixels, "; written unchanged (outside the trained range)"
-        _write(f"note: {path}: JPEG quality {quality} is outside the range {lo}-{hi} that {restorer.path.name} "
-               f"was trained on: written unchanged (--force applies it anyway)", sys.stderr)
-    notes = save_image(pixels, img.alpha, target, fmt=fmt, icc_profile=img.icc_profile, exif=img.exif,
-                       overwrite=args.overwrite)
+        _write(
+            f"note: {path}: JPEG quality {quality} is outside the range {lo}-{hi} that {restorer.path.name} "
+            f"was trained on: written unchanged (--force applies it anyway)",
+            sys.stderr,
+        )
+    notes = save_image(
+        pixels, img.alpha, target, fmt=fmt, icc_profile=img.icc_profile, exif=img.exif, overwrite=args.overwrite
+    )
     for note in notes:
         _write(f"warning: {path}: {note}", sys.stderr)
-    extras = [s for s in ("gray" if img.is_gray else "", "alpha kept" if img.alpha is not None else "",
-                          f"orientation {img.orientation} applied" if img.orientation != 1 else "") if s]
+    extras = [
+        s
+        for s in (
+            "gray" if img.is_gray else "",
+            "alpha kept" if img.alpha is not None else "",
+            f"orientation {img.orientation} applied" if img.orientation != 1 else "",
+        )
+        if s
+    ]
     chosen = f"; weights {restorer.describe()}" if len(restorers) > 1 or args.verbose else ""
-    _write(f"{path} -> {target}: {w}x{h}, quality {quality} ({source}){chosen}"
-           f"{'; ' + ', '.join(extras) if extras else ''}{action} [{time.perf_counter() - t0:.1f}s]", sys.stdout)
+    _write(
+        f"{path} -> {target}: {w}x{h}, quality {quality} ({source}){chosen}"
+        f"{'; ' + ', '.join(extras) if extras else ''}{action} [{time.perf_counter() - t0:.1f}s]",
+        sys.stdout,
+    )
 
 
 def _apply(restorer: Restorer, img: LoadedImage, quality: int, args) -> np.ndarray:
@@ -234,10 +294,18 @@ def _apply(restorer: Restorer, img: LoadedImage, quality: int, args) -> np.ndarr
     from tqdm import tqdm
 
     w, h = img.size
-    with tqdm(total=w * h, unit="px", unit_scale=True, leave=False, file=sys.stderr, desc=img.path.name,
-              disable=args.no_progress or w * h < 4_000_000) as tiles:
+    with tqdm(
+        total=w * h,
+        unit="px",
+        unit_scale=True,
+        leave=False,
+        file=sys.stderr,
+        desc=img.path.name,
+        disable=args.no_progress or w * h < 4_000_000,
+    ) as tiles:
         restored = restorer.restore(img.pixels, quality, progress=tiles.update)
     return project_output(restored, img.path, args) if img.is_jpeg else restored
+
 
 if __name__ == "__main__":
     sys.exit(main())

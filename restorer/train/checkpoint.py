@@ -27,6 +27,7 @@ cannot read. So we register nothing (the EMA is saved with safetensors), and bef
 directory to ``load_state`` we load every file ourselves the same restricted way, refusing the
 directory with one line if any file is not plain data.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,9 +82,13 @@ def remove_stale_temp(root: str | os.PathLike) -> list[Path]:
     removed = []
     if root.is_dir():
         for entry in root.iterdir():
-            final = root / entry.name[len(TMP_PREFIX):]
-            if (entry.name.startswith(TMP_PREFIX) and _STEP_RE.match(final.name) and (entry / MARKER).is_file()
-                    and not final.exists()):
+            final = root / entry.name[len(TMP_PREFIX) :]
+            if (
+                entry.name.startswith(TMP_PREFIX)
+                and _STEP_RE.match(final.name)
+                and (entry / MARKER).is_file()
+                and not final.exists()
+            ):
                 os.rename(entry, final)
         for entry in root.iterdir():
             if entry.name.startswith(TMP_PREFIX) and entry.is_dir():
@@ -112,12 +117,15 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_dir():
         raise UserError(f"{path}: checkpoint directory not found")
     if not (path / MARKER).is_file():
-        raise UserError(f"{path}: incomplete checkpoint (no {MARKER} marker); "
-                        f"it was being written when the run stopped")
+        raise UserError(
+            f"{path}: incomplete checkpoint (no {MARKER} marker); it was being written when the run stopped"
+        )
     for file in sorted(path.iterdir()):
         if file.name.startswith("custom_checkpoint_"):
-            raise UserError(f"{file}: refused to load (restorer never writes custom_checkpoint files, "
-                            f"and Accelerate would unpickle it without restrictions)")
+            raise UserError(
+                f"{file}: refused to load (restorer never writes custom_checkpoint files, "
+                f"and Accelerate would unpickle it without restrictions)"
+            )
         if file.suffix == ".safetensors":
             try:
                 with safe_open(str(file), framework="pt") as fh:
@@ -128,8 +136,9 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             try:
                 accelerate_load(str(file), map_location="cpu", weights_only=True)
             except Exception as exc:  # UnpicklingError for code, RuntimeError for garbage
-                raise UserError(f"{file}: refused to load (not a plain-tensor checkpoint file: "
-                                f"{first_line(exc)})") from None
+                raise UserError(
+                    f"{file}: refused to load (not a plain-tensor checkpoint file: {first_line(exc)})"
+                ) from None
     try:
         state = json.loads((path / STATE_NAME).read_text())
         int(state["step"])
@@ -138,8 +147,9 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def save_checkpoint(accelerator, root: str | os.PathLike, step: int, state: dict[str, Any], ema=None,
-                    keep: int = 3, faults=None) -> Path:
+def save_checkpoint(
+    accelerator, root: str | os.PathLike, step: int, state: dict[str, Any], ema=None, keep: int = 3, faults=None
+) -> Path:
     """Save the full training state of ``step`` atomically (call on every process).
 
     A write error (a full disk, say) on any process removes the temporary directory and raises on
@@ -185,7 +195,7 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, state: dict
             os.rename(tmp, final)
             _fsync_path(root)
             shutil.rmtree(aside, ignore_errors=True)
-            for _, old in complete_checkpoints(root)[:-max(1, keep)]:
+            for _, old in complete_checkpoints(root)[: -max(1, keep)]:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
             error = _write_error(exc, tmp, step)
@@ -236,6 +246,7 @@ def load_checkpoint(accelerator, path: str | os.PathLike, ema=None) -> dict[str,
 
 # --- the trainer's use of checkpoints: where to start, save + export, resume ----------------------
 
+
 def finished_at(ckpt: Path, run_dir: Path, max_steps: int) -> Optional[int]:
     """The step of ``ckpt`` when it is a complete checkpoint at or past ``max_steps`` and
     ``run_dir/model.safetensors`` holds the weights exported with it (the run is done); else None."""
@@ -261,8 +272,9 @@ def find_resume(resume: str, root: Path) -> Optional[Path]:
         return latest_checkpoint(root)
     if resume == "none":
         if complete_checkpoints(root):
-            raise UserError(f"{root}: holds checkpoints of an earlier run; use --resume auto to continue "
-                            f"it or another --run-dir")
+            raise UserError(
+                f"{root}: holds checkpoints of an earlier run; use --resume auto to continue it or another --run-dir"
+            )
         return None
     return Path(resume).resolve()
 
@@ -279,17 +291,24 @@ def export_facts(cfg, state) -> dict[str, Any]:
     from restorer.data.degrade import parse_quality
 
     last = state.last_val
-    return {"quality": cfg.data.quality, "quality_range": list(parse_quality(cfg.data.quality)), "steps": state.step,
-            "condition_on_quality": cfg.model.condition_on_quality, "train_patch_size": cfg.data.patch_size,
-            "ema_decay": cfg.ema_decay, "loss": cfg.loss, "double_jpeg_p": cfg.data.double_jpeg_p,
-            "chroma_subsampling": cfg.data.chroma_subsampling, "val_split": None if cfg.val_shards else cfg.val_split,
-            "val_shards": cfg.val_shards,
-            "val_psnr": {k[len("val/psnr_q"):]: v for k, v in last.items() if k.startswith("val/psnr_q")},
-            "val_gain": {k[len("val/gain_q"):]: v for k, v in last.items() if k.startswith("val/gain_q")}}
+    return {
+        "quality": cfg.data.quality,
+        "quality_range": list(parse_quality(cfg.data.quality)),
+        "steps": state.step,
+        "condition_on_quality": cfg.model.condition_on_quality,
+        "train_patch_size": cfg.data.patch_size,
+        "ema_decay": cfg.ema_decay,
+        "loss": cfg.loss,
+        "double_jpeg_p": cfg.data.double_jpeg_p,
+        "chroma_subsampling": cfg.data.chroma_subsampling,
+        "val_split": None if cfg.val_shards else cfg.val_split,
+        "val_shards": cfg.val_shards,
+        "val_psnr": {k[len("val/psnr_q") :]: v for k, v in last.items() if k.startswith("val/psnr_q")},
+        "val_gain": {k[len("val/gain_q") :]: v for k, v in last.items() if k.startswith("val/gain_q")},
+    }
 
 
-def save_and_export(accelerator, cfg, state, *, model, ema, run_dir: Path, batches_per_epoch: int,
-                    faults=None) -> Path:
+def save_and_export(accelerator, cfg, state, *, model, ema, run_dir: Path, batches_per_epoch: int, faults=None) -> Path:
     """Checkpoint ``state`` (every process), then export the weights validation uses (the EMA, else
     the model itself, never a compiled wrapper) to ``run_dir/model.safetensors`` (main process)."""
     from restorer.modelfile import export_weights
@@ -299,7 +318,8 @@ def save_and_export(accelerator, cfg, state, *, model, ema, run_dir: Path, batch
     saved = state.to_checkpoint(batches_per_epoch, world_size=accelerator.num_processes, seed=cfg.data.seed)
     path = save_checkpoint(accelerator, run_dir / "checkpoints", state.step, saved, ema, cfg.keep_checkpoints, faults)
     if accelerator.is_main_process:
-        export_weights(ema.model if ema is not None else unwrap(model), cfg.model_config(), run_dir,
-                       export_facts(cfg, state))
+        export_weights(
+            ema.model if ema is not None else unwrap(model), cfg.model_config(), run_dir, export_facts(cfg, state)
+        )
     say(accelerator, f"step {state.step}: saved {path}")
     return path

@@ -6,6 +6,7 @@ help and check where it is defined, and :mod:`restorer.config` lays them out as 
 keys (``--quality``, ``--patch-size``, ``--preset`` ...; the stream's ``splits`` is
 ``--train-splits``; the model's ``in_channels`` follows ``--grayscale`` and is no option).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,22 +42,32 @@ def _opt(default, help: str = "", **meta):
 
 @dataclasses.dataclass
 class TrainConfig:
-    data: StreamConfig = dataclasses.field(default_factory=StreamConfig, metadata={
-        "flatten": True, "rename": {"splits": "train_splits"}})
+    data: StreamConfig = dataclasses.field(
+        default_factory=StreamConfig, metadata={"flatten": True, "rename": {"splits": "train_splits"}}
+    )
     val_split: str = _opt("val", "split of --shards to validate on")
-    val_shards: Optional[str] = _opt(None, "validation shards as they are (a shards dir with one split, a folder of "
-                                           "tars, a URL pattern); default: the --val-split split of --shards")
-    epoch_patches: Optional[int] = _opt(None, "PATCHES per epoch, summed over all processes (default: every tile "
-                                              "of the train splits x --patches-per-image)")
+    val_shards: Optional[str] = _opt(
+        None,
+        "validation shards as they are (a shards dir with one split, a folder of "
+        "tars, a URL pattern); default: the --val-split split of --shards",
+    )
+    epoch_patches: Optional[int] = _opt(
+        None,
+        "PATCHES per epoch, summed over all processes (default: every tile of the train splits x --patches-per-image)",
+    )
     num_workers: int = _opt(4, "data loader workers per process")
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={
-        "flatten": True, "hide": ("in_channels",)})
+    model: ModelConfig = dataclasses.field(
+        default_factory=ModelConfig, metadata={"flatten": True, "hide": ("in_channels",)}
+    )
     # optimisation
     max_steps: int = _opt(20000, "optimizer steps")
     batch_size: int = _opt(16, "patches per process per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    loss: str = _opt("mse", "training loss: mse, l1 or charbonnier (train/psnr is computed from the MSE "
-                             "whatever the loss)", choices=["mse", "l1", "charbonnier"])
+    loss: str = _opt(
+        "mse",
+        "training loss: mse, l1 or charbonnier (train/psnr is computed from the MSE whatever the loss)",
+        choices=["mse", "l1", "charbonnier"],
+    )
     lr: float = 5e-4
     min_lr_ratio: float = _opt(0.1, "final LR / peak LR of the cosine")
     warmup_steps: int = 500
@@ -64,11 +75,18 @@ class TrainConfig:
     clip_grad: float = _opt(1.0, "max gradient norm (0 = no clipping)")
     ema_decay: float = _opt(0.999, "EMA decay (0 = no EMA)")
     # speed: chosen on the machine at run time by restorer.hardware unless set explicitly
-    mixed_precision: str = _opt("auto", "auto: bf16 on GPUs that have it (else fp16), on CPUs only with native "
-                                        "bf16 (else fp32)", choices=list(PRECISIONS))
+    mixed_precision: str = _opt(
+        "auto",
+        "auto: bf16 on GPUs that have it (else fp16), on CPUs only with native bf16 (else fp32)",
+        choices=list(PRECISIONS),
+    )
     channels_last: str = _opt("auto", "auto: on GPUs, and on CPUs with bf16", choices=list(AUTO_BOOL), const="true")
-    compile: str = _opt("auto", "torch.compile the model; auto: on GPUs (falls back to eager if compiling fails)",
-                        choices=list(AUTO_BOOL), const="true")
+    compile: str = _opt(
+        "auto",
+        "torch.compile the model; auto: on GPUs (falls back to eager if compiling fails)",
+        choices=list(AUTO_BOOL),
+        const="true",
+    )
     max_nonfinite: int = _opt(20, "stop after this many non-finite losses in a row")
     # validation, logging, checkpoints
     val_every: int = 1000
@@ -102,8 +120,18 @@ class TrainConfig:
                 parse_quality(q)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        positive = ("batch_size", "grad_accum", "max_steps", "val_every", "save_every", "log_every",
-                    "keep_checkpoints", "max_nonfinite", "val_batch_size", "val_crop")
+        positive = (
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "val_every",
+            "save_every",
+            "log_every",
+            "keep_checkpoints",
+            "max_nonfinite",
+            "val_batch_size",
+            "val_crop",
+        )
         for name in positive + ("patch_size",):
             value = getattr(self.data if name == "patch_size" else self, name)
             if value < 1:
@@ -114,12 +142,18 @@ class TrainConfig:
             raise UserError(f"--epoch-patches must be >= 1, got {self.epoch_patches}")
         if not (0.0 <= self.ema_decay < 1.0):
             raise UserError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
-        choices = {"mixed_precision": PRECISIONS, "channels_last": AUTO_BOOL, "compile": AUTO_BOOL,
-                   "tracker": ("wandb", "none"), "loss": ("mse", "l1", "charbonnier")}
+        choices = {
+            "mixed_precision": PRECISIONS,
+            "channels_last": AUTO_BOOL,
+            "compile": AUTO_BOOL,
+            "tracker": ("wandb", "none"),
+            "loss": ("mse", "l1", "charbonnier"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                f"got {getattr(self, name)!r}")
+                raise UserError(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
 
     def model_config(self) -> ModelConfig:
         """The architecture, every size filled in (what model.json records)."""

@@ -5,6 +5,7 @@ Every process keeps its own copy: DDP keeps the weights identical on all ranks, 
 identical too, and distributed validation needs no broadcast. The state is a flat dict of tensors,
 saved with safetensors (never pickled).
 """
+
 from __future__ import annotations
 
 import copy
@@ -62,7 +63,7 @@ class EMA:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.updates = int(state["updates"])
-        weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         self.model.load_state_dict(weights, strict=True)
 
     def save(self, path: str | os.PathLike) -> None:

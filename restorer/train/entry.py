@@ -7,6 +7,7 @@ Error protocol with several processes: an error every process raises together
 nothing). The failing process then exits at once: its peers may be blocked in a collective that
 will never complete, and the launcher tears them down when it sees a process exit.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,7 @@ PROG = "accelerate launch launch/train.py"
 def main(argv: Optional[list[str]] = None, description: Optional[str] = None) -> int:
     """Parse ``argv`` (defaults < ``--config`` YAML < flags) and train."""
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = parse_config(TrainConfig, argv, prog=PROG, description=description, epilog=EXAMPLES)
     except UserError as exc:  # from the command line alone: the same on every process

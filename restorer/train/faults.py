@@ -18,6 +18,7 @@
 They exist so that tests exercise the real code paths (the real save, the real skip logic) rather
 than mocks; a user never needs them.
 """
+
 from __future__ import annotations
 
 import dataclasses

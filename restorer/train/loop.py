@@ -6,6 +6,7 @@ process reads its own shards); compile (or eager); bookkeeping; the loop of opti
 logging, validation and checkpoints; at the end a weight check across processes, a final
 validation with SSIM, a checkpoint and the exported weights.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,12 @@ def train(cfg: TrainConfig) -> int:
     use_wandb = cfg.tracker == "wandb"
     note = prepare_wandb(run_dir) if use_wandb else None
     speed = choose_speed(cfg.mixed_precision, cfg.channels_last, cfg.compile, training_device_type())
-    accelerator = Accelerator(cpu=training_device_type() == "cpu", mixed_precision=speed.precision.value,
-                              log_with="wandb" if use_wandb else None, project_dir=str(run_dir))
+    accelerator = Accelerator(
+        cpu=training_device_type() == "cpu",
+        mixed_precision=speed.precision.value,
+        log_with="wandb" if use_wandb else None,
+        project_dir=str(run_dir),
+    )
     resume_from, finished = where_to_start(accelerator, cfg, run_dir)
     if finished:
         accelerator.wait_for_everyone()
@@ -58,12 +63,29 @@ def train(cfg: TrainConfig) -> int:
         state.wandb_id = secrets.token_hex(4)  # kept in every checkpoint: a resumed run continues this W&B run
     loader = make_loader(cfg, accelerator, SharedEpoch(state.start_epoch))
     bpe = int(loader.batches_per_epoch)
-    forward, eager_why = compiled_forward(model, smoke_step(
-        model, accelerator, batch_size=cfg.batch_size, in_channels=cfg.model.in_channels,
-        patch_size=cfg.data.patch_size, channels_last=channels_last,
-        condition_on_quality=cfg.model.condition_on_quality), bool(speed.compile.value))
-    info = run_info(accelerator, cfg, model, speed, compiled=forward is not model, batches_per_epoch=bpe,
-                    resumed_from=resume_from, start_step=state.step)
+    forward, eager_why = compiled_forward(
+        model,
+        smoke_step(
+            model,
+            accelerator,
+            batch_size=cfg.batch_size,
+            in_channels=cfg.model.in_channels,
+            patch_size=cfg.data.patch_size,
+            channels_last=channels_last,
+            condition_on_quality=cfg.model.condition_on_quality,
+        ),
+        bool(speed.compile.value),
+    )
+    info = run_info(
+        accelerator,
+        cfg,
+        model,
+        speed,
+        compiled=forward is not model,
+        batches_per_epoch=bpe,
+        resumed_from=resume_from,
+        start_step=state.step,
+    )
     tracker = start_tracking(accelerator, cfg, run_dir, info, state)
     for line in (note, eager_why, f"speed: {speed.summary()}", start_line(accelerator, cfg, info)):
         if line:
@@ -73,20 +95,41 @@ def train(cfg: TrainConfig) -> int:
     batches = iter(loader)  # endless: epoch after epoch (restorer.data's loader contract)
     model.train()
     while state.step < cfg.max_steps:
-        result = optimizer_step(model=model, forward=forward, optimizer=optimizer, accelerator=accelerator, ema=ema,
-                                batches=batches, state=state, cfg=cfg, batches_per_epoch=bpe,
-                                channels_last=channels_last, stop_requested=stop.requested, faults=faults,
-                                window=window, ckpt_root=run_dir / "checkpoints")
+        result = optimizer_step(
+            model=model,
+            forward=forward,
+            optimizer=optimizer,
+            accelerator=accelerator,
+            ema=ema,
+            batches=batches,
+            state=state,
+            cfg=cfg,
+            batches_per_epoch=bpe,
+            channels_last=channels_last,
+            stop_requested=stop.requested,
+            faults=faults,
+            window=window,
+            ckpt_root=run_dir / "checkpoints",
+        )
         if result.taken and (state.step % cfg.log_every == 0 or state.step == cfg.max_steps):
             log_window(accelerator, tracker, loader, window, state, cfg, lr=result.lr, batches_per_epoch=bpe)
             window = Window()
         t_pause = time.perf_counter()
         if result.taken and state.step % cfg.val_every == 0 and state.step < cfg.max_steps:
-            state.last_val = validate_and_log(eval_net(model, ema), cfg, accelerator, faults, tracker, state.step,
-                                              channels_last=channels_last, final=False)
+            state.last_val = validate_and_log(
+                eval_net(model, ema),
+                cfg,
+                accelerator,
+                faults,
+                tracker,
+                state.step,
+                channels_last=channels_last,
+                final=False,
+            )
         if result.taken and state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
-            save_and_export(accelerator, cfg, state, model=model, ema=ema, run_dir=run_dir,
-                            batches_per_epoch=bpe, faults=faults)
+            save_and_export(
+                accelerator, cfg, state, model=model, ema=ema, run_dir=run_dir, batches_per_epoch=bpe, faults=faults
+            )
         window.pause += time.perf_counter() - t_pause  # perf figures count training time only
         if result.stop:
             break
@@ -95,17 +138,24 @@ def train(cfg: TrainConfig) -> int:
     if not stopped:
         info["wall_seconds"] = round(time.perf_counter() - t_start, 1)  # this segment (a resumed run: since resume)
         check_replicas(accelerator, model, info, run_dir, state.step)
-        state.last_val = validate_and_log(eval_net(model, ema), cfg, accelerator, faults, tracker, state.step,
-                                          channels_last=channels_last, final=True)
-    save_and_export(accelerator, cfg, state, model=model, ema=ema, run_dir=run_dir, batches_per_epoch=bpe,
-                    faults=faults)
-    say(accelerator, f"stop requested: saved step {state.step}; continue with --resume auto"
-        if stopped else f"done: {state.step} steps; weights in {run_dir / 'model.safetensors'}")
+        state.last_val = validate_and_log(
+            eval_net(model, ema), cfg, accelerator, faults, tracker, state.step, channels_last=channels_last, final=True
+        )
+    save_and_export(
+        accelerator, cfg, state, model=model, ema=ema, run_dir=run_dir, batches_per_epoch=bpe, faults=faults
+    )
+    say(
+        accelerator,
+        f"stop requested: saved step {state.step}; continue with --resume auto"
+        if stopped
+        else f"done: {state.step} steps; weights in {run_dir / 'model.safetensors'}",
+    )
     tracker.close()
     return 0
 
 
 # --- the steps of a run ------------------------------------------------------------------------------
+
 
 def where_to_start(accelerator, cfg: TrainConfig, run_dir: Path) -> tuple[Optional[Path], bool]:
     """Clean up after a run killed while saving, then: (the checkpoint to resume from or None for a
@@ -122,8 +172,11 @@ def where_to_start(accelerator, cfg: TrainConfig, run_dir: Path) -> tuple[Option
     resume_from = find_resume(cfg.resume, ckpt_root)
     done = finished_at(resume_from, run_dir, cfg.max_steps) if resume_from is not None else None
     if done is not None:
-        say(accelerator, f"nothing to do: {resume_from} is at step {done} (--max-steps {cfg.max_steps}) and "
-                         f"{run_dir / 'model.safetensors'} holds its weights; raise --max-steps to train on")
+        say(
+            accelerator,
+            f"nothing to do: {resume_from} is at step {done} (--max-steps {cfg.max_steps}) and "
+            f"{run_dir / 'model.safetensors'} holds its weights; raise --max-steps to train on",
+        )
         return resume_from, True
     val_spec, val_split = cfg.val_source()  # a missing val split would otherwise surface at the first validation
     resolve_shards(val_spec, None if val_split is None else [val_split])
@@ -150,10 +203,16 @@ def make_loader(cfg: TrainConfig, accelerator, shared_epoch):
     """This process's training loader: the one call of ``restorer.data.make_train_loader``."""
     from restorer.data import make_train_loader
 
-    return make_train_loader(cfg.data, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                             rank=accelerator.process_index, world_size=accelerator.num_processes,
-                             shared_epoch=shared_epoch, pin_memory=accelerator.device.type == "cuda",
-                             epoch_patches=cfg.epoch_patches)
+    return make_train_loader(
+        cfg.data,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        shared_epoch=shared_epoch,
+        pin_memory=accelerator.device.type == "cuda",
+        epoch_patches=cfg.epoch_patches,
+    )
 
 
 def eval_net(model, ema):
@@ -163,8 +222,17 @@ def eval_net(model, ema):
     return ema.model if ema is not None else unwrap(model)
 
 
-def run_info(accelerator, cfg: TrainConfig, model, speed: SpeedChoices, *, compiled: bool, batches_per_epoch: int,
-             resumed_from: Optional[Path], start_step: int) -> dict[str, Any]:
+def run_info(
+    accelerator,
+    cfg: TrainConfig,
+    model,
+    speed: SpeedChoices,
+    *,
+    compiled: bool,
+    batches_per_epoch: int,
+    resumed_from: Optional[Path],
+    start_step: int,
+) -> dict[str, Any]:
     """What ``run_info.json`` records about this run (and W&B's config): world, speed choices and
     their reasons, model size."""
     import dataclasses
@@ -174,19 +242,40 @@ def run_info(accelerator, cfg: TrainConfig, model, speed: SpeedChoices, *, compi
     from restorer.train.ema import unwrap
 
     net = unwrap(model)
-    choices = {name: choice.value for name, choice in (("mixed_precision", speed.precision),
-                                                        ("channels_last", speed.channels_last),
-                                                        ("compile", speed.compile))}
-    return {"world_size": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
-            **choices, "mixed_precision": accelerator.mixed_precision, "compiled": compiled,
-            **{f"{name}_reason": choice.reason for name, choice in (("mixed_precision", speed.precision),
-                                                                    ("channels_last", speed.channels_last),
-                                                                    ("compile", speed.compile))},
-            "device": str(accelerator.device), "device_name": device_name(accelerator.device), "torch_threads": torch.get_num_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "parameters": count_parameters(net),
-            "gflops_per_megapixel": flops_per_pixel(net) / 1e3, "model": dataclasses.asdict(cfg.model_config()),
-            "batches_per_epoch": batches_per_epoch, "resumed_from": str(resumed_from) if resumed_from else None,
-            "start_step": start_step, "code": code_version()}
+    choices = {
+        name: choice.value
+        for name, choice in (
+            ("mixed_precision", speed.precision),
+            ("channels_last", speed.channels_last),
+            ("compile", speed.compile),
+        )
+    }
+    return {
+        "world_size": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        **choices,
+        "mixed_precision": accelerator.mixed_precision,
+        "compiled": compiled,
+        **{
+            f"{name}_reason": choice.reason
+            for name, choice in (
+                ("mixed_precision", speed.precision),
+                ("channels_last", speed.channels_last),
+                ("compile", speed.compile),
+            )
+        },
+        "device": str(accelerator.device),
+        "device_name": device_name(accelerator.device),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "parameters": count_parameters(net),
+        "gflops_per_megapixel": flops_per_pixel(net) / 1e3,
+        "model": dataclasses.asdict(cfg.model_config()),
+        "batches_per_epoch": batches_per_epoch,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "start_step": start_step,
+        "code": code_version(),
+    }
 
 
 def start_tracking(accelerator, cfg: TrainConfig, run_dir: Path, info: dict[str, Any], state: TrainState) -> Tracker:
@@ -198,38 +287,67 @@ def start_tracking(accelerator, cfg: TrainConfig, run_dir: Path, info: dict[str,
         write_json(run_dir / "run_info.json", info)
     if use_wandb:
         facts = {f"run/{k}": v for k, v in info.items() if not isinstance(v, dict)}
-        accelerator.init_trackers(cfg.wandb_project, config={**config_dict(cfg), **facts},
-                                  init_kwargs={"wandb": {"dir": str(run_dir), "name": cfg.run_name or run_dir.name,
-                                                         "id": state.wandb_id, "resume": "allow"}})
+        accelerator.init_trackers(
+            cfg.wandb_project,
+            config={**config_dict(cfg), **facts},
+            init_kwargs={
+                "wandb": {
+                    "dir": str(run_dir),
+                    "name": cfg.run_name or run_dir.name,
+                    "id": state.wandb_id,
+                    "resume": "allow",
+                }
+            },
+        )
     return Tracker(accelerator, run_dir, use_wandb, start_step=state.step)
 
 
 def start_line(accelerator, cfg: TrainConfig, info: dict[str, Any]) -> str:
     m = cfg.model_config()
-    return (f"training {m.preset} (C={m.channels}, N={m.units}, {info['parameters']:,} params) on "
-            f"{accelerator.num_processes} process(es), {accelerator.device}, {accelerator.mixed_precision}, "
-            f"{torch.get_num_threads()} thread(s) each; {cfg.batch_size * cfg.grad_accum * accelerator.num_processes} "
-            f"patches/step; run dir {Path(cfg.run_dir).resolve()}")
+    return (
+        f"training {m.preset} (C={m.channels}, N={m.units}, {info['parameters']:,} params) on "
+        f"{accelerator.num_processes} process(es), {accelerator.device}, {accelerator.mixed_precision}, "
+        f"{torch.get_num_threads()} thread(s) each; {cfg.batch_size * cfg.grad_accum * accelerator.num_processes} "
+        f"patches/step; run dir {Path(cfg.run_dir).resolve()}"
+    )
 
 
-def log_window(accelerator, tracker: Tracker, loader, window: Window, state: TrainState, cfg: TrainConfig, *,
-               lr: float, batches_per_epoch: int) -> dict[str, Any]:
+def log_window(
+    accelerator,
+    tracker: Tracker,
+    loader,
+    window: Window,
+    state: TrainState,
+    cfg: TrainConfig,
+    *,
+    lr: float,
+    batches_per_epoch: int,
+) -> dict[str, Any]:
     """Log the figures of ``window`` at ``state.step`` (every process calls it: the skipped-input
     counts are summed over processes) and print one line; returns what was logged."""
     world = accelerator.num_processes
-    values: dict[str, Any] = {**window.figures(cfg.batch_size * cfg.grad_accum * world), "lr": lr,
-                              "epoch": state.epoch(batches_per_epoch), "train/nonfinite_skipped": state.nonfinite_total,
-                              "world_size": world, **peak_memory_gb(accelerator.device)}
+    values: dict[str, Any] = {
+        **window.figures(cfg.batch_size * cfg.grad_accum * world),
+        "lr": lr,
+        "epoch": state.epoch(batches_per_epoch),
+        "train/nonfinite_skipped": state.nonfinite_total,
+        "world_size": world,
+        **peak_memory_gb(accelerator.device),
+    }
     if accelerator.mixed_precision == "fp16":
         values["train/loss_scale"] = float(accelerator.scaler.get_scale())
     counts = loader.stats()
     names = ("corrupt_samples", "bad_shards", "missing_shards")
-    skipped = accelerator.reduce(torch.tensor([float(counts[n]) for n in names], device=accelerator.device),
-                                 reduction="sum")
+    skipped = accelerator.reduce(
+        torch.tensor([float(counts[n]) for n in names], device=accelerator.device), reduction="sum"
+    )
     values.update({f"data/{n}": int(v) for n, v in zip(names, skipped.tolist())})
     tracker.log(values, state.step)
-    say(accelerator, f"step {state.step}/{cfg.max_steps} loss {values['train/loss']:.5f} ({values['train/psnr']:.2f} dB) "
-        f"lr {lr:.2e} {values['perf/patches_per_s']:.1f} patches/s, data wait {100 * values['perf/data_wait_frac']:.0f}%")
+    say(
+        accelerator,
+        f"step {state.step}/{cfg.max_steps} loss {values['train/loss']:.5f} ({values['train/psnr']:.2f} dB) "
+        f"lr {lr:.2e} {values['perf/patches_per_s']:.1f} patches/s, data wait {100 * values['perf/data_wait_frac']:.0f}%",
+    )
     return values
 
 
@@ -246,8 +364,11 @@ def check_replicas(accelerator, model, info: dict[str, Any], run_dir: Path, step
     every = accelerator.gather(local).cpu().view(-1, 8)
     fingerprints = [bytes(int(b) for b in row).hex() for row in every]
     if accelerator.is_main_process:
-        info.update(end_step=step, weight_fingerprint_by_rank=fingerprints,
-                    weights_identical_across_ranks=len(set(fingerprints)) == 1)
+        info.update(
+            end_step=step,
+            weight_fingerprint_by_rank=fingerprints,
+            weights_identical_across_ranks=len(set(fingerprints)) == 1,
+        )
         write_json(run_dir / "run_info.json", info)
     if len(set(fingerprints)) != 1:
         say(accelerator, f"warning: model weights differ between processes: {fingerprints}")

@@ -4,6 +4,7 @@ The schedule is a pure function of the optimizer step (the number of optimizer u
 far), not an object that is stepped: with several processes or gradient accumulation nothing can
 advance it twice, and a resumed run gets the right LR from the step it restores.
 """
+
 from __future__ import annotations
 
 import math

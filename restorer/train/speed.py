@@ -4,6 +4,7 @@ The rules live in :mod:`restorer.hardware`; this module applies them to a :class
 (``auto`` or an explicit setting, which always wins), says what was chosen and why, and compiles
 the model with a fallback to eager mode that never crashes a run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,10 @@ class SpeedChoices:
         return {name: getattr(self, name).as_dict() for name in ("precision", "channels_last", "compile")}
 
     def summary(self) -> str:
-        return "; ".join(f"{name} {getattr(self, name).value} ({getattr(self, name).reason})"
-                         for name in ("precision", "channels_last", "compile"))
+        return "; ".join(
+            f"{name} {getattr(self, name).value} ({getattr(self, name).reason})"
+            for name in ("precision", "channels_last", "compile")
+        )
 
 
 def training_device_type() -> str:
@@ -44,14 +47,25 @@ def choose_speed(mixed_precision: str, channels_last: str, compile: str, device_
         precision = choose_precision(mixed_precision, device)
         if precision.value == "fp16" and device.type == "cpu":
             raise UserError("--mixed-precision fp16 needs a GPU; use auto, bf16 or no on CPU")
-        return SpeedChoices(precision, choose_channels_last(channels_last, device, str(precision.value)),
-                            choose_compile(compile, device))
+        return SpeedChoices(
+            precision,
+            choose_channels_last(channels_last, device, str(precision.value)),
+            choose_compile(compile, device),
+        )
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
 
-def smoke_step(model, accelerator, *, batch_size: int, in_channels: int, patch_size: int, channels_last: bool,
-               condition_on_quality: bool) -> Callable[[Callable], None]:
+def smoke_step(
+    model,
+    accelerator,
+    *,
+    batch_size: int,
+    in_channels: int,
+    patch_size: int,
+    channels_last: bool,
+    condition_on_quality: bool,
+) -> Callable[[Callable], None]:
     """A forward/backward on a batch of the training shape, without any gradient all-reduce (so a
     process whose compile fails cannot leave its peers waiting in a collective)."""
     device = accelerator.device

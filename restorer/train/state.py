@@ -6,6 +6,7 @@ batches_per_epoch``, where ``start_epoch`` is the epoch the loader was started a
 the epoch after the checkpoint's partly seen one) and ``batches_taken`` counts micro-batches taken
 from the loader since then.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,23 +33,35 @@ class TrainState:
 
     def to_checkpoint(self, batches_per_epoch: int, *, world_size: int, seed: int) -> dict[str, Any]:
         """The ``train_state.json`` of a checkpoint (its ``step`` is added by the saver)."""
-        return {"epoch": self.epoch(batches_per_epoch), "batch_in_epoch": self.batch_in_epoch(batches_per_epoch),
-                "nonfinite_total": self.nonfinite_total, "world_size": world_size, "seed": seed,
-                "wandb_id": self.wandb_id, "val": self.last_val}
+        return {
+            "epoch": self.epoch(batches_per_epoch),
+            "batch_in_epoch": self.batch_in_epoch(batches_per_epoch),
+            "nonfinite_total": self.nonfinite_total,
+            "world_size": world_size,
+            "seed": seed,
+            "wandb_id": self.wandb_id,
+            "val": self.last_val,
+        }
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any]) -> "TrainState":
         """The state to continue from: a partly seen epoch is not replayed (the loader starts the
         next one)."""
         epoch = int(saved.get("epoch", 0)) + (1 if saved.get("batch_in_epoch", 0) else 0)
-        return cls(step=int(saved["step"]), start_epoch=epoch, nonfinite_total=int(saved.get("nonfinite_total", 0)),
-                   wandb_id=saved.get("wandb_id"), last_val=dict(saved.get("val") or {}))
+        return cls(
+            step=int(saved["step"]),
+            start_epoch=epoch,
+            nonfinite_total=int(saved.get("nonfinite_total", 0)),
+            wandb_id=saved.get("wandb_id"),
+            last_val=dict(saved.get("val") or {}),
+        )
 
 
 @dataclasses.dataclass
 class Window:
     """Sums over the optimizer steps of one logging interval. Time spent in validation and
     checkpoints (``pause``) is left out of the speed figures."""
+
     t0: float = dataclasses.field(default_factory=time.perf_counter)
     steps: int = 0
     loss: float = 0.0
@@ -68,7 +81,10 @@ class Window:
         elapsed = max(time.perf_counter() - self.t0 - self.pause, 1e-9)
         mean_loss = self.loss / max(self.steps, 1)
         mean_mse = self.mse / max(self.steps, 1)
-        return {"train/loss": mean_loss, "train/psnr": 10 * math.log10(1.0 / max(mean_mse, 1e-12)),
-                "train/grad_norm": self.grad_norm / max(self.steps, 1),
-                "perf/patches_per_s": patches_per_step * self.steps / elapsed,
-                "perf/data_wait_frac": self.wait / elapsed}
+        return {
+            "train/loss": mean_loss,
+            "train/psnr": 10 * math.log10(1.0 / max(mean_mse, 1e-12)),
+            "train/grad_norm": self.grad_norm / max(self.steps, 1),
+            "perf/patches_per_s": patches_per_step * self.steps / elapsed,
+            "perf/data_wait_frac": self.wait / elapsed,
+        }

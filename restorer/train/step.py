@@ -6,6 +6,7 @@ process (weights, optimizer and EMA untouched; the step number does not advance)
 ``max_nonfinite`` such steps in a row stop the run on every process with one line. The LR is a
 function of the step (:func:`restorer.train.schedule.lr_at`), set before each attempt.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,10 @@ def take_batch(batches: Iterator, state: TrainState, batches_per_epoch: int) -> 
     try:
         batch = next(batches)
     except StopIteration:  # the loader broke its contract; this rank only: the entry point names it
-        raise UserError(f"data loader ended after {state.batches_taken} batches (epoch "
-                        f"{state.epoch(batches_per_epoch)}, {batches_per_epoch} batches per epoch)") from None
+        raise UserError(
+            f"data loader ended after {state.batches_taken} batches (epoch "
+            f"{state.epoch(batches_per_epoch)}, {batches_per_epoch} batches per epoch)"
+        ) from None
     state.batches_taken += 1
     return batch
 
@@ -57,12 +60,20 @@ def pixel_loss(name: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tens
     if name == "l1":
         return diff.abs().mean()
     if name == "charbonnier":
-        return (diff.square() + CHARBONNIER_EPS ** 2).sqrt().mean()
+        return (diff.square() + CHARBONNIER_EPS**2).sqrt().mean()
     raise ValueError(f"unknown loss {name!r} (one of {', '.join(LOSSES)})")
 
 
-def micro_batch_loss(forward: Callable, batch, accelerator, *, channels_last: bool, condition_on_quality: bool,
-                     loss: str = "mse", poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def micro_batch_loss(
+    forward: Callable,
+    batch,
+    accelerator,
+    *,
+    channels_last: bool,
+    condition_on_quality: bool,
+    loss: str = "mse",
+    poison: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(the ``loss`` of ``forward(degraded)`` against clean, its detached MSE for PSNR logging), in
     fp32, the forward under the Accelerator's autocast."""
     from restorer.data import to_device_float
@@ -80,17 +91,32 @@ def micro_batch_loss(forward: Callable, batch, accelerator, *, channels_last: bo
     return value, mse
 
 
-def optimizer_step(*, model, forward: Callable, optimizer, accelerator, ema, batches: Iterator, state: TrainState,
-                   cfg, batches_per_epoch: int, channels_last: bool, stop_requested: bool, faults,
-                   window: Window, ckpt_root: Path) -> StepResult:
+def optimizer_step(
+    *,
+    model,
+    forward: Callable,
+    optimizer,
+    accelerator,
+    ema,
+    batches: Iterator,
+    state: TrainState,
+    cfg,
+    batches_per_epoch: int,
+    channels_last: bool,
+    stop_requested: bool,
+    faults,
+    window: Window,
+    ckpt_root: Path,
+) -> StepResult:
     """Attempt optimizer step ``state.step``; updates ``state`` and ``window``.
 
     ``model`` is the prepared (DDP) module, ``forward`` what to call it through (it or its compiled
     wrapper). Raises :class:`AgreedError` on every process after ``cfg.max_nonfinite`` skipped
     steps in a row."""
     device, rank = accelerator.device, accelerator.process_index
-    lr = lr_at(state.step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps,
-               min_ratio=cfg.min_lr_ratio)
+    lr = lr_at(
+        state.step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps, min_ratio=cfg.min_lr_ratio
+    )
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)
@@ -102,25 +128,37 @@ def optimizer_step(*, model, forward: Callable, optimizer, accelerator, ema, bat
         window.wait += time.perf_counter() - t_wait
         sync = nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
         with sync:
-            loss, mse = micro_batch_loss(forward, batch, accelerator, channels_last=channels_last,
-                                         condition_on_quality=cfg.model.condition_on_quality, loss=cfg.loss,
-                                         poison=faults.poison_batch(state.step, rank))
+            loss, mse = micro_batch_loss(
+                forward,
+                batch,
+                accelerator,
+                channels_last=channels_last,
+                condition_on_quality=cfg.model.condition_on_quality,
+                loss=cfg.loss,
+                poison=faults.poison_batch(state.step, rank),
+            )
             accelerator.backward(loss / cfg.grad_accum)
         loss_sum += loss.detach()
         mse_sum += mse
     # one small all-reduce per step: every process learns whether any loss was non-finite, the
     # summed loss, and whether a stop was requested -- so all take the same branch
-    flags = torch.stack([(~torch.isfinite(loss_sum)).float(), torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0),
-                         torch.tensor(float(stop_requested), device=device),
-                         torch.nan_to_num(mse_sum, nan=0.0, posinf=0.0)])
+    flags = torch.stack(
+        [
+            (~torch.isfinite(loss_sum)).float(),
+            torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0),
+            torch.tensor(float(stop_requested), device=device),
+            torch.nan_to_num(mse_sum, nan=0.0, posinf=0.0),
+        ]
+    )
     flags = accelerator.reduce(flags, reduction="sum")
     bad, stop = float(flags[0]) > 0, float(flags[2]) > 0
     mean_loss = float(flags[1]) / (accelerator.num_processes * cfg.grad_accum)
     mean_mse = float(flags[3]) / (accelerator.num_processes * cfg.grad_accum)
     grad_norm = float("nan")
     if not bad:
-        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(),
-                                                      cfg.clip_grad if cfg.clip_grad > 0 else float("inf")))
+        grad_norm = float(
+            accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+        )
         # fp16: the loss scaler skips such steps itself
         bad = accelerator.mixed_precision != "fp16" and not math.isfinite(grad_norm)
     if bad:
@@ -141,9 +179,14 @@ def optimizer_step(*, model, forward: Callable, optimizer, accelerator, ema, bat
 def _count_nonfinite(state: TrainState, accelerator, max_nonfinite: int, ckpt_root: Optional[Path]) -> None:
     state.nonfinite_total += 1
     state.consecutive_bad += 1
-    say(accelerator, f"step {state.step}: non-finite loss or gradient, step skipped ({state.consecutive_bad} in a "
-                     f"row, {state.nonfinite_total} in total)")
+    say(
+        accelerator,
+        f"step {state.step}: non-finite loss or gradient, step skipped ({state.consecutive_bad} in a "
+        f"row, {state.nonfinite_total} in total)",
+    )
     if state.consecutive_bad >= max_nonfinite:
         last = latest_checkpoint(ckpt_root) if ckpt_root is not None else None
-        raise AgreedError(f"{state.consecutive_bad} non-finite losses in a row at step {state.step}: stopped; last "
-                          f"good checkpoint: {last or 'none'} (lower --lr, or check the data)")
+        raise AgreedError(
+            f"{state.consecutive_bad} non-finite losses in a row at step {state.step}: stopped; last "
+            f"good checkpoint: {last or 'none'} (lower --lr, or check the data)"
+        )

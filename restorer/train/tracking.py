@@ -10,6 +10,7 @@ unless ``WANDB_MODE`` is set. :func:`prepare_wandb` looks for credentials the wa
 ``WANDB_MODE=offline``; the run is then kept under ``RUN/wandb/`` and can be uploaded later with
 ``wandb sync RUN/wandb/offline-run-*``.
 """
+
 from __future__ import annotations
 
 import configparser
@@ -61,12 +62,16 @@ def prepare_wandb(run_dir: Path) -> Optional[str]:
     os.environ.setdefault("WANDB_DIR", str(run_dir))
     if os.environ.get("WANDB_MODE") or wandb_credentials_present():
         if os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
-            return f"W&B is offline (WANDB_MODE={os.environ['WANDB_MODE']}); upload later with: " \
-                   f"wandb sync {run_dir}/wandb/offline-run-*"
+            return (
+                f"W&B is offline (WANDB_MODE={os.environ['WANDB_MODE']}); upload later with: "
+                f"wandb sync {run_dir}/wandb/offline-run-*"
+            )
         return None
     os.environ["WANDB_MODE"] = "offline"
-    return (f"W&B: no API key found (WANDB_API_KEY, ~/.netrc, `wandb login`), logging offline to "
-            f"{run_dir}/wandb; upload later with: wandb sync {run_dir}/wandb/offline-run-*")
+    return (
+        f"W&B: no API key found (WANDB_API_KEY, ~/.netrc, `wandb login`), logging offline to "
+        f"{run_dir}/wandb; upload later with: wandb sync {run_dir}/wandb/offline-run-*"
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -143,8 +148,7 @@ class Tracker:
         if self.use_wandb:
             import wandb
 
-            self.accelerator.get_tracker("wandb").log(
-                {"val/panel": wandb.Image(panel, caption=caption)}, step=step)
+            self.accelerator.get_tracker("wandb").log({"val/panel": wandb.Image(panel, caption=caption)}, step=step)
         return out
 
     def close(self) -> None:
@@ -180,7 +184,7 @@ def read_wandb_records(path: str | os.PathLike) -> Iterator[Any]:
             continue
         _crc, length, kind = _REC.unpack_from(data, pos)
         pos += _REC.size
-        chunk = data[pos:pos + length]
+        chunk = data[pos : pos + length]
         pos += length
         if kind == 0 and length == 0:
             continue
@@ -210,6 +214,7 @@ def wandb_history(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 # --- what the trainer prints and records ---------------------------------------------------------
 
+
 def say(accelerator, msg: str) -> None:
     """Print ``msg`` once (main process), flushed."""
     if accelerator.is_main_process:
@@ -221,10 +226,10 @@ def peak_memory_gb(device) -> dict[str, float]:
     import torch
 
     if device.type == "cuda":
-        return {"perf/peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30}
+        return {"perf/peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
     import resource
 
-    return {"perf/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+    return {"perf/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -241,12 +246,17 @@ def code_version() -> Optional[str]:
 
     root = Path(__file__).resolve().parents[2]
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if head.returncode != 0 or not (root / ".git").exists():
             return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty else "")

@@ -4,6 +4,7 @@ Figures are exact over the whole split: each process sums over its own images, t
 all-reduced, and an empty split is an error every process raises together. Outputs are rounded
 to 8 bits first (what a saved image holds). PSNR = RGB, 8-bit peak 255, no border crop.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,8 +27,9 @@ def panel(deg: torch.Tensor, out: torch.Tensor, clean: torch.Tensor, n: int) -> 
 
 
 @torch.no_grad()
-def val_pass(net, cfg, accelerator, faults, *, channels_last: bool,
-             with_ssim: bool) -> tuple[dict[str, float], Optional[np.ndarray]]:
+def val_pass(
+    net, cfg, accelerator, faults, *, channels_last: bool, with_ssim: bool
+) -> tuple[dict[str, float], Optional[np.ndarray]]:
     """Run ``net`` over the validation images of ``cfg.val_source()``; return the figures
     (``val/psnr_qQ``, ``val/jpeg_psnr_qQ``, ``val/gain_qQ`` [, ``val/ssim_qQ``, ``val/jpeg_ssim_qQ``],
     ``val/psnr``, ``val/gain``, ``val/images``) and, on the main process, a panel."""
@@ -37,10 +39,18 @@ def val_pass(net, cfg, accelerator, faults, *, channels_last: bool,
     device = accelerator.device
     qualities = [int(q) for q in cfg.val_qualities]
     spec, split = cfg.val_source()
-    loader = make_val_loader(spec, split=split, qualities=tuple(qualities), crop=cfg.val_crop,
-                             rank=accelerator.process_index, world_size=accelerator.num_processes,
-                             batch_size=cfg.val_batch_size, num_workers=0, grayscale=cfg.data.grayscale,
-                             chroma_subsampling=cfg.data.chroma_subsampling)
+    loader = make_val_loader(
+        spec,
+        split=split,
+        qualities=tuple(qualities),
+        crop=cfg.val_crop,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        batch_size=cfg.val_batch_size,
+        num_workers=0,
+        grayscale=cfg.data.grayscale,
+        chroma_subsampling=cfg.data.chroma_subsampling,
+    )
     slot = {q: i for i, q in enumerate(qualities)}
     # rows: restored psnr, jpeg psnr, count, restored ssim, jpeg ssim
     sums = torch.zeros(5, len(qualities), dtype=torch.float64)
@@ -77,23 +87,30 @@ def val_pass(net, cfg, accelerator, faults, *, channels_last: bool,
             results[f"val/jpeg_ssim_q{q}"] = float(total[4, i]) / n
     n_all = float(total[2].sum())
     if n_all == 0:  # decided from the reduced count: every process raises it together
-        raise AgreedError(f"{spec}: no readable validation samples" + (f" in split {split!r}" if split else "")
-                          + f" (on any of {accelerator.num_processes} process(es))")
+        raise AgreedError(
+            f"{spec}: no readable validation samples"
+            + (f" in split {split!r}" if split else "")
+            + f" (on any of {accelerator.num_processes} process(es))"
+        )
     results["val/psnr"] = float(total[0].sum()) / n_all
     results["val/gain"] = float((total[0] - total[1]).sum()) / n_all
     results["val/images"] = n_all
     return results, picture
 
 
-def validate_and_log(net, cfg, accelerator, faults, tracker, step: int, *, channels_last: bool,
-                     final: bool) -> dict[str, float]:
+def validate_and_log(
+    net, cfg, accelerator, faults, tracker, step: int, *, channels_last: bool, final: bool
+) -> dict[str, float]:
     """:func:`val_pass`, then log its figures and panel at ``step`` and print one line; returns the figures."""
     t0 = time.perf_counter()
     results, picture = val_pass(net, cfg, accelerator, faults, channels_last=channels_last, with_ssim=final)
     tracker.log({**results, "val/seconds": time.perf_counter() - t0}, step)
     if picture is not None:
         tracker.log_panel(picture, step, "JPEG | restored | clean")
-    qs = " ".join(f"q{q}: {results[f'val/psnr_q{q}']:.2f} dB ({results[f'val/gain_q{q}']:+.2f})"
-                  for q in cfg.val_qualities if f"val/psnr_q{q}" in results)
+    qs = " ".join(
+        f"q{q}: {results[f'val/psnr_q{q}']:.2f} dB ({results[f'val/gain_q{q}']:+.2f})"
+        for q in cfg.val_qualities
+        if f"val/psnr_q{q}" in results
+    )
     say(accelerator, f"step {step}: val {qs}" + (" [final, with SSIM]" if final else ""))
     return results

@@ -8,6 +8,7 @@ module. A name whose file is absent raises one :class:`~restorer.errors.UserErro
 is not installed; the names always mean these files, so a local file or folder called ``fast``
 is given as ``./fast``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,6 +36,8 @@ def packaged_path(name: str) -> Path:
         raise ValueError(f"not a packaged model name: {name!r} (one of {', '.join(NAMES)})")
     path = FOLDER / f"{name}.safetensors"
     if not installed(name):
-        raise UserError(f"--weights {name}: the packaged '{name}' model is not installed ({path} + .json "
-                        f"missing); give --weights PATH to a model.safetensors you trained")
+        raise UserError(
+            f"--weights {name}: the packaged '{name}' model is not installed ({path} + .json "
+            f"missing); give --weights PATH to a model.safetensors you trained"
+        )
     return path
