@@ -41,7 +41,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -51,8 +50,8 @@ for _p in (str(REPO), str(BENCH)):  # restorer, and bench/train_step.py as `trai
 
 import yaml  # noqa: E402
 
-from restorer import weights as packaged_weights  # noqa: E402
 from gpu_check_children import child_env, records, run_child, why_failed  # noqa: E402
+from restorer import weights as packaged_weights  # noqa: E402
 from restorer.errors import first_line  # noqa: E402
 
 CHILD_SCRIPT = BENCH / "gpu_check_children.py"
@@ -84,10 +83,10 @@ class Sizes:
     train_workers: int
     train_seconds: float  # the training run is sized to take about this long
     restore_size: tuple[int, int]
-    image_limit: Optional[int]  # images per split for shards and eval (None = all)
+    image_limit: int | None  # images per split for shards and eval (None = all)
 
     @classmethod
-    def for_mode(cls, tiny: bool, recipe: dict, train_seconds: float) -> "Sizes":
+    def for_mode(cls, tiny: bool, recipe: dict, train_seconds: float) -> Sizes:
         if tiny:
             return cls(True, ("tiny",), False, 32, 4, 0.3, (1,), 1.0, 32, 4, 2, 8, 1, 0.0, (480, 320), 3)
         return cls(
@@ -126,7 +125,7 @@ class Check:
     """The stages, run in order by :meth:`run`; each records its status, seconds, note and figures
     in ``self.stages``, and a later stage reads earlier figures (training steps, weights)."""
 
-    def __init__(self, args, sizes: Sizes, device: str, gpu_name: Optional[str], recipe: dict):
+    def __init__(self, args, sizes: Sizes, device: str, gpu_name: str | None, recipe: dict):
         self.args, self.sizes, self.device, self.gpu_name, self.recipe = args, sizes, device, gpu_name, recipe
         self.work = args.work_dir.resolve()
         self.shards = self.work / "shards"
@@ -143,7 +142,7 @@ class Check:
     def python(self, *args: str) -> list[str]:
         return [sys.executable, *args]
 
-    def child(self, name: str, spec: dict) -> tuple[Optional[int], list[dict]]:
+    def child(self, name: str, spec: dict) -> tuple[int | None, list[dict]]:
         code, out = run_child(
             self.python(str(CHILD_SCRIPT), name, json.dumps(spec)), self.caps[name], self.logs / name, child_env()
         )
@@ -170,7 +169,7 @@ class Check:
         stage.status, stage.note = "not run", "no shards (see the shards stage)"
         return True
 
-    def fail(self, stage: Stage, name: str, code: Optional[int]) -> None:
+    def fail(self, stage: Stage, name: str, code: int | None) -> None:
         stage.status = "timed out" if code is None else "failed"
         stage.note = why_failed(self.logs / name, code, self.caps[name])
 
@@ -459,7 +458,7 @@ class Check:
             stage.note = "untrained weights of the same preset (training failed; speed only)"
 
 
-def gpu_peak_flops(name: Optional[str]) -> Optional[float]:
+def gpu_peak_flops(name: str | None) -> float | None:
     """The card's dense bf16 peak from bench/train_step.py's table, or None (unknown card, CPU)."""
     from train_step import GPU_PEAK_BF16
 
@@ -583,14 +582,14 @@ def report(check: Check, total_s: float) -> list[str]:
     return lines
 
 
-def summary_value(check: Check) -> Optional[float]:
+def summary_value(check: Check) -> float | None:
     return check.stages.get("train", Stage("train")).figures.get("patches_per_s")
 
 
 # ------------------------------------------------------------------------------------------- main
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -26,11 +25,10 @@ for _p in (str(REPO), str(BENCH)):  # restorer, and bench/train_step.py as `trai
 
 from restorer.errors import first_line  # noqa: E402
 
-
 # ------------------------------------------------------------------------------------ processes
 
 
-def run_child(cmd: list[str], cap: float, log: Path, env: Optional[dict] = None) -> tuple[Optional[int], str]:
+def run_child(cmd: list[str], cap: float, log: Path, env: dict | None = None) -> tuple[int | None, str]:
     """Run ``cmd`` in its own process group with stdout to ``log``.out and stderr to ``log``.err;
     after ``cap`` seconds the group gets SIGTERM, 20 s later SIGKILL. Returns (exit code or None
     when it was stopped, stdout text -- complete up to the stop)."""
@@ -38,7 +36,7 @@ def run_child(cmd: list[str], cap: float, log: Path, env: Optional[dict] = None)
     with open(out, "w") as fo, open(err, "w") as fe:
         proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, cwd=REPO, env=env, start_new_session=True)
         try:
-            code: Optional[int] = proc.wait(timeout=cap)
+            code: int | None = proc.wait(timeout=cap)
         except subprocess.TimeoutExpired:
             code = None
             for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
@@ -65,7 +63,7 @@ def records(stdout: str) -> list[dict]:
     return out
 
 
-def why_failed(log: Path, code: Optional[int], cap: float) -> str:
+def why_failed(log: Path, code: int | None, cap: float) -> str:
     if code is None:
         return f"stopped after its {cap:.0f} s cap (log {log.with_suffix('.err')})"
     lines = [ln.strip() for ln in log.with_suffix(".err").read_text(errors="replace").splitlines() if ln.strip()]

@@ -45,7 +45,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -55,8 +54,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from restorer.data import augment  # noqa: E402
-from restorer.data import StreamConfig, make_train_loader  # noqa: E402
+from restorer.data import (  # noqa: E402
+    StreamConfig,
+    augment,  # noqa: E402
+    make_train_loader,
+)
 from restorer.data.batch import stack_patches  # noqa: E402
 from restorer.data.degrade import jpeg_roundtrip  # noqa: E402
 
@@ -289,7 +291,7 @@ def serve_remote(shards: Path) -> tuple[str, str, object]:
     return http.url(shards.name), f"s3://bench-loader/{shards.name}", stop
 
 
-def protocol_rates(shards: Path, seconds: float) -> Optional[dict[str, float]]:
+def protocol_rates(shards: Path, seconds: float) -> dict[str, float] | None:
     """Patches/s with one DataLoader worker reading ``shards`` locally, over HTTP and from S3
     (alternated ABC CBA, mean of the two); None (with a note) when the servers cannot run."""
     try:

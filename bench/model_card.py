@@ -59,11 +59,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the card's figures here")
     args = parser.parse_args(argv)
 
+    from restorer.imageio import open_image
     from restorer.infer.engine import load_restorers, pick_device
     from restorer.infer.evaluate import image_metrics, list_images, resolve_images_dir
     from restorer.infer.options import resolve_precision
     from restorer.infer.projection import project
-    from restorer.imageio import open_image
 
     device = pick_device(args.device)
     precision = resolve_precision("auto", device)

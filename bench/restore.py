@@ -213,8 +213,8 @@ def main() -> int:
     # 24 MP end to end through the CLI
     from PIL import Image
 
-    from restorer.modelfile import export_weights
     from restorer.model import ModelConfig, build_model
+    from restorer.modelfile import export_weights
 
     big_preset = "default" if args.full else "tiny"
     torch.manual_seed(0)

@@ -51,8 +51,9 @@ def main() -> int:
     t_start = time.perf_counter()
     bin_dir = Path(sys.executable).parent
     py = sys.executable
-    from shard_tools.sources import DEFAULT_VAL
     import skimage
+
+    from shard_tools.sources import DEFAULT_VAL
 
     photos = Path(skimage.__file__).parent / "data"
     heldout = args.shards.parent / "heldout"

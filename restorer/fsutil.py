@@ -10,8 +10,8 @@ becomes one :class:`~restorer.errors.UserError` line ``<path>: cannot write (<re
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from restorer.errors import UserError
 

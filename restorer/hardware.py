@@ -25,8 +25,8 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -71,7 +71,7 @@ def device_name(device: torch.device) -> str:
     return f"{name or platform.processor() or platform.machine()} ({os.cpu_count()} cores{native})"
 
 
-def cpu_bf16_capability() -> Optional[tuple[bool, str]]:
+def cpu_bf16_capability() -> tuple[bool, str] | None:
     """(native bf16?, evidence) from the CPU's features, or None where they cannot be read."""
     cpu = getattr(torch, "cpu", None)
     avx512_bf16 = getattr(cpu, "_is_avx512_bf16_supported", None)
@@ -152,7 +152,7 @@ def choose_precision(requested: str, device: torch.device) -> Choice:
     return Choice("no", f"no mixed precision rule for device type {device.type!r}: fp32")
 
 
-def _auto_bool(requested: "str | bool", what: str) -> Optional[bool]:
+def _auto_bool(requested: str | bool, what: str) -> bool | None:
     """True/False for an explicit setting, None for auto."""
     if isinstance(requested, bool):
         return requested
@@ -166,7 +166,7 @@ def _auto_bool(requested: "str | bool", what: str) -> Optional[bool]:
     raise ValueError(f"{what} must be auto, true or false, got {requested!r}")
 
 
-def choose_channels_last(requested: "str | bool", device: torch.device, precision: str) -> Choice:
+def choose_channels_last(requested: str | bool, device: torch.device, precision: str) -> Choice:
     """channels_last memory format: on CUDA yes; on CPU only with bf16 (see the module doc)."""
     explicit = _auto_bool(requested, "channels_last")
     if explicit is not None:
@@ -179,7 +179,7 @@ def choose_channels_last(requested: "str | bool", device: torch.device, precisio
     return Choice(False, "CPU in fp32: channels_last alone is slower")
 
 
-def choose_compile(requested: "str | bool", device: torch.device) -> Choice:
+def choose_compile(requested: str | bool, device: torch.device) -> Choice:
     """torch.compile: on CUDA yes, on CPU no (measured slower there)."""
     explicit = _auto_bool(requested, "compile")
     if explicit is not None:
@@ -189,7 +189,7 @@ def choose_compile(requested: "str | bool", device: torch.device) -> Choice:
     return Choice(False, "CPU: torch.compile measured slower (0.78x)")
 
 
-def compile_or_eager(model: torch.nn.Module, smoke: Callable[[Callable], None]) -> tuple[Callable, Optional[str]]:
+def compile_or_eager(model: torch.nn.Module, smoke: Callable[[Callable], None]) -> tuple[Callable, str | None]:
     """``torch.compile(model)``, tried at once with ``smoke(compiled)`` (a forward/backward on a
     real-shaped batch); returns (the compiled module, None), or (``model``, the reason) when
     compiling or running the compiled graph fails -- one warning line, never a crash. The

@@ -17,15 +17,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from restorer.data.degrade import estimate_quality
-from restorer.imagecore import IMAGE_SUFFIXES  # noqa: F401  (re-exported: one list for the project)
 from restorer.errors import UserError, first_line
 from restorer.fsutil import atomic_write
+from restorer.imagecore import IMAGE_SUFFIXES  # noqa: F401  (re-exported: one list for the project)
 
 # 200 megapixels: a 24 MP photo is far below, a 50000x50000 "bomb" far above. --max-pixels changes it.
 DEFAULT_MAX_PIXELS = 200_000_000
@@ -36,11 +35,11 @@ ORIENTATION_TAG = 0x0112
 class LoadedImage:
     path: Path
     pixels: np.ndarray  # uint8 [H, W] (gray) or [H, W, 3] (RGB), upright
-    alpha: Optional[np.ndarray]  # uint8 [H, W] or None
+    alpha: np.ndarray | None  # uint8 [H, W] or None
     format: str  # Pillow's format name: "JPEG", "PNG", ...
-    quality: Optional[int]  # estimated JPEG quality, None when not a JPEG
-    icc_profile: Optional[bytes]
-    exif: Optional[bytes]  # with Orientation reset to 1
+    quality: int | None  # estimated JPEG quality, None when not a JPEG
+    icc_profile: bytes | None
+    exif: bytes | None  # with Orientation reset to 1
     orientation: int  # the Orientation the file carried (1 = none)
     notes: list[str]  # lossy conversions made while reading (e.g. 16-bit -> 8-bit)
 
@@ -106,7 +105,7 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     return LoadedImage(path, pixels, alpha, fmt, quality, icc, exif_bytes, orientation, notes)
 
 
-def _to_arrays(img: Image.Image) -> tuple[np.ndarray, Optional[np.ndarray], list[str]]:
+def _to_arrays(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """Pixels as uint8 L or RGB, alpha split off; other modes converted (with a note)."""
     notes: list[str] = []
     mode = img.mode
@@ -183,19 +182,19 @@ OUTPUT_FORMATS = {"png": ("PNG", ".png"), "tiff": ("TIFF", ".tif"), "jpeg": ("JP
 SUFFIX_FORMATS = {".png": "png", ".tif": "tiff", ".tiff": "tiff", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
-def format_for_suffix(path: Path) -> Optional[str]:
+def format_for_suffix(path: Path) -> str | None:
     """The output format a file name asks for (``.png`` -> png, ``.jpg`` -> jpeg ...), or None."""
     return SUFFIX_FORMATS.get(path.suffix.lower())
 
 
 def save_image(
     pixels: np.ndarray,
-    alpha: Optional[np.ndarray],
+    alpha: np.ndarray | None,
     out: Path,
     *,
     fmt: str = "png",
-    icc_profile: Optional[bytes] = None,
-    exif: Optional[bytes] = None,
+    icc_profile: bytes | None = None,
+    exif: bytes | None = None,
     overwrite: bool = False,
     jpeg_quality: int = 95,
 ) -> list[str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 # ITU-R BT.601 luma for RGB in [0, 1], giving Y in [16, 235] on the 8-bit scale (MATLAB's
 # rgb2ycbcr, the convention of the published JPEG-artifact tables). We divide by 255 and do

@@ -29,7 +29,6 @@ so a single blind model serves every JPEG quality.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +38,14 @@ from torch import nn
 @dataclasses.dataclass
 class ModelConfig:
     preset: str = dataclasses.field(default="default", metadata={"help": "seed, tiny, small, default, large"})
-    channels: Optional[int] = dataclasses.field(default=None, metadata={"help": "override the preset's width C"})
-    units: Optional[int] = dataclasses.field(default=None, metadata={"help": "override the preset's unit count N"})
+    channels: int | None = dataclasses.field(default=None, metadata={"help": "override the preset's width C"})
+    units: int | None = dataclasses.field(default=None, metadata={"help": "override the preset's unit count N"})
     in_channels: int = 3  # 3 = RGB, 1 = grayscale
     condition_on_quality: bool = dataclasses.field(
         default=False, metadata={"help": "add an input plane of quality/100 (one blind model for all qualities)"}
     )
 
-    def resolved(self) -> "ModelConfig":
+    def resolved(self) -> ModelConfig:
         """Fill channels/units from the preset, so the config alone describes the architecture."""
         if self.preset not in PRESETS:
             raise ValueError(f"unknown model preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
@@ -86,7 +85,7 @@ class ConvUnit(nn.Module):
         return self.act2(self.conv2(self.act1(self.mix(self.conv1(x)))))
 
 
-def quality_plane(x: torch.Tensor, quality: Optional[torch.Tensor]) -> torch.Tensor:
+def quality_plane(x: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
     """Append a plane of quality/100 (one value per image) to ``x``."""
     if quality is None:
         raise ValueError("this model is quality-conditioned: pass the JPEG quality of each image")
@@ -114,7 +113,7 @@ class SeedNet(nn.Module):
                 nn.init.normal_(m.weight, std=0.001)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor, quality: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
         if self.condition_on_quality:
             x = quality_plane(x, quality)
         return self.body(x)
@@ -137,7 +136,7 @@ class ResidualNet(nn.Module):
         nn.init.zeros_(self.tail.weight)
         nn.init.zeros_(self.tail.bias)
 
-    def forward(self, x: torch.Tensor, quality: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
         h = self.head(quality_plane(x, quality) if self.condition_on_quality else x)
         for unit in self.units:
             h = h + unit(h)
@@ -200,7 +199,7 @@ class UNet(nn.Module):
             h = h + unit(h)
         return h
 
-    def forward(self, x: torch.Tensor, quality: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
         height, width = x.shape[-2:]
         a = self.alignment
         pad_h, pad_w = -height % a, -width % a

@@ -34,8 +34,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from restorer.errors import UserError
 from shard_tools import __version__, remote, sources

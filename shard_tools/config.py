@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 from restorer.errors import UserError
 from shard_tools.images import ENCODINGS
@@ -18,7 +17,7 @@ class BuildConfig:
     out: str = field(
         default="data/shards", metadata={"help": "output folder, or a bucket URL (s3://bucket/prefix, gs://...)"}
     )
-    stage_dir: Optional[str] = field(
+    stage_dir: str | None = field(
         default=None,
         metadata={
             "help": "with a URL --out: local folder to build in before uploading (kept, so a re-run "
@@ -45,7 +44,7 @@ class BuildConfig:
         metadata={"help": "any tree of images (repeatable); split by a hash of the path", "append": True},
     )
     val_fraction: float = field(default=0.1, metadata={"help": "share of --folder images in val"})
-    max_images: Optional[int] = field(default=None, metadata={"help": "at most N images per source and split"})
+    max_images: int | None = field(default=None, metadata={"help": "at most N images per source and split"})
     tile: int = field(default=512, metadata={"help": "tile side in pixels"})
     min_size: int = field(
         default=128, metadata={"help": "skip images, and drop remainder tiles, whose shorter side is below this"}

@@ -43,14 +43,13 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from restorer.errors import first_line
 from restorer import imagecore
+from restorer.errors import first_line
 
 log = logging.getLogger("shard_tools.images")
 Image.init()  # register every plugin, so that formats= below can name them

@@ -24,8 +24,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from restorer.data import urlio
 from restorer.errors import UserError, describe
@@ -55,7 +55,7 @@ class RemoteTree:
     def where(self, rel: str) -> str:
         return _join(self.url, rel)
 
-    def manifest_text(self) -> Optional[str]:
+    def manifest_text(self) -> str | None:
         try:
             return urlio.read_text(self.where(MANIFEST))
         except urlio.UrlNotFound:
@@ -63,7 +63,7 @@ class RemoteTree:
         except urlio.UrlReadError as exc:
             raise UserError(str(exc)) from None
 
-    def manifest(self) -> Optional[dict]:
+    def manifest(self) -> dict | None:
         """The manifest, or None when there is none; UserError when it is unreadable."""
         text = self.manifest_text()
         if text is None:
@@ -81,7 +81,7 @@ class RemoteTree:
             raise UserError(f"{self.where(MANIFEST)}: {NO_MANIFEST}")
         return manifest
 
-    def size(self, rel: str) -> Optional[int]:
+    def size(self, rel: str) -> int | None:
         try:
             return int(self.fs.info(_join(self.root, rel))["size"])
         except FileNotFoundError:
@@ -137,7 +137,7 @@ def check_writable(url: str) -> None:
 
 
 @contextlib.contextmanager
-def staging(url: str, stage_dir: Optional[str]) -> Iterator[Path]:
+def staging(url: str, stage_dir: str | None) -> Iterator[Path]:
     """The local folder the build of ``url`` is made in: ``stage_dir`` (kept), or a temporary
     folder removed on exit."""
     if stage_dir:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from skimage import data
 
-from restorer.infer.compare import auto_crop, main as compare_main
-
+from restorer.infer.compare import auto_crop
+from restorer.infer.compare import main as compare_main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

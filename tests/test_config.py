@@ -1,5 +1,4 @@
 import dataclasses
-from typing import Optional
 
 import pytest
 import yaml
@@ -15,7 +14,7 @@ class Demo:
     steps: int = 10
     compile: bool = False
     qualities: list[int] = dataclasses.field(default_factory=lambda: [10, 20])
-    note: Optional[str] = None
+    note: str | None = None
 
 
 def test_defaults_yaml_then_flags(tmp_path):

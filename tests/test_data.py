@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import shutil
@@ -12,10 +11,21 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import rewrite_tar as _rewrite
+from conftest import write_shards
 
-from conftest import rewrite_tar as _rewrite, write_shards
-from restorer.data import batch, plan, shards, val, workers
-from restorer.data import SharedEpoch, StreamConfig, make_train_loader, make_val_loader, to_device_float
+from restorer.data import (
+    SharedEpoch,
+    StreamConfig,
+    batch,
+    make_train_loader,
+    make_val_loader,
+    plan,
+    shards,
+    to_device_float,
+    val,
+    workers,
+)
 from restorer.errors import UserError
 from restorer.metrics import psnr
 

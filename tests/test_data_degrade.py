@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_shards
+
 from restorer.data import StreamConfig, degrade, make_train_loader
 from restorer.data.degrade import Degradation, draw_degradation, jpeg_roundtrip, jpeg_shifted
 from restorer.errors import UserError

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FIT_ARGS, check, launch, metrics, write_shards
+
 from restorer.data import StreamConfig, make_train_loader, make_val_loader
 from restorer.errors import UserError
 

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from restorer.data.degrade import jpeg_roundtrip
 from restorer.infer.evaluate import main as eval_main
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

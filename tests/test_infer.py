@@ -10,11 +10,11 @@ import torch
 from conftest import photos
 from skimage import data
 
-from restorer.modelfile import export_weights
 from restorer.data.degrade import jpeg_roundtrip
 from restorer.errors import UserError
 from restorer.infer.engine import Restorer, choose_restorer, load_restorers, tile_spans
 from restorer.model import ModelConfig, alignment, build_model, receptive_radius
+from restorer.modelfile import export_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

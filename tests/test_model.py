@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from restorer.model import ModelConfig, PRESETS, build_model, count_parameters, flops_per_pixel, model_summary
+from restorer.model import PRESETS, ModelConfig, build_model, count_parameters, flops_per_pixel, model_summary
 
 
 def test_seed_preset_is_the_original_network():

@@ -3,11 +3,11 @@ import pickle
 
 import pytest
 import torch
-
 from conftest import EvilPickle
-from restorer.modelfile import export_weights, load_weights, read_meta, safe_torch_load
+
 from restorer.errors import UserError
 from restorer.model import ModelConfig, build_model
+from restorer.modelfile import export_weights, load_weights, read_meta, safe_torch_load
 
 
 def test_export_load_roundtrip(tmp_path):

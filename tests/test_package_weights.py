@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
-
 from conftest import REPO, photos
+from PIL import Image
 
 sys.path.insert(0, str(REPO / "launch"))
 import package_weights  # noqa: E402

@@ -12,18 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import EvilPickle, photos
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageCms
 from skimage import data
 
-from restorer.modelfile import export_weights
 from restorer.errors import UserError
 from restorer.imageio import open_image
-from restorer.model import ModelConfig, build_model
 from restorer.infer.restore import main as restore_main
-from conftest import EvilPickle, photos
-
+from restorer.model import ModelConfig, build_model
+from restorer.modelfile import export_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from restorer.errors import UserError
 from shard_fixtures import (
     BROKEN,
     REPO,
@@ -28,6 +26,8 @@ from shard_fixtures import (
     read_shards,
     truncated_jpeg,
 )
+
+from restorer.errors import UserError
 from shard_tools.__main__ import main
 from shard_tools.build import build
 from shard_tools.config import BuildConfig

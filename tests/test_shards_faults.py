@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from shard_fixtures import BSR, BSR_IMAGES, REPO, photo_crops, png_bytes, read_shards
 
 from restorer.errors import UserError
-from shard_fixtures import BSR, BSR_IMAGES, REPO, photo_crops, png_bytes, read_shards
 from shard_tools import writer
 from shard_tools.build import build
 from shard_tools.config import BuildConfig

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from shard_fixtures import decode_bytes, jpeg_bytes, photo_crops, png_bomb, png_bytes, truncated_jpeg
 
 from shard_tools.images import Skip, decode, tile_grid, to_rgb8
-from shard_fixtures import decode_bytes, jpeg_bytes, photo_crops, png_bomb, png_bytes, truncated_jpeg
 
 PHOTO = photo_crops(1, h=100, w=140, seed=3)[0]
 

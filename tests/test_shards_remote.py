@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from shard_fixtures import REPO, photo_crops, png_bytes
 
 from restorer.errors import UserError
-from shard_fixtures import REPO, photo_crops, png_bytes
 from shard_tools import remote
 from shard_tools.__main__ import main
 from shard_tools.build import build

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FIT_ARGS, REPO, TRAIN, check, error_lines, launch, metrics, train_rows
 
 REF_ARGS = FIT_ARGS + ["--max-steps", "30", "--save-every", "10", "--keep-checkpoints", "2", "--val-every", "15"]
@@ -97,8 +96,8 @@ def test_offline_wandb_run_holds_loss_and_psnr(reference):
 def test_exported_weights_reproduce_the_ema_model(reference):
     from safetensors.torch import load_file
 
-    from restorer.modelfile import load_weights
     from restorer.model import ModelConfig, build_model
+    from restorer.modelfile import load_weights
 
     model, meta = load_weights(reference / "model.safetensors")
     facts = meta["facts"]

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import FIT_ARGS, EvilPickle, check, error_lines, launch, metrics, rewrite_tar, write_shards
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, write_shards
+
 from restorer.config import config_dict, dump_config, parse_config
 from restorer.errors import AgreedError, UserError
 from restorer.train.config import TrainConfig
@@ -65,8 +65,9 @@ def shards(tmp_path_factory) -> Path:
 
 def fresh_accelerator():
     """A new single-process CPU Accelerator (Accelerate keeps its state in singletons: reset them)."""
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+
+    from accelerate import Accelerator
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -197,8 +198,8 @@ def test_window_figures():
 
 
 def _setup(cfg, accelerator):
-    from restorer.train.loop import build_model, make_loader
     from restorer.data import SharedEpoch
+    from restorer.train.loop import build_model, make_loader
 
     model, ema, optimizer = build_model(cfg, accelerator, channels_last=False)
     loader = make_loader(cfg, accelerator, SharedEpoch(0))

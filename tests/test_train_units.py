@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import EvilPickle
 from safetensors.torch import save_file
 
-from conftest import EvilPickle
 from restorer.errors import UserError
 
 
@@ -32,8 +32,8 @@ def test_warmup_then_cosine():
 
 
 def test_ema_follows_weights_and_round_trips(tmp_path):
-    from restorer.train.ema import EMA
     from restorer.model import ModelConfig, build_model
+    from restorer.train.ema import EMA
 
     model = build_model(ModelConfig(preset="tiny"))
     ema = EMA(model, decay=0.9)

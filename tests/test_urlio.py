@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from restorer.data import urlio
-from restorer.errors import UserError
 from restorer.data.urlio import ReadPolicy, UrlNotFound, UrlReadError, open_url, read_bytes, read_text
+from restorer.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ReadPolicy(connect_timeout=2, read_timeout=2, retries=3, backoff=0.01)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, SHARED_BSR
 from PIL import Image
 from skimage import data
 
-from conftest import REPO, SHARED_BSR
 from restorer import weights as packaged
 
 

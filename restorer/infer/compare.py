@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -29,10 +28,10 @@ from restorer.imageio import open_image, save_image
 from restorer.infer.engine import choose_restorer
 from restorer.infer.evaluate import uint8_tensor
 from restorer.infer.options import (
-    add_model_args,
-    parse_args,
     InputFiles,
+    add_model_args,
     load_models,
+    parse_args,
     project_output,
     report_weight_errors,
 )
@@ -127,7 +126,7 @@ def make_panel(crops: list[np.ndarray], captions: list[list[str]], zoom: int, ga
 
 
 @cli_entry
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     if args.zoom < 1 or args.zoom > 16 or args.crop_size < 8:
         raise UserError("--zoom must be 1..16 and --crop-size at least 8")

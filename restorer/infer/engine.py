@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
-def set_threads(n: Optional[int]) -> None:
+def set_threads(n: int | None) -> None:
     """``--threads``: CPU threads for torch (default: torch's own choice, all cores). On a machine
     shared with other jobs, fewer threads than cores avoids OpenMP spin-waiting, which can make
     inference several times slower."""
@@ -147,9 +147,9 @@ class Restorer:
     path: Path
     device: torch.device
     tile: int = DEFAULT_TILE
-    overlap: Optional[int] = None  # None = the receptive radius
+    overlap: int | None = None  # None = the receptive radius
     precision: str = "fp32"  # or "bf16" (autocast)
-    channels_last: Optional[bool] = None  # None = restorer.hardware's rule for device + precision
+    channels_last: bool | None = None  # None = restorer.hardware's rule for device + precision
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -203,7 +203,7 @@ class Restorer:
         return (lo + hi) // 2
 
     # -- inference -------------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor, quality: Optional[int]) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, quality: int | None) -> torch.Tensor:
         q = None
         if self.conditioned:
             q = torch.full(
@@ -220,14 +220,14 @@ class Restorer:
         self,
         planes: np.ndarray,
         fn: Callable[[torch.Tensor], torch.Tensor],
-        tile: Optional[int] = None,
-        progress: Optional[Callable[[int], None]] = None,
+        tile: int | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """Run ``fn`` ([1, C, h, w] float -> [1, C', h, w] float) over ``planes`` ([H, W, C] uint8)
         tile by tile; return [H, W, C'] uint8."""
         tile = self.tile if tile is None else tile
         h, w = planes.shape[:2]
-        out: Optional[np.ndarray] = None
+        out: np.ndarray | None = None
         rows = tile_spans(h, tile, self.overlap, self.align)
         cols = tile_spans(w, tile, self.overlap, self.align)
         with torch.inference_mode():
@@ -248,9 +248,9 @@ class Restorer:
     def restore(
         self,
         pixels: np.ndarray,
-        quality: Optional[int] = None,
-        tile: Optional[int] = None,
-        progress: Optional[Callable[[int], None]] = None,
+        quality: int | None = None,
+        tile: int | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """Restore a uint8 image ([H, W] gray or [H, W, 3] RGB); returns the same shape, uint8."""
         gray = pixels.ndim == 2
@@ -294,7 +294,7 @@ class IdentityRestorer(Restorer):
         return pixels.copy()
 
 
-def trained_quality_range(facts: dict, path: Path) -> Optional[tuple[int, int]]:
+def trained_quality_range(facts: dict, path: Path) -> tuple[int, int] | None:
     """(lo, hi) from model.json's ``facts``: ``quality_range`` [lo, hi] if present, else the
     ``quality`` spec ("10", "10-90"); None (with a warning) when neither is readable."""
     rng = facts.get("quality_range")
@@ -336,7 +336,7 @@ def load_restorers(
     specs: list[str],
     device: torch.device,
     tile: int = DEFAULT_TILE,
-    overlap: Optional[int] = None,
+    overlap: int | None = None,
     precision: str = "fp32",
 ) -> tuple[list[Restorer], list[str]]:
     """Load every weights file named (packaged names, files or folders). Returns the usable ones
@@ -363,7 +363,7 @@ def load_restorers(
     return restorers, errors
 
 
-def quality_distance(rng: Optional[tuple[int, int]], quality: Optional[int]) -> tuple[float, float]:
+def quality_distance(rng: tuple[int, int] | None, quality: int | None) -> tuple[float, float]:
     """Sort key: (distance from ``quality`` to the range, width of the range). Weights without a
     recorded range count as blind (1-100). An unknown quality prefers the widest range."""
     lo, hi = rng or (1, 100)
@@ -373,7 +373,7 @@ def quality_distance(rng: Optional[tuple[int, int]], quality: Optional[int]) -> 
     return (float(dist), float(hi - lo))
 
 
-def choose_restorer(restorers: list[Restorer], quality: Optional[int]) -> Restorer:
+def choose_restorer(restorers: list[Restorer], quality: int | None) -> Restorer:
     """The weights trained nearest to ``quality`` (inside the range = distance 0; ties go to the
     narrower, more specialised range, then to the order given)."""
     if not restorers:

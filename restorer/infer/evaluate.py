@@ -25,7 +25,6 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -112,7 +111,7 @@ def resolve_images_dir(path: Path, split: str = "test") -> Path:
     raise UserError(f"{path}: no images here, and no BSDS500/data/images/{split} below")
 
 
-def fetch_remote_images(url: str, split: str, dest: Path, limit: Optional[int] = None) -> Path:
+def fetch_remote_images(url: str, split: str, dest: Path, limit: int | None = None) -> Path:
     """``--images s3://bucket/prefix`` (or gs://): the images of that folder -- or of its
     ``BSDS500/data/images/<split>`` -- listed through fsspec and copied through
     :mod:`restorer.data.urlio` (its timeouts and retries) into ``dest``, which is returned."""
@@ -228,7 +227,7 @@ def _jsonable(v):
 
 
 @cli_entry
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     if args.identity:
         args.weights = ["none"]

@@ -19,8 +19,8 @@ import argparse
 import dataclasses
 import logging
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -103,7 +103,7 @@ def check_model_args(args: argparse.Namespace) -> None:
         raise UserError(f"--bf16 means --precision bf16; it contradicts --precision {args.precision}")
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: "list[str] | None") -> argparse.Namespace:
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse, set up logging (``-v``) and check the shared flags: the first lines of every command."""
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -179,7 +179,7 @@ def report_weight_errors(models: Models, err: Callable[[str], None]) -> None:
 
 
 def project_output(
-    restored: np.ndarray, jpeg: "Path | bytes", args: argparse.Namespace, *, upright: bool = True
+    restored: np.ndarray, jpeg: Path | bytes, args: argparse.Namespace, *, upright: bool = True
 ) -> np.ndarray:
     """The model's output as the commands write and measure it: projected onto the JPEG's
     quantisation set (``jpeg``: the file, or its bytes) unless ``--no-projection``. ``upright``:

@@ -285,7 +285,7 @@ def _as_levels(restored) -> np.ndarray:
     return x.astype(np.float32) * np.float32(255)
 
 
-def project_float(restored, jpeg: "JpegSource | JpegCoefficients") -> np.ndarray:
+def project_float(restored, jpeg: JpegSource | JpegCoefficients) -> np.ndarray:
     """Like :func:`project` but returns float32 levels (0..255, clipped, not rounded).
 
     Works in float32 strip by strip (MCU rows), so a 24 MP photo needs a few hundred MB."""
@@ -324,7 +324,7 @@ def project_float(restored, jpeg: "JpegSource | JpegCoefficients") -> np.ndarray
     return np.clip(out, 0, 255, out=out)
 
 
-def project(restored, jpeg: "JpegSource | JpegCoefficients") -> np.ndarray:
+def project(restored, jpeg: JpegSource | JpegCoefficients) -> np.ndarray:
     """Project a restored image onto the set of images the JPEG file is consistent with.
 
     ``restored``: [H, W, 3] RGB (or [H, W] for a grayscale JPEG), uint8 levels or float in [0, 1],
@@ -357,7 +357,7 @@ def to_stored(a: np.ndarray, orientation: int) -> np.ndarray:
     return to_upright(a, inverse)
 
 
-def project_upright(restored_upright, jpeg: "JpegSource | JpegCoefficients") -> np.ndarray:
+def project_upright(restored_upright, jpeg: JpegSource | JpegCoefficients) -> np.ndarray:
     """:func:`project` for pixels in EXIF-upright orientation (what ``restorer.imageio.open_image``
     gives and the restore pipeline writes): undo the orientation, project, redo it."""
     coefs = jpeg if isinstance(jpeg, JpegCoefficients) else read_coefficients(jpeg)

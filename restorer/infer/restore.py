@@ -26,7 +26,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -42,10 +41,10 @@ from restorer.imageio import (
 )
 from restorer.infer.engine import Restorer, choose_restorer
 from restorer.infer.options import (
-    add_model_args,
-    parse_args,
     InputFiles,
+    add_model_args,
     load_models,
+    parse_args,
     project_output,
     report_weight_errors,
 )
@@ -125,7 +124,7 @@ class OutputPlan:
     """Where each input's output goes, decided once from ``-o`` and ``--format`` (see the module
     doc); raises UserError for a contradiction before anything is read or written."""
 
-    def __init__(self, output: Optional[str], fmt: Optional[str], n_images: int):
+    def __init__(self, output: str | None, fmt: str | None, n_images: int):
         self.beside = output is None
         self.out = None if output is None else Path(output)
         self.single_file = False
@@ -170,7 +169,7 @@ def earlier_outputs(found: list[tuple[Path, Path]], inputs: list[str]) -> list[P
 
 
 @cli_entry
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     if args.quality is not None and not 1 <= args.quality <= 100:
         raise UserError(f"--quality must be 1..100, got {args.quality}")
@@ -232,7 +231,7 @@ def _write(msg: str, stream) -> None:
     tqdm.write(msg, file=stream)
 
 
-def image_quality(img: LoadedImage, given: Optional[int]) -> tuple[int, str]:
+def image_quality(img: LoadedImage, given: int | None) -> tuple[int, str]:
     """The JPEG quality to tell the model, and where it came from; UserError when unknown."""
     if given is not None:
         return given, "--quality"

@@ -36,7 +36,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -68,7 +68,7 @@ def complete_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1][1] if found else None
 
@@ -164,7 +164,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
 
-    error: Optional[str] = None
+    error: str | None = None
     try:
         if faults is not None:
             with faults.during_save(step, tmp, main):
@@ -209,7 +209,7 @@ def _write_error(exc: OSError, tmp: Path, step: int) -> str:
     return f"{exc.filename or tmp}: cannot write checkpoint of step {step}: {exc.strerror or first_line(exc)}"
 
 
-def _agree(accelerator, error: Optional[str], root: Path, tmp: Path, step: int) -> None:
+def _agree(accelerator, error: str | None, root: Path, tmp: Path, step: int) -> None:
     """All-reduce whether any process failed (a barrier too); if one did, remove the temporary
     directory and raise on every process: the failing ones a UserError naming the file, the
     others a :class:`PeerError` (the failing process reports)."""
@@ -247,7 +247,7 @@ def load_checkpoint(accelerator, path: str | os.PathLike, ema=None) -> dict[str,
 # --- the trainer's use of checkpoints: where to start, save + export, resume ----------------------
 
 
-def finished_at(ckpt: Path, run_dir: Path, max_steps: int) -> Optional[int]:
+def finished_at(ckpt: Path, run_dir: Path, max_steps: int) -> int | None:
     """The step of ``ckpt`` when it is a complete checkpoint at or past ``max_steps`` and
     ``run_dir/model.safetensors`` holds the weights exported with it (the run is done); else None."""
     from restorer.modelfile import read_meta
@@ -264,7 +264,7 @@ def finished_at(ckpt: Path, run_dir: Path, max_steps: int) -> Optional[int]:
         return None
 
 
-def find_resume(resume: str, root: Path) -> Optional[Path]:
+def find_resume(resume: str, root: Path) -> Path | None:
     """The checkpoint ``--resume`` names: ``auto`` the newest complete one under ``root`` (None when
     there is none), ``none`` nothing (refused with one line when ``root`` holds checkpoints), else
     the given directory."""

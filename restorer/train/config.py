@@ -10,7 +10,6 @@ keys (``--quality``, ``--patch-size``, ``--preset`` ...; the stream's ``splits``
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from restorer.data import StreamConfig
 from restorer.data.degrade import parse_quality
@@ -46,12 +45,12 @@ class TrainConfig:
         default_factory=StreamConfig, metadata={"flatten": True, "rename": {"splits": "train_splits"}}
     )
     val_split: str = _opt("val", "split of --shards to validate on")
-    val_shards: Optional[str] = _opt(
+    val_shards: str | None = _opt(
         None,
         "validation shards as they are (a shards dir with one split, a folder of "
         "tars, a URL pattern); default: the --val-split split of --shards",
     )
-    epoch_patches: Optional[int] = _opt(
+    epoch_patches: int | None = _opt(
         None,
         "PATCHES per epoch, summed over all processes (default: every tile of the train splits x --patches-per-image)",
     )
@@ -101,7 +100,7 @@ class TrainConfig:
     resume: str = _opt("auto", "auto, none, or a checkpoint directory")
     tracker: str = _opt("wandb", choices=["wandb", "none"])
     wandb_project: str = "restorer"
-    run_name: Optional[str] = None
+    run_name: str | None = None
 
     def __post_init__(self) -> None:
         # YAML may say `channels_last: true`; the option is auto|true|false
@@ -159,6 +158,6 @@ class TrainConfig:
         """The architecture, every size filled in (what model.json records)."""
         return self.model.resolved()
 
-    def val_source(self) -> tuple[str, Optional[str]]:
+    def val_source(self) -> tuple[str, str | None]:
         """(shard spec, split) to validate on: ``--val-shards`` as is, else ``--val-split`` of ``--shards``."""
         return (self.val_shards, None) if self.val_shards else (self.data.shards, self.val_split)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Optional
 
 from restorer.config import parse_config
 from restorer.errors import AgreedError, PeerError, UserError
@@ -22,7 +21,7 @@ from restorer.train.config import EXAMPLES, TrainConfig
 PROG = "accelerate launch launch/train.py"
 
 
-def main(argv: Optional[list[str]] = None, description: Optional[str] = None) -> int:
+def main(argv: list[str] | None = None, description: str | None = None) -> int:
     """Parse ``argv`` (defaults < ``--config`` YAML < flags) and train."""
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -35,7 +34,7 @@ def main(argv: Optional[list[str]] = None, description: Optional[str] = None) ->
     return train(cfg)
 
 
-def run(argv: Optional[list[str]] = None, description: Optional[str] = None) -> int:
+def run(argv: list[str] | None = None, description: str | None = None) -> int:
     """:func:`main` with the one-line error protocol (see the module doc); returns the exit code."""
     try:
         return main(argv, description)

@@ -26,9 +26,9 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 
@@ -39,20 +39,20 @@ ENV = "RESTORER_FAULTS"
 
 @dataclasses.dataclass
 class Faults:
-    nan_step: Optional[int] = None
+    nan_step: int | None = None
     nan_forever: bool = False
-    kill_in_save: Optional[int] = None
-    enospc_in_save: Optional[int] = None
-    slow_rank: Optional[int] = None
+    kill_in_save: int | None = None
+    enospc_in_save: int | None = None
+    slow_rank: int | None = None
     slow_seconds: float = 0.0
-    vanish_step: Optional[int] = None
-    vanish_path: Optional[str] = None
-    fail_step: Optional[int] = None
-    fail_rank: Optional[int] = None
+    vanish_step: int | None = None
+    vanish_path: str | None = None
+    fail_step: int | None = None
+    fail_rank: int | None = None
     _nan_done: bool = False
 
     @classmethod
-    def from_env(cls, text: Optional[str] = None) -> "Faults":
+    def from_env(cls, text: str | None = None) -> Faults:
         text = os.environ.get(ENV, "") if text is None else text
         faults = cls()
         for item in filter(None, (t.strip() for t in text.split(","))):

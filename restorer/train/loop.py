@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -28,9 +28,9 @@ from restorer.train.validation import validate_and_log
 
 
 def train(cfg: TrainConfig) -> int:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from accelerate import Accelerator
     from restorer.data import SharedEpoch
     from restorer.train.faults import Faults
 
@@ -157,7 +157,7 @@ def train(cfg: TrainConfig) -> int:
 # --- the steps of a run ------------------------------------------------------------------------------
 
 
-def where_to_start(accelerator, cfg: TrainConfig, run_dir: Path) -> tuple[Optional[Path], bool]:
+def where_to_start(accelerator, cfg: TrainConfig, run_dir: Path) -> tuple[Path | None, bool]:
     """Clean up after a run killed while saving, then: (the checkpoint to resume from or None for a
     fresh start, whether the run already finished -- nothing is written then). Checks that the
     validation split exists before any training."""
@@ -230,7 +230,7 @@ def run_info(
     *,
     compiled: bool,
     batches_per_epoch: int,
-    resumed_from: Optional[Path],
+    resumed_from: Path | None,
     start_step: int,
 ) -> dict[str, Any]:
     """What ``run_info.json`` records about this run (and W&B's config): world, speed choices and

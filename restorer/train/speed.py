@@ -8,8 +8,8 @@ the model with a fallback to eager mode that never crashes a run.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +84,7 @@ def smoke_step(
     return smoke
 
 
-def compiled_forward(model, smoke: Callable[[Callable], None], wanted: bool) -> tuple[Callable, Optional[str]]:
+def compiled_forward(model, smoke: Callable[[Callable], None], wanted: bool) -> tuple[Callable, str | None]:
     """The callable to train with: ``torch.compile(model)`` when ``wanted`` and it compiles and runs
     (``restorer.hardware.compile_or_eager``: one warning line and eager mode otherwise), else
     ``model``. ``model`` itself (the prepared module) stays what is saved and exported, so

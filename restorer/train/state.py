@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclasses.dataclass
@@ -22,7 +22,7 @@ class TrainState:
     batches_taken: int = 0  # micro-batches taken from the loader since it started
     nonfinite_total: int = 0  # skipped steps, over the whole run
     consecutive_bad: int = 0  # skipped steps in a row, now
-    wandb_id: Optional[str] = None  # the W&B run a resumed run continues
+    wandb_id: str | None = None  # the W&B run a resumed run continues
     last_val: dict[str, float] = dataclasses.field(default_factory=dict)  # the latest validation figures
 
     def epoch(self, batches_per_epoch: int) -> int:
@@ -44,7 +44,7 @@ class TrainState:
         }
 
     @classmethod
-    def from_checkpoint(cls, saved: dict[str, Any]) -> "TrainState":
+    def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
         """The state to continue from: a partly seen epoch is not replayed (the loader starts the
         next one)."""
         epoch = int(saved.get("epoch", 0)) + (1 if saved.get("batch_in_epoch", 0) else 0)
@@ -70,7 +70,7 @@ class Window:
     wait: float = 0.0  # seconds waiting for the loader
     pause: float = 0.0  # seconds of validation and checkpointing
 
-    def add_step(self, loss: float, grad_norm: float, mse: Optional[float] = None) -> None:
+    def add_step(self, loss: float, grad_norm: float, mse: float | None = None) -> None:
         self.steps += 1
         self.loss += loss
         self.mse += loss if mse is None else mse

@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from restorer.errors import AgreedError, UserError
 from restorer.train.checkpoint import latest_checkpoint
@@ -176,7 +176,7 @@ def optimizer_step(
     return StepResult(True, mean_loss, grad_norm, lr, stop)
 
 
-def _count_nonfinite(state: TrainState, accelerator, max_nonfinite: int, ckpt_root: Optional[Path]) -> None:
+def _count_nonfinite(state: TrainState, accelerator, max_nonfinite: int, ckpt_root: Path | None) -> None:
     state.nonfinite_total += 1
     state.consecutive_bad += 1
     say(

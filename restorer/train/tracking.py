@@ -19,8 +19,9 @@ import math
 import netrc
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -56,7 +57,7 @@ def wandb_credentials_present() -> bool:
         return False
 
 
-def prepare_wandb(run_dir: Path) -> Optional[str]:
+def prepare_wandb(run_dir: Path) -> str | None:
     """Point W&B at ``run_dir`` and go offline when there are no credentials; return a note for
     the user (how to sync) when it went offline, else None. Call before ``init_trackers``."""
     os.environ.setdefault("WANDB_DIR", str(run_dir))
@@ -90,7 +91,7 @@ class MetricsLog:
     resumed run does not log those steps twice; a line that is not JSON (cut short by a kill) is
     dropped too."""
 
-    def __init__(self, path: Path, start_step: Optional[int] = None):
+    def __init__(self, path: Path, start_step: int | None = None):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if start_step is not None and path.is_file():
@@ -122,7 +123,7 @@ class Tracker:
     """Logs scalars to ``metrics.jsonl`` and the Accelerate trackers, images to W&B and PNGs;
     every method is a no-op on non-main processes."""
 
-    def __init__(self, accelerator, run_dir: Path, use_wandb: bool, start_step: Optional[int] = None):
+    def __init__(self, accelerator, run_dir: Path, use_wandb: bool, start_step: int | None = None):
         self.accelerator = accelerator
         self.run_dir = run_dir
         self.use_wandb = use_wandb
@@ -239,7 +240,7 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def code_version() -> Optional[str]:
+def code_version() -> str | None:
     """The git commit of the restorer checkout that runs (``+dirty`` with uncommitted changes to
     tracked files), for run_info.json and model cards; None outside a git checkout."""
     import subprocess

@@ -8,7 +8,6 @@ to 8 bits first (what a saved image holds). PSNR = RGB, 8-bit peak 255, no borde
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ def panel(deg: torch.Tensor, out: torch.Tensor, clean: torch.Tensor, n: int) -> 
 @torch.no_grad()
 def val_pass(
     net, cfg, accelerator, faults, *, channels_last: bool, with_ssim: bool
-) -> tuple[dict[str, float], Optional[np.ndarray]]:
+) -> tuple[dict[str, float], np.ndarray | None]:
     """Run ``net`` over the validation images of ``cfg.val_source()``; return the figures
     (``val/psnr_qQ``, ``val/jpeg_psnr_qQ``, ``val/gain_qQ`` [, ``val/ssim_qQ``, ``val/jpeg_ssim_qQ``],
     ``val/psnr``, ``val/gain``, ``val/images``) and, on the main process, a panel."""
