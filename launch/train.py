@@ -9,7 +9,10 @@ Always start it with ``accelerate launch`` (one process per GPU, or 2 CPU proces
   # every GPU of one node
   accelerate launch --config_file launch/accelerate/1node.yaml --num_processes 8 launch/train.py \\
       --config launch/configs/gpu.yaml --run-dir runs/gpu
-  # several nodes: see launch/slurm/train.sbatch (one `accelerate launch` per node)
+  # several machines: the same command on each, --machine_rank 0 on the main one
+  accelerate launch --config_file launch/accelerate/multinode.yaml --num_machines 2 --num_processes 16 \\
+      --machine_rank 0 --main_process_ip MAIN --main_process_port 29500 launch/train.py ...
+  # under SLURM: see launch/slurm/train.sbatch (one `accelerate launch` per node)
 
 Config: dataclass defaults < ``--config YAML`` < flags. The resolved config is written to
 ``RUN/config.yaml`` and sent to W&B. ``RUN`` receives::
@@ -37,7 +40,13 @@ Optimizer steps: each step consumes ``batch_size x grad_accum`` patches on every
 LR schedule (linear warmup, cosine to ``min_lr_ratio``) is a function of this step, so it is not
 affected by the number of processes. A step whose loss is not finite on any process is skipped on
 all of them (the weights are untouched) and counted; ``--max-nonfinite`` in a row stop the run.
-SIGTERM/SIGUSR1 (SLURM preemption) make every process save a checkpoint and exit at the next step.
+
+Stopping: SIGTERM or SIGUSR1 (SLURM preemption), sent to ``accelerate launch``, to the training
+processes or to all of them, makes every process save one checkpoint at the next step boundary and
+exit 0 ("stop requested"); DataLoader workers ignore both. A training process whose launcher dies
+(SIGKILL, or SIGUSR1, which torchrun does not handle) stops the same way. ``--dist-timeout`` (600 s)
+bounds every wait for another process: a process or machine that died or froze makes the others exit
+with one ``error:`` line naming the collective they waited in; rerun the same command to resume.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 process) with a signal, every way it arrives: to the launcher alone, to the training processes
 alone, or to every process of the job as SLURM does. Each time every rank must save ONE checkpoint
 at the next step boundary and exit, printing "stop requested", with no process left behind; the
-run then resumes from it to --max-steps.
+run then resumes from it to --max-steps (checked once, on the SLURM-like case).
 
 What the launcher (torchrun's agent inside ``accelerate launch``) does itself, measured and pinned
 here: it forwards SIGTERM to each training process's group, then re-raises it (exit status 1 and a
@@ -46,9 +46,9 @@ def start_run(start, tmp: Path, shards: Path, *extra: str, max_steps: int = 1000
 
 
 @pytest.mark.parametrize("sig_name, who, launcher_status", CASES, ids=[f"{s}-{w}" for s, w, _ in CASES])
-def test_signal_saves_one_checkpoint_and_the_run_resumes(fit_shards, tmp_path, sig_name, who, launcher_status):
+def test_signal_saves_one_checkpoint(fit_shards, tmp_path, sig_name, who, launcher_status):
     tracker = "wandb" if (sig_name, who) == ("SIGTERM", "tree") else "none"
-    resume = who == "tree" or sig_name == "SIGTERM" and who == "launcher"  # the others save the same way
+    resume = tracker == "wandb"  # once (each launch costs ~15 s of CPU); test_multinode.py resumes twice more
     with machines() as start:
         m = start_run(start, tmp_path, fit_shards, "--tracker", tracker)
         m.wait_for("step 2/", timeout=300)
