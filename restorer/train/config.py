@@ -104,7 +104,7 @@ class TrainConfig:
     # several processes and machines
     dist_timeout: float = _opt(
         600.0,
-        "SECONDS a process waits for the others in a collective (and at the start) before it stops with "
+        "seconds a process waits for the others in a collective (and at the start) before it stops with "
         "one error line: bounds a lost or frozen process or machine, on GPUs (NCCL) and CPUs (gloo) alike "
         "(torch's default: 1800). Keep it above the longest time one process works alone (a checkpoint "
         "save, the final validation)",
