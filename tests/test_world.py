@@ -158,6 +158,7 @@ def test_lost_peer_line_names_the_collective(fault):
     assert line.startswith("lost another process after step 7: ") and "during all_reduce" in line
     assert ("no answer within 3 s" if fault == "stop" else "closed its connection") in line
     assert lost_peer(RuntimeError("CUDA out of memory")) is None  # not a lost peer: the traceback stays
+    assert lost_peer(RuntimeError("[third_party/gloo/gloo/x.cc:9] unsupported device")) is None
 
 
 def _stopped_or_gone(proc: subprocess.Popen) -> bool:

@@ -136,8 +136,8 @@ def lost_peer(exc: BaseException) -> str | None:
         why = f"no answer within {limit} (--dist-timeout: it or its machine is frozen or unreachable)"
     elif _CLOSED.search(first):
         why = "it closed its connection (it or its machine died)"
-    else:
-        why = "the process group failed"
+    else:  # another failure of the process group: its traceback says more than a line could
+        return None
     step = "before the first step" if PROGRESS.state is None else f"after step {PROGRESS.state.step}"
     return (
         f"lost another process {step}: {why}, during {waited_for(exc)} [{first}]; rerun the same command "
