@@ -27,7 +27,7 @@ from restorer.train.checkpoint import verify_checkpoint
 pytestmark = pytest.mark.slow
 
 RUN_ARGS = [*FIT_ARGS, "--num-workers", "1", "--save-every", "1000", "--val-every", "1000"]
-STOP_BOUND_S = 120  # signal -> every process gone; measured 1-9 s on a loaded 2-core machine
+STOP_BOUND_S = 120  # signal -> every process gone; measured 1-11 s on a loaded 2-core machine
 
 # (signal, who gets it, the launcher's exit status: torchrun's own behaviour)
 CASES = [

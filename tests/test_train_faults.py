@@ -295,5 +295,9 @@ def test_error_on_one_rank_is_printed_by_it_and_stops_the_run(fit_shards, tmp_pa
         timeout=120,
     )
     assert proc.returncode != 0
-    assert error_lines(proc) == ["error: [rank 1] injected failure after step 2 (RESTORER_FAULTS)"], proc.stderr
+    errors = error_lines(proc)
+    assert errors[0] == "error: [rank 1] injected failure after step 2 (RESTORER_FAULTS)", proc.stderr
+    # rank 0 may meet the closed connection before the launcher stops it: one line, not a traceback
+    assert all(e.startswith("error: [rank 0] lost another process after step ") for e in errors[1:]), errors
+    assert "[rank0]: Traceback" not in proc.stderr
     assert time.monotonic() - t0 < 90  # rank 0, blocked in the next all-reduce, did not wait forever

@@ -135,7 +135,7 @@ def lost_peer(exc: BaseException) -> str | None:
         limit = f"{PROGRESS.timeout_s:g} s" if PROGRESS.timeout_s else "the process-group timeout"
         why = f"no answer within {limit} (--dist-timeout: it or its machine is frozen or unreachable)"
     elif _CLOSED.search(first):
-        why = "it closed its connection (it or its machine died)"
+        why = "it closed its connection (it exited or its machine died)"
     else:  # another failure of the process group: its traceback says more than a line could
         return None
     step = "before the first step" if PROGRESS.state is None else f"after step {PROGRESS.state.step}"
