@@ -97,21 +97,26 @@ def test_two_node_job_spans_both_nodes(cluster, shards, tmp_path):
 
 def test_preempted_job_saves_requeues_and_completes(cluster, shards, tmp_path):
     """SIGUSR1 to the batch shell mid-run: every rank saves at the next step and exits 0, the job
-    requeues itself, and the requeued job resumes from that checkpoint to --max-steps, logging into
-    the same (offline) W&B run."""
+    requeues itself and resumes from that checkpoint. The requeued job is signalled again at once,
+    while its processes are still starting (they ignore the signal until train.py's handler is in
+    place, so the script repeats it): it saves and requeues again, and the third run completes at
+    --max-steps, all in the same (offline) W&B run."""
     out, run, steps = tmp_path / "job.out", tmp_path / "run", 200
     args = train_args(shards, run, steps, "--save-every", "1000", "--num-workers", "1")
     job = cluster.submit(args, out, env=job_env(tmp_path))
-    wait_for_line(out, r"^step 3/", JOB_TIMEOUT, lambda: cluster.job(job)["JobState"])
+    state = lambda: cluster.job(job)["JobState"]  # noqa: E731
+    wait_for_line(out, r"^step 3/", JOB_TIMEOUT, state)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    wait_for_line(out, r"restart 1:", JOB_TIMEOUT, state)
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     info = finished(cluster, job, out)
     text = out.read_text()
-    assert int(info["Restarts"]) >= 1
-    saved = int(re.search(r"^stop requested: saved step (\d+)", text, re.MULTILINE).group(1))
-    assert 3 <= saved < steps
-    assert f"at step {saved}" in text and "requeueing job" in text
-    assert f"done: {steps} steps" in text
-    assert (run / "checkpoints" / f"step-{saved:07d}").is_dir()
+    assert int(info["Restarts"]) == 2
+    saved = [int(n) for n in re.findall(r"^stop requested: saved step (\d+)", text, re.MULTILINE)]
+    assert len(saved) == 2 and 3 <= saved[0] <= saved[1] < steps, saved
+    for step in saved:
+        assert f"at step {step} " in text and (run / "checkpoints" / f"step-{step:07d}").is_dir()
+    assert text.count("requeueing job") == 2 and f"done: {steps} steps" in text
     assert json.loads((run / "run_info.json").read_text())["end_step"] == steps
     runs = {p.name.rsplit("-", 1)[-1] for p in (run / "wandb").glob("offline-run-*")}
     assert len(runs) == 1, f"W&B runs: {runs}"

@@ -145,17 +145,10 @@ up() {
     echo "export SLURM_CONF=$CONF"
 }
 
-# The processes `up` started and those they started in turn (slurmstepd of running jobs): every
-# process holding a file open under the state dir (each has its log file there).
+# The processes `up` started and those they started in turn (slurmscriptd, the slurmstepd of running
+# jobs): every process holding a file open under the state dir (each has its log file there).
 our_pids() {
-    local fd pid
-    for fd in /proc/[0-9]*/fd/*; do
-        case $(readlink "$fd" 2>/dev/null) in "$DIR"/*)
-            pid=${fd#/proc/}
-            echo "${pid%%/*}"
-            ;;
-        esac
-    done | sort -u | grep -vxE "$$|$BASHPID" || true
+    find /proc/[0-9]*/fd -maxdepth 1 -lname "$DIR/*" 2>/dev/null | cut -d/ -f3 | sort -u | grep -vxE "$$|$BASHPID" || true
 }
 
 stop_pids() { # SIGTERM, up to 10 s, then SIGKILL
