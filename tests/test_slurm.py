@@ -96,17 +96,18 @@ def test_two_node_job_spans_both_nodes(cluster, shards, tmp_path):
 
 
 def test_preempted_job_saves_requeues_and_completes(cluster, shards, tmp_path):
-    """SIGUSR1 to the batch shell mid-run: every rank saves at the next step and exits 0, the job
-    requeues itself and resumes from that checkpoint. The requeued job is signalled again at once,
-    while its processes are still starting (they ignore the signal until train.py's handler is in
-    place, so the script repeats it): it saves and requeues again, and the third run completes at
-    --max-steps, all in the same (offline) W&B run."""
+    """Preempted twice, it ends at --max-steps in one W&B run (offline). First mid-run, SIGUSR1 to the
+    training processes only (`scancel --signal=USR1 JOBID`): every rank saves at the next step and
+    exits 0, and the script requeues the job from rank 0's "stop requested" line. Then SIGUSR1 to the
+    batch script (`--batch`, as `#SBATCH --signal=B:USR1@120` does) as soon as the requeued job starts,
+    while its processes are still starting and ignore it: the script repeats it until they stop, and
+    requeues again. The third run resumes and completes."""
     out, run, steps = tmp_path / "job.out", tmp_path / "run", 200
     args = train_args(shards, run, steps, "--save-every", "1000", "--num-workers", "1")
     job = cluster.submit(args, out, env=job_env(tmp_path))
     state = lambda: cluster.job(job)["JobState"]  # noqa: E731
     wait_for_line(out, r"^step 3/", JOB_TIMEOUT, state)
-    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    cluster.run("scancel", "--signal=USR1", job)
     wait_for_line(out, r"restart 1:", JOB_TIMEOUT, state)
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     info = finished(cluster, job, out)
