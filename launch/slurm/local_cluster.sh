@@ -132,6 +132,11 @@ up() {
         return 0
     fi
     down >/dev/null 2>&1 || true # a half-started cluster: stop what is left, start afresh
+    local port
+    for port in $(seq "$PORT" $((PORT + NODES))); do
+        ! (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null ||
+            die "port $port on 127.0.0.1 is in use (SLURM_LOCAL_PORT=N chooses ports N..N+$NODES)"
+    done
     rm -rf "$DIR"
     mkdir -p "$DIR/ctld" "$DIR/spool" "$DIR/log"
     start_munge
