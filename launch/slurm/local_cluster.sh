@@ -104,9 +104,9 @@ EOF
 }
 
 start_munge() {
-    mkdir -p -m 700 "$DIR/munge"
+    mkdir -p "$DIR/munge"
     chmod 755 "$DIR" # the socket must be reachable by every user whose job runs here
-    head -c 1024 /dev/urandom >"$DIR/munge/munge.key"
+    (umask 077 && head -c 1024 /dev/urandom >"$DIR/munge/munge.key")
     chmod 400 "$DIR/munge/munge.key"
     chmod 711 "$DIR/munge"
     munged --force --socket="$DIR/munge/munge.socket" --key-file="$DIR/munge/munge.key" \
@@ -115,8 +115,7 @@ start_munge() {
 }
 
 wait_ready() {
-    local i
-    for i in $(seq 1 120); do
+    for _ in $(seq 1 120); do
         nodes_ready && return 0
         sleep 0.5
     done
@@ -157,10 +156,10 @@ our_pids() {
 }
 
 stop_pids() { # SIGTERM, up to 10 s, then SIGKILL
-    local pid i alive
+    local pid alive
     [ $# -gt 0 ] || return 0
     kill "$@" 2>/dev/null || true
-    for i in $(seq 1 50); do
+    for _ in $(seq 1 50); do
         alive=0
         for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
         [ $alive = 1 ] || return 0
@@ -170,13 +169,13 @@ stop_pids() { # SIGTERM, up to 10 s, then SIGKILL
 }
 
 down() {
-    local jobs i
+    local jobs
     if [ -f "$CONF" ] && pid_alive "$DIR/slurmctld.pid"; then
         jobs=$(squeue -h -o %i 2>/dev/null || true)
         if [ -n "$jobs" ]; then
             # shellcheck disable=SC2086
             scancel $jobs 2>/dev/null || true
-            for i in $(seq 1 50); do
+            for _ in $(seq 1 50); do
                 [ -z "$(squeue -h -t running,completing -o %i 2>/dev/null)" ] && break
                 sleep 0.2
             done
