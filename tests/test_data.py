@@ -107,19 +107,37 @@ def test_stack_patches_nhwc_memory_nchw_shape():
     assert torch.equal(deg, clean) and q.dtype == torch.int64 and q.tolist() == [0, 1, 2, 3]
 
 
-def test_workers_restore_default_signal_handlers():
-    """DataLoader workers fork after the trainer installed its SIGTERM/SIGUSR1 handlers."""
+def test_loader_workers_ignore_stop_signals(tiny_shards):
+    """SIGTERM/SIGUSR1 mean "checkpoint at the next step" for the trainer; SLURM and torchrun send them
+    to every process, the loader's workers included: real workers must survive them (a worker killed
+    by one would crash the trainer before it saves) and keep producing batches."""
+    import psutil
+
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    threads = torch.get_num_threads()
     try:
-        for sig in saved:
+        for sig in saved:  # the trainer's handlers, which a forked worker inherits
             signal.signal(sig, lambda *_: None)
-        workers.init_worker(0)
-        assert all(signal.getsignal(sig) == signal.SIG_DFL for sig in saved)
+        loader = make_train_loader(cfg_for(tiny_shards), batch_size=2, num_workers=2)
+        stream = iter(loader)
+        first = [next(stream) for _ in range(2)]
+        kids = psutil.Process().children()
+        assert len(kids) >= 2
+        for kid in kids:
+            for sig in saved:
+                kid.send_signal(sig)
+        more = [next(stream) for _ in range(loader.batches_per_epoch * 2)]  # into the next epochs
+        assert all(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids)
+        assert len(first) + len(more) == loader.batches_per_epoch * 2 + 2
+        del stream
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    workers.init_worker(0)  # what each worker ran
+    assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in saved) and torch.get_num_threads() == 1
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    torch.set_num_threads(threads)
 
 
 def test_epoch_summary_logged_when_caller_stops_at_the_last_batch(tiny_shards, caplog):

@@ -101,6 +101,14 @@ class TrainConfig:
     tracker: str = _opt("wandb", choices=["wandb", "none"])
     wandb_project: str = "restorer"
     run_name: str | None = None
+    # several processes and machines
+    dist_timeout: float = _opt(
+        600.0,
+        "SECONDS a process waits for the others in a collective (and at the start) before it stops with "
+        "one error line: bounds a lost or frozen process or machine, on GPUs (NCCL) and CPUs (gloo) alike "
+        "(torch's default: 1800). Keep it above the longest time one process works alone (a checkpoint "
+        "save, the final validation)",
+    )
 
     def __post_init__(self) -> None:
         # YAML may say `channels_last: true`; the option is auto|true|false
@@ -139,6 +147,8 @@ class TrainConfig:
             raise UserError("--train-splits needs at least one split")
         if self.epoch_patches is not None and self.epoch_patches < 1:
             raise UserError(f"--epoch-patches must be >= 1, got {self.epoch_patches}")
+        if not self.dist_timeout > 0:
+            raise UserError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if not (0.0 <= self.ema_decay < 1.0):
             raise UserError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
         choices = {

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from restorer.config import config_dict, dump_config
+from restorer.data.workers import STOP_SIGNALS
 from restorer.train.checkpoint import find_resume, finished_at, remove_stale_temp, resume_state, save_and_export
 from restorer.train.config import TrainConfig
 from restorer.train.speed import SpeedChoices, choose_speed, compiled_forward, smoke_step, training_device_type
@@ -25,6 +26,7 @@ from restorer.train.state import TrainState, Window
 from restorer.train.step import optimizer_step
 from restorer.train.tracking import Tracker, code_version, peak_memory_gb, prepare_wandb, say, write_json
 from restorer.train.validation import validate_and_log
+from restorer.train.world import PROGRESS, process_group_kwargs, topology
 
 
 def train(cfg: TrainConfig) -> int:
@@ -34,6 +36,7 @@ def train(cfg: TrainConfig) -> int:
     from restorer.data import SharedEpoch
     from restorer.train.faults import Faults
 
+    stop = StopRequest()  # from the start: a stop asked for during start-up is honoured at the first step
     run_dir, faults = Path(cfg.run_dir).resolve(), Faults.from_env()
     t_start = time.perf_counter()
     use_wandb = cfg.tracker == "wandb"
@@ -44,6 +47,7 @@ def train(cfg: TrainConfig) -> int:
         mixed_precision=speed.precision.value,
         log_with="wandb" if use_wandb else None,
         project_dir=str(run_dir),
+        kwargs_handlers=[process_group_kwargs(cfg.dist_timeout)],
     )
     resume_from, finished = where_to_start(accelerator, cfg, run_dir)
     if finished:
@@ -91,9 +95,10 @@ def train(cfg: TrainConfig) -> int:
         if line:
             say(accelerator, line)
 
-    stop, window = StopRequest(), Window()
+    window, saved_step = Window(), None
     batches = iter(loader)  # endless: epoch after epoch (restorer.data's loader contract)
     model.train()
+    PROGRESS.state = state  # its step is what a lost-peer error line reports
     while state.step < cfg.max_steps:
         result = optimizer_step(
             model=model,
@@ -130,6 +135,7 @@ def train(cfg: TrainConfig) -> int:
             save_and_export(
                 accelerator, cfg, state, model=model, ema=ema, run_dir=run_dir, batches_per_epoch=bpe, faults=faults
             )
+            saved_step = state.step
         window.pause += time.perf_counter() - t_pause  # perf figures count training time only
         if result.stop:
             break
@@ -141,9 +147,10 @@ def train(cfg: TrainConfig) -> int:
         state.last_val = validate_and_log(
             eval_net(model, ema), cfg, accelerator, faults, tracker, state.step, channels_last=channels_last, final=True
         )
-    save_and_export(
-        accelerator, cfg, state, model=model, ema=ema, run_dir=run_dir, batches_per_epoch=bpe, faults=faults
-    )
+    if saved_step != state.step:  # a stop right after a periodic checkpoint does not write it twice
+        save_and_export(
+            accelerator, cfg, state, model=model, ema=ema, run_dir=run_dir, batches_per_epoch=bpe, faults=faults
+        )
     say(
         accelerator,
         f"stop requested: saved step {state.step}; continue with --resume auto"
@@ -252,6 +259,8 @@ def run_info(
     }
     return {
         "world_size": accelerator.num_processes,
+        **topology(accelerator.num_processes),
+        "dist_timeout_s": cfg.dist_timeout,
         "distributed_type": str(accelerator.distributed_type),
         **choices,
         "mixed_precision": accelerator.mixed_precision,
@@ -376,12 +385,13 @@ def check_replicas(accelerator, model, info: dict[str, Any], run_dir: Path, step
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM preemption) set a flag; processes agree on it at the next step
-    (the step's all-reduce)."""
+    """SIGTERM / SIGUSR1 (SLURM preemption, torchrun forwarding a signal, the launcher's death: see
+    restorer.train.world) set a flag; processes agree on it at the next step (the step's all-reduce),
+    save one checkpoint and exit 0."""
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):

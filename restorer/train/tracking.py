@@ -26,6 +26,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from restorer.errors import describe
+
 
 def _netrc_path() -> Path:
     if os.environ.get("NETRC"):
@@ -121,7 +123,9 @@ class MetricsLog:
 
 class Tracker:
     """Logs scalars to ``metrics.jsonl`` and the Accelerate trackers, images to W&B and PNGs;
-    every method is a no-op on non-main processes."""
+    every method is a no-op on non-main processes. W&B never stops training: when a call to it fails
+    (its service process was killed, e.g. by a SIGTERM sent to every process of a job), one warning
+    is printed and the run goes on with ``metrics.jsonl`` alone."""
 
     def __init__(self, accelerator, run_dir: Path, use_wandb: bool, start_step: int | None = None):
         self.accelerator = accelerator
@@ -135,7 +139,8 @@ class Tracker:
             return
         self.metrics.write(values, step)
         if self.use_wandb:
-            self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+            scalars = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+            self._wandb(lambda: self.accelerator.log(scalars, step=step))
 
     def log_panel(self, panel: np.ndarray, step: int, caption: str) -> Path | None:
         """Save a uint8 HxWx3 panel as ``RUN/panels/step-XXXXXXX.png`` and send it to W&B."""
@@ -149,8 +154,16 @@ class Tracker:
         if self.use_wandb:
             import wandb
 
-            self.accelerator.get_tracker("wandb").log({"val/panel": wandb.Image(panel, caption=caption)}, step=step)
+            run = self.accelerator.get_tracker("wandb")
+            self._wandb(lambda: run.log({"val/panel": wandb.Image(panel, caption=caption)}, step=step))
         return out
+
+    def _wandb(self, call) -> None:
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 -- whatever W&B raises, training goes on
+            self.use_wandb = False
+            print(f"warning: W&B stopped working ({describe(exc)}); logging to metrics.jsonl only", flush=True)
 
     def close(self) -> None:
         if self.main:
@@ -158,7 +171,9 @@ class Tracker:
         # every rank reaches this line; tear the process group down together (a rank that
         # destroyed it while its peer was still writing was seen to abort in gloo's threads)
         self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
+        if self.main and not self.use_wandb:  # W&B off, or failed during the run: nothing to finish
+            self.accelerator.trackers = []
+        self._wandb(self.accelerator.end_training)
 
 
 # --- reading a .wandb file (offline runs keep everything there; used by tests and debugging) ---
