@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0
 SHARDS ?= data/shards
 RUN ?= runs/demo
 
-.PHONY: help setup shards test bench bench-model-choice gpu-check demo release-weights clean
+.PHONY: help setup shards test bench bench-model-choice gpu-check demo release-weights slurm-up slurm-down slurm-status clean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU wheel here) and restorer[dev]"
@@ -19,6 +19,7 @@ help:
 	@echo "make demo    shards -> 2-process CPU training -> eval -> comparison picture (about 3.5 min with native bf16, 5.5 min in fp32, 2 cores)"
 	@echo "make bench-model-choice  train each candidate network/loss for the same time budget, eval on BSDS500 test (about 25 min)"
 	@echo "make release-weights NAME=fast|quality  train a packaged model by launch/configs/release_NAME.yaml, make its card, install it in restorer/weights (about 31 / 90 min on 2 CPU cores with native bf16)"
+	@echo "make slurm-up | slurm-down | slurm-status  a 2-node SLURM cluster on this host for launch/slurm/train.sbatch (root; apt-get install slurmctld slurmd slurm-client munge)"
 	@echo "make gpu-check  one CUDA GPU: model/loader/training/eval/24 MP restore figures side by side (meant for <= 8 min, not yet timed on a GPU; BSDS=PATH)"
 
 $(BIN)/python:
@@ -69,6 +70,17 @@ release-weights: setup
 	    --json runs/release_$(NAME)/card.json
 	$(BIN)/python launch/package_weights.py --run runs/release_$(NAME) --name $(NAME) \
 	    --recipe launch/configs/release_$(NAME).yaml --bsr $(BSDS)
+
+# A local SLURM cluster (munged, slurmctld, two slurmd on 127.0.0.1) to try launch/slurm/train.sbatch;
+# `up` prints the SLURM_CONF to export. State and logs in $(SLURM_LOCAL_DIR).
+SLURM_LOCAL_DIR ?= /tmp/restorer-slurm
+slurm-up slurm-down slurm-status: export SLURM_LOCAL_DIR := $(SLURM_LOCAL_DIR)
+slurm-up:
+	bash launch/slurm/local_cluster.sh up
+slurm-down:
+	bash launch/slurm/local_cluster.sh down
+slurm-status:
+	bash launch/slurm/local_cluster.sh status
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache
