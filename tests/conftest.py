@@ -3,6 +3,7 @@ scikit-image ships, so loader and training tests do not depend on the builder's 
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import io
 import json
@@ -26,6 +27,12 @@ from restorer.modelfile import export_weights
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BSR = REPO.parent / "shared" / "datasets" / "BSR"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
+
+
+def pytest_unconfigure(config):
+    """CI once timed out after the summary line: something kept pytest from exiting. Should that happen
+    again, print every thread's stack and exit non-zero after 120 s instead of waiting out CI's limit."""
+    faulthandler.dump_traceback_later(120, exit=True)
 
 
 def real_photos() -> list[np.ndarray]:

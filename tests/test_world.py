@@ -98,7 +98,8 @@ def test_a_dead_launcher_sends_its_child_sigterm(tmp_path, how):
         assert Path(f"{mark}.ready").exists()
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
-        while not mark.exists() and time.monotonic() < deadline:
+        # the handler creates the file, then writes: wait for the word, not for the file
+        while not (mark.exists() and mark.read_text()) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert mark.read_text() == "stop"
     finally:
