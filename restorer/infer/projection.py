@@ -206,11 +206,12 @@ class _Tables:
         return k.to(self.dtype).mul_(q), q * 0.5
 
 
-def _change(plane, comp: Component, r0: int, r1: int, tables: _Tables):
+def _change(plane, comp: Component, r0: int, r1: int, tables: _Tables, out=None):
     """The change that projects ``plane`` onto the quantisation set of ``comp``'s block rows
     [r0, r1). ``plane``: a torch tensor of full-resolution rows from the top of block row r0
     (fewer than the blocks cover only at the image's bottom), all columns, float levels 0..255
-    (not level-shifted). Returns the change, same shape, dtype and device.
+    (not level-shifted). Returns the change, same shape, dtype and device (written into ``out``
+    when given).
 
     The plane is edge-padded to the block grid (as the encoder padded), box-averaged by
     ``comp.factor`` (libjpeg's h2v1/h2v2 downsampling, without its integer rounding), each block's
@@ -231,15 +232,21 @@ def _change(plane, comp: Component, r0: int, r1: int, tables: _Tables):
         for i, j in [(i, j) for i in range(fv) for j in range(fh)][1:]:
             acc += parts[:, i, :, j]
         plane = acc.mul_(1.0 / (fv * fh))
-    blocks = (plane - 128.0).view(rows, 8, cols, 8).transpose(1, 2).reshape(-1, 64)
+    blocks = plane.view(rows, 8, cols, 8).transpose(1, 2).reshape(-1, 64)
     kq, half = tables.component(comp, r0, r1)
+    kq[:, 0] += 1024.0  # the level shift: DCT(block - 128) = DCT(block) - 1024 at DC, 0 elsewhere
     # clamp(coef, kQ - Q/2, kQ + Q/2) - coef == d - clamp(d, -Q/2, Q/2) with d = kQ - coef
     d = kq.sub_(blocks @ tables.kron.T)
     change = d - torch.clamp(d, -half, half)
     delta = (change @ tables.kron).view(rows, cols, 8, 8).transpose(1, 2).reshape(rows * 8, cols * 8)
-    if fv > 1 or fh > 1:
-        delta = delta[:, None, :, None].expand(rows * 8, fv, cols * 8, fh).reshape(ph, pw)
-    return delta[:h, :w]
+    if out is None:
+        if fv > 1 or fh > 1:
+            delta = delta[:, None, :, None].expand(rows * 8, fv, cols * 8, fh).reshape(ph, pw)
+        return delta[:h, :w]
+    for i in range(fv):  # replicated straight into ``out``: no full-resolution temporary
+        for j in range(fh):
+            out[i::fv, j::fh] = delta[: len(range(i, h, fv)), : len(range(j, w, fh))]
+    return out
 
 
 def _strip_correction(strip: np.ndarray, comp: Component, r0: int, r1: int) -> np.ndarray:
@@ -321,11 +328,11 @@ class Projector:
             luma = (t.to_ycc[:1] @ flat).view(1, *xs.shape[1:])
             luma[0] += _change(luma[0], coefs.components[0], *spans[0], t)
             return luma.expand(3, -1, -1).clamp(0, 255)
-        ycc = (t.to_ycc @ flat).add_(t.offset).view(xs.shape)
-        change = torch.stack(
-            [_change(ycc[i], c, *s, t) for i, (c, s) in enumerate(zip(coefs.components, spans, strict=True))]
-        )
-        flat.add_(t.to_rgb @ change.view(3, -1))
+        ycc = torch.addmm(t.offset, t.to_ycc, flat).view(xs.shape)
+        change = torch.empty_like(ycc)
+        for i, (comp, span) in enumerate(zip(coefs.components, spans, strict=True)):
+            _change(ycc[i], comp, *span, t, out=change[i])
+        flat.addmm_(t.to_rgb, change.view(3, -1))
         return xs.clamp_(0, 255)
 
     def project(self, x: np.ndarray) -> np.ndarray:

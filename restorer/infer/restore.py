@@ -16,6 +16,13 @@ Guarantees (each tested in tests/test_restore.py):
 * A model is applied only inside the quality range it was trained on (model.json
   ``facts.quality_range``); outside it the decoded image is written unchanged (lossless for PNG,
   TIFF, WebP) with one ``note:`` line, unless ``--force``.
+
+The processing path (:func:`_load` -> :func:`_process` -> :func:`_finish`, run by
+:func:`restorer.infer.pipeline.run_photos`): each file is read once (its bytes give both the
+pixels and the DCT coefficients of the projection); the network and the projection run on the
+main thread; for several photos, the decoding of the next one and the writing of the previous one
+run on one background thread beside the network (at most two photos held; ``--sequential``: one
+at a time, the same files byte for byte).
 """
 
 from __future__ import annotations
