@@ -117,6 +117,11 @@ def child(args) -> None:
 
 def measured(cmd: list[str], env: dict) -> tuple[int, str, str, float, float]:
     """Run ``cmd`` and reap it with os.wait4: (returncode, stdout, stderr, wall s, peak RSS MiB)."""
+    return measured_cpu(cmd, env)[:5]
+
+
+def measured_cpu(cmd: list[str], env: dict) -> tuple[int, str, str, float, float, float]:
+    """:func:`measured` plus the child's CPU seconds (user + system, all its threads)."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
         proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, cwd=REPO, text=True)
@@ -125,7 +130,8 @@ def measured(cmd: list[str], env: dict) -> tuple[int, str, str, float, float]:
         wall = time.perf_counter() - t0
         fo.seek(0)
         fe.seek(0)
-        return proc.returncode, fo.read(), fe.read(), wall, usage.ru_maxrss / 1024  # Linux: KiB
+        rss = usage.ru_maxrss / 1024  # Linux: KiB
+        return proc.returncode, fo.read(), fe.read(), wall, rss, usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
@@ -358,14 +364,14 @@ def packaged_models(env: dict, threads: list[str]) -> int:
     return 0 if len(rows) == len(names) else 1
 
 
-def _cli(inputs: list[Path], out: Path, args, env: dict, threads: list[str], extra=()) -> tuple[float, float, str]:
-    """``restorer restore`` in a child: (wall s, peak RSS MiB, its stdout)."""
+def _cli(inputs: list[Path], out: Path, args, env: dict, threads: list[str], extra=()) -> tuple:
+    """``restorer restore`` in a child: (wall s, peak RSS MiB, CPU s, its stdout)."""
     cmd = [sys.executable, "-m", "restorer.cli", "restore", *map(str, inputs), "-o", str(out)]
     cmd += ["--weights", args.weights, "--no-progress", "--overwrite", *threads, *extra]
-    code, out_text, err, wall, rss = measured(cmd, env)
+    code, out_text, err, wall, rss, cpu = measured_cpu(cmd, env)
     if code != 0:
         raise SystemExit(f"restorer restore failed: {err.strip().splitlines()[-1] if err.strip() else code}")
-    return wall, rss, out_text.strip()
+    return wall, rss, cpu, out_text.strip()
 
 
 def _child_json(flag: str, values: list[str], args, env: dict, threads: list[str], extra=()) -> dict:
@@ -389,8 +395,8 @@ def end_to_end(args, env: dict, threads: list[str]) -> int:
     ratios = []
     for _ in range(max(1, args.repeat)):
         res = _child_json("--split-child", [str(image)], args, env, threads, ["--compare-png"] * args.compare_png)
-        wall, rss, line = _cli([image], tmp / "cli.png", args, env, threads)
-        ratios.append(restore_stages.print_split(res, wall, rss, line))
+        wall, rss, cpu, line = _cli([image], tmp / "cli.png", args, env, threads)
+        ratios.append(restore_stages.print_split(res, (wall, rss, cpu), line))
         print(f"load average now {os.getloadavg()[0]:.1f}")
     import shutil
 
@@ -415,13 +421,16 @@ def folder(args, env: dict, threads: list[str]) -> int:
     network = sum(net["seconds"])
     rows = {}
     for name, extra in (("overlapped", []), ("sequential", ["--sequential"])):
-        rows[name] = _cli([src], tmp / name, args, env, threads, extra)[:2]
+        rows[name] = _cli([src], tmp / name, args, env, threads, extra)[:3]
     mp = net["megapixels"]
     print(f"# {args.folder} JPEGs of {w}x{h} ({mp:.0f} MP), weights {args.weights}; end to end = process start to exit")
-    print(f"{'case':<22} {'seconds':>8} {'Mpix/s':>7} {'x network rate':>15} {'peak RSS MiB':>13}")
-    print(f"{'network only':<22} {network:>8.1f} {mp / network:>7.3f} {1.0:>15.3f} {'':>13}")
-    for name, (wall, rss) in rows.items():
-        print(f"{'restore ' + name:<22} {wall:>8.1f} {mp / wall:>7.3f} {network / wall:>15.3f} {rss:>13.0f}")
+    print(f"{'case':<22} {'seconds':>8} {'Mpix/s':>7} {'x network rate':>15} {'peak RSS MiB':>13} {'CPU s':>8}")
+    print(f"{'network only':<22} {network:>8.1f} {mp / network:>7.3f} {1.0:>15.3f} {'':>13} {net['cpu']:>8.1f}")
+    for name, (wall, rss, cpu) in rows.items():
+        print(
+            f"{'restore ' + name:<22} {wall:>8.1f} {mp / wall:>7.3f} {network / wall:>15.3f} {rss:>13.0f} {cpu:>8.1f}"
+        )
+    print("(network only: Restorer.restore on the decoded photos, its CPU seconds; restore: the whole process)")
     print(f"load average now {os.getloadavg()[0]:.1f}")
     import shutil
 

@@ -99,16 +99,19 @@ def network_child(images: list[Path], weights: str, threads: int | None) -> None
     decoded = [open_image(p, args.max_pixels) for p in images]
     restorer = choose(models.restorers, decoded[0].quality)
     restorer.restore(decoded[0].pixels[:256, :256], decoded[0].quality)  # warm-up
-    seconds = []
+    seconds, cpu = [], 0.0
     for img in decoded:
-        _, wall, _ = _timed(lambda im=img: restorer.restore(im.pixels, im.quality))
+        _, wall, c = _timed(lambda im=img: restorer.restore(im.pixels, im.quality))
         seconds.append(wall)
+        cpu += c
     pixels = sum(img.size[0] * img.size[1] for img in decoded)
-    print(json.dumps({"seconds": seconds, "megapixels": pixels / 1e6}))
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "megapixels": pixels / 1e6}))
 
 
-def print_split(res: dict, e2e_wall: float, e2e_rss: float, cli_line: str) -> float:
-    """The split table; returns end-to-end / network."""
+def print_split(res: dict, e2e: tuple[float, float, float], cli_line: str) -> float:
+    """The split table; ``e2e``: the command's (wall s, peak RSS MiB, CPU s). Returns end to end /
+    network."""
+    e2e_wall, e2e_rss, e2e_cpu = e2e
     net = res["stages"]["network"][0]
     w, h = res["size"]
     print(
@@ -129,7 +132,7 @@ def print_split(res: dict, e2e_wall: float, e2e_rss: float, cli_line: str) -> fl
         )
     print(
         f"restorer restore, end to end (process start to exit, torch import and model load included): "
-        f"{e2e_wall:.2f} s, peak RSS {e2e_rss:.0f} MiB; its own line: {cli_line}"
+        f"{e2e_wall:.2f} s ({e2e_cpu:.1f} s CPU), peak RSS {e2e_rss:.0f} MiB; its own line: {cli_line}"
     )
     print(f"split child peak RSS {res['peak_rss_mib']:.0f} MiB")
     return e2e_wall / net
