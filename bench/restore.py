@@ -19,12 +19,25 @@ from ``os.wait4``) is its own:
   NAME`` exactly as a user runs it (auto precision, projection on), side by side; the last line is
   ``restore_24mp_seconds_fast: <value>``.
 
-The last line is ``restore_cpu_mpix_per_s: <value>`` (default preset, tiled, fp32, CPU).
+* ``--end-to-end``: instead, ``restorer restore big.jpg`` with the packaged ``fast`` (``--weights``)
+  on a 6000x4000 q30 JPEG (or ``--image``), as a user runs it: first each stage alone in one child
+  (decode / coefficients / network / projection / encode, wall and CPU seconds; ``--compare-png``
+  adds Pillow's PNG writer for the size cost), then the command end to end in another (process
+  start to exit, peak RSS). Last line ``end_to_end_over_network: <end to end / network>``
+  (the median over ``--repeat`` runs). Module: bench/restore_stages.py.
+* ``--folder N``: instead, a folder of N photo-like JPEGs of ``--folder-size``: the network alone on
+  each (decoded beforehand), then ``restorer restore folder/`` with its default overlap and with
+  ``--sequential``. Last line ``folder_rate_over_network: <network seconds / end to end seconds>``.
+
+The last line is ``restore_cpu_mpix_per_s: <value>`` (default preset, tiled, fp32, CPU) for the
+default cases.
 
   python bench/restore.py                 # ~2 min on 2 cores
   python bench/restore.py --full          # the 24 MP case with the default preset
   python bench/restore.py --threads 1     # torch threads in every child
   python bench/restore.py --packaged      # the shipped models on a 24 MP JPEG, as `restore` runs them
+  python bench/restore.py --end-to-end --compare-png   # the split of a 24 MP restore (fast), ~3 min on 2 cores
+  python bench/restore.py --folder 8      # 8 photos of 6 MP, overlapped and sequential
 """
 
 from __future__ import annotations
@@ -42,16 +55,18 @@ REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
+import restore_stages  # noqa: E402  (bench/restore_stages.py, beside this script)
 
-def photo_like(width: int, height: int):
-    """A deterministic photo-like RGB image: a real photo resized, plus fine noise."""
+
+def photo_like(width: int, height: int, seed: int = 0):
+    """A deterministic photo-like RGB image: a real photo resized, plus fine noise (``seed``)."""
     import numpy as np
     from PIL import Image
     from skimage import data
 
     img = Image.fromarray(data.astronaut()).resize((width, height), Image.BICUBIC)
     arr = np.asarray(img).astype(np.int16)
-    noise = np.random.default_rng(0).integers(-6, 7, size=(height, width, 1), dtype=np.int16)
+    noise = np.random.default_rng(seed).integers(-6, 7, size=(height, width, 1), dtype=np.int16)
     return np.clip(arr + noise, 0, 255).astype(np.uint8)
 
 
@@ -102,6 +117,11 @@ def child(args) -> None:
 
 def measured(cmd: list[str], env: dict) -> tuple[int, str, str, float, float]:
     """Run ``cmd`` and reap it with os.wait4: (returncode, stdout, stderr, wall s, peak RSS MiB)."""
+    return measured_cpu(cmd, env)[:5]
+
+
+def measured_cpu(cmd: list[str], env: dict) -> tuple[int, str, str, float, float, float]:
+    """:func:`measured` plus the child's CPU seconds (user + system, all its threads)."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
         proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, cwd=REPO, text=True)
@@ -110,7 +130,8 @@ def measured(cmd: list[str], env: dict) -> tuple[int, str, str, float, float]:
         wall = time.perf_counter() - t0
         fo.seek(0)
         fe.seek(0)
-        return proc.returncode, fo.read(), fe.read(), wall, usage.ru_maxrss / 1024  # Linux: KiB
+        rss = usage.ru_maxrss / 1024  # Linux: KiB
+        return proc.returncode, fo.read(), fe.read(), wall, rss, usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
@@ -119,6 +140,25 @@ def main() -> int:
     ap.add_argument(
         "--packaged", action="store_true", help="only the shipped models on a 24 MP JPEG, as users run them"
     )
+    ap.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="only `restorer restore` on one big JPEG (--image, default a 6000x4000 q30 one): the time of each "
+        "stage against the network's; last line end_to_end_over_network",
+    )
+    ap.add_argument(
+        "--folder",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only `restorer restore` on a folder of N JPEGs of --folder-size (default 3000x2000), with and "
+        "without --sequential, against the network alone; last line folder_rate_over_network",
+    )
+    ap.add_argument("--folder-size", default="3000x2000", help="photo size of --folder")
+    ap.add_argument("--image", default=None, help="--end-to-end: this JPEG instead of the generated one")
+    ap.add_argument("--weights", default="fast", help="--end-to-end / --folder: weights (default fast)")
+    ap.add_argument("--repeat", type=int, default=1, help="--end-to-end: runs (the median ratio is reported)")
+    ap.add_argument("--compare-png", action="store_true", help="--end-to-end: also Pillow's PNG levels 6 and 1")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
     ap.add_argument("--size", default="1024x768", help="image size of the speed cases")
     ap.add_argument("--tile", type=int, default=512)
@@ -129,9 +169,17 @@ def main() -> int:
     ap.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--split-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--network-child", nargs="+", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
         child(args)
+        return 0
+    if args.split_child:
+        restore_stages.split_child(Path(args.split_child), args.weights, args.threads, args.compare_png)
+        return 0
+    if args.network_child:
+        restore_stages.network_child([Path(p) for p in args.network_child], args.weights, args.threads)
         return 0
 
     import numpy as np
@@ -145,6 +193,10 @@ def main() -> int:
     )
     if args.packaged:
         return packaged_models(env, threads)
+    if args.end_to_end:
+        return end_to_end(args, env, threads)
+    if args.folder:
+        return folder(args, env, threads)
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="bench_restore_"))
     # (name, device, tile, bf16, channels_last): "auto" = restorer.hardware's rule for the device/precision
@@ -257,7 +309,8 @@ def main() -> int:
         extra = f"{diffs[name]:>22}" if name in diffs else f"{'':>22}"
         cuda = f"  (GPU peak {cuda_mib:.0f} MiB)" if cuda_mib else ""
         print(
-            f"{name:<16} {preset:<8} {size:<10} {tile!s:>5} {dtype:<5} {mps:>8.3f} {sec:>8.1f} {rss:>13.0f} {extra}{cuda}"
+            f"{name:<16} {preset:<8} {size:<10} {tile!s:>5} {dtype:<5} {mps:>8.3f} {sec:>8.1f} {rss:>13.0f} "
+            f"{extra}{cuda}"
         )
     print("(cli_24mp: end to end incl. JPEG decode and PNG encode; peak RSS of the whole `restorer restore` process)")
     import shutil
@@ -309,6 +362,81 @@ def packaged_models(env: dict, threads: list[str]) -> int:
     print("(6000x4000 JPEG at q30, `restorer restore` end to end: decode, restore, projection, PNG encode)")
     print(f"restore_24mp_seconds_fast: {rows['fast'][0]:.1f}" if "fast" in rows else "restore_24mp_seconds_fast: nan")
     return 0 if len(rows) == len(names) else 1
+
+
+def _cli(inputs: list[Path], out: Path, args, env: dict, threads: list[str], extra=()) -> tuple:
+    """``restorer restore`` in a child: (wall s, peak RSS MiB, CPU s, its stdout)."""
+    cmd = [sys.executable, "-m", "restorer.cli", "restore", *map(str, inputs), "-o", str(out)]
+    cmd += ["--weights", args.weights, "--no-progress", "--overwrite", *threads, *extra]
+    code, out_text, err, wall, rss, cpu = measured_cpu(cmd, env)
+    if code != 0:
+        raise SystemExit(f"restorer restore failed: {err.strip().splitlines()[-1] if err.strip() else code}")
+    return wall, rss, cpu, out_text.strip()
+
+
+def _child_json(flag: str, values: list[str], args, env: dict, threads: list[str], extra=()) -> dict:
+    cmd = [sys.executable, __file__, flag, *values, "--weights", args.weights, *threads, *extra]
+    code, out, err, _, _ = measured(cmd, env)
+    if code != 0:
+        raise SystemExit(f"{flag} failed: {err.strip().splitlines()[-1] if err.strip() else code}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def end_to_end(args, env: dict, threads: list[str]) -> int:
+    """Each stage of one restore alone, then the command end to end; ratio to the network."""
+    import statistics
+
+    from PIL import Image
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_restore_"))
+    image = Path(args.image) if args.image else tmp / "big.jpg"
+    if not args.image:
+        Image.fromarray(photo_like(6000, 4000)).save(image, quality=30)
+    ratios = []
+    for _ in range(max(1, args.repeat)):
+        res = _child_json("--split-child", [str(image)], args, env, threads, ["--compare-png"] * args.compare_png)
+        wall, rss, cpu, line = _cli([image], tmp / "cli.png", args, env, threads)
+        ratios.append(restore_stages.print_split(res, (wall, rss, cpu), line))
+        print(f"load average now {os.getloadavg()[0]:.1f}")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"end_to_end_over_network: {statistics.median(ratios):.3f}")
+    return 0
+
+
+def folder(args, env: dict, threads: list[str]) -> int:
+    """A folder of photos: the network alone, then `restorer restore` with and without overlap."""
+    from PIL import Image
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_restore_"))
+    w, h = (int(v) for v in args.folder_size.split("x"))
+    src = tmp / "in"
+    src.mkdir()
+    images = []
+    for i in range(args.folder):
+        images.append(src / f"p{i}.jpg")
+        Image.fromarray(photo_like(w, h, seed=i)).save(images[-1], quality=30 + 5 * (i % 4))
+    net = _child_json("--network-child", [str(p) for p in images], args, env, threads)
+    network = sum(net["seconds"])
+    rows = {}
+    for name, extra in (("overlapped", []), ("sequential", ["--sequential"])):
+        rows[name] = _cli([src], tmp / name, args, env, threads, extra)[:3]
+    mp = net["megapixels"]
+    print(f"# {args.folder} JPEGs of {w}x{h} ({mp:.0f} MP), weights {args.weights}; end to end = process start to exit")
+    print(f"{'case':<22} {'seconds':>8} {'Mpix/s':>7} {'x network rate':>15} {'peak RSS MiB':>13} {'CPU s':>8}")
+    print(f"{'network only':<22} {network:>8.1f} {mp / network:>7.3f} {1.0:>15.3f} {'':>13} {net['cpu']:>8.1f}")
+    for name, (wall, rss, cpu) in rows.items():
+        print(
+            f"{'restore ' + name:<22} {wall:>8.1f} {mp / wall:>7.3f} {network / wall:>15.3f} {rss:>13.0f} {cpu:>8.1f}"
+        )
+    print("(network only: Restorer.restore on the decoded photos, its CPU seconds; restore: the whole process)")
+    print(f"load average now {os.getloadavg()[0]:.1f}")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"folder_rate_over_network: {network / rows['overlapped'][0]:.3f}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from restorer.data.degrade import estimate_quality
 from restorer.errors import UserError, first_line
 from restorer.fsutil import atomic_write
 from restorer.imagecore import IMAGE_SUFFIXES  # noqa: F401  (re-exported: one list for the project)
+from restorer.pngio import write_png
 
 # 200 megapixels: a 24 MP photo is far below, a 50000x50000 "bomb" far above. --max-pixels changes it.
 DEFAULT_MAX_PIXELS = 200_000_000
@@ -42,6 +43,7 @@ class LoadedImage:
     exif: bytes | None  # with Orientation reset to 1
     orientation: int  # the Orientation the file carried (1 = none)
     notes: list[str]  # lossy conversions made while reading (e.g. 16-bit -> 8-bit)
+    data: bytes | None = None  # a JPEG's bytes, exactly those decoded (for its DCT coefficients)
 
     @property
     def is_gray(self) -> bool:
@@ -69,7 +71,7 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         # switched off and replaced by ours, from the header, so that --max-pixels can also
         # raise the limit and the message names it. Restored in ``finally``.
         Image.MAX_IMAGE_PIXELS = None
-        with Image.open(path) as img:
+        with open(path, "rb") as fh, Image.open(fh) as img:
             width, height = img.size
             if width <= 0 or height <= 0:
                 raise UserError(f"{path}: image declares an empty size {width}x{height}")
@@ -92,6 +94,7 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             if img.mode == "CMYK" and icc:
                 notes.append("CMYK converted to RGB; its ICC profile (for CMYK) was dropped")
                 icc = None
+            data = _reread(fh) if fmt in ("JPEG", "MPO") else None
     except UserError:
         raise
     except Image.UnidentifiedImageError:
@@ -102,7 +105,13 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise UserError(f"{path}: unreadable image ({type(exc).__name__}: {first_line(exc)})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = pillow_limit
-    return LoadedImage(path, pixels, alpha, fmt, quality, icc, exif_bytes, orientation, notes)
+    return LoadedImage(path, pixels, alpha, fmt, quality, icc, exif_bytes, orientation, notes, data)
+
+
+def _reread(fh) -> bytes:
+    """The whole file from the handle Pillow decoded (the same file, even if renamed meanwhile)."""
+    fh.seek(0)
+    return fh.read()
 
 
 def _to_arrays(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
@@ -199,38 +208,49 @@ def save_image(
     jpeg_quality: int = 95,
 ) -> list[str]:
     """Write atomically (temporary file in the same folder, then rename); never replaces an
-    existing file unless ``overwrite``. PNG, TIFF (LZW) and WebP are lossless; JPEG is written at
-    ``jpeg_quality`` with 4:4:4 chroma. Every error names ``out`` (or its folder). Returns notes
-    about what could not be kept."""
+    existing file unless ``overwrite``. PNG (:mod:`restorer.pngio`: level 1, deflated on every
+    core), TIFF (LZW) and WebP are lossless; JPEG is written at ``jpeg_quality`` with 4:4:4
+    chroma. Every error names ``out`` (or its folder). Returns notes about what could not be kept."""
     pil_format, _ = OUTPUT_FORMATS[fmt]
     notes: list[str] = []
-    img = Image.fromarray(pixels)
-    if alpha is not None:
-        if pil_format == "JPEG":
-            notes.append("JPEG output cannot hold alpha; alpha dropped")
-        else:
-            img.putalpha(Image.fromarray(alpha))
-    kwargs: dict = {}
-    if icc_profile:
-        kwargs["icc_profile"] = icc_profile
-    if exif:
-        kwargs["exif"] = exif
-    if pil_format == "PNG":
-        kwargs["compress_level"] = 6
-    elif pil_format == "JPEG":
-        kwargs.update(quality=jpeg_quality, subsampling=0)
-    elif pil_format == "TIFF":
-        kwargs["compression"] = "tiff_lzw"
-    elif pil_format == "WEBP":
-        kwargs.update(lossless=True, quality=80, method=4)
+    if alpha is not None and pil_format == "JPEG":
+        notes.append("JPEG output cannot hold alpha; alpha dropped")
+        alpha = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"{out.parent}: cannot create the output folder ({exc.strerror or exc})") from None
     if out.exists() and not overwrite:
         raise UserError(f"{out}: output exists (use --overwrite to replace it)")
+    if pil_format == "PNG":
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                write_png(fh, pixels, alpha, icc_profile, exif)
+
+    else:
+        write = _pillow_writer(pixels, alpha, pil_format, icc_profile, exif, jpeg_quality)
     try:  # no-clobber unless --overwrite: hard-linked into place, so even a race cannot clobber
-        atomic_write(out, lambda tmp: img.save(tmp, format=pil_format, **kwargs), replace=overwrite)
+        atomic_write(out, write, replace=overwrite)
     except FileExistsError:
         raise UserError(f"{out}: output exists (use --overwrite to replace it)") from None
     return notes
+
+
+def _pillow_writer(pixels, alpha, pil_format: str, icc_profile, exif, jpeg_quality: int):
+    """``write(tmp)`` for the formats Pillow writes (TIFF, WebP, JPEG)."""
+    img = Image.fromarray(pixels)
+    if alpha is not None:
+        img.putalpha(Image.fromarray(alpha))
+    kwargs: dict = {}
+    if icc_profile:
+        kwargs["icc_profile"] = icc_profile
+    if exif:
+        kwargs["exif"] = exif
+    if pil_format == "JPEG":
+        kwargs.update(quality=jpeg_quality, subsampling=0)
+    elif pil_format == "TIFF":
+        kwargs["compression"] = "tiff_lzw"
+    elif pil_format == "WEBP":
+        kwargs.update(lossless=True, quality=80, method=4)
+    return lambda tmp: img.save(tmp, format=pil_format, **kwargs)

@@ -97,7 +97,7 @@ def test_progressive_and_restart_markers_give_identical_coefficients(kind):
     if kind == "restart markers":
         assert encode(img, 40, **kwargs).count(b"\xff\xd0") > 0  # the markers are really there
     assert other.progressive == (kind == "progressive")
-    for a, b in zip(base.components, other.components):
+    for a, b in zip(base.components, other.components, strict=True):
         assert np.array_equal(a.coef, b.coef) and np.array_equal(a.qtable, b.qtable) and a.factor == b.factor
 
 
@@ -117,6 +117,26 @@ def test_path_and_bytes_agree(tmp_path):
     assert np.array_equal(project(restored, path), project(restored, data))
     assert np.array_equal(project(restored, str(path)), project(restored, read_coefficients(data)))
     assert path.read_bytes() == data  # the input file is never modified
+
+
+def test_bytes_already_decoded_by_open_image(tmp_path):
+    """restore reads each JPEG once: open_image keeps the bytes it decoded, and the coefficients
+    read from them (without a second decode) are those of the file, with its orientation."""
+    from restorer.imageio import open_image
+
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = 8
+    path = tmp_path / "p.jpg"
+    path.write_bytes(encode(photo(), 30, exif=exif.tobytes()))
+    img = open_image(path)
+    assert img.data == path.read_bytes()
+    fast = read_coefficients(img.data, decoded=(str(path), img.orientation))
+    full = read_coefficients(path)
+    assert (fast.name, fast.orientation, fast.height, fast.width) == (full.name, 8, full.height, full.width)
+    for a, b in zip(fast.components, full.components, strict=True):
+        assert np.array_equal(a.coef, b.coef) and np.array_equal(a.qtable, b.qtable) and a.factor == b.factor
+    bad = blur(img.pixels)
+    assert np.array_equal(project_upright(bad, fast), project_upright(bad, path))
 
 
 @pytest.mark.parametrize(

@@ -47,14 +47,14 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
 
 import numpy as np
+import torch
 from PIL import Image
 
 from restorer.errors import UserError, first_line
 
-JpegSource = Union[str, os.PathLike, bytes]
+JpegSource = str | os.PathLike | bytes
 
 ORIENTATION_TAG = 0x0112
 ROWS_PER_STRIP = 64  # block rows of a component processed at once: bounds memory on big photos
@@ -103,13 +103,17 @@ class JpegCoefficients:
 
 
 # -- reading ----------------------------------------------------------------------------------------
-def read_coefficients(src: JpegSource) -> JpegCoefficients:
+def read_coefficients(src: JpegSource, decoded: tuple[str, int] | None = None) -> JpegCoefficients:
     """Read the quantised DCT coefficients and tables of a JPEG (a path or the file's bytes).
 
     The file is first decoded once by Pillow, so that truncated or corrupt files fail here with one
     :class:`UserError` naming the file (libjpeg under ``jpeglib`` only warns about them). Baseline,
     progressive, restart markers, any integer sampling factors, 1- and 3-component YCbCr files are
     read; CMYK/YCCK/RGB-coded JPEGs are refused with a UserError.
+
+    ``decoded`` = (name, EXIF orientation) says that the caller has already decoded these very
+    bytes with Pillow (``restorer.imageio.open_image`` keeps them as ``LoadedImage.data``): that
+    check is not repeated (it cost a third of this function on a 24 MP photo).
     """
     data = src if isinstance(src, bytes) else None
     name = "<bytes>" if data is not None else str(src)
@@ -118,7 +122,10 @@ def read_coefficients(src: JpegSource) -> JpegCoefficients:
         if not path.is_file():
             raise UserError(f"{name}: no such file" if not path.exists() else f"{name}: not a file")
         data = path.read_bytes()
-    orientation = _check_with_pillow(data, name)
+    if decoded is not None and data is src:
+        name, orientation = decoded
+    else:
+        orientation = _check_with_pillow(data, name)
     import jpeglib  # the coefficient reader (libjpeg builds inside the wheel)
 
     # jpeglib reads paths only: give it a private temporary copy (the user's file is never touched)
@@ -149,7 +156,7 @@ def read_coefficients(src: JpegSource) -> JpegCoefficients:
         )
     vmax, hmax = samp[:, 0].max(), samp[:, 1].max()
     comps = []
-    for coef, (v, h), q in zip(planes, samp, tables):
+    for coef, (v, h), q in zip(planes, samp, tables, strict=False):
         if vmax % v or hmax % h:
             raise UserError(f"{name}: sampling factors {samp.tolist()} are not integer ratios")
         comps.append(Component(np.asarray(coef), q, (int(vmax // v), int(hmax // h))))
@@ -175,68 +182,77 @@ def _check_with_pillow(data: bytes, name: str) -> int:
 
 
 # -- the projection, strip by strip -----------------------------------------------------------------------
-def _dct_planar(plane: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """``left @ block @ right`` for every 8x8 block of ``plane`` [8r, 8c], in place of the blocks.
-
-    Two large matrix products (all block columns at once, then all block rows) instead of one
-    tiny product per block; the result stays in plane layout. torch's matmul (zero-copy views of
-    the numpy arrays) runs these skinny products about 3x faster than numpy's on a 2-core CPU.
-    Callers run it under :func:`_one_thread`."""
-    import torch
-
-    h, w = plane.shape
-    x = torch.from_numpy(np.ascontiguousarray(plane))
-    lt, rt = torch.from_numpy(left.astype(plane.dtype)), torch.from_numpy(right.astype(plane.dtype))
-    t = torch.matmul(lt, x.reshape(h // 8, 8, w))  # along each block's rows
-    return (t.reshape(h * w // 8, 8) @ rt).reshape(h, w).numpy()  # along each block's columns
+# vec(C @ B @ C.T) == KRON_DCT @ vec(B) for an 8x8 block B flattened row by row: the 2-D DCT of
+# every block as one [blocks, 64] x [64, 64] matrix product (a few dense products instead of the
+# many skinny 8-wide ones of the separable form; 4x the multiply-adds, faster on CPUs and GPUs).
+KRON_DCT = np.kron(DCT, DCT)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """torch on one thread while projecting, restored afterwards. The products are short (8 wide,
-    a few MB per strip): on a shared 2-core machine a 2-thread pool made a 0.15 MP projection 10x
-    slower (0.95 s vs 0.09 s) waiting at its barriers, and its gain on big strips was small."""
-    import torch
+class _Tables:
+    """The constant matrices on one device, in one dtype (made once per projection)."""
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    def __init__(self, dtype, device) -> None:
+        def t(a: np.ndarray):
+            return torch.as_tensor(a, dtype=dtype, device=device)
+
+        self.dtype, self.device = dtype, device
+        self.kron, self.to_ycc, self.to_rgb = t(KRON_DCT), t(RGB_TO_YCC), t(YCC_TO_RGB)
+        self.offset = t(np.array([0.0, 128.0, 128.0]).reshape(3, 1))
+
+    def component(self, comp: Component, r0: int, r1: int):
+        """(k Q, Q / 2) of block rows [r0, r1): [blocks, 64], [64], natural order."""
+        q = torch.as_tensor(comp.qtable.reshape(64), dtype=self.dtype, device=self.device)
+        k = torch.as_tensor(np.ascontiguousarray(comp.coef[r0:r1]).reshape(-1, 64), device=self.device)
+        return k.to(self.dtype).mul_(q), q * 0.5
 
 
-def _strip_correction(strip: np.ndarray, comp: Component, r0: int, r1: int) -> np.ndarray:
-    """The change that projects ``strip`` onto the quantisation set of ``comp``'s block rows
-    [r0, r1). ``strip``: full-resolution rows from the top of block row r0 (fewer than the blocks
-    cover only at the image's bottom), all columns, float levels 0..255 (not level-shifted).
-    Returns the change, same shape and dtype.
+def _change(plane, comp: Component, r0: int, r1: int, tables: _Tables, out=None):
+    """The change that projects ``plane`` onto the quantisation set of ``comp``'s block rows
+    [r0, r1). ``plane``: a torch tensor of full-resolution rows from the top of block row r0
+    (fewer than the blocks cover only at the image's bottom), all columns, float levels 0..255
+    (not level-shifted). Returns the change, same shape, dtype and device (written into ``out``
+    when given).
 
-    The strip is edge-padded to the block grid (as the encoder padded), box-averaged by
+    The plane is edge-padded to the block grid (as the encoder padded), box-averaged by
     ``comp.factor`` (libjpeg's h2v1/h2v2 downsampling, without its integer rounding), each block's
     DCT clamped into ``[(k - 1/2) Q, (k + 1/2) Q]``; the inverse DCT of the change is replicated
     back to full resolution (the exact projection's spreading for a box average) and cropped.
     """
-    h, w = strip.shape
-    cols = comp.coef.shape[1]
+    h, w = plane.shape
+    rows, cols = r1 - r0, comp.coef.shape[1]
     fv, fh = comp.factor
-    ph, pw = (r1 - r0) * 8 * fv, cols * 8 * fh
+    ph, pw = rows * 8 * fv, cols * 8 * fh
     if ph < h or pw < w:
-        raise ValueError(f"component grid {r1 - r0}x{cols} blocks x{comp.factor} does not cover {h}x{w}")
-    padded = np.pad(strip, ((0, ph - h), (0, pw - w)), mode="edge") if (ph, pw) != (h, w) else strip
-    if fv > 1 or fh > 1:
-        parts = [padded[i::fv, j::fh] for i in range(fv) for j in range(fh)]
-        padded = sum(parts[1:], parts[0].copy()) * strip.dtype.type(1 / (fv * fh))
-    coef = _dct_planar(padded - strip.dtype.type(128), DCT, DCT.T).reshape(r1 - r0, 8, cols, 8)
+        raise ValueError(f"component grid {rows}x{cols} blocks x{comp.factor} does not cover {h}x{w}")
+    if (ph, pw) != (h, w):
+        plane = torch.nn.functional.pad(plane[None, None], (0, pw - w, 0, ph - h), mode="replicate")[0, 0]
+    if fv > 1 or fh > 1:  # a sum of strided views, in a fixed order (no reduction kernel)
+        parts = plane.view(ph // fv, fv, pw // fh, fh)
+        acc = parts[:, 0, :, 0].clone()
+        for i, j in [(i, j) for i in range(fv) for j in range(fh)][1:]:
+            acc += parts[:, i, :, j]
+        plane = acc.mul_(1.0 / (fv * fh))
+    blocks = plane.view(rows, 8, cols, 8).transpose(1, 2).reshape(-1, 64)
+    kq, half = tables.component(comp, r0, r1)
+    kq[:, 0] += 1024.0  # the level shift: DCT(block - 128) = DCT(block) - 1024 at DC, 0 elsewhere
     # clamp(coef, kQ - Q/2, kQ + Q/2) - coef == d - clamp(d, -Q/2, Q/2) with d = kQ - coef
-    q = comp.qtable.astype(strip.dtype)[None, :, None, :]
-    d = comp.coef[r0:r1].transpose(0, 2, 1, 3) * q  # plane layout [r, v, c, u]
-    d -= coef
-    change = d - np.minimum(np.maximum(d, -q / 2), q / 2)
-    delta = _dct_planar(change.reshape(padded.shape), DCT.T, DCT)
-    if fv > 1 or fh > 1:
-        delta = np.repeat(np.repeat(delta, fv, axis=0), fh, axis=1)
-    return delta[:h, :w]
+    d = kq.sub_(blocks @ tables.kron.T)
+    change = d - torch.clamp(d, -half, half)
+    delta = (change @ tables.kron).view(rows, cols, 8, 8).transpose(1, 2).reshape(rows * 8, cols * 8)
+    if out is None:
+        if fv > 1 or fh > 1:
+            delta = delta[:, None, :, None].expand(rows * 8, fv, cols * 8, fh).reshape(ph, pw)
+        return delta[:h, :w]
+    for i in range(fv):  # replicated straight into ``out``: no full-resolution temporary
+        for j in range(fh):
+            out[i::fv, j::fh] = delta[: len(range(i, h, fv)), : len(range(j, w, fh))]
+    return out
+
+
+def _strip_correction(strip: np.ndarray, comp: Component, r0: int, r1: int) -> np.ndarray:
+    """:func:`_change` for a numpy plane (same dtype back), on the CPU."""
+    tables = _Tables(torch.from_numpy(strip[:0]).dtype, "cpu")
+    return _change(torch.from_numpy(np.ascontiguousarray(strip)), comp, r0, r1, tables).numpy()
 
 
 def _strips(coefs: JpegCoefficients):
@@ -260,11 +276,78 @@ def project_planes(planes: list[np.ndarray], coefs: JpegCoefficients, dtype=np.f
     if len(planes) != len(coefs.components):
         raise ValueError(f"{coefs.name}: {len(planes)} planes for {len(coefs.components)} components")
     out = [np.array(p, dtype=dtype) for p in planes]
-    with _one_thread():
+    with _one_thread(torch.device("cpu")):
         for y0, y1, spans in _strips(coefs):
-            for o, p, c, (r0, r1) in zip(out, planes, coefs.components, spans):
+            for o, p, c, (r0, r1) in zip(out, planes, coefs.components, spans, strict=True):
                 o[y0:y1] += _strip_correction(np.asarray(p[y0:y1], dtype), c, r0, r1)
     return out
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """On a CPU, torch on one thread while projecting, restored afterwards. The products are
+    small (a few MB per strip): on a shared 2-core machine a 2-thread pool made a 0.15 MP
+    projection 10x slower (0.95 s vs 0.09 s) waiting at its barriers, and a 24 MP one 2.7x slower
+    in CPU time (5.5 s vs 2.0 s) under load. Must run on the thread that runs the network (the
+    thread count is process-wide)."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Projector:
+    """The projection of one JPEG, strip by strip, on ``device`` (float32): what :func:`project`
+    runs over the whole image, and what a caller that has the restored rows in pieces runs per
+    strip (:attr:`strips`: MCU-aligned (y0, y1, spans) in the stored orientation). Each strip is
+    independent of the others, so any order gives the same bytes."""
+
+    def __init__(self, coefs: JpegCoefficients, device="cpu") -> None:
+        self.coefs = coefs
+        self.tables = _Tables(torch.float32, torch.device(device))
+        self.strips = list(_strips(coefs))
+
+    def levels(self, x: np.ndarray, y0: int, y1: int, spans) -> torch.Tensor:
+        """Rows [y0, y1) of ``x`` (stored orientation; uint8 or float32 levels, [h, W, 3] or
+        [h, W]) projected: float32 levels, planar ([3, h, W] or [1, h, W]), clipped to [0, 255]."""
+        t, coefs = self.tables, self.coefs
+        part = x[y0:y1]
+        if not (part.flags.writeable and part.flags.c_contiguous):  # torch.from_numpy wants both
+            part = np.array(part)
+        rows = torch.from_numpy(part)
+        xs = torch.empty((rows.shape[2] if rows.ndim == 3 else 1,) + tuple(rows.shape[:2]), device=t.device)
+        xs.copy_(rows.permute(2, 0, 1) if rows.ndim == 3 else rows[None])
+        if xs.shape[0] == 1:
+            xs[0] += _change(xs[0], coefs.components[0], *spans[0], t)
+            return xs.clamp_(0, 255)
+        flat = xs.view(3, -1)
+        if coefs.is_gray:  # the file holds no colour: the projection onto it is gray
+            luma = (t.to_ycc[:1] @ flat).view(1, *xs.shape[1:])
+            luma[0] += _change(luma[0], coefs.components[0], *spans[0], t)
+            return luma.expand(3, -1, -1).clamp(0, 255)
+        ycc = torch.addmm(t.offset, t.to_ycc, flat).view(xs.shape)
+        change = torch.empty_like(ycc)
+        for i, (comp, span) in enumerate(zip(coefs.components, spans, strict=True)):
+            _change(ycc[i], comp, *span, t, out=change[i])
+        flat.addmm_(t.to_rgb, change.view(3, -1))
+        return xs.clamp_(0, 255)
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        """The whole image (stored orientation, as :meth:`levels` takes it) -> uint8, strip by strip."""
+        out = np.empty(x.shape, dtype=np.uint8)
+        with _one_thread(self.tables.device):
+            for y0, y1, spans in self.strips:
+                out[y0:y1] = self.rows_uint8(x, y0, y1, spans)
+        return out
+
+    def rows_uint8(self, x: np.ndarray, y0: int, y1: int, spans) -> np.ndarray:
+        """:meth:`levels` rounded to uint8, in ``x``'s layout ([h, W, 3] or [h, W])."""
+        lv = self.levels(x, y0, y1, spans).round_().to(torch.uint8)
+        out = lv.permute(1, 2, 0) if x.ndim == 3 else lv[0]
+        return out.cpu().numpy()
 
 
 # -- the public entry points ------------------------------------------------------------------------
@@ -285,11 +368,7 @@ def _as_levels(restored) -> np.ndarray:
     return x.astype(np.float32) * np.float32(255)
 
 
-def project_float(restored, jpeg: JpegSource | JpegCoefficients) -> np.ndarray:
-    """Like :func:`project` but returns float32 levels (0..255, clipped, not rounded).
-
-    Works in float32 strip by strip (MCU rows), so a 24 MP photo needs a few hundred MB."""
-    coefs = jpeg if isinstance(jpeg, JpegCoefficients) else read_coefficients(jpeg)
+def _checked_levels(restored, coefs: JpegCoefficients) -> np.ndarray:
     x = _as_levels(restored)
     if x.shape[:2] != (coefs.height, coefs.width) or not (x.ndim == 2 or (x.ndim == 3 and x.shape[2] == 3)):
         raise ValueError(
@@ -299,40 +378,36 @@ def project_float(restored, jpeg: JpegSource | JpegCoefficients) -> np.ndarray:
         )
     if x.ndim == 2 and not coefs.is_gray:
         raise ValueError(f"{coefs.name}: a colour JPEG needs an [H, W, 3] restored image, got [H, W]")
-    f32 = np.float32
-    out = np.empty(x.shape, dtype=f32)
-    to_ycc, to_rgb = RGB_TO_YCC.astype(f32), YCC_TO_RGB.astype(f32)
-    with _one_thread():
-        for y0, y1, spans in _strips(coefs):
-            xs = x[y0:y1].astype(f32)
-            if x.ndim == 2:
-                out[y0:y1] = xs + _strip_correction(xs, coefs.components[0], *spans[0])
-                continue
-            rgb = [xs[:, :, i] for i in range(3)]
-            luma = to_ycc[0, 0] * rgb[0] + to_ycc[0, 1] * rgb[1] + to_ycc[0, 2] * rgb[2]
-            if coefs.is_gray:  # the file holds no colour: the projection onto it is gray
-                out[y0:y1] = (luma + _strip_correction(luma, coefs.components[0], *spans[0]))[:, :, None]
-                continue
-            change = [_strip_correction(luma, coefs.components[0], *spans[0])]
-            for i in (1, 2):
-                plane = to_ycc[i, 0] * rgb[0] + to_ycc[i, 1] * rgb[1] + to_ycc[i, 2] * rgb[2] + f32(128)
-                change.append(_strip_correction(plane, coefs.components[i], *spans[i]))
-            for i in range(3):
-                out[y0:y1, :, i] = (
-                    rgb[i] + to_rgb[i, 0] * change[0] + to_rgb[i, 1] * change[1] + to_rgb[i, 2] * change[2]
-                )
-    return np.clip(out, 0, 255, out=out)
+    return x
 
 
-def project(restored, jpeg: JpegSource | JpegCoefficients) -> np.ndarray:
+def project_float(restored, jpeg: JpegSource | JpegCoefficients) -> np.ndarray:
+    """Like :func:`project` but returns float32 levels (0..255, clipped, not rounded).
+
+    Works in float32 strip by strip (MCU rows), so only the output is the size of the photo."""
+    coefs = jpeg if isinstance(jpeg, JpegCoefficients) else read_coefficients(jpeg)
+    x = _checked_levels(restored, coefs)
+    proj = Projector(coefs)
+    out = np.empty(x.shape, dtype=np.float32)
+    with _one_thread(proj.tables.device):
+        for y0, y1, spans in proj.strips:
+            lv = proj.levels(x, y0, y1, spans)
+            out[y0:y1] = (lv.permute(1, 2, 0) if x.ndim == 3 else lv[0]).numpy()
+    return out
+
+
+def project(restored, jpeg: JpegSource | JpegCoefficients, device="cpu") -> np.ndarray:
     """Project a restored image onto the set of images the JPEG file is consistent with.
 
     ``restored``: [H, W, 3] RGB (or [H, W] for a grayscale JPEG), uint8 levels or float in [0, 1],
     in the file's STORED orientation (as decoded, before EXIF rotation). ``jpeg``: its path, its
-    bytes, or :func:`read_coefficients` of it. Returns uint8 of the same shape. Projecting the
-    JPEG's own decoded pixels changes them by at most a level or two (a near no-op).
+    bytes, or :func:`read_coefficients` of it. Returns uint8 of the same shape: ``project_float``
+    rounded, computed strip by strip on ``device`` (a torch device; numpy in and out).
+    Projecting the JPEG's own decoded pixels changes them by at most a level or two (a near no-op).
     """
-    return np.rint(project_float(restored, jpeg)).astype(np.uint8)
+    coefs = jpeg if isinstance(jpeg, JpegCoefficients) else read_coefficients(jpeg)
+    x = _checked_levels(restored, coefs)
+    return Projector(coefs, device).project(x)
 
 
 # -- EXIF orientation -----------------------------------------------------------------------------------
@@ -357,9 +432,9 @@ def to_stored(a: np.ndarray, orientation: int) -> np.ndarray:
     return to_upright(a, inverse)
 
 
-def project_upright(restored_upright, jpeg: JpegSource | JpegCoefficients) -> np.ndarray:
+def project_upright(restored_upright, jpeg: JpegSource | JpegCoefficients, device="cpu") -> np.ndarray:
     """:func:`project` for pixels in EXIF-upright orientation (what ``restorer.imageio.open_image``
     gives and the restore pipeline writes): undo the orientation, project, redo it."""
     coefs = jpeg if isinstance(jpeg, JpegCoefficients) else read_coefficients(jpeg)
     x = restored_upright.detach().cpu().numpy() if hasattr(restored_upright, "detach") else np.asarray(restored_upright)
-    return to_upright(project(to_stored(x, coefs.orientation), coefs), coefs.orientation)
+    return to_upright(project(to_stored(x, coefs.orientation), coefs, device), coefs.orientation)

@@ -16,11 +16,19 @@ Guarantees (each tested in tests/test_restore.py):
 * A model is applied only inside the quality range it was trained on (model.json
   ``facts.quality_range``); outside it the decoded image is written unchanged (lossless for PNG,
   TIFF, WebP) with one ``note:`` line, unless ``--force``.
+
+The processing path (:func:`_load` -> :func:`_process` -> :func:`_finish`, run by
+:func:`restorer.infer.pipeline.run_photos`): each file is read once (its bytes give both the
+pixels and the DCT coefficients of the projection); the network and the projection run on the
+main thread; for several photos, the decoding of the next one and the writing of the previous one
+run on one background thread beside the network (at most two photos held; ``--sequential``: one
+at a time, the same files byte for byte).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -45,9 +53,10 @@ from restorer.infer.options import (
     add_model_args,
     load_models,
     parse_args,
-    project_output,
     report_weight_errors,
 )
+from restorer.infer.pipeline import run_photos
+from restorer.infer.projection import JpegCoefficients, project_upright, read_coefficients
 
 log = logging.getLogger("restorer.infer.restore")
 
@@ -112,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="output format (default: from the -o file name's suffix, else png)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one photo at a time: no reading or writing of the neighbours while the network runs "
+        "(the same output files; slower on folders, and only one photo in memory instead of two)",
+    )
     p.add_argument(
         "--recursive",
         action="store_true",
@@ -199,23 +214,32 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     bar = tqdm(total=len(found), unit="img", disable=args.no_progress or len(found) < 2, file=sys.stderr)
-    for path, rel in found:
+
+    def load(item: tuple[Path, Path]) -> Loaded:
+        path, rel = item
         target = plan.target(path, rel)
-        try:
-            inputs.check(target)
-            if target in targets:
-                raise UserError(f"{path}: would write {target}, already written for {targets[target]} (rename one)")
-            targets[target] = path
-            if target.exists() and not args.overwrite:
-                raise UserError(f"{target}: output exists (use --overwrite to replace it)")
-            _restore_one(path, target, plan.fmt, models.restorers, args)
-        except UserError as exc:
-            err(str(exc))
-        except Exception as exc:  # keep going with the other images; RESTORER_DEBUG=1 for the traceback
-            if os.environ.get("RESTORER_DEBUG"):
-                raise
-            err(f"{path}: failed ({describe(exc)})")
+        inputs.check(target)
+        if target in targets:
+            raise UserError(f"{path}: would write {target}, already written for {targets[target]} (rename one)")
+        targets[target] = path
+        if target.exists() and not args.overwrite:
+            raise UserError(f"{target}: output exists (use --overwrite to replace it)")
+        return _load(path, target, args)
+
+    def finish(done: Restored) -> None:
+        _finish(done, plan.fmt, args)
         bar.update(1)
+
+    def failed(item: tuple[Path, Path], exc: BaseException) -> None:
+        bar.update(1)
+        if isinstance(exc, UserError):
+            err(str(exc))
+            return
+        if os.environ.get("RESTORER_DEBUG"):  # keep going with the other images unless debugging
+            raise exc
+        err(f"{item[0]}: failed ({describe(exc)})")
+
+    run_photos(found, load, lambda ld: _process(ld, models.restorers, args), finish, failed, not args.sequential)
     bar.close()
     if not found:
         _write("error: no input images", sys.stderr)
@@ -245,16 +269,50 @@ def image_quality(img: LoadedImage, given: int | None) -> tuple[int, str]:
     return img.quality, "quantisation tables"
 
 
-def _restore_one(path: Path, target: Path, fmt: str, restorers: list[Restorer], args) -> None:
-    t0 = time.perf_counter()
+# -- the processing path: load (background) -> network + projection (this thread) -> write (background)
+@dataclasses.dataclass
+class Loaded:
+    """A decoded input, with what its projection needs (read beside the network of another photo)."""
+
+    img: LoadedImage
+    target: Path
+    started: float  # perf_counter when its loading began
+    coefs: JpegCoefficients | None = None  # None: not a JPEG, --no-projection, or unreadable
+    coefs_error: str | None = None  # why a JPEG's coefficients could not be read
+
+
+@dataclasses.dataclass
+class Restored:
+    """What is written for one photo: the output pixels and metadata, and its summary line."""
+
+    pixels: np.ndarray
+    img: LoadedImage  # metadata only: its pixels are dropped once restored
+    target: Path
+    started: float
+    line: str
+
+
+def _load(path: Path, target: Path, args) -> Loaded:
+    started = time.perf_counter()
     img = open_image(path, args.max_pixels)
     for note in img.notes:
         _write(f"warning: {path}: {note}", sys.stderr)
+    loaded = Loaded(img, target, started)
+    if img.is_jpeg and img.data is not None and not args.no_projection:
+        try:
+            loaded.coefs = read_coefficients(img.data, decoded=(str(path), img.orientation))
+        except UserError as exc:
+            loaded.coefs_error = str(exc)
+    return loaded
+
+
+def _process(loaded: Loaded, restorers: list[Restorer], args) -> Restored:
+    img, path = loaded.img, loaded.img.path
     quality, source = image_quality(img, args.quality)
     restorer = choose_restorer(restorers, quality)
     w, h = img.size
     if restorer.covers(quality) or args.force:
-        pixels = _apply(restorer, img, quality, args)
+        pixels = _apply(restorer, img, quality, args, loaded)
         action = ""
     else:
         lo, hi = restorer.quality_range  # covers() is True when the range is unknown
@@ -264,11 +322,6 @@ def _restore_one(path: Path, target: Path, fmt: str, restorers: list[Restorer], 
             f"was trained on: written unchanged (--force applies it anyway)",
             sys.stderr,
         )
-    notes = save_image(
-        pixels, img.alpha, target, fmt=fmt, icc_profile=img.icc_profile, exif=img.exif, overwrite=args.overwrite
-    )
-    for note in notes:
-        _write(f"warning: {path}: {note}", sys.stderr)
     extras = [
         s
         for s in (
@@ -279,14 +332,31 @@ def _restore_one(path: Path, target: Path, fmt: str, restorers: list[Restorer], 
         if s
     ]
     chosen = f"; weights {restorer.describe()}" if len(restorers) > 1 or args.verbose else ""
-    _write(
-        f"{path} -> {target}: {w}x{h}, quality {quality} ({source}){chosen}"
-        f"{'; ' + ', '.join(extras) if extras else ''}{action} [{time.perf_counter() - t0:.1f}s]",
-        sys.stdout,
+    line = (
+        f"{path} -> {loaded.target}: {w}x{h}, quality {quality} ({source}){chosen}"
+        f"{'; ' + ', '.join(extras) if extras else ''}{action}"
     )
+    meta = dataclasses.replace(img, pixels=np.empty((0,) * img.pixels.ndim, np.uint8), data=None)
+    return Restored(pixels, meta, loaded.target, loaded.started, line)
 
 
-def _apply(restorer: Restorer, img: LoadedImage, quality: int, args) -> np.ndarray:
+def _finish(done: Restored, fmt: str, args) -> None:
+    img = done.img
+    notes = save_image(
+        done.pixels,
+        img.alpha,
+        done.target,
+        fmt=fmt,
+        icc_profile=img.icc_profile,
+        exif=img.exif,
+        overwrite=args.overwrite,
+    )
+    for note in notes:
+        _write(f"warning: {img.path}: {note}", sys.stderr)
+    _write(f"{done.line} [{time.perf_counter() - done.started:.1f}s]", sys.stdout)
+
+
+def _apply(restorer: Restorer, img: LoadedImage, quality: int, args, loaded: Loaded) -> np.ndarray:
     """The model on one decoded image, with a per-tile bar for big photos (minutes on a CPU),
     then, for a JPEG, the projection onto the file's own quantisation set (``--no-projection``
     skips it): the one place every restored image passes through."""
@@ -303,7 +373,12 @@ def _apply(restorer: Restorer, img: LoadedImage, quality: int, args) -> np.ndarr
         disable=args.no_progress or w * h < 4_000_000,
     ) as tiles:
         restored = restorer.restore(img.pixels, quality, progress=tiles.update)
-    return project_output(restored, img.path, args) if img.is_jpeg else restored
+    if not img.is_jpeg or args.no_projection:
+        return restored
+    if loaded.coefs is None:  # a JPEG the projection cannot read (CMYK, unusual sampling)
+        log.warning("%s; output not projected", loaded.coefs_error)
+        return restored
+    return project_upright(restored, loaded.coefs, restorer.device)
 
 
 if __name__ == "__main__":
