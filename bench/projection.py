@@ -18,6 +18,7 @@ Speed: seconds per megapixel of ``read_coefficients`` (Pillow validation + jpegl
 The last line is ``projected_minus_jpeg_worst_db: <value>``: the worst quality's mean gain of the
 projected restoration over the JPEG (>= 0 means never worse than the JPEG, on average).
 
+examples:
   python bench/projection.py                                       # stand-in, 200 images, q10..90
   python bench/projection.py --limit 20 --qualities 10 50 90       # quicker
   python bench/projection.py --weights runs/demo/model.safetensors --limit 50
@@ -25,13 +26,14 @@ projected restoration over the JPEG (>= 0 means never worse than the JPEG, on av
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchcli import parser
 
 REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
@@ -114,11 +116,7 @@ def big_photo_seconds(subsampling: str) -> tuple[float, float, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        epilog=__doc__.split("\n\n", 4)[-1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = parser(__doc__)
     p.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of reference images (default BSDS500 test)")
     p.add_argument("--limit", type=int, default=0, help="first N images (sorted; 0 = all)")
     p.add_argument("--qualities", type=int, nargs="+", default=list(range(10, 100, 10)))
@@ -180,7 +178,8 @@ def main(argv=None) -> int:
         worst = min(worst, pr - j)
         print(f"{q:>4} {j:7.2f} {r:9.2f} {pr:7.2f} {r - j:+14.2f} {pr - j:+11.2f} {pr - r:+10.2f}")
     print(
-        f"speed on BSDS images: read_coefficients {t_read / megapixels:.3f} s/MP, project {t_proj / megapixels:.3f} s/MP"
+        f"speed on BSDS images: read_coefficients {t_read / megapixels:.3f} s/MP, "
+        f"project {t_proj / megapixels:.3f} s/MP"
     )
     if not args.no_big:
         read_s, proj_s, dec_s = big_photo_seconds(args.subsampling)

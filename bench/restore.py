@@ -21,6 +21,7 @@ from ``os.wait4``) is its own:
 
 The last line is ``restore_cpu_mpix_per_s: <value>`` (default preset, tiled, fp32, CPU).
 
+examples:
   python bench/restore.py                 # ~2 min on 2 cores
   python bench/restore.py --full          # the 24 MP case with the default preset
   python bench/restore.py --threads 1     # torch threads in every child
@@ -37,6 +38,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchcli import parser
 
 REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
@@ -113,8 +116,8 @@ def measured(cmd: list[str], env: dict) -> tuple[int, str, str, float, float]:
         return proc.returncode, fo.read(), fe.read(), wall, usage.ru_maxrss / 1024  # Linux: KiB
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
     ap.add_argument("--full", action="store_true", help="24 MP case with the default preset (slow on CPU)")
     ap.add_argument(
         "--packaged", action="store_true", help="only the shipped models on a 24 MP JPEG, as users run them"
@@ -129,7 +132,7 @@ def main() -> int:
     ap.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.case:
         child(args)
         return 0
@@ -257,7 +260,8 @@ def main() -> int:
         extra = f"{diffs[name]:>22}" if name in diffs else f"{'':>22}"
         cuda = f"  (GPU peak {cuda_mib:.0f} MiB)" if cuda_mib else ""
         print(
-            f"{name:<16} {preset:<8} {size:<10} {tile!s:>5} {dtype:<5} {mps:>8.3f} {sec:>8.1f} {rss:>13.0f} {extra}{cuda}"
+            f"{name:<16} {preset:<8} {size:<10} {tile!s:>5} {dtype:<5} {mps:>8.3f} {sec:>8.1f} {rss:>13.0f} "
+            f"{extra}{cuda}"
         )
     print("(cli_24mp: end to end incl. JPEG decode and PNG encode; peak RSS of the whole `restorer restore` process)")
     import shutil

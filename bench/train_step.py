@@ -13,6 +13,7 @@ FLOP utilisation (achieved training FLOP/s over the GPU's dense bf16 peak).
 The process uses torch's thread count as set by OMP_NUM_THREADS (never raised). The last line is
 ``bf16_channels_last_speedup: <x>x`` for the CPU recipe's model.
 
+examples:
   python bench/train_step.py                      # ~2.5 min on 2 cores
   python bench/train_step.py --patch-size 128 --batch-size 16 --seconds 5 --no-compile
 """
@@ -26,6 +27,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import benchcli
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -192,8 +195,8 @@ def gpu_part(args) -> None:
     )
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = benchcli.parser(__doc__)
     parser.add_argument("--patch-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per variant (over all rounds)")
@@ -202,7 +205,7 @@ def main() -> int:
     parser.add_argument("--compile-timeout", type=float, default=90.0)
     parser.add_argument("--gpu-batch-size", type=int, default=64)
     parser.add_argument("--child-compile", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.child_compile:
         cfg = ModelConfig(**json.loads(args.child_compile))
@@ -240,7 +243,7 @@ def main() -> int:
         fpp = flops_per_pixel(build_model(cfg))
         base = results[label]["fp32"]
         cells = [label, str(cfg.channels), str(cfg.units), f"{3 * fpp * args.patch_size**2 / 1e9:.2f}"]
-        for variant, rate in results[label].items():
+        for rate in results[label].values():
             cells.append("n/a" if rate is None else f"{rate:.1f} ({rate / base:.2f}x)")
         print("  ".join(cells) + (f"   [compile {notes[label]}]" if label in notes else ""))
         print(f"  {label} fp32 achieved {base * 3 * fpp * args.patch_size**2 / 1e9:.1f} GFLOP/s")
