@@ -135,11 +135,14 @@ class Check:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.caps = TINY_CAPS if sizes.tiny else {**CAPS, "train": CAPS["train"] + sizes.train_seconds}
         self.stages: dict[str, Stage] = {}
+        import torch
+
         from restorer import hardware
 
-        self.precision = hardware.choose_precision("auto", device)
-        self.channels_last = hardware.choose_channels_last("auto", device, self.precision.value)
-        self.compile = hardware.choose_compile("auto", device)
+        dev = torch.device(device)
+        self.precision = hardware.choose_precision("auto", dev)
+        self.channels_last = hardware.choose_channels_last("auto", dev, str(self.precision.value))
+        self.compile = hardware.choose_compile("auto", dev)
 
     def python(self, *args: str) -> list[str]:
         return [sys.executable, *args]

@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -264,7 +265,7 @@ def pipeline_rate(shards: Path, workers: int, seconds: float, spec: str | None =
     return rate(loader, seconds)
 
 
-def serve_remote(shards: Path) -> tuple[str, str, object]:
+def serve_remote(shards: Path) -> tuple[str, str, Callable[[], None]]:
     """(http spec, s3 spec, stop) for the shards dir ``shards`` served from 127.0.0.1: the tests'
     HTTP server over its parent folder, and a moto S3 server holding a copy."""
     sys.path.insert(0, str(REPO / "tests"))

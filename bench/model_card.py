@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             for k, v in row.items():
                 acc[k] += float(v)
     seconds = time.perf_counter() - t0
-    table = []
+    table: list[dict] = []
     for (kind, q), acc in sums.items():
         n = acc.pop("images")
         m = {k: v / n for k, v in acc.items()}

@@ -101,7 +101,7 @@ def big_photo_seconds(subsampling: str) -> tuple[float, float, float]:
 
     from restorer.infer.projection import project, read_coefficients
 
-    img = np.asarray(Image.fromarray(data.astronaut()).resize((6000, 4000), Image.BICUBIC)).astype(np.int16)
+    img = np.asarray(Image.fromarray(data.astronaut()).resize((6000, 4000), Image.Resampling.BICUBIC)).astype(np.int16)
     img = np.clip(img + np.random.default_rng(0).integers(-6, 7, img.shape[:2] + (1,)), 0, 255).astype(np.uint8)
     blob = jpeg_file(img, 80, subsampling)
     del img
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
 
     warm = np.zeros((16, 16, 3), np.uint8)  # imports (torch, jpeglib) outside the timed calls
     project(warm, read_coefficients(jpeg_file(warm, 50, args.subsampling)))
-    rows = {q: {"jpeg": [], "restored": [], "projected": []} for q in args.qualities}
+    rows: dict[int, dict[str, list[float]]] = {q: {"jpeg": [], "restored": [], "projected": []} for q in args.qualities}
     t_read = t_proj = megapixels = 0.0
     for f in tqdm(files, desc="images", file=sys.stderr):
         with Image.open(f) as im:

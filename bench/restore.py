@@ -52,7 +52,7 @@ def photo_like(width: int, height: int):
     from PIL import Image
     from skimage import data
 
-    img = Image.fromarray(data.astronaut()).resize((width, height), Image.BICUBIC)
+    img = Image.fromarray(data.astronaut()).resize((width, height), Image.Resampling.BICUBIC)
     arr = np.asarray(img).astype(np.int16)
     noise = np.random.default_rng(0).integers(-6, 7, size=(height, width, 1), dtype=np.int16)
     return np.clip(arr + noise, 0, 255).astype(np.uint8)

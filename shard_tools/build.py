@@ -136,7 +136,10 @@ def plan_split(streams: list[sources.Stream], cfg: BuildConfig, split: str) -> t
         order.append(lists[i][pos[i]])
         pos[i] += 1
         left[i] -= 1
-    kept, skipped, seen, per_source = [], [], {}, Counter()
+    kept: list[sources.Ref] = []
+    skipped: list[dict] = []
+    seen: dict[str, str] = {}
+    per_source: Counter[str] = Counter()
     for ref in order:
         if ref.key in seen:
             skipped.append(
@@ -418,7 +421,9 @@ def build_into(cfg: BuildConfig, out: Path) -> dict:
     bar = None
     if cfg.progress:
         bar = tqdm(total=total, unit="img", desc="shards", file=sys.stderr, dynamic_ncols=True)
-    manifest_splits, sources_count, skipped = {}, {}, []
+    manifest_splits: dict[str, dict] = {}
+    sources_count: dict[str, dict[str, int]] = {}
+    skipped: list[dict] = []
     seen: dict[str, str] = {}  # sha256 of every original file written so far -> its path
     try:
         for split in splits:

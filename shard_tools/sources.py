@@ -283,7 +283,7 @@ def openimages(paths: list[str]) -> list[Stream]:
             csvs.extend(sorted(p.parent.glob("*.csv")) if p.is_dir() else [])
             continue
         if p.is_dir():
-            found = [(s, c) for c in sorted(p.iterdir()) if (s := _oi_split(c.name)) and (c.is_dir() or _is_tar(c))]
+            found = [(sp, c) for c in sorted(p.iterdir()) if (sp := _oi_split(c.name)) and (c.is_dir() or _is_tar(c))]
             if found:
                 dirs.extend(found)
                 csvs.extend(sorted(p.glob("*.csv")))

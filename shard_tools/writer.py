@@ -190,7 +190,10 @@ class ShardSink:
             raise UserError(f"{final}: cannot write shard ({exc.strerror or exc})") from None
         fsync_dir(self.dir)
         st = final.stat()
-        n = int(SHARD_RE.match(final.name).group(1))
+        m = SHARD_RE.match(final.name)
+        if m is None:  # ShardWriter names them by SHARD_PATTERN
+            raise ValueError(f"{final}: not a shard name")
+        n = int(m.group(1))
         self.journal.append(
             {
                 "shard": n,
@@ -290,7 +293,9 @@ def journalled_images(records: list[dict]) -> dict[str, str]:
 
 
 def split_summary(records: list[dict], split: str) -> tuple[dict, Counter, list[dict]]:
-    shards, sources, skipped = [], Counter(), []
+    shards: list[dict] = []
+    sources: Counter[str] = Counter()
+    skipped: list[dict] = []
     for rec in records:
         if "shard" in rec:
             shards.append(
