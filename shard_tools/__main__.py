@@ -12,8 +12,9 @@ from restorer.errors import UserError, cli_entry, setup_logging
 from shard_tools.config import BuildConfig
 
 # Each command imports its module when it runs, not here: those modules import torch (through
-# webdataset and restorer.data), which made `python -m shard_tools --help` take 5.4-11.2 s instead
-# of 0.2-0.5 s on a loaded 2-core machine (/usr/bin/time, 5 runs each, load average 5-6).
+# webdataset and restorer.data). Measured side by side on the shared 2-core machine (/usr/bin/time,
+# 5 runs each, load average 20): `python -m shard_tools --help` took 8.8-9.5 s this way and
+# 67-81 s with these imports at the top.
 
 BUILD_EPILOG = """\
 examples:
