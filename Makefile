@@ -9,12 +9,13 @@ TORCH_CPU ?= torch==2.13.0
 SHARDS ?= data/shards
 RUN ?= runs/demo
 
-.PHONY: help setup shards test bench bench-model-choice gpu-check demo release-weights slurm-up slurm-down slurm-status clean
+.PHONY: help setup shards test lint bench bench-model-choice gpu-check demo release-weights slurm-up slurm-down slurm-status clean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU wheel here) and restorer[dev]"
 	@echo "make shards  build WebDataset shards into $(SHARDS) (embedded default images; ARGS='--bsds PATH ...')"
 	@echo "make test    run the test suite (what CI runs)"
+	@echo "make lint    ruff check + ruff format --check (whole tree) and mypy on restorer shard_tools launch (pyproject.toml)"
 	@echo "make bench   run the benchmarks in bench/"
 	@echo "make demo    shards -> 2-process CPU training -> eval -> comparison picture (about 3.5 min with native bf16, 5.5 min in fp32, 2 cores)"
 	@echo "make bench-model-choice  train each candidate network/loss for the same time budget, eval on BSDS500 test (about 25 min)"
@@ -38,6 +39,12 @@ shards: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The same checks run on each commit once contributors install .pre-commit-config.yaml.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy restorer shard_tools launch
 
 bench: setup
 	$(BIN)/python bench/shards.py

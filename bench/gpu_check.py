@@ -19,13 +19,15 @@ reported in the table and the others still run):
             then the same with each packaged model (restorer/weights: fast, quality where installed)
 
 No network and no W&B (``--tracker none``); besides the project's own modules it needs only torch,
-accelerate, numpy, Pillow, webdataset (+ braceexpand), jpeglib, safetensors, PyYAML and tqdm (never wandb, scikit-image or
-matplotlib). Without CUDA (or with ``--tiny``) the same stages run with tiny sizes in a minute or
-two on a CPU -- what ``tests/test_gpu_check.py`` runs so this script cannot rot.
+accelerate, numpy, Pillow, webdataset (+ braceexpand), jpeglib, safetensors, PyYAML and tqdm
+(never wandb, scikit-image or matplotlib). Without CUDA (or with ``--tiny``) the same stages run
+with tiny sizes in a minute or two on a CPU -- what ``tests/test_gpu_check.py`` runs so this
+script cannot rot.
 
 The last line is ``gpu_check_train_patches_per_s: <value>`` (``nan`` if training failed); all figures
 go to ``--json``. The exit status is 1 when any stage failed.
 
+examples:
   python bench/gpu_check.py               # one GPU: meant to take <= 8 min (stage caps: CAPS); not yet timed on one
   python bench/gpu_check.py --bsds data/BSR --work-dir runs/gpu_check --json runs/gpu_check.json
   python bench/gpu_check.py --tiny        # the CPU smoke version: 1.5 min on 2 busy cores
@@ -33,7 +35,6 @@ go to ``--json``. The exit status is 1 when any stage failed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -50,6 +51,7 @@ for _p in (str(REPO), str(BENCH)):  # restorer, and bench/train_step.py as `trai
 
 import yaml  # noqa: E402
 
+from benchcli import parser  # noqa: E402
 from gpu_check_children import child_env, records, run_child, why_failed  # noqa: E402
 from restorer import weights as packaged_weights  # noqa: E402
 from restorer.errors import first_line  # noqa: E402
@@ -133,11 +135,14 @@ class Check:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.caps = TINY_CAPS if sizes.tiny else {**CAPS, "train": CAPS["train"] + sizes.train_seconds}
         self.stages: dict[str, Stage] = {}
+        import torch
+
         from restorer import hardware
 
-        self.precision = hardware.choose_precision("auto", device)
-        self.channels_last = hardware.choose_channels_last("auto", device, self.precision.value)
-        self.compile = hardware.choose_compile("auto", device)
+        dev = torch.device(device)
+        self.precision = hardware.choose_precision("auto", dev)
+        self.channels_last = hardware.choose_channels_last("auto", dev, str(self.precision.value))
+        self.compile = hardware.choose_compile("auto", dev)
 
     def python(self, *args: str) -> list[str]:
         return [sys.executable, *args]
@@ -590,11 +595,7 @@ def summary_value(check: Check) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = parser(__doc__)
     ap.add_argument(
         "--bsds", type=Path, default=DEFAULT_BSDS, help=f"BSR folder or BSR_bsds500.tgz (default {DEFAULT_BSDS})"
     )

@@ -1,9 +1,19 @@
 #!/usr/bin/env python
-"""The child processes of bench/gpu_check.py: each stage that measures runs here, in its own process
-with its own time cap (so an OOM, a compiler crash or a hang ends one stage only), and prints one
-JSON record per line that gpu_check.py reads back. Also the process plumbing both sides use.
+"""The child processes of bench/gpu_check.py: one measuring stage in its own process.
 
-  python bench/gpu_check_children.py STAGE SPEC_JSON     # what gpu_check.py runs; not meant by hand
+Each stage that measures runs here, in its own process with its own time cap (so an OOM, a
+compiler crash or a hang ends one stage only), and prints one JSON record per line that
+gpu_check.py reads back (its SPEC_JSON is what gpu_check.py's stage_NAME builds). Also the
+process plumbing both sides use. Run by hand only to debug one stage.
+
+examples:
+  python bench/gpu_check_children.py model '{"device": "cpu", "compile": false, "presets": ["tiny"],
+      "condition_on_quality": true, "bf16": false, "channels_last": false, "patch": 48, "batch": 4,
+      "seconds": 2}'
+  python bench/gpu_check.py --tiny        # how they are meant to run: every stage, side by side
+
+The last line is ``gpu_check_child_records: <n>`` (the JSON records printed; gpu_check.py reads
+only the lines that start with ``{``).
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ for _p in (str(REPO), str(BENCH)):  # restorer, and bench/train_step.py as `trai
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from benchcli import parser  # noqa: E402
 from restorer.errors import first_line  # noqa: E402
 
 # ------------------------------------------------------------------------------------ processes
@@ -72,8 +83,12 @@ def why_failed(log: Path, code: int | None, cap: float) -> str:
     return f"{last[:160]} (exit {code}; log {log.with_suffix('.err')})"
 
 
+EMITTED = [0]  # records printed by this process
+
+
 def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
+    EMITTED[0] += 1
 
 
 def child_env() -> dict:
@@ -246,5 +261,15 @@ def restore_argv(jpeg: Path, out: Path, weights: str, device: str) -> list[str]:
 CHILDREN = {"model": child_model, "loader": child_loader, "restore": child_restore}
 
 
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
+    ap.add_argument("stage", choices=sorted(CHILDREN), help="the stage to measure")
+    ap.add_argument("spec", type=json.loads, help="the stage's settings, a JSON object (see gpu_check.py)")
+    args = ap.parse_args(argv)
+    CHILDREN[args.stage](args.spec)
+    print(f"gpu_check_child_records: {EMITTED[0]}")
+    return 0
+
+
 if __name__ == "__main__":
-    CHILDREN[sys.argv[1]](json.loads(sys.argv[2]))
+    sys.exit(main())

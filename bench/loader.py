@@ -29,12 +29,13 @@ extra (moto[server], s3fs); skipped with a note otherwise (``--no-remote`` skips
 ``--workers`` worker processes. The last line is ``speedup: <ratio>x`` (pipeline with the
 builder's default encoding over baseline, per worker, 2K-class set).
 
-    python bench/loader.py [--seconds 6] [--workers N] [--cache DIR] [--no-remote]
+examples:
+  python bench/loader.py                          # every part (the HTTP / S3 rows need the dev extra)
+  python bench/loader.py --seconds 3 --no-remote  # quicker, local shards only
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -44,12 +45,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from benchcli import parser
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -87,7 +91,7 @@ def make_2k_set(out: Path, n: int) -> list[Path]:
         return files
     photos = [p for p in bsds_files() if Image.open(p).size == (481, 321)]
     rng = np.random.default_rng(0)
-    for i, f in enumerate(files):
+    for f in files:
         pick = rng.choice(len(photos), 16, replace=False)
         canvas = Image.new("RGB", (4 * 481, 4 * 321))
         for k, j in enumerate(pick):
@@ -261,7 +265,7 @@ def pipeline_rate(shards: Path, workers: int, seconds: float, spec: str | None =
     return rate(loader, seconds)
 
 
-def serve_remote(shards: Path) -> tuple[str, str, object]:
+def serve_remote(shards: Path) -> tuple[str, str, Callable[[], None]]:
     """(http spec, s3 spec, stop) for the shards dir ``shards`` served from 127.0.0.1: the tests'
     HTTP server over its parent folder, and a moto S3 server holding a copy."""
     sys.path.insert(0, str(REPO / "tests"))
@@ -380,7 +384,7 @@ def gpu_estimate(per_worker: float, per_worker_ppm: float) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--seconds", type=float, default=6.0, help="timing window per measurement")
     ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="workers for the totals")
     ap.add_argument("--images", type=int, default=16, help="2K-class images to generate")

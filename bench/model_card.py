@@ -13,6 +13,7 @@ Columns: JPEG PSNR, restored PSNR, gain, raw-network gain, SSIM and PSNR-B (JPEG
 the mean colour shift (mean of restored - original per channel, in 8-bit levels; the largest
 channel's, signed).
 
+examples:
   .venv/bin/python bench/model_card.py --weights fast --json restorer/weights/fast.card.json
   .venv/bin/python bench/model_card.py --weights runs/release_fast/model.safetensors --limit 20
 
@@ -21,11 +22,12 @@ The last line is ``min_gain_db: <the smallest single/double gain over all qualit
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
+
+import benchcli
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,7 +51,7 @@ def cases(ref: np.ndarray, q: int, double: bool):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchcli.parser(__doc__)
     parser.add_argument("--weights", default="fast", help="fast | quality | a model.safetensors")
     parser.add_argument("--images", default=str(REPO.parent / "shared/datasets/BSR"), help="BSR root or image folder")
     parser.add_argument("--split", default="test")
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
             for k, v in row.items():
                 acc[k] += float(v)
     seconds = time.perf_counter() - t0
-    table = []
+    table: list[dict] = []
     for (kind, q), acc in sums.items():
         n = acc.pop("images")
         m = {k: v / n for k, v in acc.items()}

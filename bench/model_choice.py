@@ -12,17 +12,18 @@ Evaluation: ``restorer eval`` of the final EMA weights on the WHOLE images of th
 model's raw output (``--no-projection``: the comparison is of the networks). Printed with
 parameters, MFLOP per pixel and training patches/s.
 
+examples:
   # CPU: 2 processes (gloo DDP), 64 px patches, batch 2 x 8; ~45 min on 2 cores with --minutes 3
   .venv/bin/python bench/model_choice.py --shards data/bsr --minutes 3
   # one CUDA GPU: 128 px patches, batch 64, precision/compile auto; ~9 min with --minutes 1.25
   python bench/model_choice.py --shards data/bsr --gpu --minutes 1.25
 
-The last line is ``best: NAME gain_q10: +X.XX dB (vs default: +Y.YY dB)``.
+The line ``best: NAME gain_q10: +X.XX dB (vs default: +Y.YY dB)`` names the winner; the last line
+is ``model_choice_best_gain_q10_db: +X.XX``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -30,6 +31,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import benchcli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,8 +154,8 @@ def evaluate(weights: Path, images: Path, out: Path, limit: int | None, device: 
     return {int(r["quality"]): (r["jpeg_psnr_rgb"], r["restored_psnr_rgb"]) for r in means}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = benchcli.parser(__doc__)
     parser.add_argument("--shards", default="data/bsr", help="BSDS500 shards with train, val and test splits")
     parser.add_argument(
         "--images",
@@ -165,7 +168,7 @@ def main() -> int:
     parser.add_argument("--probe-steps", type=int, default=60)
     parser.add_argument("--out", type=Path, default=Path("runs/model_choice"))
     parser.add_argument("--only", nargs="*", help="names (prefixes) of candidates to run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     hw = "gpu" if args.gpu else "cpu"
     setup = SETUP[hw]
     data = [
@@ -298,6 +301,7 @@ def main() -> int:
         f"best: {best['name']} gain_q10: {best['gain_q10']:+.2f} dB"
         + (f" (vs default: {base['gain_q10']:+.2f} dB)" if base else "")
     )
+    print(f"model_choice_best_gain_q10_db: {best['gain_q10']:+.2f}")
     return 0
 
 

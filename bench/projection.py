@@ -18,6 +18,7 @@ Speed: seconds per megapixel of ``read_coefficients`` (Pillow validation + jpegl
 The last line is ``projected_minus_jpeg_worst_db: <value>``: the worst quality's mean gain of the
 projected restoration over the JPEG (>= 0 means never worse than the JPEG, on average).
 
+examples:
   python bench/projection.py                                       # stand-in, 200 images, q10..90
   python bench/projection.py --limit 20 --qualities 10 50 90       # quicker
   python bench/projection.py --weights runs/demo/model.safetensors --limit 50
@@ -25,13 +26,14 @@ projected restoration over the JPEG (>= 0 means never worse than the JPEG, on av
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchcli import parser
 
 REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
@@ -99,7 +101,7 @@ def big_photo_seconds(subsampling: str) -> tuple[float, float, float]:
 
     from restorer.infer.projection import project, read_coefficients
 
-    img = np.asarray(Image.fromarray(data.astronaut()).resize((6000, 4000), Image.BICUBIC)).astype(np.int16)
+    img = np.asarray(Image.fromarray(data.astronaut()).resize((6000, 4000), Image.Resampling.BICUBIC)).astype(np.int16)
     img = np.clip(img + np.random.default_rng(0).integers(-6, 7, img.shape[:2] + (1,)), 0, 255).astype(np.uint8)
     blob = jpeg_file(img, 80, subsampling)
     del img
@@ -114,11 +116,7 @@ def big_photo_seconds(subsampling: str) -> tuple[float, float, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        epilog=__doc__.split("\n\n", 4)[-1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = parser(__doc__)
     p.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of reference images (default BSDS500 test)")
     p.add_argument("--limit", type=int, default=0, help="first N images (sorted; 0 = all)")
     p.add_argument("--qualities", type=int, nargs="+", default=list(range(10, 100, 10)))
@@ -145,7 +143,7 @@ def main(argv=None) -> int:
 
     warm = np.zeros((16, 16, 3), np.uint8)  # imports (torch, jpeglib) outside the timed calls
     project(warm, read_coefficients(jpeg_file(warm, 50, args.subsampling)))
-    rows = {q: {"jpeg": [], "restored": [], "projected": []} for q in args.qualities}
+    rows: dict[int, dict[str, list[float]]] = {q: {"jpeg": [], "restored": [], "projected": []} for q in args.qualities}
     t_read = t_proj = megapixels = 0.0
     for f in tqdm(files, desc="images", file=sys.stderr):
         with Image.open(f) as im:
@@ -180,7 +178,8 @@ def main(argv=None) -> int:
         worst = min(worst, pr - j)
         print(f"{q:>4} {j:7.2f} {r:9.2f} {pr:7.2f} {r - j:+14.2f} {pr - j:+11.2f} {pr - r:+10.2f}")
     print(
-        f"speed on BSDS images: read_coefficients {t_read / megapixels:.3f} s/MP, project {t_proj / megapixels:.3f} s/MP"
+        f"speed on BSDS images: read_coefficients {t_read / megapixels:.3f} s/MP, "
+        f"project {t_proj / megapixels:.3f} s/MP"
     )
     if not args.no_big:
         read_s, proj_s, dec_s = big_photo_seconds(args.subsampling)

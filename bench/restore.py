@@ -32,6 +32,7 @@ from ``os.wait4``) is its own:
 The last line is ``restore_cpu_mpix_per_s: <value>`` (default preset, tiled, fp32, CPU) for the
 default cases.
 
+examples:
   python bench/restore.py                 # ~2 min on 2 cores
   python bench/restore.py --full          # the 24 MP case with the default preset
   python bench/restore.py --threads 1     # torch threads in every child
@@ -51,6 +52,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchcli import parser
+
 REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
@@ -64,7 +67,7 @@ def photo_like(width: int, height: int, seed: int = 0):
     from PIL import Image
     from skimage import data
 
-    img = Image.fromarray(data.astronaut()).resize((width, height), Image.BICUBIC)
+    img = Image.fromarray(data.astronaut()).resize((width, height), Image.Resampling.BICUBIC)
     arr = np.asarray(img).astype(np.int16)
     noise = np.random.default_rng(seed).integers(-6, 7, size=(height, width, 1), dtype=np.int16)
     return np.clip(arr + noise, 0, 255).astype(np.uint8)
@@ -134,8 +137,8 @@ def measured_cpu(cmd: list[str], env: dict) -> tuple[int, str, str, float, float
         return proc.returncode, fo.read(), fe.read(), wall, rss, usage.ru_utime + usage.ru_stime
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
     ap.add_argument("--full", action="store_true", help="24 MP case with the default preset (slow on CPU)")
     ap.add_argument(
         "--packaged", action="store_true", help="only the shipped models on a 24 MP JPEG, as users run them"
@@ -171,7 +174,7 @@ def main() -> int:
     ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--split-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--network-child", nargs="+", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.case:
         child(args)
         return 0

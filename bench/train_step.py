@@ -13,6 +13,7 @@ FLOP utilisation (achieved training FLOP/s over the GPU's dense bf16 peak).
 The process uses torch's thread count as set by OMP_NUM_THREADS (never raised). The last line is
 ``bf16_channels_last_speedup: <x>x`` for the CPU recipe's model.
 
+examples:
   python bench/train_step.py                      # ~2.5 min on 2 cores
   python bench/train_step.py --patch-size 128 --batch-size 16 --seconds 5 --no-compile
 """
@@ -26,6 +27,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import benchcli
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,7 +74,7 @@ def make_step(
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = model.to(memory_format=fmt)  # type: ignore[call-overload]  # accepted; torch's overloads omit it
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     net = torch.compile(model) if compile else model
     clean = torch.rand(batch, model_cfg.in_channels, patch, patch, device=device)
@@ -192,8 +195,8 @@ def gpu_part(args) -> None:
     )
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = benchcli.parser(__doc__)
     parser.add_argument("--patch-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per variant (over all rounds)")
@@ -202,7 +205,7 @@ def main() -> int:
     parser.add_argument("--compile-timeout", type=float, default=90.0)
     parser.add_argument("--gpu-batch-size", type=int, default=64)
     parser.add_argument("--child-compile", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.child_compile:
         cfg = ModelConfig(**json.loads(args.child_compile))
@@ -227,7 +230,7 @@ def main() -> int:
     results: dict[str, dict[str, float | None]] = {}
     notes: dict[str, str] = {}
     for label, cfg in models.items():
-        results[label] = measure_variants(cfg, args)
+        results[label] = {**measure_variants(cfg, args)}
         if label == "cpu-recipe" and not args.no_compile:  # compile costs ~30 s (C=64,N=4) to 70 s (default) here
             results[label]["compile"], notes[label] = compile_in_child(cfg, args)
         else:
@@ -238,10 +241,10 @@ def main() -> int:
     print("  ".join(header))
     for label, cfg in models.items():
         fpp = flops_per_pixel(build_model(cfg))
-        base = results[label]["fp32"]
+        base = results[label]["fp32"] or float("nan")
         cells = [label, str(cfg.channels), str(cfg.units), f"{3 * fpp * args.patch_size**2 / 1e9:.2f}"]
-        for variant, rate in results[label].items():
-            cells.append("n/a" if rate is None else f"{rate:.1f} ({rate / base:.2f}x)")
+        for value in results[label].values():
+            cells.append("n/a" if value is None else f"{value:.1f} ({value / base:.2f}x)")
         print("  ".join(cells) + (f"   [compile {notes[label]}]" if label in notes else ""))
         print(f"  {label} fp32 achieved {base * 3 * fpp * args.patch_size**2 / 1e9:.1f} GFLOP/s")
 
@@ -250,7 +253,8 @@ def main() -> int:
     else:
         print("\nGPU: none here (CUDA not available), GPU part skipped")
     recipe = results["cpu-recipe"]
-    print(f"bf16_channels_last_speedup: {recipe['bf16_channels_last'] / recipe['fp32']:.2f}x")
+    fast, fp32 = recipe["bf16_channels_last"], recipe["fp32"]
+    print(f"bf16_channels_last_speedup: {fast / fp32:.2f}x" if fast and fp32 else "bf16_channels_last_speedup: nan")
     return 0
 
 

@@ -1,16 +1,18 @@
-"""Read throughput of restorer.data.urlio against the plain client of each protocol, side by side:
-a local file, Python's HTTP server and a moto S3 server, all on 127.0.0.1 (so this measures the
+"""Read throughput of restorer.data.urlio against the plain client of each protocol, side by side.
+
+A local file, Python's HTTP server and a moto S3 server, all on 127.0.0.1 (so this measures the
 reader's overhead and request pattern, not a network). For S3 it compares fsspec block sizes:
 each block is one ranged GET, so fewer, larger blocks cost fewer requests.
 
-    python bench/urlio.py [--mb 32]          # needs the dev extra (moto[server], s3fs)
+examples:
+  python bench/urlio.py                    # a 32 MiB object; needs the dev extra (moto[server], s3fs)
+  python bench/urlio.py --mb 8             # quicker
 
 The last line is ``s3_urlio_vs_get_object: <ratio>x``.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -18,6 +20,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from benchcli import parser
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
@@ -51,10 +55,10 @@ def with_block(size: int, url: str, policy) -> int:
         urlio.FSSPEC_BLOCK = old
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
     ap.add_argument("--mb", type=int, default=32, help="object size in MiB")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
     from moto.server import ThreadedMotoServer
@@ -100,7 +104,8 @@ def main() -> None:
     for name, _, base in rows:
         print(f"{name:42s} {res[name]:9.1f}  {res[name] / res[base or name]:.2f}x")
     print(f"s3_urlio_vs_get_object: {res[rows[-1][0]] / res[rows[4][0]]:.2f}x")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

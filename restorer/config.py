@@ -11,6 +11,10 @@ inner dataclass's fields at the top level of the flags, the YAML and the dumped 
 flat for users). ``rename`` maps an inner field to another flat name (``{"splits":
 "train_splits"}``); ``hide`` lists inner fields that are not options (derived by the program).
 Two options with one flat name are a programming error (``TypeError``).
+
+An option that was renamed is listed in :data:`RENAMED`: given under its old name (flag or YAML
+key) to a program that has the new one, it stops with one line naming the new name, instead of a
+bare "unrecognized arguments".
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +35,12 @@ from restorer.errors import UserError, first_line
 from restorer.fsutil import atomic_write_text
 
 T = TypeVar("T")
+
+# Renamed options: old flat name -> (new flat name, why). Each stays listed for as long as old
+# recipes and command lines may still use it.
+RENAMED: dict[str, tuple[str, str]] = {
+    "epoch_samples": ("epoch_patches", "it always counted patches"),
+}
 
 
 def _flag(name: str) -> str:
@@ -121,6 +132,25 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(_flag(flat.name), **kwargs)
 
 
+def renamed_note(name: str, cls: type, flags: bool = True) -> str | None:
+    """``--OLD was renamed --NEW (why)`` when ``name`` is a renamed option whose new name ``cls``
+    has (YAML spelling with ``flags=False``); None otherwise."""
+    if name not in RENAMED or RENAMED[name][0] not in {f.name for f in flat_fields(cls)}:
+        return None
+    new, why = RENAMED[name]
+    old_name, new_name = (_flag(name), _flag(new)) if flags else (name, new)
+    return f"{old_name} was renamed {new_name} ({why})"
+
+
+def check_renamed_flags(argv: Sequence[str], cls: type) -> None:
+    """One :class:`UserError` line for the first renamed flag in ``argv`` (``--old`` or ``--old=v``)."""
+    for arg in argv:
+        if arg.startswith("--"):
+            note = renamed_note(arg[2:].split("=", 1)[0].replace("-", "_"), cls)
+            if note:
+                raise UserError(note)
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -155,7 +185,10 @@ def build_config(cls: type[T], overrides: dict[str, Any], source: str = "config"
     fields = {f.name: f for f in flat_fields(cls)}
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        raise UserError(f"{source}: unknown option(s) {', '.join(unknown)} for {cls.__name__}")
+        notes = [note for name in unknown if (note := renamed_note(name, cls, flags=False))]
+        raise UserError(
+            f"{source}: unknown option(s) {', '.join(unknown)} for {cls.__name__}" + "".join(f"; {n}" for n in notes)
+        )
     values = {}
     for name, value in overrides.items():
         if isinstance(value, list) and typing.get_origin(fields[name].type) is tuple:
@@ -186,6 +219,7 @@ def parse_config(
         "--config", default=None, metavar="YAML", help="YAML file of option: value pairs (flags given here win)"
     )
     add_dataclass_arguments(parser, cls)
+    check_renamed_flags(sys.argv[1:] if argv is None else argv, cls)
     ns = parser.parse_args(argv)
     values: dict[str, Any] = {}
     if ns.config:

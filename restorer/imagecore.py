@@ -7,9 +7,18 @@ It imports nothing from the project: ``shard_tools`` imports it, and ``restorer`
 * :data:`TILE_ENCODINGS`: the lossless encodings the builder writes tiles in (tar member suffixes).
 * :func:`to_rgb8`: any Pillow mode -> 8-bit RGB; gray is replicated, palette expanded, alpha
   composited on white ``(c*a + 255*(255-a) + 127) // 255``, 16-bit gray scaled ``round(v/257)``.
+* :func:`open_declared`: the decompression-bomb rule of every image reader in the project. The
+  declared width x height is read from the header and checked against ``max_pixels`` *before* any
+  pixel is decoded; Pillow's own check (``Image.MAX_IMAGE_PIXELS``: a warning, then an error at
+  twice it) is off meanwhile, so that a limit above Pillow's works and the message names ours.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import IO
 
 import numpy as np
 from PIL import Image
@@ -65,3 +74,40 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     if mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
         return img.convert("RGB")
     raise UnsupportedMode(f"unsupported pixel mode {mode}")
+
+
+class DeclaredSizeError(ValueError):
+    """The header declares an empty image, or more pixels than allowed (a decompression bomb)."""
+
+
+def megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f}" if pixels >= 100_000 else f"{pixels / 1e6:.3g}"
+
+
+def check_declared_size(size: tuple[int, int], max_pixels: int) -> None:
+    """:class:`DeclaredSizeError` when ``size`` (w, h, from a header) is empty or over ``max_pixels``."""
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise DeclaredSizeError(f"image declares an empty size {w}x{h}")
+    if w * h > max_pixels:
+        raise DeclaredSizeError(
+            f"decompression bomb: declares {w}x{h} = {megapixels(w * h)} megapixels, "
+            f"over the limit of {megapixels(max_pixels)} (--max-pixels)"
+        )
+
+
+@contextlib.contextmanager
+def open_declared(
+    fp: str | os.PathLike | IO[bytes], max_pixels: int, formats: list[str] | tuple[str, ...] | None = None
+) -> Iterator[Image.Image]:
+    """``Image.open`` (header only), its declared size checked by :func:`check_declared_size`;
+    Pillow's own limit is off for the whole block (decoding included) and restored after it.
+    Pillow's errors on garbage (``UnidentifiedImageError``, ``SyntaxError`` ...) propagate."""
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(fp, formats=formats) as img:
+            check_declared_size(img.size, max_pixels)
+            yield img
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit

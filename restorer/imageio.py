@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from restorer import imagecore
 from restorer.data.degrade import estimate_quality
 from restorer.errors import UserError, first_line
 from restorer.fsutil import atomic_write
@@ -65,21 +66,9 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not an image")
-    pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
-        # Pillow's own bomb check (MAX_IMAGE_PIXELS: a warning, then an error at twice it) is
-        # switched off and replaced by ours, from the header, so that --max-pixels can also
-        # raise the limit and the message names it. Restored in ``finally``.
-        Image.MAX_IMAGE_PIXELS = None
-        with open(path, "rb") as fh, Image.open(fh) as img:
-            width, height = img.size
-            if width <= 0 or height <= 0:
-                raise UserError(f"{path}: image declares an empty size {width}x{height}")
-            if width * height > max_pixels:
-                raise UserError(
-                    f"{path}: image declares {width}x{height} = {width * height / 1e6:.0f} "
-                    f"megapixels, over the limit of {max_pixels / 1e6:.0f} (--max-pixels)"
-                )
+        # the project's one decompression-bomb rule, from the header (restorer.imagecore)
+        with open(path, "rb") as fh, imagecore.open_declared(fh, max_pixels) as img:
             fmt = img.format or "unknown"
             quality = estimate_quality(img) if fmt in ("JPEG", "MPO") else None
             img.load()  # decode now: truncation and corrupt data surface here
@@ -97,14 +86,14 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             data = _reread(fh) if fmt in ("JPEG", "MPO") else None
     except UserError:
         raise
+    except imagecore.DeclaredSizeError as exc:
+        raise UserError(f"{path}: {exc}") from None
     except Image.UnidentifiedImageError:
         raise UserError(f"{path}: not an image Pillow can read") from None
     except MemoryError:
         raise UserError(f"{path}: not enough memory to decode this image") from None
     except Exception as exc:  # truncated (OSError), corrupt headers (SyntaxError, ValueError, ...)
         raise UserError(f"{path}: unreadable image ({type(exc).__name__}: {first_line(exc)})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = pillow_limit
     return LoadedImage(path, pixels, alpha, fmt, quality, icc, exif_bytes, orientation, notes, data)
 
 

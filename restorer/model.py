@@ -34,10 +34,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# channels/units of the seed preset are its last width and unit count, for the record only.
+PRESETS: dict[str, dict[str, int]] = {
+    "seed": {"channels": 32, "units": 3},
+    "tiny": {"channels": 32, "units": 2},
+    "small": {"channels": 64, "units": 4},
+    "default": {"channels": 64, "units": 8},
+    "large": {"channels": 128, "units": 8},
+    "unet-tiny": {"channels": 32, "units": 1},
+    "unet": {"channels": 64, "units": 2},
+}
+
 
 @dataclasses.dataclass
 class ModelConfig:
-    preset: str = dataclasses.field(default="default", metadata={"help": "seed, tiny, small, default, large"})
+    preset: str = dataclasses.field(
+        default="default", metadata={"help": f"network: {', '.join(PRESETS)} (see restorer/model.py)"}
+    )
     channels: int | None = dataclasses.field(default=None, metadata={"help": "override the preset's width C"})
     units: int | None = dataclasses.field(default=None, metadata={"help": "override the preset's unit count N"})
     in_channels: int = 3  # 3 = RGB, 1 = grayscale
@@ -57,16 +70,6 @@ class ModelConfig:
         )
 
 
-# channels/units of the seed preset are its last width and unit count, for the record only.
-PRESETS: dict[str, dict[str, int]] = {
-    "seed": {"channels": 32, "units": 3},
-    "tiny": {"channels": 32, "units": 2},
-    "small": {"channels": 64, "units": 4},
-    "default": {"channels": 64, "units": 8},
-    "large": {"channels": 128, "units": 8},
-    "unet-tiny": {"channels": 32, "units": 1},
-    "unet": {"channels": 64, "units": 2},
-}
 UNET_SCALES = 3  # full, 1/2 and 1/4 resolution
 
 
@@ -157,7 +160,7 @@ def _conv_radius(module: nn.Module) -> int:
         if isinstance(m, nn.Conv2d):
             if any(s != 1 for s in m.stride):
                 raise ValueError("_conv_radius assumes stride-1 convolutions")
-            radius += max(d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation))
+            radius += max(d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation, strict=True))
     return radius
 
 

@@ -9,6 +9,12 @@ from pathlib import Path
 
 from restorer.config import parse_config
 from restorer.errors import UserError, cli_entry, setup_logging
+from shard_tools.config import BuildConfig
+
+# Each command imports its module when it runs, not here: those modules import torch (through
+# webdataset and restorer.data). Measured side by side on the shared 2-core machine (/usr/bin/time,
+# 5 runs each, load average 20): `python -m shard_tools --help` took 8.8-9.5 s this way and
+# 67-81 s with these imports at the top.
 
 BUILD_EPILOG = """\
 examples:
@@ -26,7 +32,8 @@ examples:
   python -m shard_tools merge data/shards part0 part1
 
 Output: OUT/<split>/shard-NNNNNN.tar (+ sizes.json) and OUT/manifest.json. Re-running the same
-command skips the shards that are already complete; an interrupted build resumes.
+command skips the shards that are already complete; an interrupted build resumes. An OUT holding
+anything else (another build's shards, other files) is refused unless --overwrite; never an input.
 An s3:// or gs:// OUT is built in --stage-dir (default: a temporary folder) and then uploaded,
 manifest.json last; shards already in the bucket with the same hash are not uploaded again.
 Exit status: 0 ok, 1 verify found problems, 2 bad input/output (one line on stderr).
@@ -46,14 +53,12 @@ examples:
   python -m shard_tools merge data/shards part0 part1 part2
 
 Joins the outputs of `build --num-jobs K --job-index I` runs (same settings) into OUT: shards are
-hard-linked (or copied) and renumbered, manifests and sizes.json combined.
+hard-linked (or copied) and renumbered, manifests and sizes.json combined. OUT must be new or
+empty (--overwrite replaces it); the parts are only read.
 """
 
 
 def _build(argv: list[str]) -> int:
-    from shard_tools.build import build
-    from shard_tools.config import BuildConfig
-
     cfg = parse_config(
         BuildConfig,
         argv,
@@ -61,19 +66,25 @@ def _build(argv: list[str]) -> int:
         description="Build WebDataset shards of lossless image tiles.",
         epilog=BUILD_EPILOG,
     )
+    from shard_tools.build import build  # after parsing, so --help stays fast: see the note above
+
     manifest = build(cfg)
     return 1 if manifest.get("verify_problems") else 0
 
 
-def _verify(argv: list[str]) -> int:
-    from shard_tools.writer import verify
-
-    p = argparse.ArgumentParser(
-        prog="python -m shard_tools verify",
-        epilog=VERIFY_EPILOG,
-        description="Check shards against their manifest.",
+def _parser(command: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=f"python -m shard_tools {command}",
+        epilog=epilog,
+        description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def _verify(argv: list[str]) -> int:
+    from shard_tools.verify import verify  # see the note on imports above
+
+    p = _parser("verify", "Check shards against their manifest.", VERIFY_EPILOG)
     p.add_argument("dir", help="shard folder or URL (s3://bucket/prefix) holding manifest.json")
     ns = p.parse_args(argv)
     problems = verify(ns.dir)
@@ -85,23 +96,22 @@ def _verify(argv: list[str]) -> int:
 
 
 def _merge(argv: list[str]) -> int:
-    from shard_tools.writer import merge
-
-    p = argparse.ArgumentParser(
-        prog="python -m shard_tools merge",
-        epilog=MERGE_EPILOG,
-        description="Join the parts of a multi-machine build.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("out", help="output shard folder")
-    p.add_argument("parts", nargs="+", help="part folders written by build --job-index")
-    ns = p.parse_args(argv)
+    from shard_tools.merge import merge  # see the note on imports above
     from shard_tools.remote import is_remote
 
+    p = _parser("merge", "Join the parts of a multi-machine build.", MERGE_EPILOG)
+    p.add_argument("out", help="output shard folder (new or empty, unless --overwrite)")
+    p.add_argument("parts", nargs="+", help="part folders written by build --job-index")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an OUT that exists and is not empty (the builder's files there are removed first)",
+    )
+    ns = p.parse_args(argv)
     for where in [ns.out, *ns.parts]:
         if is_remote(where):
             raise UserError(f"{where}: merge works on local folders (merge locally, then upload)")
-    m = merge(Path(ns.out), [Path(x) for x in ns.parts])
+    m = merge(Path(ns.out), [Path(x) for x in ns.parts], overwrite=ns.overwrite)
     for split, info in m["splits"].items():
         print(f"{split}: {info['samples']} samples in {len(info['shards'])} shards")
     return 0

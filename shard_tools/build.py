@@ -32,22 +32,28 @@ import os
 import random
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from tqdm import tqdm
+
 from restorer.errors import UserError
 from shard_tools import __version__, remote, sources
 from shard_tools.config import NON_CONTENT_FIELDS, BuildConfig
+from shard_tools.existing import check_build_output, check_not_input
 from shard_tools.images import Decoded, Skip, decode
+from shard_tools.layout import MANIFEST
+from shard_tools.verify import verify
 from shard_tools.writer import (
     Journal,
     ShardSink,
     clean_split_dir,
     journalled_images,
+    read_journal,
     split_summary,
-    verify,
     write_json_atomic,
     write_sizes,
 )
@@ -73,17 +79,17 @@ SPLIT_ORDER = ("train", "val", "test")
 
 
 # ----------------------------------------------------------------------------------- planning
+def input_paths(cfg: BuildConfig) -> list[tuple[str, str]]:
+    """(flag, path) of every input named."""
+    named = (("--div2k", cfg.div2k), ("--bsds", cfg.bsds), ("--openimages", cfg.openimages), ("--folder", cfg.folder))
+    return [(flag, p) for flag, paths in named for p in paths]
+
+
 def check_inputs(cfg: BuildConfig) -> None:
     """Fail at once, before any work, on a missing input path."""
-    for flag, paths in (
-        ("--div2k", cfg.div2k),
-        ("--bsds", cfg.bsds),
-        ("--openimages", cfg.openimages),
-        ("--folder", cfg.folder),
-    ):
-        for p in paths:
-            if not Path(p).expanduser().exists():
-                raise UserError(f"{Path(p).expanduser()}: {flag} input not found")
+    for flag, p in input_paths(cfg):
+        if not Path(p).expanduser().exists():
+            raise UserError(f"{Path(p).expanduser()}: {flag} input not found")
 
 
 def check_output(out: Path) -> None:
@@ -130,7 +136,10 @@ def plan_split(streams: list[sources.Stream], cfg: BuildConfig, split: str) -> t
         order.append(lists[i][pos[i]])
         pos[i] += 1
         left[i] -= 1
-    kept, skipped, seen, per_source = [], [], {}, Counter()
+    kept: list[sources.Ref] = []
+    skipped: list[dict] = []
+    seen: dict[str, str] = {}
+    per_source: Counter[str] = Counter()
     for ref in order:
         if ref.key in seen:
             skipped.append(
@@ -166,6 +175,24 @@ def fingerprint(cfg: BuildConfig, split: str, refs: list[sources.Ref], seen: dic
     for r in refs:
         h.update(f"\n{r.key}\t{r.where}\t{r.size}\t{r.rotation}".encode())
     return h.hexdigest()
+
+
+def expected_fingerprints(
+    out: Path, plans: dict[str, tuple[list[sources.Ref], list[dict]]], cfg: BuildConfig
+) -> dict[str, str]:
+    """split -> the fingerprint this build gives it, where ``out`` holds this build's journals.
+    A split's fingerprint covers the images of the splits before it, read here from their
+    journals; after the first split whose journal is not this build's, later splits cannot hold
+    this build either (splits are built in order), so they are left out."""
+    seen: dict[str, str] = {}
+    expected = {}
+    for split, (order, _) in plans.items():
+        expected[split] = fingerprint(cfg, split, order, seen)
+        journal = read_journal(out / split)
+        if not journal or journal[0].get("fingerprint") != expected[split]:
+            break
+        seen.update(journalled_images(journal[1:]))
+    return expected
 
 
 # ----------------------------------------------------------------------------------- decoding
@@ -232,7 +259,6 @@ def _tasks(
 
 def _worker_init(parent: int) -> None:
     """Workers exit on their own when the builder dies (e.g. SIGKILL), instead of lingering."""
-    import threading
 
     def watch() -> None:
         while True:
@@ -352,12 +378,15 @@ def build(cfg: BuildConfig) -> dict:
     check_inputs(cfg)
     if remote.is_remote(cfg.out):
         remote.check_writable(cfg.out)
+        remote.check_replace(cfg.out, content_config(cfg), cfg.overwrite)
         with remote.staging(cfg.out, cfg.stage_dir) as out:
+            check_not_input(out, input_paths(cfg))
             check_output(out)
             manifest = build_into(cfg, out)
-            remote.upload(out, cfg.out, manifest)
+            remote.upload(out, cfg.out, manifest, cfg.overwrite)
     else:
         out = Path(cfg.out).expanduser()
+        check_not_input(out, input_paths(cfg))
         check_output(out)
         manifest = build_into(cfg, out)
     print_summary(manifest, time.time() - t0)
@@ -377,6 +406,7 @@ def build_into(cfg: BuildConfig, out: Path) -> dict:
         by_split.setdefault(s.split, []).append(s)
     splits = sorted(by_split, key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 9, s))
     plans = {split: plan_split(by_split[split], cfg, split) for split in splits}
+    check_build_output(out, expected_fingerprints(out, plans, cfg), cfg.overwrite)
     total = sum(len(p[0]) for p in plans.values())
     log.info(
         "%d input images in %s (job %d of %d), %d worker(s), encoding %s, out %s",
@@ -390,10 +420,10 @@ def build_into(cfg: BuildConfig, out: Path) -> dict:
     )
     bar = None
     if cfg.progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=total, unit="img", desc="shards", file=sys.stderr, dynamic_ncols=True)
-    manifest_splits, sources_count, skipped = {}, {}, []
+    manifest_splits: dict[str, dict] = {}
+    sources_count: dict[str, dict[str, int]] = {}
+    skipped: list[dict] = []
     seen: dict[str, str] = {}  # sha256 of every original file written so far -> its path
     try:
         for split in splits:
@@ -419,7 +449,7 @@ def build_into(cfg: BuildConfig, out: Path) -> dict:
         "skipped": skipped,
         "config": json.loads(json.dumps(vars(cfg), default=str)),
     }
-    write_json_atomic(out / "manifest.json", manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 
@@ -439,7 +469,7 @@ def print_summary(manifest: dict, seconds: float) -> None:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     src = ", ".join(f"{name} {sum(per.values())}" for name, per in manifest["sources"].items())
     print(
         "\n".join(lines) + f"\nsources: {src or '-'}; {len(manifest['skipped'])} skipped; {seconds:.1f} s",

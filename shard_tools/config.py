@@ -9,7 +9,7 @@ from restorer.errors import UserError
 from shard_tools.images import ENCODINGS
 
 # Fields that do not change what ends up in the shards (excluded from the resume fingerprint).
-NON_CONTENT_FIELDS = ("out", "stage_dir", "workers", "verify", "progress")
+NON_CONTENT_FIELDS = ("out", "stage_dir", "overwrite", "workers", "verify", "progress")
 
 
 @dataclass
@@ -63,6 +63,13 @@ class BuildConfig:
     workers: int = field(default=0, metadata={"help": "decode processes (0 = all cores)"})
     num_jobs: int = field(default=1, metadata={"help": "split the build over K machines"})
     job_index: int = field(default=0, metadata={"help": "which of the K parts this run builds"})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "replace an --out that holds something else than this build (other settings or inputs, a "
+            "merged folder, other files: the builder's files there are removed first); never an input"
+        },
+    )
     verify: bool = field(default=False, metadata={"help": "re-hash every shard after building"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 

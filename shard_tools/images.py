@@ -5,7 +5,9 @@ Rules (the README repeats them):
 * **Formats** read: JPEG, PNG, WebP, TIFF, BMP, PPM/PGM, GIF (first frame). Anything else, and
   anything Pillow cannot identify, is skipped with a reason.
 * **Bombs**: a file larger than ``max_file_bytes`` is skipped before it is read; an image whose
-  *declared* width x height exceeds ``max_pixels`` is skipped before its pixels are decoded.
+  *declared* width x height exceeds ``max_pixels`` is skipped before its pixels are decoded
+  (the project's one rule, :func:`restorer.imagecore.open_declared`, which ``restorer``'s own
+  image reader applies too).
 * **Orientation**: the EXIF orientation tag is applied (``ImageOps.exif_transpose``). When the
   source gives an explicit rotation (Open Images' CSV), that rotation is applied *instead*: it
   was derived from the original upload's EXIF, so applying both would rotate twice.
@@ -40,6 +42,7 @@ better choice when shards sit on fast local disk and the loader is decode-bound
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -141,20 +144,17 @@ def tile_grid(w: int, h: int, tile: int, min_size: int) -> Iterator[tuple[int, i
             yield y, x, th, tw
 
 
-def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
-    """Parse the header only; refuse what is not an allowed image or declares > ``max_pixels``."""
+def _open_checked(stack: contextlib.ExitStack, data: bytes, max_pixels: int) -> Image.Image:
+    """Parse the header only (:func:`restorer.imagecore.open_declared`, open until ``stack``
+    closes); refuse what is not an allowed image or declares more than ``max_pixels``."""
     try:
-        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        return stack.enter_context(imagecore.open_declared(io.BytesIO(data), max_pixels, ALLOWED_FORMATS))
+    except imagecore.DeclaredSizeError as exc:
+        raise Skip(str(exc)) from None
     except UnidentifiedImageError:
         raise Skip("not an image (unrecognised or unsupported format)") from None
     except Exception as exc:  # header parsers raise many types on garbage
         raise Skip(f"corrupt header ({type(exc).__name__}: {exc})") from None
-    w, h = img.size
-    if w <= 0 or h <= 0:
-        raise Skip(f"invalid declared size {w}x{h}")
-    if w * h > max_pixels:
-        raise Skip(f"decompression bomb: declares {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
-    return img
 
 
 def decode(
@@ -171,32 +171,26 @@ def decode(
     """Decode ``data`` and return its tiles (encoded). Raises :class:`Skip` with a reason.
 
     ``skip_tiles``: the first N tiles are computed but not encoded (resume inside an image).
-    ``max_pixels`` is the one limit on the declared size: Pillow's own bomb check
-    (``Image.MAX_IMAGE_PIXELS``, 89.5 MP: a warning, then an error at twice it) is off while
-    decoding, so a limit above Pillow's works (and the reason names ours).
+    ``max_pixels`` is the one limit on the declared size (the project's rule,
+    :func:`restorer.imagecore.open_declared`).
     """
     if not data:
         raise Skip("empty file (0 bytes)")
-    pillow_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        return _decode(data, encoding, tile, min_size, max_pixels, rotation, downscale, skip_tiles)
-    finally:
-        Image.MAX_IMAGE_PIXELS = pillow_limit
+    with contextlib.ExitStack() as stack:
+        img = _open_checked(stack, data, max_pixels)
+        return _decode(img, hashlib.sha256(data).hexdigest(), encoding, tile, min_size, rotation, downscale, skip_tiles)
 
 
 def _decode(
-    data: bytes,
+    img: Image.Image,
+    sha: str,
     encoding: str,
     tile: int,
     min_size: int,
-    max_pixels: int,
     rotation: int | None,
     downscale: float,
     skip_tiles: int,
 ) -> Decoded:
-    sha = hashlib.sha256(data).hexdigest()
-    img = _open_checked(data, max_pixels)
     fmt, mode = img.format or "?", img.mode
     try:
         img.load()

@@ -12,7 +12,10 @@ The upload keeps what object stores allow of the local guarantees:
   manifest (a build in progress or one that failed: re-run it);
 - a shard the remote manifest already lists with the same sha256 and byte count, and whose
   object has that size, is not uploaded again (so re-running the same command uploads nothing);
-- remote shards that the new manifest does not list are deleted after it is written.
+- remote shards that the new manifest does not list are deleted after it is written;
+- a URL whose manifest belongs to another build is replaced only with ``--overwrite``: other
+  content settings are refused before anything is built, other shards (e.g. changed inputs)
+  before anything is uploaded. A URL without a manifest holds no finished output.
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ from pathlib import Path
 
 from restorer.data import urlio
 from restorer.errors import UserError, describe
+from shard_tools.existing import refusal
+from shard_tools.layout import MANIFEST, NO_MANIFEST, SHARD_RE, SIZES
 
 log = logging.getLogger("shard_tools.remote")
-
-MANIFEST = "manifest.json"
 
 
 def is_remote(out: str | os.PathLike) -> bool:
@@ -74,8 +77,6 @@ class RemoteTree:
             raise UserError(f"{self.where(MANIFEST)}: unreadable manifest ({exc})") from None
 
     def load_manifest(self) -> dict:
-        from shard_tools.writer import NO_MANIFEST
-
         manifest = self.manifest()
         if manifest is None:
             raise UserError(f"{self.where(MANIFEST)}: {NO_MANIFEST}")
@@ -153,18 +154,44 @@ def staging(url: str, stage_dir: str | None) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def upload(local: Path, url: str, manifest: dict) -> dict:
+def _shards(manifest: dict | None) -> dict[str, tuple[str, int]]:
+    """path -> (sha256, bytes) of every shard a manifest lists."""
+    splits = (manifest or {}).get("splits", {})
+    return {s["path"]: (s["sha256"], s["bytes"]) for info in splits.values() for s in info["shards"]}
+
+
+def check_replace(url: str, content: dict, overwrite: bool) -> None:
+    """Before building for ``url``: refuse at once, unless ``overwrite``, when ``url`` holds the
+    manifest of a build with other content settings (``content``: the build's, as its manifest's
+    ``config`` records them) or one that cannot be read."""
+    if overwrite:
+        return
+    tree = RemoteTree(url)
+    text = tree.manifest_text()
+    if text is None:
+        return
+    try:
+        old = json.loads(text)["config"]
+        same = {k: old.get(k) for k in content} == content
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise refusal(url, f"holds an unreadable {MANIFEST}") from None
+    if not same:
+        raise refusal(url, "holds the shards of a build with other settings")
+
+
+def upload(local: Path, url: str, manifest: dict, overwrite: bool = False) -> dict:
     """Upload a finished local build (``local`` holds its manifest) to ``url``, manifest last
-    (see the module doc). Returns counts: uploaded, kept, deleted shards."""
+    (see the module doc). Without ``overwrite``, a ``url`` whose manifest lists other shards is
+    refused before anything is written. Returns counts: uploaded, kept, deleted shards."""
     tree = RemoteTree(url)
     old_text = tree.manifest_text()
     try:
         old = json.loads(old_text) if old_text is not None else None
     except ValueError:
-        old = {}  # unreadable: replaced
-    old_shards = {
-        s["path"]: (s["sha256"], s["bytes"]) for info in (old or {}).get("splits", {}).values() for s in info["shards"]
-    }
+        old = {}  # unreadable
+    old_shards = _shards(old)
+    if old_text is not None and not overwrite and old_shards != _shards(manifest):
+        raise refusal(url, "holds other shards (its manifest lists other inputs or settings)")
     todo, kept = [], 0
     for info in manifest["splits"].values():
         for s in info["shards"]:
@@ -180,10 +207,8 @@ def upload(local: Path, url: str, manifest: dict) -> dict:
         for rel in todo:
             tree.put(local / rel, rel)
         for split in manifest["splits"]:
-            tree.put(local / split / "sizes.json", f"{split}/sizes.json")
+            tree.put(local / split / SIZES, f"{split}/{SIZES}")
         tree.put(local / MANIFEST, MANIFEST)
-    from shard_tools.writer import SHARD_RE
-
     deleted = 0
     for split, info in manifest["splits"].items():
         listed = {Path(s["path"]).name for s in info["shards"]}

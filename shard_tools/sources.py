@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
+import skimage
+
 from restorer.errors import UserError
-from shard_tools.images import IMAGE_EXTENSIONS
+from shard_tools.images import IMAGE_EXTENSIONS, Skip
 
 log = logging.getLogger("shard_tools.sources")
 
@@ -281,7 +283,7 @@ def openimages(paths: list[str]) -> list[Stream]:
             csvs.extend(sorted(p.parent.glob("*.csv")) if p.is_dir() else [])
             continue
         if p.is_dir():
-            found = [(s, c) for c in sorted(p.iterdir()) if (s := _oi_split(c.name)) and (c.is_dir() or _is_tar(c))]
+            found = [(sp, c) for c in sorted(p.iterdir()) if (sp := _oi_split(c.name)) and (c.is_dir() or _is_tar(c))]
             if found:
                 dirs.extend(found)
                 csvs.extend(sorted(p.glob("*.csv")))
@@ -341,8 +343,6 @@ def folder(path: str, val_fraction: float) -> list[Stream]:
 
 # ----------------------------------------------------------------------------------- default
 def skimage_data_dir() -> Path:
-    import skimage
-
     return Path(skimage.__file__).parent / "data"
 
 
@@ -381,8 +381,6 @@ class Reader:
         else:
             raise ValueError("tar members are read sequentially by the builder")
         if len(data) > self.max_bytes:
-            from shard_tools.images import Skip
-
             raise Skip(f"file larger than max_file_bytes {self.max_bytes}")
         return data
 
@@ -402,8 +400,6 @@ class TarCursor:
         self._it = iter(self._tf)
 
     def read(self, member: str) -> bytes:
-        from shard_tools.images import Skip
-
         for info in self._it:
             if info.name != member:
                 continue

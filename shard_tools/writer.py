@@ -18,8 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import re
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -28,14 +26,9 @@ from webdataset import ShardWriter
 
 from restorer.errors import UserError
 from restorer.fsutil import atomic_write_text, fsync_dir
-from shard_tools.config import NON_CONTENT_FIELDS
+from shard_tools.layout import FORMAT, JOURNAL, MANIFEST, NO_MANIFEST, SHARD_PATTERN, SHARD_RE, SIZES, is_temporary
 
 log = logging.getLogger("shard_tools.writer")
-
-SHARD_PATTERN = "shard-%06d.tar"
-SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
-JOURNAL = ".journal.jsonl"
-FORMAT = 1
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -90,6 +83,22 @@ class HashingFile:
 
 
 # ----------------------------------------------------------------------------------- journal
+def read_journal(split_dir: Path) -> list[dict]:
+    """The lines of ``split_dir``'s journal as written (header first; [] when there is none),
+    up to a torn last line of a killed run."""
+    try:
+        lines = (split_dir / JOURNAL).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    recs = []
+    for line in lines:
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return recs
+
+
 class Journal:
     def __init__(self, split_dir: Path, fingerprint: str):
         self.path = split_dir / JOURNAL
@@ -98,16 +107,7 @@ class Journal:
 
     def load(self) -> list[dict]:
         """Records of a previous run with the same fingerprint whose shards are intact."""
-        try:
-            lines = self.path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError):
-            lines = []
-        recs = []
-        for line in lines:
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # torn last line of a killed run
+        recs = read_journal(self.path.parent)
         if not recs or recs[0].get("fingerprint") != self.fingerprint:
             if recs:
                 log.info("%s: inputs or settings changed; rebuilding this split", self.path.parent)
@@ -190,7 +190,10 @@ class ShardSink:
             raise UserError(f"{final}: cannot write shard ({exc.strerror or exc})") from None
         fsync_dir(self.dir)
         st = final.stat()
-        n = int(SHARD_RE.match(final.name).group(1))
+        m = SHARD_RE.match(final.name)
+        if m is None:  # ShardWriter names them by SHARD_PATTERN
+            raise ValueError(f"{final}: not a shard name")
+        n = int(m.group(1))
         self.journal.append(
             {
                 "shard": n,
@@ -276,8 +279,7 @@ def clean_split_dir(split_dir: Path, keep: int) -> None:
     """Remove temporary files of killed runs and shards numbered >= keep (from older builds)."""
     for p in split_dir.iterdir():
         m = SHARD_RE.match(p.name)
-        tmp = p.name.startswith(".shard-") and p.name.endswith(".tmp")
-        if tmp or (m and int(m.group(1)) >= keep):
+        if is_temporary(p.name) or (m and int(m.group(1)) >= keep):
             p.unlink(missing_ok=True)
 
 
@@ -291,7 +293,9 @@ def journalled_images(records: list[dict]) -> dict[str, str]:
 
 
 def split_summary(records: list[dict], split: str) -> tuple[dict, Counter, list[dict]]:
-    shards, sources, skipped = [], Counter(), []
+    shards: list[dict] = []
+    sources: Counter[str] = Counter()
+    skipped: list[dict] = []
     for rec in records:
         if "shard" in rec:
             shards.append(
@@ -308,148 +312,14 @@ def split_summary(records: list[dict], split: str) -> tuple[dict, Counter, list[
 
 
 def write_sizes(split_dir: Path, shards: list[dict]) -> None:
-    write_json_atomic(split_dir / "sizes.json", {Path(s["path"]).name: s["samples"] for s in shards})
-
-
-NO_MANIFEST = "no manifest (not a shard folder, or the build did not finish)"
+    write_json_atomic(split_dir / SIZES, {Path(s["path"]).name: s["samples"] for s in shards})
 
 
 def load_manifest(out: Path) -> dict:
-    path = out / "manifest.json"
+    path = out / MANIFEST
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: {NO_MANIFEST}") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: unreadable manifest ({exc})") from None
-
-
-class LocalTree:
-    """A local shard folder: what :func:`verify` needs of it (``shard_tools.remote.RemoteTree``
-    is the same for a bucket)."""
-
-    def __init__(self, out: Path):
-        self.out = Path(out)
-
-    def where(self, rel: str) -> str:
-        return str(self.out / rel)
-
-    def load_manifest(self) -> dict:
-        return load_manifest(self.out)
-
-    def size(self, rel: str) -> int | None:
-        p = self.out / rel
-        return p.stat().st_size if p.is_file() else None
-
-    def sha256(self, rel: str) -> str:
-        return sha256_file(self.out / rel)
-
-    def names(self, folder: str) -> list[str]:
-        d = self.out / folder
-        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
-
-
-def verify(out: str | Path) -> list[str]:
-    """Re-hash every shard against the manifest, in a local folder or at a URL (``s3://...``).
-    Returns one line per problem."""
-    from shard_tools.remote import RemoteTree, is_remote
-
-    tree = RemoteTree(str(out)) if is_remote(out) else LocalTree(Path(out))
-    manifest = tree.load_manifest()
-    problems = []
-    for split, info in sorted(manifest.get("splits", {}).items()):
-        listed = set()
-        for s in info["shards"]:
-            rel, where = s["path"], tree.where(s["path"])
-            listed.add(Path(rel).name)
-            size = tree.size(rel)
-            if size is None:
-                problems.append(f"{where}: missing")
-                continue
-            if size != s["bytes"]:
-                problems.append(f"{where}: size {size} != manifest {s['bytes']}")
-                continue
-            digest = tree.sha256(rel)
-            if digest != s["sha256"]:
-                problems.append(f"{where}: sha256 {digest[:16]}... != manifest {s['sha256'][:16]}...")
-        for name in tree.names(split):
-            if SHARD_RE.match(name) and name not in listed:
-                problems.append(f"{tree.where(f'{split}/{name}')}: shard not listed in the manifest")
-        if sum(s["samples"] for s in info["shards"]) != info["samples"]:
-            problems.append(f"{tree.where('manifest.json')}: split {split} sample count inconsistent")
-    return problems
-
-
-# ----------------------------------------------------------------------------------- merge
-def _link_or_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-    os.replace(tmp, dst)
-
-
-def merge(out: Path, parts: list[Path]) -> dict:
-    """Join the outputs of ``--num-jobs K --job-index I`` runs into one shard folder."""
-    manifests = []
-    for part in parts:
-        if not part.is_dir():
-            raise UserError(f"{part}: part folder not found")
-        manifests.append((part, load_manifest(part)))
-    ignored = NON_CONTENT_FIELDS + ("job_index",)  # may differ between the parts
-    ref_cfg = {k: v for k, v in manifests[0][1]["config"].items() if k not in ignored}
-    seen_jobs: dict[int, Path] = {}
-    for part, m in manifests:
-        cfg = {k: v for k, v in m["config"].items() if k not in ignored}
-        if cfg != ref_cfg or m["encoding"] != manifests[0][1]["encoding"]:
-            raise UserError(f"{part}: built with different settings than {manifests[0][0]}")
-        j = m["config"]["job_index"]
-        if j in seen_jobs:
-            raise UserError(f"{part}: job index {j} already given by {seen_jobs[j]}")
-        seen_jobs[j] = part
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{out}: cannot create output folder ({exc.strerror or exc})") from None
-    splits: dict[str, dict] = {}
-    sources: dict[str, Counter] = {}
-    skipped: list[dict] = []
-    for part, m in sorted(manifests, key=lambda pm: pm[1]["config"]["job_index"]):
-        for split, info in sorted(m["splits"].items()):
-            dst_dir = out / split
-            dst_dir.mkdir(exist_ok=True)
-            entry = splits.setdefault(split, {"samples": 0, "shards": []})
-            for s in info["shards"]:
-                n = len(entry["shards"])
-                dst = dst_dir / (SHARD_PATTERN % n)
-                _link_or_copy(part / s["path"], dst)
-                entry["shards"].append({**s, "path": f"{split}/{dst.name}"})
-                entry["samples"] += s["samples"]
-        for src, per in m["sources"].items():
-            sources.setdefault(src, Counter()).update(per)
-        skipped.extend(m["skipped"])
-    for split, entry in splits.items():
-        clean_split_dir(out / split, keep=len(entry["shards"]))
-        write_sizes(out / split, entry["shards"])
-    base = manifests[0][1]
-    missing = sorted(set(range(base["config"]["num_jobs"])) - set(seen_jobs))
-    manifest = {
-        "format": FORMAT,
-        "package_version": base["package_version"],
-        "encoding": base["encoding"],
-        "encoding_measurement": base.get("encoding_measurement"),
-        "splits": splits,
-        "sources": {k: dict(v) for k, v in sources.items()},
-        "skipped": skipped,
-        "config": {**base["config"], "out": str(out), "job_index": None},
-        "merged_from": [str(p) for p, _ in manifests],
-        "missing_jobs": missing,
-    }
-    write_json_atomic(out / "manifest.json", manifest)
-    if missing:
-        log.warning("merge: job index(es) %s not given; the result is incomplete", missing)
-    return manifest

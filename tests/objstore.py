@@ -18,6 +18,7 @@ import sys
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def forget_filesystems() -> None:
 
 
 @pytest.fixture
-def s3_bucket(s3_server, monkeypatch) -> str:
+def s3_bucket(s3_server, monkeypatch) -> Iterator[str]:
     """A fresh bucket on the moto server; returns ``s3://<bucket>``."""
     import boto3
 

@@ -31,6 +31,7 @@ from restorer.errors import UserError
 from shard_tools.__main__ import main
 from shard_tools.build import build
 from shard_tools.config import BuildConfig
+from shard_tools.verify import verify
 
 TILE, MIN = 64, 32
 SMALL = dict(tile=TILE, min_size=MIN, workers=1, progress=False, max_samples=5)
@@ -246,13 +247,17 @@ def test_rerun_rewrites_nothing_and_verify(tmp_path, layouts):
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0x01
     shard.write_bytes(bytes(data))
-    from shard_tools.writer import verify
-
     problems = verify(out)
     assert len(problems) == 1 and str(shard) in problems[0] and "sha256" in problems[0]
     assert main(["verify", str(out)]) == 1
-    # a changed setting rebuilds
-    m3 = run(out, **kw, seed=1)
+    # a changed setting is another build: refused with one line, nothing touched; --overwrite rebuilds
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
+    with pytest.raises(UserError, match=r"holds shards of another build \(train: .*--overwrite") as err:
+        run(out, **kw, seed=1)
+    assert "\n" not in str(err.value)
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files} == before
+    m3 = run(out, **kw, seed=1, overwrite=True)
     assert m3["splits"]["train"]["samples"] == m1["splits"]["train"]["samples"]
     assert verify(out) == []
 

@@ -141,7 +141,7 @@ def test_changed_build_deletes_the_old_manifest_first_and_stale_shards_last(s3_b
     build(BuildConfig(out=url, folder=[str(photos)], **{**SMALL, "max_samples": 2}))
     n_before = len([k for k in _objects(s3_bucket, "p/train/") if k.endswith(".tar")])
     rec = Recorder(monkeypatch)
-    m = build(BuildConfig(out=url, folder=[str(photos)], **SMALL))  # fewer, bigger shards
+    m = build(BuildConfig(out=url, folder=[str(photos)], overwrite=True, **SMALL))  # fewer, bigger shards
     assert rec.ops[0] == ("delete", "manifest.json")
     i_manifest = rec.ops.index(("put", "manifest.json"))
     assert all(op == "delete" and rel.endswith(".tar") for op, rel in rec.ops[i_manifest + 1 :])
@@ -151,15 +151,33 @@ def test_changed_build_deletes_the_old_manifest_first_and_stale_shards_last(s3_b
     assert _main(capsys, "verify", url)[0] == 0
 
 
+def test_another_build_is_refused_before_anything_is_built_or_uploaded(s3_bucket, photos, tmp_path, monkeypatch):
+    url, mine = f"{s3_bucket}/p", tmp_path / "mine"
+    mine.mkdir()
+    for p in photos.iterdir():
+        (mine / p.name).write_bytes(p.read_bytes())
+    build(BuildConfig(out=url, folder=[str(mine)], **SMALL))
+    before = _objects(s3_bucket, "p/")
+    rec = Recorder(monkeypatch)
+    stage = tmp_path / "stage"
+    with pytest.raises(UserError, match=r"holds the shards of a build with other settings; add --overwrite"):
+        build(BuildConfig(out=url, folder=[str(mine)], stage_dir=str(stage), **{**SMALL, "max_samples": 2}))
+    assert not stage.exists()  # refused before building
+    (mine / "extra.png").write_bytes(png_bytes(photo_crops(1, h=100, w=140, seed=9)[0]))
+    with pytest.raises(UserError, match=r"holds other shards .*--overwrite"):  # same settings, other inputs
+        build(BuildConfig(out=url, folder=[str(mine)], **SMALL))
+    assert rec.ops == [] and _objects(s3_bucket, "p/") == before
+
+
 def test_interrupted_upload_leaves_no_manifest_and_a_rerun_completes(s3_bucket, photos, monkeypatch, capsys):
     url = f"{s3_bucket}/p"
     build(BuildConfig(out=url, folder=[str(photos)], **{**SMALL, "max_samples": 2}))
     with monkeypatch.context() as mp:
         Recorder(mp, fail_at=1)  # the 2nd upload of the changed build fails
         with pytest.raises(UserError, match="cannot upload"):
-            build(BuildConfig(out=url, folder=[str(photos)], **SMALL))
+            build(BuildConfig(out=url, folder=[str(photos)], overwrite=True, **SMALL))
     assert "manifest.json" not in _objects(s3_bucket, "p/")  # readers see no half-made set
-    build(BuildConfig(out=url, folder=[str(photos)], **SMALL))
+    build(BuildConfig(out=url, folder=[str(photos)], **SMALL))  # no manifest: nothing left to replace
     assert _main(capsys, "verify", url)[0] == 0
 
 
