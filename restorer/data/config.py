@@ -38,7 +38,10 @@ class StreamConfig:
     shuffle_buffer: int = _opt(1000, "patches held per worker for shuffling (within each epoch)")
     resampled: bool = _opt(False, "draw shards with replacement (weighted by size): epochs of any length, "
                                   "samples may repeat")
-    seed: int = _opt(0, "seed of the stream: with (epoch, rank, worker) it fixes every draw")
+    seed: int = _opt(0, "seed of the stream: with the epoch and each tile's address it fixes every draw")
+    quarantine_epochs: int | None = _opt(None, "epochs a shard that failed (bad or missing, after its retries) is "
+                                               "skipped for, on every rank (default: the rest of the run; "
+                                               "0: retry it every epoch)")
 
     def augment_params(self) -> AugmentParams:
         return AugmentParams(patch_size=int(self.patch_size), rescale_p=float(self.rescale_p),
@@ -59,5 +62,7 @@ class StreamConfig:
             raise UserError(f"stream config: double_jpeg_p must lie in [0, 1], got {self.double_jpeg_p}")
         if self.patches_per_image < 1 or self.shuffle_buffer < 0 or self.seed < 0:
             raise UserError("stream config: patches_per_image >= 1, shuffle_buffer >= 0 and seed >= 0 required")
+        if self.quarantine_epochs is not None and self.quarantine_epochs < 0:
+            raise UserError(f"stream config: quarantine_epochs must be >= 0, got {self.quarantine_epochs}")
         if not str(self.shards).strip():
             raise UserError("stream config: no shards given (a shards dir or a URL pattern)")

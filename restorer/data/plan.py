@@ -44,7 +44,7 @@ def assign_shards(counts: Sequence[int], slots: int, seed: int, epoch: int) -> l
     return out
 
 
-def _positions(n: int, slot: int, workers: int) -> int:
+def positions(n: int, slot: int, workers: int) -> int:
     """How many of the positions 0..n-1 are ``slot`` modulo ``workers``."""
     return max(0, (n - slot + workers - 1) // workers)
 
@@ -61,6 +61,7 @@ class Plan:
     batch_size: int
     seed: int
     batches_per_epoch: int
+    patches_per_image: int = 1
 
     @property
     def tiles_per_pass(self) -> int:
@@ -74,7 +75,7 @@ class Plan:
         """Batches slot ``slot`` yields in ``epoch`` (over a rank's slots they sum to batches_per_epoch)."""
         first = epoch * self.batches_per_epoch
         end = first + self.batches_per_epoch
-        return _positions(end, slot, self.workers) - _positions(first, slot, self.workers)
+        return positions(end, slot, self.workers) - positions(first, slot, self.workers)
 
     def slot_shards(self, epoch: int, rank: int, slot: int) -> list[int]:
         """Indices of the shards slot ``slot`` of ``rank`` reads in ``epoch`` (without resampling)."""
@@ -127,4 +128,5 @@ def make_plan(shards: Sequence[Shard], spec: str, *, batch_size: int, num_worker
         raise UserError(f"{spec}: {sum(counts)} tiles x {ppi} patches{asked_text} over {world_size} rank(s) give no "
                         f"batch of {batch_size}: use more data, more patches_per_image or a smaller batch")
     return Plan(spec=spec, shards=tuple(shards), counts=tuple(counts), counts_known=known, resampled=resampled,
-                world_size=world_size, workers=workers, batch_size=batch_size, seed=seed, batches_per_epoch=bpe)
+                world_size=world_size, workers=workers, batch_size=batch_size, seed=seed, batches_per_epoch=bpe,
+                patches_per_image=ppi)
