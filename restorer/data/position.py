@@ -6,8 +6,10 @@
   (seed, epoch, address) (``reading.tile_rng``), never on which rank or worker reads it.
 * **Segments.** An epoch is read by one topology (ranks x workers x batch size) under its own plan
   (segment 0). A run resumed on another topology re-plans what is left of the epoch: the addresses
-  consumed so far are *excluded*, the remaining patches are dealt to the new slots by shard
-  (balanced by remaining count, as :func:`plan.assign_shards` does) -- segment 1, 2, ...; later
+  consumed so far are *excluded*, the remaining patches are dealt to the new slots in units of a
+  shard's sample range (whole shards, or, for a shard holding more than 1/8 of a slot's share, runs
+  of its samples), balanced by remaining count as :func:`plan.assign_shards` does -- segment 1, 2,
+  ...; later
   epochs use the new topology's own plan. :func:`plan_segment` computes a segment from the listing,
   the excluded set and the topology alone, so every rank gets the same batch count.
 * **Positions.** :class:`DataPosition` is what a checkpoint stores: epoch, segment, the segment's
@@ -85,6 +87,7 @@ class AddressSet:
 
 
 EMPTY = AddressSet()
+Unit = tuple[int, int, int]  # (shard, first sample, end sample) of a run a slot reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +100,13 @@ class Segment:
     offset: int  # batch b of the segment comes from slot (b + offset) % workers
     target: int  # patches the epoch owes, all ranks together (set by its segment 0)
     excluded: AddressSet = EMPTY
-    deal: tuple[tuple[int, ...], ...] | None = None  # shards per (rank, worker) slot, index > 0 only
+    deal: tuple[tuple[Unit, ...], ...] | None = None  # units per (rank, worker) slot, index > 0 only
     remaining: tuple[int, ...] | None = None  # patches left per shard, index > 0 only
 
-    def shards_of(self, plan: Plan, rank: int, slot: int) -> list[int]:
+    def units_of(self, plan: Plan, rank: int, slot: int) -> list[Unit]:
+        """The (shard, first sample, end sample) runs slot ``slot`` of ``rank`` reads."""
         if self.deal is None:
-            return plan.slot_shards(self.epoch, rank, slot)
+            return [(i, 0, MAX_SAMPLES) for i in plan.slot_shards(self.epoch, rank, slot)]
         return list(self.deal[rank * plan.workers + slot])
 
     def slot_batches(self, slot: int, workers: int) -> int:
@@ -132,13 +136,39 @@ def plan_segment(plan: Plan, epoch: int, index: int, excluded: AddressSet, targe
     budget = max(0, target - len(excluded)) // per_rank
     if plan.resampled:
         return Segment(epoch, index, budget, 0, target, excluded)
-    n = len(plan.counts)
+    n, slots = len(plan.counts), plan.world_size * w
     remaining = np.maximum(np.asarray(plan.counts, np.int64) * plan.patches_per_image - excluded.per_shard(n), 0)
-    deal = assign_shards(remaining.tolist(), plan.world_size * w, plan.seed, epoch)
-    smallest = min(int(sum(remaining[i] for i in slot)) for slot in deal)
+    units = _units(plan, excluded, remaining, slots)
+    deal = assign_shards([u[3] for u in units], slots, plan.seed, epoch)
+    smallest = min(sum(units[i][3] for i in slot) for slot in deal)
     batches = min(budget, w * (smallest // plan.batch_size))
-    deal = tuple(tuple(i for i in slot if remaining[i] > 0) for slot in deal)
+    deal = tuple(tuple(units[i][:3] for i in slot) for slot in deal)
     return Segment(epoch, index, batches, 0, target, excluded, deal, tuple(remaining.tolist()))
+
+
+def _units(plan: Plan, excluded: AddressSet, remaining: np.ndarray, slots: int) -> list[tuple[int, int, int, int]]:
+    """(shard, first sample, end sample, patches left) runs to deal: a shard whole, or (when it
+    holds more than ``chunk`` of the patches left and its count is known) cut into runs of about
+    ``chunk``, so that a few shards left part-read still spread over all the new slots."""
+    ppi = plan.patches_per_image
+    chunk = max(ppi, -(-int(remaining.sum()) // (8 * slots)))
+    units = []
+    for s in np.nonzero(remaining)[0].tolist():
+        r, count = int(remaining[s]), int(plan.counts[s])
+        if r <= chunk or not plan.counts_known:
+            units.append((s, 0, count if plan.counts_known else MAX_SAMPLES, r))
+            continue
+        taken = np.bincount(np.fromiter((x >> SAMPLE_SHIFT for x in excluded.in_shard(s)), np.int64), minlength=count)
+        left = np.maximum(ppi - taken[:count], 0)
+        lo, acc = 0, 0
+        for j in range(count):
+            acc += int(left[j])
+            if acc >= chunk:
+                units.append((s, lo, j + 1, acc))
+                lo, acc = j + 1, 0
+        if acc:
+            units.append((s, lo, count, acc))
+    return units
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ from restorer.data.augment import TileTooSmall
 from restorer.data.config import StreamConfig
 from restorer.data.degrade import Degradation, draw_degradation, parse_quality
 from restorer.data.plan import Plan
-from restorer.data.position import Share, address
+from restorer.data.position import MAX_SAMPLES, Share, Unit, address
 from restorer.data.quarantine import FOREVER, SharedQuarantine
 from restorer.data.shuffle import consumed_pushes
 from restorer.data.skips import Tally, warn
@@ -83,8 +83,8 @@ class _ShardTries:
         self.quarantined: set[int] = set()
         self.fruitless = 0  # shard tries since the last usable tile
 
-    def order(self) -> Iterator[tuple[int, bool]]:
-        """(shard, whether it is a top-up) in reading order, endless."""
+    def order(self) -> Iterator[tuple[Unit, bool]]:
+        """((shard, first sample, end sample), whether it is a top-up) in reading order, endless."""
         plan, seg = self.ctx.plan, self.share.segment
         n = len(plan.shards)
         if plan.resampled:
@@ -93,18 +93,17 @@ class _ShardTries:
             while True:
                 i = int(self.rng.choice(n, p=weights))
                 if self._usable(i):
-                    yield i, False
-        for i in self.rng.permutation(
-            np.asarray(seg.shards_of(plan, self.ctx.rank, self.share.slot), np.int64)
-        ).tolist():
-            if self._usable(i):
-                yield i, False
+                    yield (i, 0, MAX_SAMPLES), False
+        units = seg.units_of(plan, self.ctx.rank, self.share.slot)
+        for k in self.rng.permutation(len(units)).tolist():
+            if self._usable(units[k][0]):
+                yield units[k], False
         while True:  # only reached when the own shards ran short
             for i in self.rng.permutation(n).tolist():
                 if seg.remaining is not None and not seg.remaining[i]:
                     self._note_try()
                 elif self._usable(i):
-                    yield i, True
+                    yield (i, 0, MAX_SAMPLES), True
 
     def _usable(self, i: int) -> bool:
         q = self.ctx.quarantine
@@ -180,9 +179,9 @@ class _ShareReader:
     def items(self) -> Iterator[Item]:
         if self.need <= 0:
             return
-        for visit, (index, refill) in enumerate(self.tries.order()):
-            self.tries.begin(index, refill)
-            yield from self._shard(index, visit)
+        for visit, (unit, refill) in enumerate(self.tries.order()):
+            self.tries.begin(unit[0], refill)
+            yield from self._shard(unit, visit)
             self.tries.end()
             if self.pushed >= self.need:
                 return
@@ -198,12 +197,14 @@ class _ShareReader:
         """The next ``n`` pushes are all in the consumed prefix, and the tile is known to be usable."""
         return self.mask is not None and sample in known and bool(self.mask[self.pushed : self.pushed + n].all())
 
-    def _shard(self, index: int, visit: int) -> Iterator[Item]:
+    def _shard(self, unit: Unit, visit: int) -> Iterator[Item]:
+        """The items of samples ``lo <= j < end`` of shard ``index`` (``unit``)."""
+        index, lo, end = unit
         seg = self.share.segment
         excluded = seg.excluded.in_shard(index) if seg.index else frozenset()
         known = self.share.hints.samples_in(index) if self.mask is not None else frozenset()
         if self.mask is not None and self.plan.counts_known and not self.plan.resampled:
-            passed = self._pass_unopened(index, excluded, known)
+            passed = self._pass_unopened(unit, excluded, known)
             if passed is not None:
                 self.tries.progress()
                 yield from passed
@@ -211,6 +212,10 @@ class _ShareReader:
         samples = shards.tar_samples(iter([self.plan.shards[index].url]), self.tries.handler)
         try:
             for j, sample in enumerate(samples):
+                if j < lo:  # another slot's run of this shard: read past, never decoded
+                    continue
+                if j >= end:
+                    break
                 wanted = self._wanted(j, excluded)
                 if not wanted:
                     continue
@@ -228,12 +233,13 @@ class _ShareReader:
         finally:
             samples.close()  # stops a shard read part way (quietly) and frees its stream
 
-    def _pass_unopened(self, index: int, excluded: frozenset[int], known: frozenset[int]) -> list[Item] | None:
-        """Placeholders for the whole shard when every tile of it (by the listing's count) is passed
+    def _pass_unopened(self, unit: Unit, excluded: frozenset[int], known: frozenset[int]) -> list[Item] | None:
+        """Placeholders for the whole run when every tile of it (by the listing's count) is passed
         over; None when any tile must be read."""
+        index, lo, end = unit
         out: list[Item] = []
         start = self.pushed
-        for j in range(self.plan.counts[index]):
+        for j in range(lo, min(end, self.plan.counts[index])):
             if self.pushed >= self.need:
                 break
             wanted = self._wanted(j, excluded)
