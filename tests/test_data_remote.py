@@ -340,3 +340,24 @@ def test_two_process_training_survives_http_faults(shards, http_faults, tmp_path
     out = proc.stdout + proc.stderr
     assert "shard-000002.tar: bad shard skipped" in out and "shard-000003.tar: missing shard skipped" in out
     assert any(p == name(0) and s > 0 for p, s in http_faults.ranges)  # the dropped read resumed
+
+
+@pytest.mark.slow
+def test_two_process_training_tries_a_stalled_shard_once(shards, http_faults, tmp_path, monkeypatch):
+    """A shard whose server never answers, over 4 epochs of 2-process training: the rank that meets
+    it spends its retries once; the quarantine reaches the other rank at the next step (--log-every
+    1), which never asks for it -- (retries + 1) requests in the whole run, not per epoch."""
+    fast_reads(monkeypatch)
+    http = serve(shards, http_faults)
+    stalled = "/shards/train/shard-000002.tar"
+    http_faults.fail(stalled, "stall", always=True)
+    run = tmp_path / "run"
+    args = ["--shards", f"{http}/train/shard-{{000000..000003}}.tar", "--run-dir", str(run), *TRAIN_ARGS]
+    extra = ["--val-shards", f"{http}/val/shard-{{000000..000001}}.tar", "--shuffle-buffer", "0"]
+    check(launch([*args, *extra, "--max-steps", "16", "--val-every", "100"], tmp_path, timeout=300))
+    info, rows = _trained(run, steps=16)
+    assert info["batches_per_epoch"] == 4  # 16 steps = 4 epochs
+    assert http_faults.hits[stalled] == 3  # RESTORER_READ_RETRIES=2: three attempts in the whole run
+    assert rows[-1]["data/bad_shards"] == 1 and rows[-1]["data/quarantined_shards"] >= 3
+    saved = json.loads((run / "checkpoints" / "step-0000016" / "train_state.json").read_text())
+    assert saved["quarantine"] == [[2, 2**31 - 1]]  # a resumed run keeps skipping it

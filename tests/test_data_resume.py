@@ -61,7 +61,14 @@ def test_addresses_pack_and_sets_look_up_by_shard():
 def test_buffer_positions_are_computed_without_the_items():
     """The shuffle's output order depends only on the number of pushes: the consumed prefix of an
     epoch is known before any item is read."""
-    for pushes, size, consumed in ((40, 8, 13), (40, 0, 5), (7, 16, 7), (100, 10, 0)):
+    for pushes, size, consumed in (
+        (40, 8, 13),
+        (40, 0, 5),
+        (7, 16, 7),
+        (100, 10, 0),
+        (9000, 8, 8500),
+        (5000, 1000, 10),
+    ):
         buf = shuffle.EpochBuffer(size, np.random.default_rng(5))
         for i in range(pushes):
             buf.push(f"item{i}")

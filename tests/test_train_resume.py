@@ -116,3 +116,43 @@ def test_global_batch_size_must_divide(shards, tmp_path):
     proc = launch(args, tmp_path, processes=1)
     assert proc.returncode == 2 and not (tmp_path / "run" / "checkpoints").exists()
     assert error_lines(proc) == ["error: --global-batch-size 5 is not a multiple of --batch-size 2 x 1 process(es) = 2"]
+
+
+def _train_in_process(argv: list[str]) -> None:
+    """``train()`` in this process, with a fresh Accelerate state and the signal handlers put back."""
+    import signal
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from restorer.config import parse_config
+    from restorer.train.config import TrainConfig
+    from restorer.train.loop import train
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        assert train(parse_config(TrainConfig, argv)) == 0
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_resume_is_bit_identical_in_fp32_and_cpu_bf16(shards, tmp_path, precision):
+    """One process (16 batches per epoch): a run resumed from its step-2 checkpoint (the step-4 one
+    removed) ends with the uninterrupted run's step-4 weights, in fp32 and under bf16 autocast on
+    this CPU (deterministic CPU kernels)."""
+    run = tmp_path / "run"
+    extra = ["--num-workers", "0", "--max-steps", "4", "--save-every", "2", "--mixed-precision", precision]
+    _train_in_process(run_args(shards, run, *extra))
+    again = tmp_path / "again"
+    shutil.copytree(run, again)
+    shutil.rmtree(again / "checkpoints" / "step-0000004")
+    _train_in_process(run_args(shards, again, *extra))
+    assert_same_weights(again / "checkpoints" / "step-0000004", run / "checkpoints" / "step-0000004")
+    info = json.loads((again / "run_info.json").read_text())
+    assert info["start_step"] == 2 and info["mixed_precision"] == precision

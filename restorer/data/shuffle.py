@@ -1,10 +1,11 @@
 """The shuffle of each epoch, and which of an epoch's items a resumed slot may pass over.
 
 The buffer's decisions depend only on how many items were pushed (one fixed-range draw per push
-once it is full, a permutation when the epoch closes), never on the items themselves. So the
-output position of every push of an epoch can be computed without the items
-(:func:`consumed_pushes`): a slot that resumes after handing out ``k`` items of an epoch knows,
-for each item it reads, whether it lies in that consumed prefix -- and need not decode it.
+once it is full, taken from blocks of ``DRAW_BLOCK`` draws; a permutation when the epoch closes),
+never on the items themselves. So the output position of every push of an epoch can be computed
+without the items (:func:`consumed_pushes`, vectorised: about 0.1 s for a million pushes): a slot
+that resumes after handing out ``k`` items of an epoch knows, for each item it reads, whether it
+lies in that consumed prefix -- and need not decode it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
+
+DRAW_BLOCK = 4096  # the buffer draws its slot indices this many at a time
 
 
 class EpochBuffer:
@@ -24,6 +27,8 @@ class EpochBuffer:
         self.size, self.rng = size, rng
         self.buf: list = []
         self.out: deque = deque()
+        self.draws: list[int] = []
+        self.next = 0
 
     def push(self, item) -> None:
         if len(self.buf) < self.size:
@@ -32,7 +37,10 @@ class EpochBuffer:
         if not self.size:
             self.out.append(item)
             return
-        j = int(self.rng.integers(self.size))
+        if self.next == len(self.draws):
+            self.draws, self.next = self.rng.integers(self.size, size=DRAW_BLOCK).tolist(), 0
+        j = self.draws[self.next]
+        self.next += 1
         self.out.append(self.buf[j])
         self.buf[j] = item
 
@@ -41,16 +49,34 @@ class EpochBuffer:
         self.buf = []
 
 
+def output_order(pushes: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The push indices in the order an :class:`EpochBuffer` of ``size`` (Generator ``rng``, seeded
+    as the real one) hands them out over an epoch of ``pushes`` items, computed without the items:
+    once full, push ``t`` evicts the last item written to slot ``draw[t - size]`` (a stable sort by
+    slot puts each write right after the one it evicts); at the close, the slots' last items leave
+    in a random permutation."""
+    if not size:
+        return np.arange(pushes, dtype=np.int64)
+    m = max(0, pushes - size)
+    blocks = [rng.integers(size, size=DRAW_BLOCK) for _ in range(-(-m // DRAW_BLOCK))]
+    slots = np.concatenate([np.arange(min(size, pushes)), *blocks])[:pushes]
+    slots = slots.astype(np.uint16 if size <= 1 << 16 else np.int64)  # small ints: a radix sort below
+    by_slot = np.argsort(slots, kind="stable")  # writes grouped by slot, in time order within each
+    same = slots[by_slot][1:] == slots[by_slot][:-1]
+    evicted = np.empty(pushes, dtype=np.int64)
+    evicted[by_slot[1:][same]] = by_slot[:-1][same]  # the write at time t evicts the previous one of its slot
+    last = np.ones(pushes, dtype=bool)
+    last[by_slot[:-1][same]] = False  # the writes no later write evicts: in the buffer at the close
+    held = np.flatnonzero(last)
+    held = held[np.argsort(slots[held], kind="stable")]  # slot order, as the buffer's list
+    return np.concatenate([evicted[size:], held[rng.permutation(len(held))]])
+
+
 def consumed_pushes(pushes: int, consumed: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """bool [pushes]: which pushes of an epoch of ``pushes`` items leave a buffer of ``size``
     (Generator ``rng``, seeded as the real one) among the first ``consumed`` outputs."""
-    buf = EpochBuffer(size, rng)
-    for i in range(pushes):
-        buf.push(i)
-    buf.close()
-    order = np.fromiter(buf.out, dtype=np.int64, count=pushes)
     mask = np.zeros(pushes, dtype=bool)
-    mask[order[:consumed]] = True
+    mask[output_order(pushes, size, rng)[:consumed]] = True
     return mask
 
 

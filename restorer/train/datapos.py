@@ -93,9 +93,13 @@ def start_data(accelerator, cfg, loader, ckpt: Path | None, saved: dict[str, Any
         epoch = int(saved.get("epoch", 0)) + (1 if saved.get("batch_in_epoch", 0) else 0)
         loader.start_at(start_position(loader.plan, epoch, *loader.fingerprints))
         return [*lines, f"data: {ckpt} holds no data position (an older checkpoint): starting epoch {epoch}"]
-    rank, old_world = accelerator.process_index, int(meta["world_size"])
-    own = load_array(ckpt / consumed_name(rank)) if rank < old_world else np.zeros(0, np.int64)
-    saved_pos = DataPosition.from_meta(meta, load_array(ckpt / EXCLUDED_NAME), own)
+    rank = accelerator.process_index
+    try:
+        old_world = int(meta["world_size"])
+        own = load_array(ckpt / consumed_name(rank)) if rank < old_world else np.zeros(0, np.int64)
+        saved_pos = DataPosition.from_meta(meta, load_array(ckpt / EXCLUDED_NAME), own)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{ckpt / 'train_state.json'}: malformed data position ({first_line(exc)})") from None
     pos, line = resume_position(
         loader.plan,
         saved_pos,
