@@ -64,8 +64,8 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     global_batch_size: int | None = _opt(
         None,
-        "patches per optimizer step over all processes: --grad-accum is derived from it and the number of "
-        "processes (which must divide it), so a run resumed on another number of processes keeps it",
+        "patches per optimizer step over all processes: --grad-accum is derived from it, --batch-size and the "
+        "number of processes (their product must divide it), so a run resumed on another number of processes keeps it",
     )
     loss: str = _opt(
         "mse",

@@ -34,8 +34,9 @@ def consumed_name(rank: int) -> str:
 
 
 def apply_global_batch(cfg, world_size: int) -> None:
-    """With ``--global-batch-size``: set ``cfg.grad_accum`` to global / (batch size x processes);
-    one line (on every process) when it does not divide, or contradicts a ``--grad-accum`` given."""
+    """With ``--global-batch-size``: set ``cfg.grad_accum`` to global / (batch size x processes),
+    whatever it was (a saved config.yaml holds the value of the world size it ran on); one line (on
+    every process) when it does not divide."""
     g = cfg.global_batch_size
     if g is None:
         return
@@ -44,11 +45,6 @@ def apply_global_batch(cfg, world_size: int) -> None:
         raise AgreedError(
             f"--global-batch-size {g} is not a multiple of --batch-size {cfg.batch_size} x "
             f"{world_size} process(es) = {per_step}"
-        )
-    if cfg.grad_accum not in (1, g // per_step):
-        raise AgreedError(
-            f"--grad-accum {cfg.grad_accum} contradicts --global-batch-size {g} (which gives "
-            f"{g // per_step} on {world_size} process(es)): drop --grad-accum"
         )
     cfg.grad_accum = g // per_step
 
