@@ -48,7 +48,3 @@ class SharedQuarantine:
         until = np.frombuffer(self.until.get_obj(), dtype=np.int32).astype(np.int64)
         held = np.nonzero(until >= 0)[0]
         return np.stack([held, until[held]], axis=1) if held.size else np.zeros((0, 2), np.int64)
-
-    def count(self, epoch: int) -> int:
-        """Shards blocked in ``epoch``."""
-        return int(sum(1 for s, u in self.snapshot().tolist() if epoch < u))
