@@ -7,6 +7,7 @@ buffer), stages (one worker's webdataset pipeline), augment (crop-first patches)
 batch (collation and the device copy), loader (the training loader), val (the validation loader);
 config holds StreamConfig, skips the counters of what was skipped, quarantine the failed shards.
 """
+
 from restorer.data.batch import to_device_float
 from restorer.data.config import StreamConfig
 from restorer.data.loader import SharedEpoch, make_train_loader

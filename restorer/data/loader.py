@@ -60,6 +60,7 @@ workers collate their own batches (``batch_size=None`` DataLoader) as uint8 (bat
 Per-worker throughput is bound by tile decoding (WebP lossless ~5 ms per 512 px tile here);
 PPM shards (``shard_tools build --encoding ppm``) roughly double it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -140,17 +141,37 @@ class TrainLoader:
     """``iter(loader)``: ``(degraded uint8 [B,C,P,P], clean uint8 [B,C,P,P], quality int64 [B])``
     endlessly, exactly ``batches_per_epoch`` per epoch (see the module docstring)."""
 
-    def __init__(self, cfg: StreamConfig, *, batch_size: int, num_workers: int, rank: int, world_size: int,
-                 shared_epoch: SharedEpoch | None, pin_memory: bool, epoch_patches: int | None):
+    def __init__(
+        self,
+        cfg: StreamConfig,
+        *,
+        batch_size: int,
+        num_workers: int,
+        rank: int,
+        world_size: int,
+        shared_epoch: SharedEpoch | None,
+        pin_memory: bool,
+        epoch_patches: int | None,
+    ):
         cfg.validate()
         if batch_size < 1 or num_workers < 0 or world_size < 1 or not 0 <= rank < world_size:
-            raise UserError(f"train loader: need batch_size >= 1, num_workers >= 0 and 0 <= rank < world_size "
-                            f"(got {batch_size}, {num_workers}, {rank}, {world_size})")
+            raise UserError(
+                f"train loader: need batch_size >= 1, num_workers >= 0 and 0 <= rank < world_size "
+                f"(got {batch_size}, {num_workers}, {rank}, {world_size})"
+            )
         self.cfg, self.rank, self.world_size, self.batch_size = cfg, rank, world_size, batch_size
         shards, self.listed_missing = resolve_shards(cfg.shards, cfg.splits)  # local files absent now
-        self.plan = make_plan(shards, cfg.shards, batch_size=batch_size, num_workers=num_workers,
-                              world_size=world_size, patches_per_image=cfg.patches_per_image,
-                              resampled=bool(cfg.resampled), seed=cfg.seed, epoch_patches=epoch_patches)
+        self.plan = make_plan(
+            shards,
+            cfg.shards,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            world_size=world_size,
+            patches_per_image=cfg.patches_per_image,
+            resampled=bool(cfg.resampled),
+            seed=cfg.seed,
+            epoch_patches=epoch_patches,
+        )
         self.num_workers = self.plan.workers if num_workers > 0 else 0
         self.batches_per_epoch = self.plan.batches_per_epoch
         self.num_samples = self.batches_per_epoch * batch_size * world_size  # patches per epoch, all ranks
@@ -169,10 +190,12 @@ class TrainLoader:
         self.keep_ledger = False  # keep (epoch, addresses) of every batch for take_ledger()
         self._ledger: list[tuple[int, np.ndarray]] = []
         self._dataset = TrainStream(self.plan, cfg, rank, self.quarantine)
-        extra = dict(persistent_workers=True, prefetch_factor=2,
-                     worker_init_fn=init_worker) if self.num_workers > 0 else {}
-        self._loader = DataLoader(self._dataset, batch_size=None, num_workers=self.num_workers,
-                                  pin_memory=pin_memory, **extra)
+        extra = (
+            dict(persistent_workers=True, prefetch_factor=2, worker_init_fn=init_worker) if self.num_workers > 0 else {}
+        )
+        self._loader = DataLoader(
+            self._dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin_memory, **extra
+        )
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -274,20 +297,41 @@ class TrainLoader:
                 yield deg, clean, q
         except UserError as exc:
             raise unwrap_worker_error(exc) from None
-        raise UserError(f"{self.cfg.shards}: the training stream of rank {self.rank} ended in epoch {pos.epoch} "
-                        f"after {pos.done} of {pos.batches} batches")
+        raise UserError(
+            f"{self.cfg.shards}: the training stream of rank {self.rank} ended in epoch {pos.epoch} "
+            f"after {pos.done} of {pos.batches} batches"
+        )
 
     def _epoch_summary(self, epoch: int, batches: int, seconds: float) -> None:
         c = self._counts.get(epoch, Counter())
-        log.debug("data rank %d epoch %d: %d batches in %.1fs, %d tiles, %d corrupt samples, %d bad shards, "
-                  "%d missing shards, %d small tiles, %d refill tiles, %d quarantined shard skips", self.rank, epoch,
-                  batches, seconds, c["tiles"], c["corrupt_samples"], c["bad_shards"], c["missing_shards"],
-                  c["small_tiles"], c["refill_tiles"], c["quarantined_shards"])
+        log.debug(
+            "data rank %d epoch %d: %d batches in %.1fs, %d tiles, %d corrupt samples, %d bad shards, "
+            "%d missing shards, %d small tiles, %d refill tiles, %d quarantined shard skips",
+            self.rank,
+            epoch,
+            batches,
+            seconds,
+            c["tiles"],
+            c["corrupt_samples"],
+            c["bad_shards"],
+            c["missing_shards"],
+            c["small_tiles"],
+            c["refill_tiles"],
+            c["quarantined_shards"],
+        )
 
 
-def make_train_loader(cfg: StreamConfig, *, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1,
-                      shared_epoch: SharedEpoch | None = None, pin_memory: bool = False,
-                      epoch_patches: int | None = None) -> TrainLoader:
+def make_train_loader(
+    cfg: StreamConfig,
+    *,
+    batch_size: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    shared_epoch: SharedEpoch | None = None,
+    pin_memory: bool = False,
+    epoch_patches: int | None = None,
+) -> TrainLoader:
     """The training stream of rank ``rank`` of ``world_size`` (see the module docstring).
 
     ``epoch_patches``: *patches* per epoch over all ranks (default: one pass, the tiles' count x
@@ -298,5 +342,13 @@ def make_train_loader(cfg: StreamConfig, *, batch_size: int, num_workers: int, r
     time, at the position given to ``start_at``); if ``shared_epoch`` is None the loader keeps its
     own, advanced as each epoch is handed out (so a later ``iter()`` continues with the next epoch).
     """
-    return TrainLoader(cfg, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
-                       shared_epoch=shared_epoch, pin_memory=pin_memory, epoch_patches=epoch_patches)
+    return TrainLoader(
+        cfg,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        rank=rank,
+        world_size=world_size,
+        shared_epoch=shared_epoch,
+        pin_memory=pin_memory,
+        epoch_patches=epoch_patches,
+    )

@@ -6,6 +6,7 @@ epoch are complete when its last batch arrives (see ``TrainLoader.stats``). ``qu
 counts the shard reads skipped because the shard is quarantined (restorer.data.quarantine); the
 quarantines themselves travel with the batches too (``Tally.failures``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,17 @@ from collections import Counter, defaultdict
 
 log = logging.getLogger("restorer.data")
 
-COUNTERS = ("tiles", "patches", "batches", "corrupt_samples", "bad_shards", "missing_shards", "small_tiles",
-            "refill_tiles", "quarantined_shards")
+COUNTERS = (
+    "tiles",
+    "patches",
+    "batches",
+    "corrupt_samples",
+    "bad_shards",
+    "missing_shards",
+    "small_tiles",
+    "refill_tiles",
+    "quarantined_shards",
+)
 
 
 class Tally:
@@ -61,4 +71,3 @@ class RateLimitedLog:
 
 
 warn = RateLimitedLog()
-
