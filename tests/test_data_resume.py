@@ -200,6 +200,11 @@ def test_start_position_is_a_plain_epoch_start(root):
         take(loader, 3, start=start_position(loader.plan, 2, *loader.fingerprints)),
         take(fresh, 2 * fresh.batches_per_epoch + 3)[-3:],
     )
+    # a position at an epoch's start resumed on another topology: that topology's own plan, no re-plan
+    at_start = position_after(cfg, 2 * fresh.batches_per_epoch, num_workers=0)
+    two = make_train_loader(cfg, batch_size=2, num_workers=0, rank=1, world_size=2)
+    again, line = resume_position(two.plan, at_start, lambda: [at_start.consumed], *two.fingerprints)
+    assert line is None and (again.epoch, again.segment, again.done, again.batches) == (2, 0, 0, two.batches_per_epoch)
 
 
 # ------------------------------------------------------------------------------------ quarantine

@@ -12,6 +12,8 @@ A *slot* is one (rank, worker) reader. Computed in every process from the shard 
   an iteration started at epoch ``s`` plays slot ``(w + s * batches_per_epoch) % workers``, and
   slot ``l`` owes epoch ``e`` :meth:`Plan.slot_batches` batches: floor or ceil of
   batches_per_epoch / workers. So an epoch's batches do not depend on where the iteration began.
+  An iteration that starts inside an epoch (a resume), or whose first epoch is re-planned for
+  another topology, follows the same rule per epoch (:func:`restorer.data.position.worker_shares`).
 * :func:`assign_shards` deals the shards of each epoch to the ``ranks x workers`` slots.
 """
 

@@ -275,6 +275,8 @@ def resume_position(
     same = saved.topology() == (plan.world_size, plan.workers, plan.batch_size) and saved.stream == stream
     if same:
         return saved, None
+    if saved.segment == 0 and saved.done == 0:  # nothing of the epoch taken yet: its own plan
+        return start_position(plan, saved.epoch, stream, listing), None
     excluded = AddressSet(saved.excluded).union(*consumed_by_rank())
     seg = plan_segment(plan, saved.epoch, saved.segment + 1, excluded, saved.target)
     pos = DataPosition(
