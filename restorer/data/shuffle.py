@@ -3,9 +3,10 @@
 The buffer's decisions depend only on how many items were pushed (one fixed-range draw per push
 once it is full, taken from blocks of ``DRAW_BLOCK`` draws; a permutation when the epoch closes),
 never on the items themselves. So the output position of every push of an epoch can be computed
-without the items (:func:`consumed_pushes`, vectorised: about 0.1 s for a million pushes): a slot
-that resumes after handing out ``k`` items of an epoch knows, for each item it reads, whether it
-lies in that consumed prefix -- and need not decode it.
+without the items (:func:`consumed_pushes`, vectorised: 2.0 s for a million pushes on a loaded
+2-core machine, 40 s pushing them through a buffer): a slot that resumes after handing out ``k``
+items of an epoch knows, for each item it reads, whether it lies in that consumed prefix -- and
+need not decode it.
 """
 
 from __future__ import annotations
