@@ -229,6 +229,16 @@ def train_rows(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in metrics(run) if "train/loss" in r}
 
 
+def assert_same_weights(a: Path, b: Path) -> None:
+    """The model and EMA weights of two checkpoint directories are bit-identical."""
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys(), name
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f"{name}: weights differ"
+
+
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
 

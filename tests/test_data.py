@@ -141,8 +141,13 @@ def test_loader_workers_ignore_stop_signals(tiny_shards):
 
 
 def test_epoch_summary_logged_when_caller_stops_at_the_last_batch(tiny_shards, caplog):
-    loader = make_train_loader(cfg_for(tiny_shards), batch_size=4, num_workers=0)
+    """One DEBUG line per epoch and rank (an INFO line per epoch and rank flooded the console)."""
     with caplog.at_level(logging.INFO, logger="restorer.data"):
+        quiet = make_train_loader(cfg_for(tiny_shards), batch_size=4, num_workers=0)
+        batches(quiet)
+    assert not [r for r in caplog.records if "data rank 0" in r.getMessage()]
+    loader = make_train_loader(cfg_for(tiny_shards), batch_size=4, num_workers=0)
+    with caplog.at_level(logging.DEBUG, logger="restorer.data"):
         for _ in range(2):  # like the trainer: take batches_per_epoch batches, never exhaust the iterator
             it = iter(loader)
             for _ in range(loader.batches_per_epoch):

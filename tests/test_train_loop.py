@@ -167,21 +167,14 @@ def test_old_epoch_samples_key_is_an_unknown_option(tmp_path):
 # --- state --------------------------------------------------------------------------------------
 
 
-def test_train_state_epochs_and_checkpoint_round_trip():
-    state = TrainState(step=7, start_epoch=2, batches_taken=11, nonfinite_total=1, wandb_id="abcd")
-    assert state.epoch(4) == 4 and state.batch_in_epoch(4) == 3
-    saved = {**state.to_checkpoint(4, world_size=2, seed=0), "step": 7}
-    assert saved["epoch"] == 4 and saved["batch_in_epoch"] == 3
+def test_train_state_checkpoint_round_trip():
+    state = TrainState(step=7, batches_taken=11, nonfinite_total=1, wandb_id="abcd")
+    data = {"epoch": 4, "batch_in_epoch": 3, "data": {"epoch": 4, "done": 3}, "quarantine": [[2, 9]]}
+    saved = {**state.to_checkpoint(data, world_size=2, global_batch=8, seed=0), "step": 7}
+    assert saved["epoch"] == 4 and saved["batch_in_epoch"] == 3 and saved["global_batch"] == 8
     again = TrainState.from_checkpoint(saved)
-    # a partly seen epoch is not replayed: the loader starts the next one
-    assert (again.step, again.start_epoch, again.batches_taken, again.nonfinite_total, again.wandb_id) == (
-        7,
-        5,
-        0,
-        1,
-        "abcd",
-    )
-    assert TrainState.from_checkpoint({**saved, "batch_in_epoch": 0}).start_epoch == 4
+    assert (again.step, again.batches_taken, again.nonfinite_total, again.wandb_id) == (7, 0, 1, "abcd")
+    assert again.saved["data"] == {"epoch": 4, "done": 3} and again.saved["quarantine"] == [[2, 9]]
 
 
 def test_window_figures():
@@ -246,7 +239,7 @@ def test_optimizer_step_accumulates_skips_nonfinite_and_updates_ema(shards, tmp_
     with pytest.raises(AgreedError, match="2 non-finite losses in a row at step 1"):
         _step(cfg, accelerator, model, ema, optimizer, batches, state, poison, bpe, tmp_path)
     # endless: batches keep coming across epoch boundaries
-    assert state.batches_taken == 6 and state.epoch(bpe) == 6 // bpe
+    assert state.batches_taken == 6 and loader.epoch == (6 - 1) // bpe
 
 
 @pytest.mark.parametrize("loss", ["l1", "charbonnier"])
@@ -318,9 +311,7 @@ def test_save_resume_export_and_finished(shards, tmp_path, accelerator):
     model, ema, optimizer, loader = _setup(cfg, accelerator)
     state = TrainState(wandb_id="w1", last_val={"val/psnr_q10": 30.0, "val/gain_q10": 0.5})
     _step(cfg, accelerator, model, ema, optimizer, iter(loader), state, Faults(), loader.batches_per_epoch, tmp_path)
-    path = save_and_export(
-        accelerator, cfg, state, model=model, ema=ema, run_dir=run, batches_per_epoch=loader.batches_per_epoch
-    )
+    path = save_and_export(accelerator, cfg, state, model=model, ema=ema, run_dir=run, loader=loader)
     assert find_resume("auto", run / "checkpoints") == path and finished_at(path, run, 1) == 1
     assert finished_at(path, run, 2) is None  # more steps asked: not finished
     with pytest.raises(UserError, match="--resume auto"):
@@ -422,9 +413,7 @@ def test_compiled_model_checkpoint_resumes_and_exports_loadable_weights(monkeypa
             window=Window(),
             ckpt_root=run / "checkpoints",
         ).taken
-    path = save_and_export(
-        accelerator, cfg, state, model=model, ema=ema, run_dir=run, batches_per_epoch=loader.batches_per_epoch
-    )
+    path = save_and_export(accelerator, cfg, state, model=model, ema=ema, run_dir=run, loader=loader)
     for name in ("model.safetensors", "ema.safetensors"):
         assert not [k for k in load_file(str(path / name)) if "_orig_mod" in k], name
     exported, meta = load_weights(run / "model.safetensors")  # strict load into a fresh model

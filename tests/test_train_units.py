@@ -195,8 +195,8 @@ def test_resaving_a_step_replaces_it_and_a_kill_between_renames_is_recovered(tmp
     from restorer.train import checkpoint as tc
 
     root = tmp_path / "checkpoints"
-    tc.save_checkpoint(_OneProcess(b"first"), root, 5, {"epoch": 0})
-    final = tc.save_checkpoint(_OneProcess(b"second"), root, 5, {"epoch": 1})
+    tc.save_checkpoint(_OneProcess(b"first"), root, 5, tc.Content({"epoch": 0}))
+    final = tc.save_checkpoint(_OneProcess(b"second"), root, 5, tc.Content({"epoch": 1}))
     assert (final / "model.safetensors").read_bytes() == b"second" and (final / "COMPLETE").is_file()
     assert json.loads((final / "train_state.json").read_text()) == {"epoch": 1, "step": 5}
     assert [p.name for p in root.iterdir()] == ["step-0000005"]  # the old copy is gone, no temp left
@@ -211,7 +211,7 @@ def test_resaving_a_step_replaces_it_and_a_kill_between_renames_is_recovered(tmp
 
     monkeypatch.setattr(tc.os, "rename", killed)
     with pytest.raises(KeyboardInterrupt):
-        tc.save_checkpoint(_OneProcess(b"third"), root, 5, {"epoch": 2})
+        tc.save_checkpoint(_OneProcess(b"third"), root, 5, tc.Content({"epoch": 2}))
     monkeypatch.setattr(tc.os, "rename", real_rename)
     assert not final.exists()
     tc.remove_stale_temp(root)  # what the next start does: the complete new copy goes into place

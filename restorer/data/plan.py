@@ -12,14 +12,17 @@ A *slot* is one (rank, worker) reader. Computed in every process from the shard 
   an iteration started at epoch ``s`` plays slot ``(w + s * batches_per_epoch) % workers``, and
   slot ``l`` owes epoch ``e`` :meth:`Plan.slot_batches` batches: floor or ceil of
   batches_per_epoch / workers. So an epoch's batches do not depend on where the iteration began.
+  An iteration that starts inside an epoch (a resume), or whose first epoch is re-planned for
+  another topology, follows the same rule per epoch (:func:`restorer.data.position.worker_shares`).
 * :func:`assign_shards` deals the shards of each epoch to the ``ranks x workers`` slots.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import heapq
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -44,7 +47,7 @@ def assign_shards(counts: Sequence[int], slots: int, seed: int, epoch: int) -> l
     return out
 
 
-def _positions(n: int, slot: int, workers: int) -> int:
+def positions(n: int, slot: int, workers: int) -> int:
     """How many of the positions 0..n-1 are ``slot`` modulo ``workers``."""
     return max(0, (n - slot + workers - 1) // workers)
 
@@ -61,6 +64,7 @@ class Plan:
     batch_size: int
     seed: int
     batches_per_epoch: int
+    patches_per_image: int = 1
 
     @property
     def tiles_per_pass(self) -> int:
@@ -74,36 +78,58 @@ class Plan:
         """Batches slot ``slot`` yields in ``epoch`` (over a rank's slots they sum to batches_per_epoch)."""
         first = epoch * self.batches_per_epoch
         end = first + self.batches_per_epoch
-        return _positions(end, slot, self.workers) - _positions(first, slot, self.workers)
+        return positions(end, slot, self.workers) - positions(first, slot, self.workers)
 
     def slot_shards(self, epoch: int, rank: int, slot: int) -> list[int]:
         """Indices of the shards slot ``slot`` of ``rank`` reads in ``epoch`` (without resampling)."""
         return assign_shards(self.counts, self.world_size * self.workers, self.seed, epoch)[rank * self.workers + slot]
 
 
-def make_plan(shards: Sequence[Shard], spec: str, *, batch_size: int, num_workers: int, world_size: int,
-              patches_per_image: int, resampled: bool, seed: int, epoch_patches: Optional[int]) -> Plan:
+def make_plan(
+    shards: Sequence[Shard],
+    spec: str,
+    *,
+    batch_size: int,
+    num_workers: int,
+    world_size: int,
+    patches_per_image: int,
+    resampled: bool,
+    seed: int,
+    epoch_patches: int | None,
+) -> Plan:
     """The plan for ``shards`` (see the module docstring). ``num_workers`` is capped at
     shards // world_size without resampling (with a warning), and more ranks than shards fall
     back to resampling (with a warning), so that no slot starves."""
     known = all(s.samples is not None for s in shards)
     ppi = patches_per_image
     if not known and not epoch_patches:
-        raise UserError(f"{spec}: shard sample counts unknown (no manifest.json or sizes.json next to the "
-                        "shards): pass epoch_patches (patches per epoch, all ranks; --epoch-patches)")
+        raise UserError(
+            f"{spec}: shard sample counts unknown (no manifest.json or sizes.json next to the "
+            "shards): pass epoch_patches (patches per epoch, all ranks; --epoch-patches)"
+        )
     if known:
         counts = [int(s.samples) for s in shards]
     else:  # spread the given epoch's tiles over the shards; short shards are topped up at run time
         counts = [max(1, -(-int(epoch_patches) // ppi) // len(shards))] * len(shards)
     workers = max(1, num_workers)
     if not resampled and world_size > len(shards):
-        log.warning("%s: %d shards for %d ranks: falling back to resampled shards (with replacement)",
-                    spec, len(shards), world_size)
+        log.warning(
+            "%s: %d shards for %d ranks: falling back to resampled shards (with replacement)",
+            spec,
+            len(shards),
+            world_size,
+        )
         resampled = True
     if not resampled and world_size * workers > len(shards):
         capped = len(shards) // world_size
-        log.warning("%s: %d shards cannot feed %d ranks x %d workers: using %d worker(s) per rank",
-                    spec, len(shards), world_size, workers, capped)
+        log.warning(
+            "%s: %d shards cannot feed %d ranks x %d workers: using %d worker(s) per rank",
+            spec,
+            len(shards),
+            world_size,
+            workers,
+            capped,
+        )
         workers = capped
     one_pass = sum(counts) * ppi // world_size // batch_size
     asked = int(epoch_patches) // world_size // batch_size if epoch_patches else None
@@ -114,17 +140,39 @@ def make_plan(shards: Sequence[Shard], spec: str, *, batch_size: int, num_worker
         smallest = min(sum(counts[i] for i in slot) for slot in slots) * ppi // batch_size
         bpe = workers * smallest
         if asked is not None and asked > bpe:
-            log.warning("%s: epoch_patches=%d asks for %d batches per rank, but one pass without resampling "
-                        "gives %d: using one pass (set StreamConfig.resampled / --resampled for longer epochs)",
-                        spec, epoch_patches, asked, bpe)
+            log.warning(
+                "%s: epoch_patches=%d asks for %d batches per rank, but one pass without resampling "
+                "gives %d: using one pass (set StreamConfig.resampled / --resampled for longer epochs)",
+                spec,
+                epoch_patches,
+                asked,
+                bpe,
+            )
         elif asked is not None:
             bpe = asked
         elif bpe * batch_size * world_size < 0.9 * sum(counts) * ppi:
-            log.warning("%s: uneven shards: an epoch uses %d of %d patches (the rest wait for later epochs)",
-                        spec, bpe * batch_size * world_size, sum(counts) * ppi)
+            log.warning(
+                "%s: uneven shards: an epoch uses %d of %d patches (the rest wait for later epochs)",
+                spec,
+                bpe * batch_size * world_size,
+                sum(counts) * ppi,
+            )
     if bpe < 1:
         asked_text = f" (epoch_patches={epoch_patches})" if epoch_patches else ""
-        raise UserError(f"{spec}: {sum(counts)} tiles x {ppi} patches{asked_text} over {world_size} rank(s) give no "
-                        f"batch of {batch_size}: use more data, more patches_per_image or a smaller batch")
-    return Plan(spec=spec, shards=tuple(shards), counts=tuple(counts), counts_known=known, resampled=resampled,
-                world_size=world_size, workers=workers, batch_size=batch_size, seed=seed, batches_per_epoch=bpe)
+        raise UserError(
+            f"{spec}: {sum(counts)} tiles x {ppi} patches{asked_text} over {world_size} rank(s) give no "
+            f"batch of {batch_size}: use more data, more patches_per_image or a smaller batch"
+        )
+    return Plan(
+        spec=spec,
+        shards=tuple(shards),
+        counts=tuple(counts),
+        counts_known=known,
+        resampled=resampled,
+        world_size=world_size,
+        workers=workers,
+        batch_size=batch_size,
+        seed=seed,
+        batches_per_epoch=bpe,
+        patches_per_image=ppi,
+    )

@@ -2,8 +2,11 @@
 
 Workers count into a :class:`Tally` (per data epoch) and hand its counts out with each batch, so
 the main process adds them up in batch order: no shared memory, no locks, and the counts of an
-epoch are complete when its last batch arrives (see ``TrainLoader.stats``).
+epoch are complete when its last batch arrives (see ``TrainLoader.stats``). ``quarantined_shards``
+counts the shard reads skipped because the shard is quarantined (restorer.data.quarantine); the
+quarantines themselves travel with the batches too (``Tally.failures``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,8 +15,17 @@ from collections import Counter, defaultdict
 
 log = logging.getLogger("restorer.data")
 
-COUNTERS = ("tiles", "patches", "batches", "corrupt_samples", "bad_shards", "missing_shards", "small_tiles",
-            "refill_tiles")
+COUNTERS = (
+    "tiles",
+    "patches",
+    "batches",
+    "corrupt_samples",
+    "bad_shards",
+    "missing_shards",
+    "small_tiles",
+    "refill_tiles",
+    "quarantined_shards",
+)
 
 
 class Tally:
@@ -23,6 +35,7 @@ class Tally:
     def __init__(self):
         self.pending: dict[int, Counter] = defaultdict(Counter)
         self.total: Counter = Counter()
+        self.failures: list[tuple[int, int]] = []  # (shard, quarantined until epoch) since last taken
 
     def add(self, epoch: int, name: str, n: int = 1) -> None:
         self.pending[epoch][name] += n
@@ -31,6 +44,10 @@ class Tally:
     def take(self) -> dict[int, dict[str, int]]:
         out = {e: dict(c) for e, c in self.pending.items()}
         self.pending.clear()
+        return out
+
+    def take_failures(self) -> list[tuple[int, int]]:
+        out, self.failures = self.failures, []
         return out
 
 
@@ -54,4 +71,3 @@ class RateLimitedLog:
 
 
 warn = RateLimitedLog()
-

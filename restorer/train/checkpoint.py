@@ -7,7 +7,9 @@ Layout of one checkpoint (Accelerate's ``save_state`` plus our own files)::
     scaler.pt                  Accelerate: fp16 loss-scaler state (fp16 runs only)
     random_states_<rank>.pkl   Accelerate: python/numpy/torch RNG of each process
     ema.safetensors            ours: EMA weights
-    train_state.json           ours: global step, data epoch, counters
+    train_state.json           ours: global step, data position, quarantine, counters
+    data_excluded.npy          ours: data position, addresses consumed before the epoch's segment
+    data_consumed_<rank>.npy   ours: data position, addresses each rank consumed in the segment
     COMPLETE                   ours: written last; a directory without it is never loaded
 
 Atomicity: everything is written into ``.tmp-step-XXXXXXX``; once every rank has finished, the
@@ -25,11 +27,12 @@ it would load ``custom_checkpoint_*.pkl`` files (objects registered with
 ``register_for_checkpointing``) with ``weights_only=False``, and it silently ignores an RNG file it
 cannot read. So we register nothing (the EMA is saved with safetensors), and before handing a
 directory to ``load_state`` we load every file ourselves the same restricted way, refusing the
-directory with one line if any file is not plain data.
+directory with one line if any file is not plain data (``.npy`` files with ``allow_pickle=False``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -38,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from restorer.errors import PeerError, UserError, first_line
@@ -132,6 +136,11 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                     list(fh.keys())
             except Exception as exc:
                 raise UserError(f"{file}: refused to load (not a safetensors file: {first_line(exc)})") from None
+        elif file.suffix == ".npy":
+            try:
+                np.load(file, allow_pickle=False)
+            except (OSError, ValueError) as exc:  # an object array (pickled) raises ValueError
+                raise UserError(f"{file}: refused to load (not a plain array: {first_line(exc)})") from None
         elif file.suffix in PICKLE_SUFFIXES:
             try:
                 accelerate_load(str(file), map_location="cpu", weights_only=True)
@@ -147,8 +156,18 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+@dataclasses.dataclass
+class Content:
+    """What a checkpoint holds beside Accelerate's files: ``state`` (train_state.json) and the EMA
+    (main process), and each process's own plain arrays (``name.npy`` -> array)."""
+
+    state: dict[str, Any]
+    ema: Any = None
+    arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
 def save_checkpoint(
-    accelerator, root: str | os.PathLike, step: int, state: dict[str, Any], ema=None, keep: int = 3, faults=None
+    accelerator, root: str | os.PathLike, step: int, content: Content, keep: int = 3, faults=None
 ) -> Path:
     """Save the full training state of ``step`` atomically (call on every process).
 
@@ -172,10 +191,13 @@ def save_checkpoint(
             faults.after_accelerate_save(step, tmp, main)
         else:
             accelerator.save_state(str(tmp))
+        for name, array in content.arrays.items():
+            with open(tmp / name, "wb") as fh:
+                np.save(fh, array, allow_pickle=False)
         if main:
-            if ema is not None:
-                ema.save(tmp / EMA_NAME)
-            (tmp / STATE_NAME).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
+            if content.ema is not None:
+                content.ema.save(tmp / EMA_NAME)
+            (tmp / STATE_NAME).write_text(json.dumps({**content.state, "step": step}, indent=2) + "\n")
     except OSError as exc:
         error = _write_error(exc, tmp, step)
     _agree(accelerator, error, root, tmp, step)  # every rank has written its files
@@ -280,7 +302,8 @@ def find_resume(resume: str, root: Path) -> Path | None:
 
 
 def resume_state(accelerator, path: Path, ema=None):
-    """Load ``path`` into the prepared model/optimizer (and ``ema``); the :class:`TrainState` to go on from."""
+    """Load ``path`` into the prepared model/optimizer (and ``ema``); the :class:`TrainState` to go on
+    from (its data position is restored by ``restorer.train.datapos.start_data``)."""
     from restorer.train.state import TrainState
 
     return TrainState.from_checkpoint(load_checkpoint(accelerator, path, ema))
@@ -308,15 +331,21 @@ def export_facts(cfg, state) -> dict[str, Any]:
     }
 
 
-def save_and_export(accelerator, cfg, state, *, model, ema, run_dir: Path, batches_per_epoch: int, faults=None) -> Path:
-    """Checkpoint ``state`` (every process), then export the weights validation uses (the EMA, else
-    the model itself, never a compiled wrapper) to ``run_dir/model.safetensors`` (main process)."""
+def save_and_export(accelerator, cfg, state, *, model, ema, run_dir: Path, loader, faults=None) -> Path:
+    """Checkpoint ``state`` and ``loader``'s data position (every process; the quarantines are
+    shared first, so every rank saves the same), then export the weights validation uses (the EMA,
+    else the model itself, never a compiled wrapper) to ``run_dir/model.safetensors`` (main process)."""
     from restorer.modelfile import export_weights
+    from restorer.train.datapos import checkpoint_data, global_batch, share_quarantine
     from restorer.train.ema import unwrap
     from restorer.train.tracking import say
 
-    saved = state.to_checkpoint(batches_per_epoch, world_size=accelerator.num_processes, seed=cfg.data.seed)
-    path = save_checkpoint(accelerator, run_dir / "checkpoints", state.step, saved, ema, cfg.keep_checkpoints, faults)
+    world = accelerator.num_processes
+    share_quarantine(accelerator, loader)
+    data, arrays = checkpoint_data(loader, accelerator.process_index, accelerator.is_main_process)
+    saved = state.to_checkpoint(data, world_size=world, global_batch=global_batch(cfg, world), seed=cfg.data.seed)
+    content = Content(saved, ema, arrays)
+    path = save_checkpoint(accelerator, run_dir / "checkpoints", state.step, content, cfg.keep_checkpoints, faults)
     if accelerator.is_main_process:
         export_weights(
             ema.model if ema is not None else unwrap(model), cfg.model_config(), run_dir, export_facts(cfg, state)

@@ -62,6 +62,11 @@ class TrainConfig:
     max_steps: int = _opt(20000, "optimizer steps")
     batch_size: int = _opt(16, "patches per process per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    global_batch_size: int | None = _opt(
+        None,
+        "patches per optimizer step over all processes: --grad-accum is derived from it, --batch-size and the "
+        "number of processes (their product must divide it), so a run resumed on another number of processes keeps it",
+    )
     loss: str = _opt(
         "mse",
         "training loss: mse, l1 or charbonnier (train/psnr is computed from the MSE whatever the loss)",
@@ -98,6 +103,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     run_dir: str = "runs/train"
     resume: str = _opt("auto", "auto, none, or a checkpoint directory")
+    data_ledger: bool = _opt(
+        False,
+        "write RUN/ledger/rank-R.jsonl: the address (shard, sample, patch) of every patch each process took, per step",
+    )
     tracker: str = _opt("wandb", choices=["wandb", "none"])
     wandb_project: str = "restorer"
     run_name: str | None = None
@@ -145,6 +154,8 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if not self.data.splits:
             raise UserError("--train-splits needs at least one split")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise UserError(f"--global-batch-size must be >= 1, got {self.global_batch_size}")
         if self.epoch_patches is not None and self.epoch_patches < 1:
             raise UserError(f"--epoch-patches must be >= 1, got {self.epoch_patches}")
         if not self.dist_timeout > 0:

@@ -21,6 +21,7 @@ from restorer.config import config_dict, dump_config
 from restorer.data.workers import STOP_SIGNALS
 from restorer.train.checkpoint import find_resume, finished_at, remove_stale_temp, resume_state, save_and_export
 from restorer.train.config import TrainConfig
+from restorer.train.datapos import apply_global_batch, open_ledger, share_quarantine, start_data
 from restorer.train.speed import SpeedChoices, choose_speed, compiled_forward, smoke_step, training_device_type
 from restorer.train.state import TrainState, Window
 from restorer.train.step import optimizer_step
@@ -56,16 +57,21 @@ def train(cfg: TrainConfig) -> int:
         return 0
 
     set_seed(cfg.data.seed)
+    apply_global_batch(cfg, accelerator.num_processes)
     channels_last = bool(speed.channels_last.value)
     model, ema, optimizer = build_model(cfg, accelerator, channels_last)
     state = resume_state(accelerator, resume_from, ema) if resume_from else TrainState()
-    if resume_from:
-        say(accelerator, f"resumed from {resume_from} at step {state.step} (data epoch {state.start_epoch})")
     if use_wandb and state.wandb_id is None:
         import secrets
 
         state.wandb_id = secrets.token_hex(4)  # kept in every checkpoint: a resumed run continues this W&B run
-    loader = make_loader(cfg, accelerator, SharedEpoch(state.start_epoch))
+    loader = make_loader(cfg, accelerator, SharedEpoch(0))
+    for line in start_data(accelerator, cfg, loader, resume_from, state.saved):
+        say(accelerator, line)
+    if resume_from:
+        pos = loader.position()
+        say(accelerator, f"resumed from {resume_from} at step {state.step} (data epoch {pos.epoch}, batch {pos.done})")
+    ledger = open_ledger(accelerator, cfg, loader, run_dir, state.step)
     bpe = int(loader.batches_per_epoch)
     forward, eager_why = compiled_forward(
         model,
@@ -116,8 +122,10 @@ def train(cfg: TrainConfig) -> int:
             window=window,
             ckpt_root=run_dir / "checkpoints",
         )
+        if ledger is not None:  # the batches of a skipped attempt belong to the step it tried
+            ledger.record(state.step + (0 if result.taken else 1), loader.take_ledger())
         if result.taken and (state.step % cfg.log_every == 0 or state.step == cfg.max_steps):
-            log_window(accelerator, tracker, loader, window, state, cfg, lr=result.lr, batches_per_epoch=bpe)
+            log_window(accelerator, tracker, loader, window, state, cfg, lr=result.lr)
             window = Window()
         t_pause = time.perf_counter()
         if result.taken and state.step % cfg.val_every == 0 and state.step < cfg.max_steps:
@@ -133,7 +141,7 @@ def train(cfg: TrainConfig) -> int:
             )
         if result.taken and state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
             save_and_export(
-                accelerator, cfg, state, model=model, ema=ema, run_dir=run_dir, batches_per_epoch=bpe, faults=faults
+                accelerator, cfg, state, model=model, ema=ema, run_dir=run_dir, loader=loader, faults=faults
             )
             saved_step = state.step
         window.pause += time.perf_counter() - t_pause  # perf figures count training time only
@@ -148,9 +156,7 @@ def train(cfg: TrainConfig) -> int:
             eval_net(model, ema), cfg, accelerator, faults, tracker, state.step, channels_last=channels_last, final=True
         )
     if saved_step != state.step:  # a stop right after a periodic checkpoint does not write it twice
-        save_and_export(
-            accelerator, cfg, state, model=model, ema=ema, run_dir=run_dir, batches_per_epoch=bpe, faults=faults
-        )
+        save_and_export(accelerator, cfg, state, model=model, ema=ema, run_dir=run_dir, loader=loader, faults=faults)
     say(
         accelerator,
         f"stop requested: saved step {state.step}; continue with --resume auto"
@@ -330,23 +336,24 @@ def log_window(
     cfg: TrainConfig,
     *,
     lr: float,
-    batches_per_epoch: int,
 ) -> dict[str, Any]:
     """Log the figures of ``window`` at ``state.step`` (every process calls it: the skipped-input
-    counts are summed over processes) and print one line; returns what was logged."""
+    counts are summed over processes, and the shards quarantined since the last call are shared)
+    and print one line; returns what was logged."""
     world = accelerator.num_processes
     values: dict[str, Any] = {
         **window.figures(cfg.batch_size * cfg.grad_accum * world),
         "lr": lr,
-        "epoch": state.epoch(batches_per_epoch),
+        "epoch": loader.epoch,
         "train/nonfinite_skipped": state.nonfinite_total,
         "world_size": world,
         **peak_memory_gb(accelerator.device),
     }
     if accelerator.mixed_precision == "fp16":
         values["train/loss_scale"] = float(accelerator.scaler.get_scale())
+    share_quarantine(accelerator, loader)
     counts = loader.stats()
-    names = ("corrupt_samples", "bad_shards", "missing_shards")
+    names = ("corrupt_samples", "bad_shards", "missing_shards", "quarantined_shards")
     skipped = accelerator.reduce(
         torch.tensor([float(counts[n]) for n in names], device=accelerator.device), reduction="sum"
     )

@@ -1,10 +1,9 @@
 """What the trainer counts: :class:`TrainState` (saved in every checkpoint) and :class:`Window`
 (the figures of one logging interval).
 
-The data epoch is derived, never stepped: ``epoch = start_epoch + batches_taken //
-batches_per_epoch``, where ``start_epoch`` is the epoch the loader was started at (0, or on resume
-the epoch after the checkpoint's partly seen one) and ``batches_taken`` counts micro-batches taken
-from the loader since then.
+The data epoch is not counted here: the loader knows it (``loader.epoch``) and its position
+(``loader.position()``, restorer.data.position), which every checkpoint stores
+(restorer.train.datapos); a resumed run continues the epoch exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -18,26 +17,21 @@ from typing import Any
 @dataclasses.dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
-    start_epoch: int = 0  # the data epoch the loader started at
-    batches_taken: int = 0  # micro-batches taken from the loader since it started
+    batches_taken: int = 0  # micro-batches taken from the loader by this process since it started
     nonfinite_total: int = 0  # skipped steps, over the whole run
     consecutive_bad: int = 0  # skipped steps in a row, now
     wandb_id: str | None = None  # the W&B run a resumed run continues
     last_val: dict[str, float] = dataclasses.field(default_factory=dict)  # the latest validation figures
+    saved: dict[str, Any] = dataclasses.field(default_factory=dict)  # the train_state.json resumed from
 
-    def epoch(self, batches_per_epoch: int) -> int:
-        return self.start_epoch + self.batches_taken // batches_per_epoch
-
-    def batch_in_epoch(self, batches_per_epoch: int) -> int:
-        return self.batches_taken % batches_per_epoch
-
-    def to_checkpoint(self, batches_per_epoch: int, *, world_size: int, seed: int) -> dict[str, Any]:
-        """The ``train_state.json`` of a checkpoint (its ``step`` is added by the saver)."""
+    def to_checkpoint(self, data: dict[str, Any], *, world_size: int, global_batch: int, seed: int) -> dict[str, Any]:
+        """The ``train_state.json`` of a checkpoint (its ``step`` is added by the saver); ``data``:
+        the data position's entries (``datapos.checkpoint_data``)."""
         return {
-            "epoch": self.epoch(batches_per_epoch),
-            "batch_in_epoch": self.batch_in_epoch(batches_per_epoch),
+            **data,
             "nonfinite_total": self.nonfinite_total,
             "world_size": world_size,
+            "global_batch": global_batch,
             "seed": seed,
             "wandb_id": self.wandb_id,
             "val": self.last_val,
@@ -45,15 +39,13 @@ class TrainState:
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
-        """The state to continue from: a partly seen epoch is not replayed (the loader starts the
-        next one)."""
-        epoch = int(saved.get("epoch", 0)) + (1 if saved.get("batch_in_epoch", 0) else 0)
+        """The state to continue from (the data position is restored by ``datapos.start_data``)."""
         return cls(
             step=int(saved["step"]),
-            start_epoch=epoch,
             nonfinite_total=int(saved.get("nonfinite_total", 0)),
             wandb_id=saved.get("wandb_id"),
             last_val=dict(saved.get("val") or {}),
+            saved=dict(saved),
         )
 
 

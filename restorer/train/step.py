@@ -41,8 +41,7 @@ def take_batch(batches: Iterator, state: TrainState, batches_per_epoch: int) -> 
         batch = next(batches)
     except StopIteration:  # the loader broke its contract; this rank only: the entry point names it
         raise UserError(
-            f"data loader ended after {state.batches_taken} batches (epoch "
-            f"{state.epoch(batches_per_epoch)}, {batches_per_epoch} batches per epoch)"
+            f"data loader ended after {state.batches_taken} batches ({batches_per_epoch} batches per epoch)"
         ) from None
     state.batches_taken += 1
     return batch
