@@ -38,7 +38,7 @@ from restorer.data import augment, shards
 from restorer.data.augment import TileTooSmall
 from restorer.data.batch import collate
 from restorer.data.config import StreamConfig
-from restorer.data.degrade import degrade, draw_degradation, parse_quality
+from restorer.data.degrade import apply, draw_degradation, parse_quality
 from restorer.data.plan import Plan
 from restorer.data.skips import Tally, warn
 from restorer.errors import UserError
@@ -120,6 +120,7 @@ def epoch_patches(epochs: Iterable[int], plan: Plan, cfg: StreamConfig, rank: in
     """(epoch, (clean patch, Degradation)) for each epoch: exactly slot_batches x batch_size patches."""
     params = cfg.augment_params()
     qrange, subs, double_p = parse_quality(cfg.quality), cfg.subsamplings(), float(cfg.double_jpeg_p)
+    chain = cfg.chain_params()
     give_up = (0 if plan.resampled else len(plan.shards)) + 2 * len(plan.shards) + (8 if plan.resampled else 0)
     for epoch in epochs:
         need = plan.slot_batches(epoch, slot) * plan.batch_size
@@ -143,7 +144,7 @@ def epoch_patches(epochs: Iterable[int], plan: Plan, cfg: StreamConfig, rank: in
                     continue
                 tries.usable_tile()
                 for patch in patches:
-                    yield epoch, (patch, draw_degradation(rng, qrange, double_p, subs))
+                    yield epoch, (patch, draw_degradation(rng, qrange, double_p, subs, chain))
                 need -= len(patches)
                 if need <= 0:
                     break
@@ -204,9 +205,9 @@ def shuffle_within_epochs(items: Iterable[tuple[int, object]], size: int, rng_fo
 
 
 def jpeg(items: Iterable[tuple[int, tuple]]) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
-    """(epoch, (clean, Degradation)) -> (degraded, clean, quality label, epoch)."""
-    for epoch, (clean, d) in items:
-        yield degrade(clean, d), clean, d.quality, epoch
+    """(epoch, (patch, Degradation)) -> (degraded, clean, quality label, epoch)."""
+    for epoch, (patch, d) in items:
+        yield *apply(patch, d), epoch
 
 
 def _collate_with_epoch(items):
