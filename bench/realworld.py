@@ -82,7 +82,9 @@ def write_panel_inputs(img: np.ndarray, spec: str, folder: Path, stem: str) -> t
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default="quality", help="fast | quality | a model.safetensors")
-    parser.add_argument("--estimator", default=None, help="quality estimator weights (default: the packaged one)")
+    parser.add_argument(
+        "--estimator", default=None, help="quality estimator weights (default: the packaged one; 'none': tables only)"
+    )
     parser.add_argument("--images", default=str(REPO.parent / "shared/datasets/BSR"), help="BSR root or folder")
     parser.add_argument("--split", default="test")
     parser.add_argument("--limit", type=int, default=None, help="first N images (default: all)")
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
 
     from restorer.data.degrade import parse_chain
     from restorer.imageio import open_image
-    from restorer.infer import autoquality
+    from restorer.estimator import load_estimator
     from restorer.infer.engine import load_restorers, pick_device
     from restorer.infer.evaluate import list_images, resolve_images_dir
 
@@ -108,7 +110,8 @@ def main(argv=None) -> int:
     restorers, errors = load_restorers([args.weights], device, precision=args.precision)
     if errors:
         sys.exit("error: " + "; ".join(errors))
-    restorer, estimator = restorers[0], autoquality.load_estimator(args.estimator, device)
+    restorer = restorers[0]
+    estimator = None if args.estimator == "none" else load_estimator(args.estimator, device)
     paths = list_images(resolve_images_dir(Path(args.images), args.split))
     if args.panels:
         for p in (p for p in paths if p.stem in PANEL_IMAGES):

@@ -10,9 +10,13 @@ Guarantees (each tested in tests/test_restore.py):
   suffix (``.png .tif .tiff .jpg .jpeg .webp``) -> that one file (an error when there are several
   input images); anything else -> a folder (created if needed). The format follows ``--format``
   or the ``-o`` suffix; ``-o out.png --format jpeg`` is an error, never JPEG bytes in a .png.
-* The JPEG quality the model is told: ``--quality``, else read from the file's quantisation
-  tables. A file that is not a JPEG has no such tables: it is skipped with one line asking for
-  ``--quality`` (exit status 1).
+* The JPEG quality the model is told: ``--quality N``, else (``--quality auto``, the default) the
+  rule of :mod:`restorer.infer.autoquality`: the file's quantisation tables, unless the pixel
+  estimate says the photo went through an earlier, stronger compression or a resize (then the
+  estimate, and no projection); a file that is not a JPEG (a PNG or WebP screenshot of one) gets
+  the estimate. The value, its source and why are printed per photo; ``--json`` records them with
+  the projection decision. ``--quality-rule tables`` is the behaviour before the estimator (a
+  non-JPEG without ``--quality`` is then skipped with one line, exit status 1).
 * A model is applied only inside the quality range it was trained on (model.json
   ``facts.quality_range``); outside it the decoded image is written unchanged (lossless for PNG,
   TIFF, WebP) with one ``note:`` line, unless ``--force``.
@@ -21,6 +25,8 @@ Guarantees (each tested in tests/test_restore.py):
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -30,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from restorer.errors import UserError, cli_entry, describe
+from restorer.fsutil import atomic_write_text
 from restorer.imageio import (
     IMAGE_SUFFIXES,
     OUTPUT_FORMATS,
@@ -40,9 +47,12 @@ from restorer.imageio import (
     save_image,
 )
 from restorer.infer.engine import Restorer, choose_restorer
+from restorer.infer.autoquality import QualityChoice
 from restorer.infer.options import (
     InputFiles,
+    Models,
     add_model_args,
+    choose_quality,
     load_models,
     parse_args,
     project_output,
@@ -60,7 +70,8 @@ examples:
   restorer restore holiday/ -o restored/ --weights runs/demo/model.safetensors
   restorer restore 'scans/**/*.jpg' -o restored/ --weights q10/ q30/ q50/   # nearest quality per image
   restorer restore big.jpg -o out/ --tile 256 --device cpu --precision fp32
-  restorer restore scan.png --quality 30             # not a JPEG: say what quality it was compressed at
+  restorer restore screenshot.png                    # not a JPEG: the quality is estimated from the pixels
+  restorer restore scan.png --quality 30             # or say what quality it was compressed at
   restorer restore photo.jpg -o out/ --weights w.safetensors --quality 20 --overwrite
 
 Outputs are lossless PNG (or --format tiff / webp / jpeg) named after the input, written
@@ -94,10 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument(
         "--quality",
-        type=int,
+        type=quality_arg,
         default=None,
-        help="JPEG quality the images were compressed at (default: read from each JPEG's "
-        "quantisation tables; required for PNG, WebP and other non-JPEG inputs)",
+        metavar="auto|Q",
+        help="JPEG quality to tell the model: auto (default; the JPEG's quantisation tables, or the pixel "
+        "estimate where the photo was compressed harder before or is not a JPEG: see --quality-rule) or 1..100",
+    )
+    p.add_argument(
+        "--json", default=None, metavar="PATH", help="write one record per photo: quality used and why, projection"
     )
     p.add_argument(
         "--force",
@@ -118,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="descend into sub-folders of folder inputs (their structure is mirrored under OUT)",
     )
     return p
+
+
+def quality_arg(text: str) -> int | None:
+    """``--quality``: ``auto`` -> None (the rule decides), else the number."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number 1..100, got {text!r}") from None
 
 
 class OutputPlan:
@@ -196,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     inputs = InputFiles(p for p, _ in found)
     targets: dict[Path, Path] = {}
+    records: list[dict] = []
     from tqdm import tqdm
 
     bar = tqdm(total=len(found), unit="img", disable=args.no_progress or len(found) < 2, file=sys.stderr)
@@ -208,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             targets[target] = path
             if target.exists() and not args.overwrite:
                 raise UserError(f"{target}: output exists (use --overwrite to replace it)")
-            _restore_one(path, target, plan.fmt, models.restorers, args)
+            records.append(_restore_one(path, target, plan.fmt, models, args))
         except UserError as exc:
             err(str(exc))
         except Exception as exc:  # keep going with the other images; RESTORER_DEBUG=1 for the traceback
@@ -217,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             err(f"{path}: failed ({describe(exc)})")
         bar.update(1)
     bar.close()
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps({"photos": records}, indent=1) + "\n")
     if not found:
         _write("error: no input images", sys.stderr)
         return 1
@@ -231,34 +259,47 @@ def _write(msg: str, stream) -> None:
     tqdm.write(msg, file=stream)
 
 
-def image_quality(img: LoadedImage, given: int | None) -> tuple[int, str]:
-    """The JPEG quality to tell the model, and where it came from; UserError when unknown."""
-    if given is not None:
-        return given, "--quality"
-    if not img.is_jpeg:
-        raise UserError(
-            f"{img.path}: not a JPEG ({img.format}), so the JPEG quality it went through is "
-            f"unknown; give --quality Q to restore it"
-        )
-    if img.quality is None:
-        raise UserError(f"{img.path}: JPEG without readable quantisation tables; give --quality Q")
-    return img.quality, "quantisation tables"
+def image_quality(img: LoadedImage, models: Models, args) -> QualityChoice:
+    """The quality to tell the model and whether to project (restorer.infer.autoquality); a
+    UserError naming the file when neither the tables nor the estimate can say."""
+    try:
+        return choose_quality(img.pixels, img.quality, img.is_jpeg, args.quality, models, args)
+    except UserError as exc:
+        raise UserError(f"{img.path}: {exc}" + ("" if img.is_jpeg else f" ({img.format})")) from None
 
 
-def _restore_one(path: Path, target: Path, fmt: str, restorers: list[Restorer], args) -> None:
+def describe_choice(choice: QualityChoice, verbose: bool) -> str:
+    """``quality 31 (why)`` for the per-photo line; ``-v`` adds the projection decision."""
+    if choice.source == "--quality":
+        why = "--quality"
+    elif choice.source == "tables":
+        why = "quantisation tables" + ("" if choice.estimate is None else f", the pixels agree: q{choice.estimate:.0f}")
+    elif choice.tables is None:
+        why = "estimated from the pixels: no JPEG tables"
+    else:
+        why = f"estimated from the pixels; the tables say {choice.tables}: an earlier, stronger compression or a resize"
+    text = f"quality {choice.quality} ({why})"
+    if verbose or not choice.project:
+        text += "; projected onto the JPEG's quantisation set" if choice.project else "; not projected"
+    return text
+
+
+def _restore_one(path: Path, target: Path, fmt: str, models: Models, args) -> dict:
     t0 = time.perf_counter()
     img = open_image(path, args.max_pixels)
     for note in img.notes:
         _write(f"warning: {path}: {note}", sys.stderr)
-    quality, source = image_quality(img, args.quality)
+    choice = image_quality(img, models, args)
+    quality, restorers = choice.quality, models.restorers
     restorer = choose_restorer(restorers, quality)
     w, h = img.size
     if restorer.covers(quality) or args.force:
-        pixels = _apply(restorer, img, quality, args)
+        pixels = _apply(restorer, img, choice, args)
         action = ""
     else:
         lo, hi = restorer.quality_range  # covers() is True when the range is unknown
         pixels, action = img.pixels, "; written unchanged (outside the trained range)"
+        choice = dataclasses.replace(choice, project=False)
         _write(
             f"note: {path}: JPEG quality {quality} is outside the range {lo}-{hi} that {restorer.path.name} "
             f"was trained on: written unchanged (--force applies it anyway)",
@@ -279,17 +320,21 @@ def _restore_one(path: Path, target: Path, fmt: str, restorers: list[Restorer], 
         if s
     ]
     chosen = f"; weights {restorer.describe()}" if len(restorers) > 1 or args.verbose else ""
+    seconds = time.perf_counter() - t0
     _write(
-        f"{path} -> {target}: {w}x{h}, quality {quality} ({source}){chosen}"
-        f"{'; ' + ', '.join(extras) if extras else ''}{action} [{time.perf_counter() - t0:.1f}s]",
+        f"{path} -> {target}: {w}x{h}, {describe_choice(choice, args.verbose)}{chosen}"
+        f"{'; ' + ', '.join(extras) if extras else ''}{action} [{seconds:.1f}s]",
         sys.stdout,
     )
+    return {"input": str(path), "output": str(target), "width": w, "height": h, **choice.as_dict(),
+            "weights": str(restorer.path), "unchanged": bool(action), "seconds": round(seconds, 3)}
 
 
-def _apply(restorer: Restorer, img: LoadedImage, quality: int, args) -> np.ndarray:
+def _apply(restorer: Restorer, img: LoadedImage, choice: QualityChoice, args) -> np.ndarray:
     """The model on one decoded image, with a per-tile bar for big photos (minutes on a CPU),
-    then, for a JPEG, the projection onto the file's own quantisation set (``--no-projection``
-    skips it): the one place every restored image passes through."""
+    then, for a JPEG where ``choice`` allows it, the projection onto the file's own quantisation
+    set (``--no-projection`` and a re-saved photo skip it): the one place every restored image
+    passes through."""
     from tqdm import tqdm
 
     w, h = img.size
@@ -302,8 +347,8 @@ def _apply(restorer: Restorer, img: LoadedImage, quality: int, args) -> np.ndarr
         desc=img.path.name,
         disable=args.no_progress or w * h < 4_000_000,
     ) as tiles:
-        restored = restorer.restore(img.pixels, quality, progress=tiles.update)
-    return project_output(restored, img.path, args) if img.is_jpeg else restored
+        restored = restorer.restore(img.pixels, choice.quality, progress=tiles.update)
+    return project_output(restored, img.path, args) if img.is_jpeg and choice.project else restored
 
 
 if __name__ == "__main__":
