@@ -72,15 +72,19 @@ def main(argv=None) -> int:
     singles = np.concatenate([r for s, r in rows.items() if len(parse_chain(s)) == 1])
     deficit = float(np.max(singles[:, 0] - singles[:, 2]))
     margin = float(math.ceil(deficit + args.slack))
-    print(f"\nestimator {est.describe()}; BSDS500 {args.split}, {len(imgs)} images; margin {margin:g} "
-          f"(largest first-generation tables - estimate {deficit:.1f} + {args.slack:g}); autoquality.MARGIN {MARGIN:g}")
+    print(
+        f"\nestimator {est.describe()}; BSDS500 {args.split}, {len(imgs)} images; margin {margin:g} "
+        f"(largest first-generation tables - estimate {deficit:.1f} + {args.slack:g}); autoquality.MARGIN {MARGIN:g}"
+    )
     print("| case | tables | effective q | estimate | MAE vs effective | re-saved at margin | at MARGIN |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for spec, r in rows.items():
         flagged = np.mean(r[:, 2] < r[:, 0] - margin)
         at_const = np.mean(r[:, 2] < r[:, 0] - MARGIN)
-        print(f"| {spec} | {r[:, 0].mean():.1f} | {r[:, 1].mean():.1f} | {r[:, 2].mean():.1f} | "
-              f"{np.abs(r[:, 2] - r[:, 1]).mean():.1f} | {100 * flagged:.0f}% | {100 * at_const:.0f}% |")
+        print(
+            f"| {spec} | {r[:, 0].mean():.1f} | {r[:, 1].mean():.1f} | {r[:, 2].mean():.1f} | "
+            f"{np.abs(r[:, 2] - r[:, 1]).mean():.1f} | {100 * flagged:.0f}% | {100 * at_const:.0f}% |"
+        )
     if args.json:
         doc = {spec: r.tolist() for spec, r in rows.items()}
         args.json.write_text(json.dumps({"columns": ["tables", "effective", "estimate"], "rows": doc}) + "\n")

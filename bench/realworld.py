@@ -111,8 +111,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from restorer.data.degrade import parse_chain
-    from restorer.imageio import open_image
     from restorer.estimator import load_estimator
+    from restorer.imageio import open_image
     from restorer.infer.engine import load_restorers, pick_device
     from restorer.infer.evaluate import list_images, resolve_images_dir
 
@@ -179,7 +179,10 @@ def sweep(rows: dict[str, list[dict]], margins=(4, 6, 8, 10, 12, 15, 18, 22)) ->
 
 def summarise(rows: dict[str, list[dict]]) -> list[dict]:
     keys = ("jpeg", "tables_proj", "default", "oracle", "q_used", "projected")
-    return [{"case": spec, "images": len(rs), **{k: float(np.mean([r[k] for r in rs])) for k in keys}} for spec, rs in rows.items()]
+    return [
+        {"case": spec, "images": len(rs), **{k: float(np.mean([r[k] for r in rs])) for k in keys}}
+        for spec, rs in rows.items()
+    ]
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from restorer.errors import UserError, first_line
+from restorer.fsutil import atomic_write
 
 CROP, MAX_CROPS = 128, 16  # 16 crops of 128 px: about 0.1 s of features on a CPU core
 META_KEY = "restorer_estimator"
@@ -145,15 +146,11 @@ class Estimator:
 
 def save_estimator(net: QualityNet, path: str | Path, facts: dict) -> Path:
     """Write the weights and their metadata (architecture + ``facts``) as one safetensors file,
-    atomically (a temporary name, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    atomically (restorer.fsutil.atomic_write)."""
     meta = {"format_version": 1, "model": {"width": net.width}, "facts": facts}
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)})
-    tmp.replace(path)
-    return path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)}))
 
 
 def load_estimator(path: str | Path | None = None, device: torch.device | str = "cpu") -> Estimator:

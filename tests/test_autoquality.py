@@ -93,4 +93,6 @@ def test_packaged_estimator_catches_a_stronger_earlier_save(photos):
         for spec in ("30>80", "30>s4>80", "40>x0.75>85"):
             deg, _, data_ = apply_chain(img, parse_chain(spec))
             c = choose(deg, tables_quality(data_), None, est, is_jpeg=True)
-            assert c.source == "estimate" and not c.project and c.quality < 70, (spec, c)
+            assert c.source == "estimate" and not c.project and c.estimate < c.tables - MARGIN, (spec, c)
+            if spec == "30>80":  # an aligned earlier save is read almost exactly (its label: about 30)
+                assert c.quality < 40, c

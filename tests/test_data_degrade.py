@@ -133,7 +133,7 @@ def test_loader_labels_each_patch_with_its_last_compression(tmp_path, monkeypatc
     # in-process: each patch's two encodes are consecutive calls; the label is the second
     firsts, lasts = calls[0::2], calls[1::2]
     assert len(calls) >= 2 * len(labels) and lasts[: len(labels)] == labels
-    assert all(a != b for a, b in zip(firsts, lasts))
+    assert all(a != b for a, b in zip(firsts, lasts, strict=False))
     assert q.dtype == torch.int64 and set(labels) <= set(range(10, 91))
 
 

@@ -12,8 +12,8 @@ import torch
 from conftest import REPO, write_shards
 from safetensors.torch import save_file
 
-from restorer.errors import UserError
 from restorer.data.degrade import jpeg_roundtrip
+from restorer.errors import UserError
 from restorer.estimator import (
     CROP,
     MAX_CROPS,
@@ -53,6 +53,7 @@ def test_features_find_the_grid_and_see_the_quantisation():
         moved = features(low[dy + 8 : dy + 136, dx + 8 : dx + 136])  # the same grid, 8 px on
         assert np.abs(moved[64:128] - zeros_low).mean() < 0.03
 
+
 def test_saved_estimator_loads_and_predicts_the_same(tmp_path):
     torch.manual_seed(0)
     net = QualityNet(8)
@@ -78,7 +79,9 @@ def test_other_files_are_refused_with_one_line(tmp_path):
     with pytest.raises(UserError, match="unusable quality estimator"):
         load_estimator(tmp_path / "pickle.safetensors")
     save_file(
-        {"w": torch.zeros(2)}, str(tmp_path / "wrong.safetensors"), metadata={"restorer_estimator": '{"model": {"width": 8}}'}
+        {"w": torch.zeros(2)},
+        str(tmp_path / "wrong.safetensors"),
+        metadata={"restorer_estimator": '{"model": {"width": 8}}'},
     )
     with pytest.raises(UserError, match="unusable quality estimator"):
         load_estimator(tmp_path / "wrong.safetensors")

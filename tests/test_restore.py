@@ -484,7 +484,9 @@ def test_a_resaved_photo_restores_better_than_with_its_tables(tmp_path, capsys):
     runs = {}
     for rule in ("tables", "auto"):
         out = tmp_path / f"{rule}.png"
-        code, stdout, err = run([src, "-o", out, "--weights", "fast", "--quality-rule", rule, "--device", "cpu"], capsys)
+        code, stdout, err = run(
+            [src, "-o", out, "--weights", "fast", "--quality-rule", rule, "--device", "cpu"], capsys
+        )
         assert code == 0, err
         runs[rule] = (_psnr(out, ref), stdout)
     jpeg_db = _psnr(src, ref)

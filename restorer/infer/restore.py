@@ -46,8 +46,8 @@ from restorer.imageio import (
     open_image,
     save_image,
 )
-from restorer.infer.engine import Restorer, choose_restorer
 from restorer.infer.autoquality import QualityChoice
+from restorer.infer.engine import Restorer, choose_restorer
 from restorer.infer.options import (
     InputFiles,
     Models,
@@ -326,8 +326,16 @@ def _restore_one(path: Path, target: Path, fmt: str, models: Models, args) -> di
         f"{'; ' + ', '.join(extras) if extras else ''}{action} [{seconds:.1f}s]",
         sys.stdout,
     )
-    return {"input": str(path), "output": str(target), "width": w, "height": h, **choice.as_dict(),
-            "weights": str(restorer.path), "unchanged": bool(action), "seconds": round(seconds, 3)}
+    return {
+        "input": str(path),
+        "output": str(target),
+        "width": w,
+        "height": h,
+        **choice.as_dict(),
+        "weights": str(restorer.path),
+        "unchanged": bool(action),
+        "seconds": round(seconds, 3),
+    }
 
 
 def _apply(restorer: Restorer, img: LoadedImage, choice: QualityChoice, args) -> np.ndarray:

@@ -187,8 +187,8 @@ def build_model(cfg: TrainConfig, accelerator, channels_last: bool):
     """(prepared model, EMA or None, prepared AdamW). The EMA copies the plain model before any
     wrapping; no LR scheduler object (the LR is a function of the step)."""
     from restorer.model import build_model as build_net
-    from restorer.train.init import init_from_weights
     from restorer.train.ema import EMA
+    from restorer.train.init import init_from_weights
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build_net(cfg.model_config())
