@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0
 SHARDS ?= data/shards
 RUN ?= runs/demo
 
-.PHONY: help setup shards test lint bench bench-model-choice gpu-check demo release-weights slurm-up slurm-down slurm-status clean
+.PHONY: help setup shards test lint bench bench-model-choice gpu-check demo release-weights release-estimator bench-realworld slurm-up slurm-down slurm-status clean
 
 help:
 	@echo "make setup   create $(VENV), install torch (CPU wheel here) and restorer[dev]"
@@ -21,6 +21,8 @@ help:
 	@echo "make bench-model-choice  train each candidate network/loss for the same time budget, eval on BSDS500 test (about 25 min)"
 	@echo "make release-weights NAME=fast|quality  train a packaged model by launch/configs/release_NAME.yaml, make its card, install it in restorer/weights (about 31 / 90 min on 2 CPU cores with native bf16)"
 	@echo "make slurm-up | slurm-down | slurm-status  a 2-node SLURM cluster on this host for launch/slurm/train.sbatch (root; apt-get install slurmctld slurmd slurm-client munge)"
+	@echo "make release-estimator  train the quality estimator (launch/configs/release_estimator.yaml) and install it in restorer/weights"
+	@echo "make bench-realworld NAME=fast|quality  default restore vs the oracle on re-saved BSDS500 test photos (bench/realworld.py)"
 	@echo "make gpu-check  one CUDA GPU: model/loader/training/eval/24 MP restore figures side by side (meant for <= 8 min, not yet timed on a GPU; BSDS=PATH)"
 
 $(BIN)/python:
@@ -88,6 +90,16 @@ slurm-down:
 	bash launch/slurm/local_cluster.sh down
 slurm-status:
 	bash launch/slurm/local_cluster.sh status
+
+# The quality estimator of --quality auto (restorer/weights/estimator.safetensors): one CPU process.
+release-estimator: setup
+	$(BIN)/python -m shard_tools build --bsds $(BSDS) --out data/bsr --max-samples 16
+	$(BIN)/python launch/train_estimator.py --config launch/configs/release_estimator.yaml
+	$(BIN)/python bench/quality_rule.py --estimator runs/release_estimator/estimator.safetensors --images $(BSDS)
+	cp runs/release_estimator/estimator.safetensors restorer/weights/estimator.safetensors
+
+bench-realworld: setup
+	$(BIN)/python bench/realworld.py --weights $(NAME) --images $(BSDS) --json runs/realworld_$(NAME).json
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache

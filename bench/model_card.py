@@ -5,10 +5,13 @@ For every test image and quality (RGB, 8-bit, peak 255, no border crop; mean of 
 - **single**: the image compressed once by Pillow at q (4:2:0, baseline);
 - **double**: a camera-like first save at q90, the photo cropped by 4 px at the top and left (so the
   second 8x8 grid is shifted against the first, as when a photo is cropped between two saves), then
-  saved again at q; the reference is the original cropped the same way. The model is told the last
-  quality, as `restore` reads it from the file.
-Each restored image goes through what `restore` does: the model, then the projection onto the
-file's quantisation set (``restorer.infer.projection``); the raw network's PSNR is reported too.
+  saved again at q (the chain ``90>s4>q``); the reference is the original cropped the same way;
+- **chain**: the real-world chains of ``bench/realworld.py`` (``30>80``, ``30>s4>80``,
+  ``40>x0.75>85``, ``90>30``; ``restorer.data.degrade.parse_chain`` syntax), first 100 images.
+Each restored image goes through what `restore` does by default (``--quality auto``): the quality
+the model is told and whether its output is projected onto the file's quantisation set are chosen
+by ``restorer.infer.autoquality.choose`` (the tables, or the packaged estimator's reading when the
+pixels show an earlier, stronger save); "raw net gain" is the network's output before any projection.
 Columns: JPEG PSNR, restored PSNR, gain, raw-network gain, SSIM and PSNR-B (JPEG -> restored), and
 the mean colour shift (mean of restored - original per channel, in 8-bit levels; the largest
 channel's, signed).
@@ -17,7 +20,7 @@ examples:
   .venv/bin/python bench/model_card.py --weights fast --json restorer/weights/fast.card.json
   .venv/bin/python bench/model_card.py --weights runs/release_fast/model.safetensors --limit 20
 
-The last line is ``min_gain_db: <the smallest single/double gain over all qualities>``.
+The last line is ``min_gain_db: <the smallest gain over all rows>``.
 """
 
 from __future__ import annotations
@@ -37,17 +40,25 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 QUALITIES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
 DOUBLE_QUALITIES = (30, 50, 70, 90)
+CHAINS = ("30>80", "30>s4>80", "40>x0.75>85", "90>30")
 FIRST_QUALITY, CROP = 90, 4
 
 
-def cases(ref: np.ndarray, q: int, double: bool):
-    """(reference, decoded JPEG pixels, JPEG bytes) of one case."""
-    from restorer.data.degrade import decoded_jpeg, jpeg_roundtrip
+def jobs() -> list[tuple[str, int | str, str]]:
+    """(case, the table's q column, chain spec) of every row."""
+    return (
+        [("single", q, f"{q}") for q in QUALITIES]
+        + [("double", q, f"{FIRST_QUALITY}>s{CROP}>{q}") for q in DOUBLE_QUALITIES]
+        + [("chain", spec, spec) for spec in CHAINS]
+    )
 
-    if not double:
-        return (ref, *decoded_jpeg(ref, q))
-    first = jpeg_roundtrip(ref, FIRST_QUALITY)[CROP:, CROP:]
-    return (np.ascontiguousarray(ref[CROP:, CROP:]), *decoded_jpeg(np.ascontiguousarray(first), q))
+
+def cases(ref: np.ndarray, spec: str):
+    """(reference, decoded JPEG pixels, JPEG bytes) of one case."""
+    from restorer.data.degrade import apply_chain, parse_chain
+
+    jpeg, clean, data = apply_chain(ref, parse_chain(spec))
+    return clean, jpeg, data
 
 
 def main(argv=None) -> int:
@@ -56,12 +67,19 @@ def main(argv=None) -> int:
     parser.add_argument("--images", default=str(REPO.parent / "shared/datasets/BSR"), help="BSR root or image folder")
     parser.add_argument("--split", default="test")
     parser.add_argument("--limit", type=int, default=None, help="first N images (default: all)")
-    parser.add_argument("--double-limit", type=int, default=100, help="first N images for the double rows")
+    parser.add_argument("--double-limit", type=int, default=100, help="first N images for the double and chain rows")
+    parser.add_argument("--estimator", default=None, help="quality estimator (default: the packaged one)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None, help="write the card's figures here")
     args = parser.parse_args(argv)
+    import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from restorer.estimator import load_estimator
     from restorer.imageio import open_image
+    from restorer.infer.autoquality import choose, tables_quality
     from restorer.infer.engine import load_restorers, pick_device
     from restorer.infer.evaluate import image_metrics, list_images, resolve_images_dir
     from restorer.infer.options import resolve_precision
@@ -72,21 +90,21 @@ def main(argv=None) -> int:
     restorers, errors = load_restorers([args.weights], device, precision=str(precision.value))
     if errors or not restorers:
         sys.exit("error: " + "; ".join(errors or ["no weights"]))
-    restorer = restorers[0]
+    restorer, estimator = restorers[0], load_estimator(args.estimator, device)
     refs = list_images(resolve_images_dir(Path(args.images), args.split))[: args.limit]
-    jobs = [("single", q) for q in QUALITIES] + [("double", q) for q in DOUBLE_QUALITIES]
-    sums: dict[tuple[str, int], dict[str, float]] = {}
+    sums: dict[tuple[str, int | str], dict[str, float]] = {}
     t0 = time.perf_counter()
     from tqdm import tqdm
 
     for i, path in enumerate(tqdm(refs, unit="img", file=sys.stderr)):
         ref_full = open_image(path).pixels
-        for kind, q in jobs:
-            if kind == "double" and i >= args.double_limit:
+        for kind, q, spec in jobs():
+            if kind != "single" and i >= args.double_limit:
                 continue
-            ref, jpeg, data = cases(ref_full, q, kind == "double")
-            raw = restorer.restore(jpeg, q)
-            out = project(raw, data)
+            ref, jpeg, data = cases(ref_full, spec)
+            choice = choose(jpeg, tables_quality(data), None, estimator, is_jpeg=True)
+            raw = restorer.restore(jpeg, choice.quality)
+            out = project(raw, data) if choice.project else raw
             jm, rm = image_metrics(jpeg, ref), image_metrics(out, ref)
             raw_psnr = image_metrics(raw, ref, which=("psnr",))["psnr_rgb"]
             shift = (out.astype(np.float64) - ref).reshape(-1, 3).mean(axis=0)
@@ -102,6 +120,8 @@ def main(argv=None) -> int:
                 "shift_r": shift[0],
                 "shift_g": shift[1],
                 "shift_b": shift[2],
+                "told_quality": choice.quality,
+                "projected": float(choice.project),
                 "jpeg_shift_r": jshift[0],
                 "jpeg_shift_g": jshift[1],
                 "jpeg_shift_b": jshift[2],
@@ -131,32 +151,42 @@ def main(argv=None) -> int:
                 "psnrb": m["psnrb"],
                 "colour_shift": shift,
                 "colour_shift_rgb": [m["shift_r"], m["shift_g"], m["shift_b"]],
+                "told_quality": m["told_quality"],
+                "projected": m["projected"],
                 "jpeg_colour_shift_rgb": [m["jpeg_shift_r"], m["jpeg_shift_g"], m["jpeg_shift_b"]],
             }
         )
     print(
-        f"\n{restorer.describe()}; {device}, {precision.value}; BSDS500 {args.split}, RGB, no border crop; "
-        f"double = q{FIRST_QUALITY} then cropped {CROP} px then q; {seconds / 60:.1f} min"
+        f"\n{restorer.describe()}; estimator {estimator.describe()}; {device}, {precision.value}; BSDS500 "
+        f"{args.split}, RGB, no border crop; double = q{FIRST_QUALITY} then cropped {CROP} px then q; "
+        f"{seconds / 60:.1f} min"
     )
-    print("| case | q | images | JPEG dB | restored dB | gain | raw net gain | SSIM | PSNR-B dB | colour shift |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|---|---:|")
+    print(
+        "| case | q | images | JPEG dB | restored dB | gain | raw net gain | SSIM | PSNR-B dB | colour shift "
+        "| told q | projected |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|")
     for r in table:
         print(
             f"| {r['case']} | {r['quality']} | {r['images']} | {r['jpeg_psnr']:.2f} | {r['psnr']:.2f} | "
             f"{r['gain']:+.2f} | {r['raw_gain']:+.2f} | {r['jpeg_ssim']:.3f} -> {r['ssim']:.3f} | "
-            f"{r['jpeg_psnrb']:.2f} -> {r['psnrb']:.2f} | {r['colour_shift']:+.2f} |"
+            f"{r['jpeg_psnrb']:.2f} -> {r['psnrb']:.2f} | {r['colour_shift']:+.2f} | {r['told_quality']:.1f} "
+            f"| {100 * r['projected']:.0f}% |"
         )
     if args.json:
         from restorer.fsutil import atomic_write_text
 
         doc = {
             "protocol": {
-                "images": f"BSDS500 {args.split} ({len(refs)} images; double rows: first "
+                "images": f"BSDS500 {args.split} ({len(refs)} images; double and chain rows: first "
                 f"{min(len(refs), args.double_limit)})",
                 "metric": "RGB, 8-bit peak 255, no border crop, mean of per-image values",
                 "jpeg": "Pillow, 4:2:0, baseline",
                 "double": f"q{FIRST_QUALITY}, crop {CROP} px top/left, then q",
-                "restored": "model, then projection onto the JPEG's quantisation set",
+                "chain": "restorer.data.degrade.parse_chain specs; reference through the same crops/resizes",
+                "restored": "restore's default (--quality auto): told quality and projection by "
+                "restorer.infer.autoquality with the packaged estimator",
+                "estimator": estimator.describe(),
                 "device": str(device),
                 "precision": precision.value,
             },

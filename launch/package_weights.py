@@ -51,17 +51,44 @@ def describe_data(cfg: dict) -> str:
 
 def describe_degradations(cfg: dict) -> str:
     p = float(cfg.get("double_jpeg_p") or 0)
-    double = (
-        f"{100 * p:.0f}% of patches compressed twice (first at another quality of the range; half of "
-        f"those with the second 8x8 grid shifted by 0-7 px)"
-        if p
-        else "single compression only"
-    )
+    chain = float(cfg.get("chain_p") or 0)
+    parts = []
+    if p:
+        parts.append(
+            f"{100 * p:.0f}% of patches compressed twice (first at another quality of the range; half of "
+            f"those with the second 8x8 grid shifted by 0-7 px), told the last quality"
+        )
+    if chain:
+        parts.append(
+            f"{100 * chain:.0f}% through a real-world chain of 2-3 saves ({100 * float(cfg['chain_three_p']):.0f}% "
+            f"three), each at its own quality of the range and chroma; one resize between two saves in "
+            f"{100 * float(cfg['chain_resize_p']):.0f}% of the chains (scale {cfg['chain_scales']}, "
+            f"{cfg['chain_kernels'].replace(',', ' / ')}), each gap's 8x8 grid shifted by a 1-7 px crop "
+            f"with p={cfg['chain_shift_p']}; told the chain's effective quality (the single save of equal PSNR)"
+        )
+    if not parts:
+        parts.append("single compression only")
+    single = 100 * (1 - p - (1 - p) * chain)
     return (
-        f"JPEG quality drawn per patch over {cfg['quality']} (Pillow); {double}; chroma "
-        f"{' or '.join(str(cfg.get('chroma_subsampling', '4:2:0')).split(','))} per patch; "
-        + ("the model is told the last quality" if cfg.get("condition_on_quality") else "blind")
+        f"JPEG quality drawn per patch over {cfg['quality']} (Pillow); {'; '.join(parts)}; the other "
+        f"{single:.0f}% single saves; chroma {' or '.join(str(cfg.get('chroma_subsampling', '4:2:0')).split(','))} "
+        f"per save; " + ("the model is told the quality" if cfg.get("condition_on_quality") else "blind")
     )
+
+
+def describe_lineage(cfg: dict) -> str | None:
+    """'fine-tuned from launch/init/quality-v1.safetensors (release 1 ...)', or None for a fresh start."""
+    init = cfg.get("init_weights")
+    if not init:
+        return None
+    try:
+        from restorer.modelfile import read_meta
+
+        before = read_meta(REPO / init if not Path(init).is_absolute() else init)
+        steps, recipe = before.get("facts", {}).get("steps"), before.get("training", {}).get("recipe")
+        return f"fine-tuned from {init} ({steps} steps" + (f" by {recipe}" if recipe else "") + ")"
+    except Exception:  # noqa: BLE001 (the lineage line is informative; the path itself is recorded)
+        return f"fine-tuned from {init}"
 
 
 def describe_augmentation(cfg: dict) -> str:
@@ -174,6 +201,7 @@ def main(argv=None) -> int:
             "loss": cfg.get("loss", "mse"),
             "ema_decay": cfg.get("ema_decay"),
             "code": f"restorer at commit {args.code or info.get('code') or 'unknown'}",
+            "lineage": describe_lineage(cfg) or "trained from scratch",
         },
         "card": card,
     }

@@ -1,17 +1,29 @@
 """Training degradations (restorer.data.degrade): quality ranges, double JPEG on a shifted grid,
-chroma subsampling drawn from a list, and the label = the last compression's quality."""
+chroma subsampling drawn from a list, and the label = the last compression's quality; real-world
+chains (saves, resizes, grid shifts) labelled with their effective quality."""
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from conftest import write_shards
+from PIL import Image
 
 from restorer.data import StreamConfig, degrade, make_train_loader
-from restorer.data.degrade import Degradation, draw_degradation, jpeg_roundtrip, jpeg_shifted
+from restorer.data.degrade import (
+    ChainParams,
+    Degradation,
+    Save,
+    draw_degradation,
+    jpeg_bytes,
+    jpeg_roundtrip,
+    jpeg_shifted,
+    parse_chain,
+)
 from restorer.errors import UserError
 
 
@@ -20,6 +32,12 @@ def photo() -> np.ndarray:
     from skimage import data
 
     return np.ascontiguousarray(data.astronaut()[64:256, 128:320])  # 192 x 192 RGB
+
+
+def data_photo() -> np.ndarray:
+    from skimage import data
+
+    return data.astronaut()
 
 
 def blockiness(img: np.ndarray) -> np.ndarray:
@@ -115,5 +133,122 @@ def test_loader_labels_each_patch_with_its_last_compression(tmp_path, monkeypatc
     # in-process: each patch's two encodes are consecutive calls; the label is the second
     firsts, lasts = calls[0::2], calls[1::2]
     assert len(calls) >= 2 * len(labels) and lasts[: len(labels)] == labels
-    assert all(a != b for a, b in zip(firsts, lasts))
+    assert all(a != b for a, b in zip(firsts, lasts, strict=False))
     assert q.dtype == torch.int64 and set(labels) <= set(range(10, 91))
+
+
+# --- real-world chains (issue 19) -------------------------------------------------------------------------
+
+CHAIN = ChainParams(p=1.0, three_p=0.3, resize_p=0.5, shift_p=0.5, patch_size=48)
+
+
+def test_parse_chain_reads_saves_resizes_and_shifts():
+    saves = parse_chain("30>s4>x0.75:area>80:4:4:4")
+    assert [s.quality for s in saves] == [30, 80] and saves[0] == Save(30)
+    assert saves[1] == Save(80, "4:4:4", 0.75, "area", (4, 4))
+    assert parse_chain("50") == (Save(50),) and parse_chain("40>s2,5>85")[1].shift == (2, 5)
+    for bad in ("", "s4>80", "30>", "30>x1.5>80", "30>s9>80", "30>x0.5:nearest>80", "0", "30>80:4:1:1"):
+        with pytest.raises(ValueError, match="not a chain"):
+            parse_chain(bad)
+
+
+def test_apply_chain_resizes_and_crops_the_reference_with_the_image(photo):
+    deg, ref, data = degrade.apply_chain(photo, parse_chain("40>x0.75>s3,1>85"))
+    assert deg.shape == ref.shape == (144 - 3, 144 - 1, 3) and deg.dtype == ref.dtype == np.uint8
+    clean = np.asarray(Image.fromarray(photo).resize((144, 144), Image.Resampling.BICUBIC))[3:, 1:]
+    assert np.array_equal(ref, clean)
+    with Image.open(io.BytesIO(data)) as im:  # the bytes are the last save
+        assert degrade.estimate_quality(im) == 85 and np.array_equal(np.asarray(im), deg)
+    single_deg, single_ref, _ = degrade.apply_chain(photo, parse_chain("30"))
+    assert np.array_equal(single_deg, jpeg_roundtrip(photo, 30)) and np.array_equal(single_ref, photo)
+
+
+def test_chain_draws_cover_the_options_and_are_deterministic():
+    rng = np.random.default_rng(0)
+    draws = [draw_degradation(rng, (5, 95), 0.0, ("4:2:0", "4:4:4"), CHAIN) for _ in range(3000)]
+    again = [draw_degradation(np.random.default_rng(0), (5, 95), 0.0, ("4:2:0", "4:4:4"), CHAIN)]
+    assert again[0] == draws[0]
+    lengths = Counter(len(d.chain) for d in draws)
+    assert set(lengths) == {2, 3} and abs(lengths[3] / 3000 - 0.3) < 0.04
+    resized = [s for d in draws for s in d.chain if s.scale != 1.0]
+    assert abs(len(resized) / 3000 - 0.5) < 0.04  # at most one resize per chain, half of the chains
+    assert all(0.5 <= s.scale <= 1.0 for s in resized) and {s.kernel for s in resized} == set(degrade.KERNELS)
+    gaps = [s for d in draws for s in d.chain[1:]]
+    shifted = [s for s in gaps if s.shift != (0, 0)]
+    assert abs(len(shifted) / len(gaps) - 0.5) < 0.04 and all(max(s.shift) <= 7 for s in shifted)
+    assert all(d.chain[0].scale == 1.0 and d.chain[0].shift == (0, 0) for d in draws)
+    assert all(d.chain[-1].quality == d.quality and d.chain[-1].subsampling == d.subsampling for d in draws)
+    firsts = [d.chain[0].quality - d.quality for d in draws]
+    assert min(firsts) < 0 < max(firsts)  # the first save lower or higher than the last
+    assert {s.subsampling for d in draws for s in d.chain} == {"4:2:0", "4:4:4"}
+    assert all(d.size == 48 for d in draws)
+
+
+def test_without_chains_the_draws_are_those_of_a_stream_without_the_option():
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    off = ChainParams(p=0.0, patch_size=48)
+    for _ in range(200):
+        assert draw_degradation(a, (10, 90), 0.3, ("4:2:0", "4:4:4")) == draw_degradation(
+            b, (10, 90), 0.3, ("4:2:0", "4:4:4"), off
+        )
+
+
+def test_apply_returns_the_patch_size_pair_and_the_effective_label():
+    rng = np.random.default_rng(3)
+    big = np.ascontiguousarray(
+        np.asarray(Image.open(io.BytesIO(jpeg_bytes(data_photo(), 95))))[: CHAIN.source_size(), : CHAIN.source_size()]
+    )
+    for _ in range(40):
+        d = draw_degradation(rng, (5, 95), 0.0, ("4:2:0",), CHAIN)
+        deg, clean, label = degrade.apply(big, d)
+        assert deg.shape == clean.shape == (48, 48, 3) and deg.flags.c_contiguous and clean.flags.c_contiguous
+        assert 1 <= label <= d.quality
+        assert degrade.apply(big, d)[2] == label and np.array_equal(degrade.apply(big, d)[0], deg)  # deterministic
+    single = Degradation(40, size=48)
+    deg, clean, label = degrade.apply(big, single)
+    assert (
+        label == 40 and np.array_equal(clean, big[:48, :48]) and np.array_equal(deg, jpeg_roundtrip(big[:48, :48], 40))
+    )
+
+
+def test_effective_quality_is_the_single_save_of_equal_psnr(photo):
+    """A single save is labelled with itself; a chain with the single-save quality whose PSNR it
+    matches: no higher than its last save, about its lower save when not resized, and above its
+    first save when a resize between the saves softened that save's damage."""
+
+    def label(spec):
+        saves = parse_chain(spec)
+        deg, ref, _ = degrade.apply_chain(photo, saves)
+        return degrade.effective_quality(ref, deg, saves)
+
+    assert label("37") == 37
+    assert 24 <= label("30>80") <= 31 and label("90>30") in range(26, 31)
+    assert label("30>s4>80") <= label("30>80")  # a shifted second grid adds its own damage
+    assert label("40>x0.6>85") > 45  # downscaling averages the first save's error away
+
+
+def test_stream_with_chains_batches_the_patch_size_and_records_its_options(tmp_path):
+    root = write_shards(tmp_path / "s", splits={"train": 8}, samples_per_shard=4, tile=192)
+    cfg = StreamConfig(shards=str(root), patch_size=48, quality="10-90", chain_p=1.0, shuffle_buffer=8)
+    assert cfg.augment_params().patch_size == CHAIN.source_size() == cfg.chain_params().source_size()
+    batches = [next(iter(make_train_loader(cfg, batch_size=4, num_workers=0))) for _ in range(2)]
+    assert all(deg.shape == clean.shape == (4, 3, 48, 48) for deg, clean, _ in batches)
+    assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][2], batches[1][2])  # seeded
+    facts = cfg.degradation_facts()
+    assert (
+        facts["chain_p"] == 1.0
+        and facts["chain_scales"] == "0.5-1.0"
+        and set(facts)
+        >= {
+            "quality",
+            "double_jpeg_p",
+            "chroma_subsampling",
+            "chain_three_p",
+            "chain_resize_p",
+            "chain_kernels",
+            "chain_shift_p",
+        }
+    )
+    for bad in (dict(chain_p=2.0), dict(chain_scales="0-1"), dict(chain_kernels="nearest"), dict(chain_shift_p=-1)):
+        with pytest.raises(UserError, match="chain"):
+            StreamConfig(**bad).validate()

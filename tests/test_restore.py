@@ -64,7 +64,7 @@ def test_round_trip_on_real_photos_improves_psnr(tmp_path, capsys, small_q10_wei
         mse = lambda a: np.mean((a.astype(float) - ref.astype(float)) ** 2)
         assert restored.shape == ref.shape
         assert 10 * np.log10(mse(jpeg) / mse(restored)) > 0.1, name
-        assert f"{name}.jpg" in out and "quality 10 (quantisation tables)" in out
+        assert f"{name}.jpg" in out and "quality 10 (quantisation tables" in out
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
 
 
@@ -103,11 +103,14 @@ def test_grayscale_stays_grayscale(tmp_path, capsys, identity_weights):
             assert np.array_equal(np.asarray(res), np.asarray(Image.open(src)))
 
 
-def test_alpha_kept_and_non_jpeg_needs_quality(tmp_path, capsys, small_q10_weights):
+def test_alpha_kept_and_non_jpeg_needs_quality_under_the_tables_rule(tmp_path, capsys, small_q10_weights):
     rgba = np.dstack([data.coffee()[:64, :64], np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))])
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
-    # a PNG carries no quantisation tables: its JPEG quality is unknown, so it is skipped with one line
-    code, out, err = run([tmp_path / "a.png", "-o", tmp_path / "out", "--weights", small_q10_weights], capsys)
+    # a PNG carries no quantisation tables: under --quality-rule tables its JPEG quality is unknown,
+    # so it is skipped with one line (--quality auto estimates it: test_non_jpeg_gets_the_estimate)
+    code, out, err = run(
+        [tmp_path / "a.png", "-o", tmp_path / "out", "--weights", small_q10_weights, "--quality-rule", "tables"], capsys
+    )
     assert code == 1
     lines = error_lines(err)
     assert len(lines) == 1 and "a.png" in lines[0] and "not a JPEG" in lines[0] and "--quality" in lines[0]
@@ -446,3 +449,81 @@ def test_output_is_the_projection_of_the_model_output_by_default(tmp_path, capsy
     proj = np.asarray(Image.open(tmp_path / "proj.png"))
     assert np.array_equal(proj, project_upright(raw, src))
     assert not np.array_equal(proj, raw)
+
+
+# --- issue 19: --quality auto on re-saved photos ------------------------------------------------------------
+
+needs_estimator = pytest.mark.skipif(
+    not (Path(__file__).parents[1] / "restorer/weights/estimator.safetensors").is_file(),
+    reason="no packaged quality estimator (restorer/weights/estimator.safetensors)",
+)
+
+
+def _resaved(tmp_path: Path, spec: str) -> tuple[Path, np.ndarray]:
+    """A photo through the chain ``spec`` as a JPEG file, and its clean reference."""
+    from restorer.data.degrade import apply_chain, parse_chain
+
+    ref = np.ascontiguousarray(data.astronaut()[64:320, 96:352])
+    _, clean, jpeg = apply_chain(ref, parse_chain(spec))
+    path = tmp_path / f"{spec.replace('>', '_')}.jpg"
+    path.write_bytes(jpeg)
+    return path, clean
+
+
+def _psnr(path: Path, ref: np.ndarray) -> float:
+    mse = np.mean((np.asarray(Image.open(path)).astype(np.float64) - ref) ** 2)
+    return float(10 * np.log10(255.0**2 / mse))
+
+
+@needs_estimator
+def test_a_resaved_photo_restores_better_than_with_its_tables(tmp_path, capsys):
+    """A photo saved at q30, cropped by 4 px and re-saved at q80 reads q80 from its tables: told q80 and
+    projected onto the q80 set (the old default), the model leaves it almost untouched; --quality auto
+    reads the earlier save from the pixels, tells the model so and skips the projection."""
+    src, ref = _resaved(tmp_path, "30>s4>80")
+    runs = {}
+    for rule in ("tables", "auto"):
+        out = tmp_path / f"{rule}.png"
+        code, stdout, err = run(
+            [src, "-o", out, "--weights", "fast", "--quality-rule", rule, "--device", "cpu"], capsys
+        )
+        assert code == 0, err
+        runs[rule] = (_psnr(out, ref), stdout)
+    jpeg_db = _psnr(src, ref)
+    assert "quality 80 (quantisation tables)" in runs["tables"][1]
+    assert "estimated from the pixels; the tables say 80" in runs["auto"][1] and "not projected" in runs["auto"][1]
+    assert runs["auto"][0] > runs["tables"][0] + 0.3 and runs["auto"][0] > jpeg_db + 0.5, (jpeg_db, runs)
+
+
+@needs_estimator
+def test_projection_decision_is_printed_with_v_and_recorded_in_json(tmp_path, capsys):
+    first, _ = _resaved(tmp_path, "50")
+    resaved, _ = _resaved(tmp_path, "30>80")
+    report = tmp_path / "report.json"
+    code, out, err = run([first, resaved, "-o", tmp_path / "out", "--weights", "fast", "-v", "--json", report], capsys)
+    assert code == 0, err
+    lines = {line.split(" -> ")[0]: line for line in out.splitlines() if " -> " in line}
+    assert "projected onto the JPEG's quantisation set" in lines[str(first)]
+    assert "not projected" in lines[str(resaved)]
+    import json
+
+    photos_ = {Path(r["input"]).name: r for r in json.loads(report.read_text())["photos"]}
+    a, b = photos_[first.name], photos_[resaved.name]
+    assert (a["source"], a["tables"], a["quality"], a["project"]) == ("tables", 50, 50, True)
+    assert abs(a["estimate"] - 50) < 12
+    assert (b["source"], b["tables"], b["project"]) == ("estimate", 80, False) and b["quality"] < 60
+    assert b["why"] and b["output"].endswith(".png")
+
+
+@needs_estimator
+def test_non_jpeg_gets_the_estimate(tmp_path, capsys):
+    """A PNG screenshot of a q20 JPEG: restored with the quality read from its pixels, not refused."""
+    jpeg, ref = _resaved(tmp_path, "20")
+    shot = tmp_path / "shot.png"
+    Image.open(jpeg).save(shot)
+    code, out, err = run([shot, "-o", tmp_path / "out.png", "--weights", "fast"], capsys)
+    assert code == 0, err
+    assert "estimated from the pixels: no JPEG tables" in out and "not projected" in out
+    quality = int(out.split("quality ")[1].split(" ")[0])
+    assert 10 <= quality <= 32
+    assert _psnr(tmp_path / "out.png", ref) > _psnr(shot, ref) + 0.5

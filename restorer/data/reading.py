@@ -173,7 +173,12 @@ class _ShareReader:
                 slot_rng(self.cfg.seed, share, ctx.rank, 1),
             )
         self.params = self.cfg.augment_params()
-        self.degrade_args = (parse_quality(self.cfg.quality), float(self.cfg.double_jpeg_p), self.cfg.subsamplings())
+        self.degrade_args = (
+            parse_quality(self.cfg.quality),
+            float(self.cfg.double_jpeg_p),
+            self.cfg.subsamplings(),
+            self.cfg.chain_params(),
+        )
         self.tries = _ShardTries(ctx, share, slot_rng(self.cfg.seed, share, ctx.rank, 0), tally)
 
     def items(self) -> Iterator[Item]:
@@ -290,12 +295,12 @@ def _patches(
 ) -> list[Item]:
     """Patches 0..max(wanted) of a decoded tile are drawn in order (crop, then degradation); those
     in ``wanted`` are returned, cut only where ``wanted[p]`` is False (else placeholders)."""
-    qrange, double_p, subs = degrade_args
+    qrange, double_p, subs, chain = degrade_args
     array = None
     out = []
     for p in range(max(wanted) + 1):
         d = augment.draw(rng, img.height, img.width, params)
-        degradation = draw_degradation(rng, qrange, double_p, subs)
+        degradation = draw_degradation(rng, qrange, double_p, subs, chain)
         if p not in wanted:
             continue
         if wanted[p]:

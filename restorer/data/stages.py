@@ -32,7 +32,7 @@ import torch
 import webdataset as wds
 
 from restorer.data.batch import collate
-from restorer.data.degrade import degrade
+from restorer.data.degrade import apply
 from restorer.data.position import Share
 from restorer.data.reading import Item, ReadContext, epoch_items, slot_rng
 from restorer.data.shuffle import shuffle_within_epochs
@@ -67,9 +67,10 @@ def drop_consumed(
 
 
 def jpeg(items: Iterable[tuple[int, Item]]) -> Iterator[tuple[np.ndarray, np.ndarray, int, int, int]]:
-    """(epoch, Item) -> (degraded, clean, quality label, epoch, address)."""
+    """(epoch, Item) -> (degraded, clean, quality label, epoch, address); a chain's label is its
+    effective quality (degrade.apply)."""
     for epoch, item in items:
-        yield degrade(item.patch, item.degradation), item.patch, item.degradation.quality, epoch, item.address
+        yield *apply(item.patch, item.degradation), epoch, item.address
 
 
 def _collate(items) -> tuple[Any, ...]:

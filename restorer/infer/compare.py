@@ -30,6 +30,7 @@ from restorer.infer.evaluate import uint8_tensor
 from restorer.infer.options import (
     InputFiles,
     add_model_args,
+    choose_quality,
     load_models,
     parse_args,
     project_output,
@@ -56,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("image", metavar="IMAGE", help="the clean original image")
-    p.add_argument("--quality", type=int, default=None, help="JPEG quality to compress with (default 10)")
+    p.add_argument(
+        "--quality",
+        type=int,
+        default=None,
+        help="JPEG quality to compress with (default 10); with --jpeg, the quality to tell the model "
+        "(default: auto, as restore: the tables, or the pixel estimate; see --quality-rule)",
+    )
     p.add_argument("--jpeg", default=None, metavar="FILE", help="an existing JPEG of IMAGE to use instead")
     p.add_argument("-o", "--output", required=True, help="panel PNG to write")
     p.add_argument("--crop", default=None, metavar="X,Y,W,H", help="crop box (default: automatic)")
@@ -140,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     ref = open_image(args.image, args.max_pixels).pixels
     if args.jpeg:
         jimg = open_image(args.jpeg, args.max_pixels)
-        jpeg, quality, source = jimg.pixels, args.quality or jimg.quality, Path(args.jpeg)
+        jpeg, quality, source = jimg.pixels, jimg.quality, Path(args.jpeg)
+        given, is_jpeg = args.quality, jimg.is_jpeg
         if jpeg.shape != ref.shape:
             raise UserError(f"{args.jpeg}: its size or colour mode differs from {args.image}")
         if _psnr(jpeg, ref) < MIN_JPEG_PSNR:
@@ -154,10 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= quality <= 100:
             raise UserError(f"--quality must be 1..100, got {quality}")
         jpeg, source = decoded_jpeg(ref, quality)
-        label = f"JPEG q{quality}"
-    restorer = choose_restorer(restorers, quality)
+        label, given, is_jpeg = f"JPEG q{quality}", None, True
     try:
-        restored = project_output(restorer.restore(jpeg, quality), source, args)
+        choice = choose_quality(jpeg, quality, is_jpeg, given, models, args)
+    except UserError as exc:
+        raise UserError(f"{args.jpeg}: {exc}") from None
+    restorer = choose_restorer(restorers, choice.quality)
+    try:
+        restored = restorer.restore(jpeg, choice.quality)
+        restored = project_output(restored, source, args) if choice.project else restored
     except Exception as exc:  # RuntimeError (out of memory, ...): one line, not a traceback
         if os.environ.get("RESTORER_DEBUG"):
             raise
@@ -179,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     save_image(np.asarray(panel), None, out, fmt="png", overwrite=args.overwrite)
     print(
         f"{out}: {label} {_psnr(jpeg, ref):.2f} dB, restored {_psnr(restored, ref):.2f} dB "
-        f"({restorer.describe()}), crop {x},{y},{cw},{ch}"
+        f"({restorer.describe()}; told q{choice.quality}: {choice.why}), crop {x},{y},{cw},{ch}"
     )
     return 1 if werrs else 0
 

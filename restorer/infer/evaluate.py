@@ -2,7 +2,9 @@
 
 Protocol (stated in every table): each reference image is compressed with Pillow at each
 ``--quality`` (``degrade.jpeg_roundtrip``, 4:2:0 chroma subsampling, baseline, the encoder of the
-published BSDS500/LIVE1 JPEG rows), restored, and rounded to 8 bits like a saved output. Metrics
+published BSDS500/LIVE1 JPEG rows), restored as ``restore`` would (the quality told to the model
+and the projection decided by ``--quality-rule``, ``auto`` by default, restorer.infer.autoquality;
+``--json`` rows record both), and rounded to 8 bits like a saved output. Metrics
 are computed per image, then averaged per quality (mean of per-image values, not PSNR of the mean
 MSE), on RGB and on BT.601 Y (Y = 16 + 65.481 R + 128.553 G + 24.966 B for RGB in [0, 1], then
 /255, not rounded), peak 255, after cropping ``--crop-border`` pixels from each side (default 0).
@@ -36,7 +38,14 @@ from restorer.errors import UserError, cli_entry, describe, first_line
 from restorer.fsutil import atomic_write_text
 from restorer.imageio import IMAGE_SUFFIXES, open_image
 from restorer.infer.engine import choose_restorer
-from restorer.infer.options import add_model_args, load_models, parse_args, project_output, report_weight_errors
+from restorer.infer.options import (
+    add_model_args,
+    choose_quality,
+    load_models,
+    parse_args,
+    project_output,
+    report_weight_errors,
+)
 
 log = logging.getLogger("restorer.infer.evaluate")
 
@@ -303,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 pairs = [(q, *decoded_jpeg(ref, q, args.subsampling)) for q in args.quality]
             for q, jpeg, jpeg_src in pairs:
-                restorer = choose_restorer(restorers, q)
+                choice = None if identity else choose_quality(jpeg, q, True, None, models, args)
+                restorer = choose_restorer(restorers, q if choice is None else choice.quality)
                 row = {
                     "image": ref_path.name,
                     "quality": q,
@@ -314,8 +324,15 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 jm = image_metrics(jpeg, ref, args.crop_border, args.metrics)
                 row.update({f"jpeg_{k}": v for k, v in jm.items()})
-                if not identity:
-                    restored = project_output(restorer.restore(jpeg, q), jpeg_src, args)
+                if choice is not None:
+                    row.update(
+                        told_quality=choice.quality,
+                        quality_source=choice.source,
+                        estimate=choice.estimate,
+                        projected=choice.project,
+                    )
+                    restored = restorer.restore(jpeg, choice.quality)
+                    restored = project_output(restored, jpeg_src, args) if choice.project else restored
                     rm = image_metrics(restored, ref, args.crop_border, args.metrics)
                     row.update({f"restored_{k}": v for k, v in rm.items()})
                     for space in SPACES if "psnr" in args.metrics else ():

@@ -27,8 +27,10 @@ import torch
 
 from restorer import weights as packaged
 from restorer.errors import UserError, setup_logging
+from restorer.estimator import Estimator, load_estimator
 from restorer.hardware import Choice, choose_precision
 from restorer.imageio import DEFAULT_MAX_PIXELS
+from restorer.infer.autoquality import MARGIN, RULES, QualityChoice, choose
 from restorer.infer.engine import DEFAULT_TILE, PRECISIONS, Restorer, load_restorers, pick_device, set_threads
 
 log = logging.getLogger("restorer.infer.options")
@@ -85,6 +87,15 @@ def add_model_args(p: argparse.ArgumentParser, weights_help: str = "") -> None:
         "onto the quantisation intervals of the JPEG's own DCT coefficients, which cannot "
         "move it away from the original (restorer/infer/projection.py)",
     )
+    p.add_argument(
+        "--quality-rule",
+        choices=RULES,
+        default="auto",
+        help="how the quality told to the model is chosen when --quality does not say: auto (default): the "
+        "JPEG's tables, unless the pixel estimate (restorer/estimator.py) is lower by more than "
+        f"{MARGIN:g} (an earlier, stronger save or a resize: then the estimate, not projected); images without "
+        "tables get the estimate; tables: the tables only, always projected (the behaviour before the estimator)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -136,6 +147,7 @@ class Models:
     device: torch.device
     precision: Choice
     specs: list[str]  # the weights as resolved (the default name filled in)
+    estimator: Estimator | None = None  # the pixel quality estimate of --quality-rule auto
 
     @property
     def identity(self) -> bool:
@@ -150,7 +162,7 @@ def load_models(args: argparse.Namespace) -> Models:
     precision = resolve_precision(requested_precision(args), device)
     specs = list(args.weights) if args.weights else [packaged.default_name(device.type)]
     restorers, errors = load_restorers(specs, device, args.tile, args.tile_overlap, str(precision.value))
-    models = Models(restorers, errors, device, precision, specs)
+    models = Models(restorers, errors, device, precision, specs, load_rule_estimator(args, device))
     if restorers and not models.identity:
         default = "" if args.weights else f" (default on {device.type}; --weights to choose)"
         log.info(
@@ -162,6 +174,29 @@ def load_models(args: argparse.Namespace) -> Models:
             "; ".join(r.describe() for r in restorers),
         )
     return models
+
+
+def load_rule_estimator(args: argparse.Namespace, device: torch.device) -> Estimator | None:
+    """The packaged quality estimator when ``--quality-rule auto`` may need it; None (with a warning:
+    the tables are used then) when it cannot be loaded."""
+    if getattr(args, "quality_rule", "auto") != "auto":
+        return None
+    try:
+        return load_estimator(None, device)
+    except UserError as exc:
+        log.warning("%s; --quality auto falls back to the JPEG tables", exc)
+        return None
+
+
+def choose_quality(
+    pixels: np.ndarray, tables: int | None, is_jpeg: bool, given: int | None, models: Models, args: argparse.Namespace
+) -> QualityChoice:
+    """:func:`restorer.infer.autoquality.choose` with the command's flags; ``--no-projection``
+    turns the projection off whatever the rule says."""
+    choice = choose(pixels, tables, given, models.estimator, is_jpeg, getattr(args, "quality_rule", "auto"))
+    if args.no_projection and choice.project:
+        choice = dataclasses.replace(choice, project=False)
+    return choice
 
 
 def report_weight_errors(models: Models, err: Callable[[str], None]) -> None:

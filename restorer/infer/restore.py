@@ -10,9 +10,13 @@ Guarantees (each tested in tests/test_restore.py):
   suffix (``.png .tif .tiff .jpg .jpeg .webp``) -> that one file (an error when there are several
   input images); anything else -> a folder (created if needed). The format follows ``--format``
   or the ``-o`` suffix; ``-o out.png --format jpeg`` is an error, never JPEG bytes in a .png.
-* The JPEG quality the model is told: ``--quality``, else read from the file's quantisation
-  tables. A file that is not a JPEG has no such tables: it is skipped with one line asking for
-  ``--quality`` (exit status 1).
+* The JPEG quality the model is told: ``--quality N``, else (``--quality auto``, the default) the
+  rule of :mod:`restorer.infer.autoquality`: the file's quantisation tables, unless the pixel
+  estimate says the photo went through an earlier, stronger compression or a resize (then the
+  estimate, and no projection); a file that is not a JPEG (a PNG or WebP screenshot of one) gets
+  the estimate. The value, its source and why are printed per photo; ``--json`` records them with
+  the projection decision. ``--quality-rule tables`` is the behaviour before the estimator (a
+  non-JPEG without ``--quality`` is then skipped with one line, exit status 1).
 * A model is applied only inside the quality range it was trained on (model.json
   ``facts.quality_range``); outside it the decoded image is written unchanged (lossless for PNG,
   TIFF, WebP) with one ``note:`` line, unless ``--force``.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -38,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from restorer.errors import UserError, cli_entry, describe
+from restorer.fsutil import atomic_write_text
 from restorer.imageio import (
     IMAGE_SUFFIXES,
     OUTPUT_FORMATS,
@@ -47,10 +53,13 @@ from restorer.imageio import (
     open_image,
     save_image,
 )
+from restorer.infer.autoquality import QualityChoice
 from restorer.infer.engine import Restorer, choose_restorer
 from restorer.infer.options import (
     InputFiles,
+    Models,
     add_model_args,
+    choose_quality,
     load_models,
     parse_args,
     report_weight_errors,
@@ -69,7 +78,8 @@ examples:
   restorer restore holiday/ -o restored/ --weights runs/demo/model.safetensors
   restorer restore 'scans/**/*.jpg' -o restored/ --weights q10/ q30/ q50/   # nearest quality per image
   restorer restore big.jpg -o out/ --tile 256 --device cpu --precision fp32
-  restorer restore scan.png --quality 30             # not a JPEG: say what quality it was compressed at
+  restorer restore screenshot.png                    # not a JPEG: the quality is estimated from the pixels
+  restorer restore scan.png --quality 30             # or say what quality it was compressed at
   restorer restore photo.jpg -o out/ --weights w.safetensors --quality 20 --overwrite
 
 Outputs are lossless PNG (or --format tiff / webp / jpeg) named after the input, written
@@ -103,10 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument(
         "--quality",
-        type=int,
+        type=quality_arg,
         default=None,
-        help="JPEG quality the images were compressed at (default: read from each JPEG's "
-        "quantisation tables; required for PNG, WebP and other non-JPEG inputs)",
+        metavar="auto|Q",
+        help="JPEG quality to tell the model: auto (default; the JPEG's quantisation tables, or the pixel "
+        "estimate where the photo was compressed harder before or is not a JPEG: see --quality-rule) or 1..100",
+    )
+    p.add_argument(
+        "--json", default=None, metavar="PATH", help="write one record per photo: quality used and why, projection"
     )
     p.add_argument(
         "--force",
@@ -122,17 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
     p.add_argument(
+        "--recursive",
+        action="store_true",
+        help="descend into sub-folders of folder inputs (their structure is mirrored under OUT)",
+    )
+    p.add_argument(
         "--sequential",
         action="store_true",
         help="one photo at a time: no reading or writing of the neighbours while the network runs "
         "(the same output files; slower on folders, and only one photo in memory instead of two)",
     )
-    p.add_argument(
-        "--recursive",
-        action="store_true",
-        help="descend into sub-folders of folder inputs (their structure is mirrored under OUT)",
-    )
     return p
+
+
+def quality_arg(text: str) -> int | None:
+    """``--quality``: ``auto`` -> None (the rule decides), else the number."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number 1..100, got {text!r}") from None
 
 
 class OutputPlan:
@@ -211,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     inputs = InputFiles(p for p, _ in found)
     targets: dict[Path, Path] = {}
+    records: list[dict] = []
     from tqdm import tqdm
 
     bar = tqdm(total=len(found), unit="img", disable=args.no_progress or len(found) < 2, file=sys.stderr)
@@ -227,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         return _load(path, target, args)
 
     def finish(done: Restored) -> None:
-        _finish(done, plan.fmt, args)
+        records.append(_finish(done, plan.fmt, args))
         bar.update(1)
 
     def failed(item: tuple[Path, Path], exc: BaseException) -> None:
@@ -239,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             raise exc
         err(f"{item[0]}: failed ({describe(exc)})")
 
-    run_photos(found, load, lambda ld: _process(ld, models.restorers, args), finish, failed, not args.sequential)
+    run_photos(found, load, lambda ld: _process(ld, models, args), finish, failed, not args.sequential)
     bar.close()
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps({"photos": records}, indent=1) + "\n")
     if not found:
         _write("error: no input images", sys.stderr)
         return 1
@@ -255,18 +282,29 @@ def _write(msg: str, stream) -> None:
     tqdm.write(msg, file=stream)
 
 
-def image_quality(img: LoadedImage, given: int | None) -> tuple[int, str]:
-    """The JPEG quality to tell the model, and where it came from; UserError when unknown."""
-    if given is not None:
-        return given, "--quality"
-    if not img.is_jpeg:
-        raise UserError(
-            f"{img.path}: not a JPEG ({img.format}), so the JPEG quality it went through is "
-            f"unknown; give --quality Q to restore it"
-        )
-    if img.quality is None:
-        raise UserError(f"{img.path}: JPEG without readable quantisation tables; give --quality Q")
-    return img.quality, "quantisation tables"
+def image_quality(img: LoadedImage, models: Models, args) -> QualityChoice:
+    """The quality to tell the model and whether to project (restorer.infer.autoquality); a
+    UserError naming the file when neither the tables nor the estimate can say."""
+    try:
+        return choose_quality(img.pixels, img.quality, img.is_jpeg, args.quality, models, args)
+    except UserError as exc:
+        raise UserError(f"{img.path}: {exc}" + ("" if img.is_jpeg else f" ({img.format})")) from None
+
+
+def describe_choice(choice: QualityChoice, verbose: bool) -> str:
+    """``quality 31 (why)`` for the per-photo line; ``-v`` adds the projection decision."""
+    if choice.source == "--quality":
+        why = "--quality"
+    elif choice.source == "tables":
+        why = "quantisation tables" + ("" if choice.estimate is None else f", the pixels agree: q{choice.estimate:.0f}")
+    elif choice.tables is None:
+        why = "estimated from the pixels: no JPEG tables"
+    else:
+        why = f"estimated from the pixels; the tables say {choice.tables}: an earlier, stronger compression or a resize"
+    text = f"quality {choice.quality} ({why})"
+    if verbose or not choice.project:
+        text += "; projected onto the JPEG's quantisation set" if choice.project else "; not projected"
+    return text
 
 
 # -- the processing path: load (background) -> network + projection (this thread) -> write (background)
@@ -290,6 +328,7 @@ class Restored:
     target: Path
     started: float
     line: str
+    record: dict  # the photo's entry in --json output (its seconds added when written)
 
 
 def _load(path: Path, target: Path, args) -> Loaded:
@@ -306,17 +345,19 @@ def _load(path: Path, target: Path, args) -> Loaded:
     return loaded
 
 
-def _process(loaded: Loaded, restorers: list[Restorer], args) -> Restored:
+def _process(loaded: Loaded, models: Models, args) -> Restored:
     img, path = loaded.img, loaded.img.path
-    quality, source = image_quality(img, args.quality)
+    choice = image_quality(img, models, args)
+    quality, restorers = choice.quality, models.restorers
     restorer = choose_restorer(restorers, quality)
     w, h = img.size
     if restorer.covers(quality) or args.force:
-        pixels = _apply(restorer, img, quality, args, loaded)
+        pixels = _apply(restorer, img, choice, args, loaded)
         action = ""
     else:
         lo, hi = restorer.quality_range  # covers() is True when the range is unknown
         pixels, action = img.pixels, "; written unchanged (outside the trained range)"
+        choice = dataclasses.replace(choice, project=False)
         _write(
             f"note: {path}: JPEG quality {quality} is outside the range {lo}-{hi} that {restorer.path.name} "
             f"was trained on: written unchanged (--force applies it anyway)",
@@ -333,14 +374,23 @@ def _process(loaded: Loaded, restorers: list[Restorer], args) -> Restored:
     ]
     chosen = f"; weights {restorer.describe()}" if len(restorers) > 1 or args.verbose else ""
     line = (
-        f"{path} -> {loaded.target}: {w}x{h}, quality {quality} ({source}){chosen}"
+        f"{path} -> {loaded.target}: {w}x{h}, {describe_choice(choice, args.verbose)}{chosen}"
         f"{'; ' + ', '.join(extras) if extras else ''}{action}"
     )
+    record = {
+        "input": str(path),
+        "output": str(loaded.target),
+        "width": w,
+        "height": h,
+        **choice.as_dict(),
+        "weights": str(restorer.path),
+        "unchanged": bool(action),
+    }
     meta = dataclasses.replace(img, pixels=np.empty((0,) * img.pixels.ndim, np.uint8), data=None)
-    return Restored(pixels, meta, loaded.target, loaded.started, line)
+    return Restored(pixels, meta, loaded.target, loaded.started, line, record)
 
 
-def _finish(done: Restored, fmt: str, args) -> None:
+def _finish(done: Restored, fmt: str, args) -> dict:
     img = done.img
     notes = save_image(
         done.pixels,
@@ -353,13 +403,16 @@ def _finish(done: Restored, fmt: str, args) -> None:
     )
     for note in notes:
         _write(f"warning: {img.path}: {note}", sys.stderr)
-    _write(f"{done.line} [{time.perf_counter() - done.started:.1f}s]", sys.stdout)
+    seconds = time.perf_counter() - done.started
+    _write(f"{done.line} [{seconds:.1f}s]", sys.stdout)
+    return {**done.record, "seconds": round(seconds, 3)}
 
 
-def _apply(restorer: Restorer, img: LoadedImage, quality: int, args, loaded: Loaded) -> np.ndarray:
+def _apply(restorer: Restorer, img: LoadedImage, choice: QualityChoice, args, loaded: Loaded) -> np.ndarray:
     """The model on one decoded image, with a per-tile bar for big photos (minutes on a CPU),
-    then, for a JPEG, the projection onto the file's own quantisation set (``--no-projection``
-    skips it): the one place every restored image passes through."""
+    then, for a JPEG where ``choice`` allows it, the projection onto the file's own quantisation
+    set (``--no-projection`` and a re-saved photo skip it): the one place every restored image
+    passes through."""
     from tqdm import tqdm
 
     w, h = img.size
@@ -372,8 +425,8 @@ def _apply(restorer: Restorer, img: LoadedImage, quality: int, args, loaded: Loa
         desc=img.path.name,
         disable=args.no_progress or w * h < 4_000_000,
     ) as tiles:
-        restored = restorer.restore(img.pixels, quality, progress=tiles.update)
-    if not img.is_jpeg or args.no_projection:
+        restored = restorer.restore(img.pixels, choice.quality, progress=tiles.update)
+    if not img.is_jpeg or args.no_projection or not choice.project:
         return restored
     if loaded.coefs is None:  # a JPEG the projection cannot read (CMYK, unusual sampling)
         log.warning("%s; output not projected", loaded.coefs_error)

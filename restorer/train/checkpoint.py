@@ -324,6 +324,8 @@ def export_facts(cfg, state) -> dict[str, Any]:
         "loss": cfg.loss,
         "double_jpeg_p": cfg.data.double_jpeg_p,
         "chroma_subsampling": cfg.data.chroma_subsampling,
+        "degradations": cfg.data.degradation_facts(),
+        "init_weights": cfg.init_weights,
         "val_split": None if cfg.val_shards else cfg.val_split,
         "val_shards": cfg.val_shards,
         "val_psnr": {k[len("val/psnr_q") :]: v for k, v in last.items() if k.startswith("val/psnr_q")},

@@ -58,6 +58,11 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(
         default_factory=ModelConfig, metadata={"flatten": True, "hide": ("in_channels",)}
     )
+    init_weights: str | None = _opt(
+        None,
+        "start from these weights (a model.safetensors, a run folder, or fast / quality) instead of a fresh "
+        "initialisation: a fine-tune; the architecture must match, and a resumed checkpoint wins",
+    )
     # optimisation
     max_steps: int = _opt(20000, "optimizer steps")
     batch_size: int = _opt(16, "patches per process per micro-batch")

@@ -201,9 +201,13 @@ def build_model(cfg: TrainConfig, accelerator, channels_last: bool):
     wrapping; no LR scheduler object (the LR is a function of the step)."""
     from restorer.model import build_model as build_net
     from restorer.train.ema import EMA
+    from restorer.train.init import init_from_weights
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_net(cfg.model_config()).to(memory_format=fmt)
+    model = build_net(cfg.model_config())
+    if cfg.init_weights:
+        init_from_weights(model, cfg.model_config(), cfg.init_weights)
+    model = model.to(memory_format=fmt)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None:
         ema.model.to(accelerator.device, memory_format=fmt)
