@@ -13,11 +13,11 @@ loader benchmark) at a fraction of the work: O(patch) instead of O(tile) per pat
 Tiles smaller than the patch raise :class:`TileTooSmall` (the stream skips and counts them);
 tiles too small for the drawn down-scale get the smallest scale that still fits.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -115,13 +115,13 @@ def _finish(patch: np.ndarray, d: Draw) -> np.ndarray:
     return np.ascontiguousarray(patch)
 
 
-def crop_first(img: Image.Image, d: Draw, p: int, array: Optional[np.ndarray] = None) -> np.ndarray:
+def crop_first(img: Image.Image, d: Draw, p: int, array: np.ndarray | None = None) -> np.ndarray:
     """The patch of ``d``, resampling only the region it comes from. ``array`` is ``np.asarray(img)``
     when the caller already has it (saves a conversion per patch when there is no rescale)."""
     ry, rx = _source_region(d, p)
     if d.size == (img.height, img.width):
         src = np.asarray(img) if array is None else array
-        patch = src[ry:ry + p, rx:rx + p]
+        patch = src[ry : ry + p, rx : rx + p]
     else:
         sy, sx = d.size[0] / img.height, d.size[1] / img.width
         box = (rx / sx, ry / sy, (rx + p) / sx, (ry + p) / sy)
@@ -153,4 +153,3 @@ def random_patches(img: Image.Image, n: int, rng: np.random.Generator, params: A
             array = np.asarray(img)
         out.append(crop_first(img, d, params.patch_size, array))
     return out
-

@@ -5,9 +5,10 @@ Workers collate their own batches with one ``np.stack`` into NHWC memory, handed
 until :func:`to_device_float` on the device (4x fewer bytes through pinned memory and PCIe), which
 converts dtype and memory layout in one pass.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -24,8 +25,11 @@ def stack_patches(arrays: Sequence[np.ndarray]) -> torch.Tensor:
 
 def collate(items: Sequence[tuple[np.ndarray, np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[(degraded, clean, quality)] -> (degraded uint8 [B,C,P,P], clean uint8 [B,C,P,P], quality int64 [B])."""
-    return (stack_patches([it[0] for it in items]), stack_patches([it[1] for it in items]),
-            torch.tensor([it[2] for it in items], dtype=torch.int64))
+    return (
+        stack_patches([it[0] for it in items]),
+        stack_patches([it[1] for it in items]),
+        torch.tensor([it[2] for it in items], dtype=torch.int64),
+    )
 
 
 def to_device_float(t: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:

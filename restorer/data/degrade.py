@@ -23,12 +23,13 @@ its docstring and ``bench/effective_quality.py`` for the measurement behind the 
 needs more pixels than the patch, so with chains the stream cuts ``source_size`` px and
 :func:`apply` returns the ``patch_size`` pair from its top-left corner, on the last save's grid.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import io
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -36,7 +37,7 @@ from PIL import Image
 SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}
 
 
-def parse_quality(spec: "str | int") -> tuple[int, int]:
+def parse_quality(spec: str | int) -> tuple[int, int]:
     """``"10"`` -> (10, 10); ``"10-90"`` -> (10, 90). Qualities are Pillow's 1..100."""
     text = str(spec).strip()
     try:
@@ -54,12 +55,13 @@ def parse_subsampling(spec: str) -> tuple[str, ...]:
     names = tuple(part.strip() for part in str(spec).split(",") if part.strip())
     bad = [n for n in names if n not in SUBSAMPLING]
     if not names or bad:
-        raise ValueError(f"chroma_subsampling must be one or more of {', '.join(SUBSAMPLING)} separated by ',', "
-                         f"got {spec!r}")
+        raise ValueError(
+            f"chroma_subsampling must be one or more of {', '.join(SUBSAMPLING)} separated by ',', got {spec!r}"
+        )
     return names
 
 
-def jpeg_bytes(img: "np.ndarray | Image.Image", quality: int, subsampling: str = "4:2:0") -> bytes:
+def jpeg_bytes(img: np.ndarray | Image.Image, quality: int, subsampling: str = "4:2:0") -> bytes:
     """Encode with Pillow at ``quality`` (baseline, no optimisation: what users' cameras/tools do)."""
     if isinstance(img, np.ndarray):
         img = Image.fromarray(img)
@@ -69,19 +71,19 @@ def jpeg_bytes(img: "np.ndarray | Image.Image", quality: int, subsampling: str =
     return buf.getvalue()
 
 
-def jpeg_roundtrip(img: "np.ndarray | Image.Image", quality: int, subsampling: str = "4:2:0") -> np.ndarray:
+def jpeg_roundtrip(img: np.ndarray | Image.Image, quality: int, subsampling: str = "4:2:0") -> np.ndarray:
     """Compress and decompress: returns the degraded image as a uint8 array of the input's shape."""
     return decoded_jpeg(img, quality, subsampling)[0]
 
 
-def decoded_jpeg(img: "np.ndarray | Image.Image", quality: int, subsampling: str = "4:2:0") -> tuple[np.ndarray, bytes]:
+def decoded_jpeg(img: np.ndarray | Image.Image, quality: int, subsampling: str = "4:2:0") -> tuple[np.ndarray, bytes]:
     """(decoded uint8 pixels, the JPEG bytes) of one compression of ``img``."""
     data = jpeg_bytes(img, quality, subsampling)
     with Image.open(io.BytesIO(data)) as out:
         return np.asarray(out), data
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_tables() -> dict[int, np.ndarray]:
     """Luminance quantisation table that Pillow/libjpeg writes at each quality 1..100."""
     tiny = Image.new("L", (8, 8), 128)
@@ -92,7 +94,7 @@ def _reference_tables() -> dict[int, np.ndarray]:
     return tables
 
 
-def estimate_quality(img: Image.Image) -> Optional[int]:
+def estimate_quality(img: Image.Image) -> int | None:
     """The IJG quality (1..100) whose luminance table is nearest to this JPEG's, or None when
     ``img`` carries no quantisation tables (not a JPEG). Exact for files written by libjpeg
     with standard tables (Pillow, most software); the nearest match for camera tables."""
@@ -121,10 +123,10 @@ class Degradation:
 
     quality: int
     subsampling: str = "4:2:0"
-    first_quality: Optional[int] = None
+    first_quality: int | None = None
     shift: tuple = (0, 0)
     chain: tuple = ()
-    size: Optional[int] = None
+    size: int | None = None
 
 
 def draw_quality(rng: np.random.Generator, qrange: Sequence[int]) -> int:
@@ -132,8 +134,13 @@ def draw_quality(rng: np.random.Generator, qrange: Sequence[int]) -> int:
     return lo if lo == hi else int(rng.integers(lo, hi + 1))
 
 
-def draw_degradation(rng: np.random.Generator, qrange: Sequence[int], double_p: float = 0.0,
-                     subsamplings: Sequence[str] = ("4:2:0",), chain: Optional["ChainParams"] = None) -> Degradation:
+def draw_degradation(
+    rng: np.random.Generator,
+    qrange: Sequence[int],
+    double_p: float = 0.0,
+    subsamplings: Sequence[str] = ("4:2:0",),
+    chain: ChainParams | None = None,
+) -> Degradation:
     """One patch's :class:`Degradation`. With a single quality and no double compression, chain or
     subsampling choice, exactly one draw is made (the quality's, none when it is fixed); without
     chains (``chain`` None or ``chain.p`` 0) the draws are those of a stream without the option."""
@@ -167,7 +174,7 @@ def jpeg_shifted(img: np.ndarray, quality: int, subsampling: str, shift: Sequenc
         return jpeg_roundtrip(img, quality, subsampling)
     pad = ((dy, 0), (dx, 0)) + (((0, 0),) if img.ndim == 3 else ())
     out = jpeg_roundtrip(np.pad(img, pad, mode="edge"), quality, subsampling)
-    return np.ascontiguousarray(out[dy:dy + img.shape[0], dx:dx + img.shape[1]])
+    return np.ascontiguousarray(out[dy : dy + img.shape[0], dx : dx + img.shape[1]])
 
 
 def degrade(img: np.ndarray, d: Degradation) -> np.ndarray:
@@ -204,7 +211,7 @@ KERNELS = {
 MAX_SAVES, MAX_SHIFT = 3, 7
 
 
-def parse_scales(spec: "str | Sequence[float]") -> tuple[float, float]:
+def parse_scales(spec: str | Sequence[float]) -> tuple[float, float]:
     """``"0.5-1.0"`` -> (0.5, 1.0); a single number is a fixed scale. Scales lie in (0, 1]."""
     if isinstance(spec, (list, tuple)):
         lo, hi = (float(spec[0]), float(spec[-1]))
@@ -265,8 +272,13 @@ class ChainParams:
         return int(np.ceil((self.patch_size + gaps * MAX_SHIFT) / s)) + MAX_SHIFT + 1
 
 
-def draw_chain(rng: np.random.Generator, qrange: Sequence[int], subsamplings: Sequence[str],
-               params: ChainParams, last: tuple[int, str]) -> tuple[Save, ...]:
+def draw_chain(
+    rng: np.random.Generator,
+    qrange: Sequence[int],
+    subsamplings: Sequence[str],
+    params: ChainParams,
+    last: tuple[int, str],
+) -> tuple[Save, ...]:
     """The saves of one chain; ``last`` = (quality, subsampling) of its last save (already drawn)."""
     k = 3 if rng.random() < params.three_p else 2
     saves = []
@@ -330,7 +342,12 @@ def parse_chain(spec: str) -> tuple[Save, ...]:
                     raise ValueError
             else:
                 q, _, sub = token.partition(":")
-                if not 1 <= int(q) <= 100 or (sub and sub not in SUBSAMPLING) or not saves and (scale, shift) != (1.0, (0, 0)):
+                if (
+                    not 1 <= int(q) <= 100
+                    or (sub and sub not in SUBSAMPLING)
+                    or not saves
+                    and (scale, shift) != (1.0, (0, 0))
+                ):
                     raise ValueError
                 saves.append(Save(int(q), sub or "4:2:0", scale, kernel, shift))
                 scale, kernel, shift = 1.0, "bicubic", (0, 0)
@@ -343,7 +360,7 @@ def parse_chain(spec: str) -> tuple[Save, ...]:
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10.0 * np.log10(255.0 ** 2 / max(mse, 1e-10))
+    return 10.0 * np.log10(255.0**2 / max(mse, 1e-10))
 
 
 def effective_quality(clean: np.ndarray, degraded: np.ndarray, saves: Sequence[Save]) -> int:

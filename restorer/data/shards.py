@@ -13,13 +13,15 @@ environment variables set them). How a shard read can end:
 * :class:`~restorer.errors.UserError` (e.g. the package of a URL scheme is not installed): raised,
   the run stops with that one line.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Callable, Iterable, Iterator, Optional, Sequence
+from typing import IO
 
 from restorer.data import urlio
 from restorer.data.urlio import UrlNotFound, UrlReadError
@@ -32,10 +34,11 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 # ------------------------------------------------------------------------------------ shard lists
 
+
 @dataclasses.dataclass(frozen=True)
 class Shard:
     url: str
-    samples: Optional[int]  # None when no manifest/sizes.json gives the count
+    samples: int | None  # None when no manifest/sizes.json gives the count
 
 
 def _is_local(url: str) -> bool:
@@ -57,7 +60,7 @@ def _parent(url: str) -> str:
     return url.rsplit("/", 1)[0] if path is None else str(path.parent)
 
 
-def _read_listing(url: str) -> Optional[str]:
+def _read_listing(url: str) -> str | None:
     """The text of a manifest.json / sizes.json; None when it does not exist. Any other failure
     (after urlio's retries) stops with one line: every rank must plan from the same listing."""
     try:
@@ -68,7 +71,7 @@ def _read_listing(url: str) -> Optional[str]:
         raise UserError(f"{url}: cannot read: {exc.reason}") from None
 
 
-def _from_manifest(base: str, text: str, splits: Optional[Sequence[str]]) -> list[Shard]:
+def _from_manifest(base: str, text: str, splits: Sequence[str] | None) -> list[Shard]:
     where = _join(base, "manifest.json")
     try:
         manifest = json.loads(text)
@@ -109,11 +112,13 @@ def _sizes_for(urls: Sequence[str]) -> dict[str, int]:
 
 
 def _no_split(spec: str, split: str) -> UserError:
-    return UserError(f"{spec}: has no {split!r} split (not a shards dir with a manifest.json or a {split}/ "
-                     f"folder); pass the {split} shards explicitly")
+    return UserError(
+        f"{spec}: has no {split!r} split (not a shards dir with a manifest.json or a {split}/ "
+        f"folder); pass the {split} shards explicitly"
+    )
 
 
-def resolve_shards(spec: str, splits: Optional[Sequence[str]] = ("train",)) -> tuple[list[Shard], int]:
+def resolve_shards(spec: str, splits: Sequence[str] | None = ("train",)) -> tuple[list[Shard], int]:
     """Shards named by ``spec``, with sample counts where known; and how many listed local shards
     are missing (warned about here; counted as ``missing_shards`` when read). Raises UserError
     when nothing usable is named. Remote specs are listed from their manifest.json (a shards dir)
@@ -160,7 +165,7 @@ def resolve_shards(spec: str, splits: Optional[Sequence[str]] = ("train",)) -> t
     return _check_local([Shard(u, sizes.get(_key(u))) for u in urls], spec)
 
 
-def _from_folder(root: Path, spec: str, splits: Optional[Sequence[str]]) -> list[Shard]:
+def _from_folder(root: Path, spec: str, splits: Sequence[str] | None) -> list[Shard]:
     """A local folder without manifest: ``<split>/*.tar`` per split; its own ``*.tar`` for the
     train split when it has no ``train/`` folder, or for ``splits=None``."""
     tars: list[Path] = []
@@ -190,8 +195,12 @@ def _check_local(shards: list[Shard], spec: str) -> tuple[list[Shard], int]:
         first = shards[0].url if shards else spec
         raise UserError(f"{spec}: none of the {len(shards)} shard file(s) exist (first: {first})")
     if missing:
-        log.warning("%s: %d of %d shard files missing (they will be skipped and counted as missing shards)",
-                    spec, missing, len(shards))
+        log.warning(
+            "%s: %d of %d shard files missing (they will be skipped and counted as missing shards)",
+            spec,
+            missing,
+            len(shards),
+        )
     shards = [s for s in shards if s.samples != 0]
     if not shards:
         raise UserError(f"{spec}: every shard is empty")
@@ -199,6 +208,7 @@ def _check_local(shards: list[Shard], spec: str) -> tuple[list[Shard], int]:
 
 
 # ------------------------------------------------------------------------------------ tar reading
+
 
 def open_shard(url: str) -> IO[bytes]:
     """An open byte stream of one shard, through :func:`urlio.open_url` (local file, ``file://``,
@@ -213,8 +223,8 @@ class ShardErrors:
     problem such as a missing package) is raised: it stops the stream with its one line."""
 
     def __init__(self):
-        self.error: Optional[str] = None
-        self.counter: Optional[str] = None
+        self.error: str | None = None
+        self.counter: str | None = None
 
     def __call__(self, exn: Exception) -> bool:
         if isinstance(exn, UserError):
@@ -227,7 +237,7 @@ class ShardErrors:
             self.counter = "missing_shards" if isinstance(exn, UrlNotFound) else "bad_shards"
         return True
 
-    def take(self) -> tuple[Optional[str], Optional[str]]:
+    def take(self) -> tuple[str | None, str | None]:
         """(counter, error) of the shard just read (both None if it read cleanly); then reset."""
         out = (self.counter, self.error)
         self.error = self.counter = None

@@ -7,7 +7,8 @@ Guarantees of :func:`open_url` (and :func:`read_text`, built on it):
   each wait on the socket (an idle timeout: a slow but moving download is fine). fsspec: the
   backend's own timeouts are set where known (s3fs: botocore's connect/read timeouts), and each
   read call (at most one ``FSSPEC_BLOCK`` block) must also return within ``connect_timeout +
-  read_timeout``, else it is abandoned (and counts as a transient failure). ``pipe:``: a watchdog kills a command that writes no byte for ``read_timeout``.
+  read_timeout``, else it is abandoned (and counts as a transient failure). ``pipe:``: a watchdog
+  kills a command that writes no byte for ``read_timeout``.
 - **Transient failures are retried** (connection refused/reset/dropped mid-body, a body shorter
   than announced, 5xx/408/429, timeouts, a ``pipe:`` command that fails), at most ``retries``
   times, after ``backoff * 2**i`` seconds (capped at ``backoff_max``). A retry reopens the object
@@ -28,6 +29,7 @@ Endpoints and credentials come from the standard environment of each backend (fo
 defaults can be changed with ``RESTORER_CONNECT_TIMEOUT``, ``RESTORER_READ_TIMEOUT``,
 ``RESTORER_READ_RETRIES`` and ``RESTORER_RETRY_BACKOFF`` (seconds / count).
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -43,8 +45,8 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from restorer.errors import UserError
 
@@ -73,6 +75,7 @@ def _env_float(name: str, default: float) -> float:
 @dataclasses.dataclass(frozen=True)
 class ReadPolicy:
     """Timeouts (seconds) and the retry budget of one URL read."""
+
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     retries: int = 3  # attempts after the first
@@ -80,7 +83,7 @@ class ReadPolicy:
     backoff_max: float = 30.0
 
     @classmethod
-    def from_env(cls, **overrides) -> "ReadPolicy":
+    def from_env(cls, **overrides) -> ReadPolicy:
         """Defaults, then ``RESTORER_*`` environment variables, then ``overrides``."""
         d = cls()
         values = {
@@ -139,7 +142,7 @@ def scheme(url: str) -> str:
     return m.group(1).lower() if m and len(m.group(1)) > 1 else ""
 
 
-def local_path(url: str) -> Optional[Path]:
+def local_path(url: str) -> Path | None:
     """The file a local path or ``file://`` URL names; None for any other URL."""
     s = scheme(url)
     if s == "":
@@ -191,7 +194,7 @@ class _HttpOpened(_Opened):
     that ends before its Content-Length is a transient failure, not an end of file."""
 
     def __init__(self, url: str, offset: int, policy: ReadPolicy):
-        self.remaining: Optional[int] = None
+        self.remaining: int | None = None
         for _ in range(_MAX_REDIRECTS + 1):
             parts = urllib.parse.urlsplit(url)
             cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
@@ -259,8 +262,14 @@ class _PipeOpened(_Opened):
         # command keeps the watchdog quiet
         # stderr goes to a file: a chatty command can never block on a full stderr pipe
         self.err = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE,  # noqa: S602 (user's pipe:)
-                                     stderr=self.err, start_new_session=True, bufsize=0)
+        self.proc = subprocess.Popen(
+            cmd,
+            shell=True,
+            stdout=subprocess.PIPE,  # noqa: S602 (user's pipe:)
+            stderr=self.err,
+            start_new_session=True,
+            bufsize=0,
+        )
         self.last = time.monotonic()
         self.killed = False
         self.done = threading.Event()
@@ -344,9 +353,11 @@ def _filesystem(url: str, policy: ReadPolicy):
             options: dict = {"skip_instance_cache": True}
             protocols = cls.protocol if isinstance(cls.protocol, (tuple, list)) else (cls.protocol,)
             if "s3" in protocols:
-                options["config_kwargs"] = {"connect_timeout": policy.connect_timeout,
-                                            "read_timeout": policy.read_timeout,
-                                            "retries": {"max_attempts": 1, "mode": "standard"}}
+                options["config_kwargs"] = {
+                    "connect_timeout": policy.connect_timeout,
+                    "read_timeout": policy.read_timeout,
+                    "retries": {"max_attempts": 1, "mode": "standard"},
+                }
             fs = cls(**options)
             if hasattr(fs, "retries"):
                 fs.retries = 1  # s3fs's own retry loop
@@ -419,7 +430,7 @@ def _opener(url: str, policy: ReadPolicy) -> Callable[[int], _Opened]:
     if s in ("http", "https"):
         return lambda offset: _HttpOpened(url, offset, policy)
     if s == "pipe":
-        cmd = url[len("pipe:"):]
+        cmd = url[len("pipe:") :]
         if not cmd.strip():
             raise UserError(f"{url}: empty pipe: command")
         return lambda offset: _PipeOpened(cmd, policy)
@@ -437,7 +448,7 @@ class RetryingStream(io.RawIOBase):
         self._open_at = _opener(url, policy)
         self.pos = 0  # bytes delivered to the caller
         self.failures = 0  # transient failures so far (the retries spent)
-        self._cur: Optional[_Opened] = None
+        self._cur: _Opened | None = None
         self._connect()
 
     def readable(self) -> bool:
@@ -450,8 +461,15 @@ class RetryingStream(io.RawIOBase):
         if self.failures > self.policy.retries:
             raise UrlReadError(self.url, why, self.failures)
         delay = self.policy.delay(self.failures)
-        log.warning("%s: %s; retry %d of %d in %.1f s (at byte %d)", self.url, why,
-                    self.failures, self.policy.retries, delay, self.pos)
+        log.warning(
+            "%s: %s; retry %d of %d in %.1f s (at byte %d)",
+            self.url,
+            why,
+            self.failures,
+            self.policy.retries,
+            delay,
+            self.pos,
+        )
         self._sleep(delay)
 
     def _drop(self) -> None:
@@ -471,7 +489,7 @@ class RetryingStream(io.RawIOBase):
                 skip = self.pos - cur.offset
                 buf = bytearray(min(BUFFER, max(skip, 1)))
                 while skip > 0:
-                    n = cur.readinto(memoryview(buf)[:min(skip, len(buf))])
+                    n = cur.readinto(memoryview(buf)[: min(skip, len(buf))])
                     if n == 0:
                         raise _Transient(f"object shorter than on the previous attempt ({self.pos} bytes)")
                     skip -= n
@@ -514,20 +532,19 @@ class RetryingStream(io.RawIOBase):
         super().close()
 
 
-def open_url(url: str | os.PathLike, policy: Optional[ReadPolicy] = None,
-             buffer_size: int = BUFFER) -> io.BufferedReader:
+def open_url(url: str | os.PathLike, policy: ReadPolicy | None = None, buffer_size: int = BUFFER) -> io.BufferedReader:
     """A buffered binary stream over ``url`` with timeouts and retries (module doc). The first
     connection is made here, so a missing object raises :class:`UrlNotFound` at once."""
     url = os.fspath(url)
     return io.BufferedReader(RetryingStream(url, policy or ReadPolicy.from_env()), buffer_size)
 
 
-def read_bytes(url: str | os.PathLike, policy: Optional[ReadPolicy] = None) -> bytes:
+def read_bytes(url: str | os.PathLike, policy: ReadPolicy | None = None) -> bytes:
     with open_url(url, policy) as f:
         return f.read()
 
 
-def read_text(url: str | os.PathLike, policy: Optional[ReadPolicy] = None) -> str:
+def read_text(url: str | os.PathLike, policy: ReadPolicy | None = None) -> str:
     """The whole object as UTF-8 text (for manifest.json / sizes.json), with open_url's retries."""
     data = read_bytes(url, policy)
     try:

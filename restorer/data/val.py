@@ -8,10 +8,11 @@ corrupt samples are skipped and counted (shards are read through urlio, as in tr
 retries, ``missing_shards`` for one that does not exist); a split with nothing readable raises
 UserError.
 """
+
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -34,8 +35,17 @@ def val_crop_size(height: int, width: int, crop: int) -> int:
 class ValStream(IterableDataset):
     """Items of this rank (and worker) as batches (degraded, clean, quality, counts)."""
 
-    def __init__(self, shard_list: list[Shard], qualities: Sequence[int], crop: int, rank: int,
-                 world_size: int, batch_size: int, grayscale: bool, subsampling: str):
+    def __init__(
+        self,
+        shard_list: list[Shard],
+        qualities: Sequence[int],
+        crop: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        grayscale: bool,
+        subsampling: str,
+    ):
         super().__init__()
         self.shards, self.qualities, self.crop = shard_list, tuple(qualities), crop
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
@@ -99,8 +109,20 @@ class ValStream(IterableDataset):
 class ValLoader:
     """Deterministic validation batches (see the module docstring)."""
 
-    def __init__(self, spec: str, *, split: Optional[str], qualities: Sequence[int], crop: int, rank: int,
-                 world_size: int, batch_size: int, num_workers: int, grayscale: bool, chroma_subsampling: str):
+    def __init__(
+        self,
+        spec: str,
+        *,
+        split: str | None,
+        qualities: Sequence[int],
+        crop: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        num_workers: int,
+        grayscale: bool,
+        chroma_subsampling: str,
+    ):
         if not qualities or any(not 1 <= int(q) <= 100 for q in qualities):
             raise UserError(f"val qualities must lie in 1..100, got {list(qualities)}")
         try:
@@ -108,8 +130,10 @@ class ValLoader:
         except ValueError:
             subsampling = None
         if subsampling is None or crop < 8 or batch_size < 1 or not 0 <= rank < world_size:
-            raise UserError("val loader: need crop >= 8, batch_size >= 1, 0 <= rank < world_size and a known "
-                            f"chroma_subsampling ({', '.join(SUBSAMPLING)})")
+            raise UserError(
+                "val loader: need crop >= 8, batch_size >= 1, 0 <= rank < world_size and a known "
+                f"chroma_subsampling ({', '.join(SUBSAMPLING)})"
+            )
         self.spec = spec
         self.shards, self.listed_missing = resolve_shards(spec, None if split is None else [split])
         self.rank, self.world_size = rank, world_size
@@ -134,14 +158,26 @@ class ValLoader:
         except UserError as exc:
             raise unwrap_worker_error(exc) from None
         if self.num_tiles and self._counts["patches"] == before:
-            raise UserError(f"{self.spec}: no readable validation samples (rank {self.rank}: "
-                            f"{self._counts['bad_shards']} bad shards, {self._counts['missing_shards']} missing, "
-                            f"{self._counts['corrupt_samples']} corrupt)")
+            raise UserError(
+                f"{self.spec}: no readable validation samples (rank {self.rank}: "
+                f"{self._counts['bad_shards']} bad shards, {self._counts['missing_shards']} missing, "
+                f"{self._counts['corrupt_samples']} corrupt)"
+            )
 
 
-def make_val_loader(shards: str, *, split: Optional[str] = "val", qualities: Sequence[int] = (10, 20, 30, 40),
-                    crop: int = 256, rank: int = 0, world_size: int = 1, batch_size: int = 8, num_workers: int = 0,
-                    grayscale: bool = False, chroma_subsampling: str = "4:2:0") -> ValLoader:
+def make_val_loader(
+    shards: str,
+    *,
+    split: str | None = "val",
+    qualities: Sequence[int] = (10, 20, 30, 40),
+    crop: int = 256,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    grayscale: bool = False,
+    chroma_subsampling: str = "4:2:0",
+) -> ValLoader:
     """Validation stream (see the module docstring).
 
     ``split``: the split of the shards dir ``shards`` (manifest.json or a ``<split>/`` folder); a
@@ -151,6 +187,15 @@ def make_val_loader(shards: str, *, split: Optional[str] = "val", qualities: Seq
     ``*.tar``, or a manifest's only split (e.g. the trainer's ``--val-shards``).
     ``chroma_subsampling``: as the training stream's option; with several listed (drawn per patch
     in training) validation uses the first, so that it stays deterministic."""
-    return ValLoader(shards, split=split, qualities=qualities, crop=crop, rank=rank, world_size=world_size,
-                     batch_size=batch_size, num_workers=num_workers, grayscale=grayscale,
-                     chroma_subsampling=chroma_subsampling)
+    return ValLoader(
+        shards,
+        split=split,
+        qualities=qualities,
+        crop=crop,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        grayscale=grayscale,
+        chroma_subsampling=chroma_subsampling,
+    )

@@ -366,7 +366,8 @@ def log_window(
     say(
         accelerator,
         f"step {state.step}/{cfg.max_steps} loss {values['train/loss']:.5f} ({values['train/psnr']:.2f} dB) "
-        f"lr {lr:.2e} {values['perf/patches_per_s']:.1f} patches/s, data wait {100 * values['perf/data_wait_frac']:.0f}%",
+        f"lr {lr:.2e} {values['perf/patches_per_s']:.1f} patches/s, "
+        f"data wait {100 * values['perf/data_wait_frac']:.0f}%",
     )
     return values
 
