@@ -32,6 +32,15 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
 def pytest_unconfigure(config):
     """CI once timed out after the summary line: something kept pytest from exiting. Should that happen
     again, print every thread's stack and exit non-zero after 120 s instead of waiting out CI's limit."""
+    import multiprocessing
+
+    for proc in multiprocessing.active_children():
+        target = getattr(proc, "_target", None)
+        print(
+            f"\nconftest: child process still running at exit: {proc.name} pid {proc.pid} daemon {proc.daemon} "
+            f"target {getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}",
+            flush=True,
+        )
     faulthandler.dump_traceback_later(120, exit=True)
 
 

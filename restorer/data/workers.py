@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # noqa: F401 (its exit handler must be registered before ours, below)
 import signal
+import threading
 
 import torch
 
@@ -21,6 +25,24 @@ def init_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_leftover_workers() -> None:
+    """At interpreter exit multiprocessing terminates (SIGTERM) its daemonic children, then joins them.
+    A DataLoader worker ignores SIGTERM (:func:`init_worker`), so the workers of an iterator nobody
+    closed (a script or test that stops early) made that join wait forever (tests/test_worker_exit.py).
+    Exit handlers run last-registered first: this one SIGKILLs them before, with PyTorch's SIGCHLD
+    handler (which would report each as a failed worker) switched off."""
+    children = [proc for proc in multiprocessing.active_children() if proc.daemon]
+    if not children:
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for proc in children:
+        proc.kill()
+
+
+atexit.register(_kill_leftover_workers)
 
 
 def unwrap_worker_error(exc: Exception) -> Exception:
