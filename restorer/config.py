@@ -182,7 +182,7 @@ def _argument(flat: FlatField) -> tuple[list[str], dict[str, Any]]:
         help_text = f"{help_text} (required)"
     elif not (meta.get("switch") or default is None or "default" in help_text):
         help_text = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
-    kwargs: dict[str, Any] = {"default": None, "help": help_text}
+    kwargs: dict[str, Any] = {"default": None, "help": help_text.replace("%", "%%")}  # argparse %-formats help
     for key in ("choices", "metavar"):
         if key in meta:
             kwargs[key] = meta[key]

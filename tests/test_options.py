@@ -155,3 +155,24 @@ def test_functions_are_short_and_take_few_parameters(path):
             lines = node.end_lineno - node.lineno + 1
             assert lines <= 60, f"{path}:{node.lineno} {node.name} is {lines} lines"
             assert n <= 6, f"{path}:{node.lineno} {node.name} takes {n} parameters"
+
+
+def test_option_spellings(capsys):
+    """positional, short, switch and a '%' in a help text (argparse formats help with %)."""
+
+    from restorer.config import option
+
+    @dataclasses.dataclass(kw_only=True)
+    class Spelled:
+        inputs: list[str] = option(help="files", positional=True, metavar="INPUT")
+        out: str | None = option(None, "where (cosine to 5%)", short="-o")
+        force: bool = option(False, "do it", switch=True)
+
+    cfg = parse_config(Spelled, ["a", "b", "-o", "x", "--force"])
+    assert (cfg.inputs, cfg.out, cfg.force) == (["a", "b"], "x", True)
+    assert parse_config(Spelled, ["--force", "a"]).inputs == ["a"]  # a switch takes no value
+    with pytest.raises(SystemExit):
+        parse_config(Spelled, ["--help"])
+    assert "cosine to 5%" in capsys.readouterr().out
+    with pytest.raises(TypeError, match="unknown metadata"):
+        option(1, "x", chioces=(1, 2))
