@@ -63,6 +63,11 @@ def test_shared_options_are_one_field_in_every_command():
             assert fields[name] is field, f"{cls.__name__}.{name} is a second definition"
 
 
+def test_overwrite_is_one_field():
+    fields = [{f.name: f for f in dataclasses.fields(cls)}["overwrite"] for cls in (INFER["restore"], INFER["compare"])]
+    assert fields[0] is fields[1] is {f.name: f for f in dataclasses.fields(options.OverwriteOptions)}["overwrite"]
+
+
 def test_quality_is_checked_in_one_place():
     quality = {name: {f.name: f for f in dataclasses.fields(cls)}["quality"] for name, cls in INFER.items()}
     assert quality["restore"] is quality["compare"]  # QualityOptions' field, auto|Q

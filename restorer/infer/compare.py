@@ -34,6 +34,7 @@ from restorer.infer.options import (
     InferOptions,
     InputFiles,
     Models,
+    OverwriteOptions,
     QualityOptions,
     choose_quality,
     load_models,
@@ -58,7 +59,7 @@ examples:
 
 
 @dataclasses.dataclass(kw_only=True)
-class CompareOptions(InferOptions, QualityOptions):
+class CompareOptions(InferOptions, QualityOptions, OverwriteOptions):
     """``restorer compare``'s options: the shared ones (restorer.infer.options) and these."""
 
     image: str = option(help="the clean original image", positional=True, metavar="IMAGE")
@@ -67,7 +68,6 @@ class CompareOptions(InferOptions, QualityOptions):
     crop: str | None = option(None, "crop box in pixels (default: automatic)", metavar="X,Y,W,H")
     crop_size: int = option(96, "side of the automatic crop", check=at_least(8))
     zoom: int = option(3, "nearest-neighbour enlargement", check=within(1, 16))
-    overwrite: bool = option(False, "replace an existing panel (never an input)", switch=True)
 
 
 def parse(argv: Sequence[str] | None = None) -> CompareOptions:

@@ -155,6 +155,13 @@ class QualityOptions:
     )
 
 
+@dataclasses.dataclass(kw_only=True)
+class OverwriteOptions:
+    """``--overwrite``: the commands that write files (``restore``, ``compare``)."""
+
+    overwrite: bool = option(False, "replace existing outputs (never an input, even with this)", switch=True)
+
+
 def parse_options(cls: type[T], argv: Sequence[str] | None, prog: str, description: str, epilog: str) -> T:
     """Parse a command's options (defaults < ``--config`` YAML < flags, each option's check run),
     then set up logging (``-v``): the first lines of every command."""

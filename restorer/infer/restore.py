@@ -63,6 +63,7 @@ from restorer.infer.options import (
     InferOptions,
     InputFiles,
     Models,
+    OverwriteOptions,
     QualityOptions,
     choose_quality,
     load_models,
@@ -101,7 +102,7 @@ weights).
 
 
 @dataclasses.dataclass(kw_only=True)
-class RestoreOptions(InferOptions, QualityOptions):
+class RestoreOptions(InferOptions, QualityOptions, OverwriteOptions):
     """``restorer restore``'s options: the shared ones (restorer.infer.options) and these."""
 
     inputs: list[str] = option(help="image files, folders, or quoted globs", positional=True, metavar="INPUT")
@@ -122,7 +123,6 @@ class RestoreOptions(InferOptions, QualityOptions):
     format: str | None = option(
         None, "output format (default: from the -o file name's suffix, else png)", choices=tuple(sorted(OUTPUT_FORMATS))
     )
-    overwrite: bool = option(False, "replace existing outputs (never an input)", switch=True)
     recursive: bool = option(
         False, "descend into sub-folders of folder inputs (their structure is mirrored under OUT)", switch=True
     )
