@@ -80,13 +80,13 @@ def at_margin(r: dict, margin: float) -> float:
 def write_panel_inputs(img: np.ndarray, spec: str, folder: Path, stem: str) -> tuple[Path, Path]:
     """The reference (PNG) and the chain's last save (JPEG) of one image, for ``restorer compare``."""
     from restorer.data.degrade import apply_chain, parse_chain
-    from restorer.imageio import save_image
+    from restorer.imageio import SaveOptions, save_image
 
     _, ref, data = apply_chain(img, parse_chain(spec))
     name = spec.replace(">", "_").replace(":", "")
     folder.mkdir(parents=True, exist_ok=True)
     ref_path, jpeg_path = folder / f"{stem}_{name}_ref.png", folder / f"{stem}_{name}.jpg"
-    save_image(ref, None, ref_path, fmt="png", overwrite=True)
+    save_image(ref, None, ref_path, SaveOptions(fmt="png", overwrite=True))
     jpeg_path.write_bytes(data)
     return ref_path, jpeg_path
 

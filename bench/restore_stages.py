@@ -35,17 +35,17 @@ def _timed(fn):
 def _models(image: Path, weights: str, threads: int | None):
     """The restorer ``restorer restore IMAGE --weights W`` would use, set up the way it does."""
     from restorer.infer.engine import choose_restorer
-    from restorer.infer.options import load_models, parse_args
-    from restorer.infer.restore import build_parser
+    from restorer.infer.options import load_models
+    from restorer.infer.restore import parse
 
     argv = [str(image), "--weights", weights, "--no-progress"] + (["--threads", str(threads)] if threads else [])
-    args = parse_args(build_parser(), argv)
+    args = parse(argv)
     return args, load_models(args), choose_restorer
 
 
 def split_child(image: Path, weights: str, threads: int | None, compare_png: bool) -> None:
     """Time each stage of one restore (see the module docstring); print one JSON line."""
-    from restorer.imageio import open_image, save_image
+    from restorer.imageio import SaveOptions, open_image, save_image
     from restorer.infer.projection import project_upright, read_coefficients
 
     args, models, choose = _models(image, weights, threads)
@@ -56,8 +56,8 @@ def split_child(image: Path, weights: str, threads: int | None, compare_png: boo
     out, t_net, c_net = _timed(lambda: restorer.restore(img.pixels, img.quality))
     proj, t_proj, c_proj = _timed(lambda: project_upright(out, coefs, restorer.device))
     tmp = Path(tempfile.mkdtemp(prefix="bench_split_"))
-    kw = dict(fmt="png", icc_profile=img.icc_profile, exif=img.exif, overwrite=True)
-    _, t_enc, c_enc = _timed(lambda: save_image(proj, img.alpha, tmp / "out.png", **kw))
+    how = SaveOptions(fmt="png", icc_profile=img.icc_profile, exif=img.exif, overwrite=True)
+    _, t_enc, c_enc = _timed(lambda: save_image(proj, img.alpha, tmp / "out.png", how))
     res = {
         "size": list(img.size),
         "device": str(restorer.device),

@@ -15,6 +15,15 @@ Two options with one flat name are a programming error (``TypeError``).
 An option that was renamed is listed in :data:`RENAMED`: given under its old name (flag or YAML
 key) to a program that has the new one, it stops with one line naming the new name, instead of a
 bare "unrecognized arguments".
+
+Every option is declared with :func:`option` (the trainer's, the shard tools' and the user
+commands' alike): its default, its help, its check (``check=``: a function of the value that
+returns an error text or None; run for flags and YAML keys alike, by :func:`build_config`), and how
+the command line spells it (``choices``, ``parse`` (str -> value, also applied to YAML strings,
+so it must accept its own string results), ``metavar``, ``short`` (``-o``), ``positional``
+(``INPUT...``), ``switch`` (a flag without a value, ``--overwrite``), ``const`` (a value that may
+be left out), ``append``). :func:`options_parser` is
+the argparse parser of a config; :func:`parse_config` parses into the config.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import json
 import os
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,8 +52,62 @@ RENAMED: dict[str, tuple[str, str]] = {
 }
 
 
+# What an option's metadata may hold (anything else is a programming error: TypeError).
+OPTION_KEYS = frozenset(
+    {"help", "check", "choices", "parse", "metavar", "short", "positional", "switch", "const", "append", "cli"}
+)
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
+    """A config field: its one default, help text and check (see the module doc for ``meta``). A
+    list default is copied per instance; no default: the option must be given (flag or YAML)."""
+    unknown = set(meta) - OPTION_KEYS
+    if unknown:
+        raise TypeError(f"option(): unknown metadata {sorted(unknown)}")
+    meta = {"help": help, **meta} if help else meta
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def at_least(low: float) -> Callable[[Any], str | None]:
+    """A check: the value (each value of a list; None passes) must be >= ``low``."""
+
+    def check(value: Any) -> str | None:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and v < low:
+                return f"must be >= {low}, got {v}"
+        return None
+
+    return check
+
+
+def within(low: float, high: float) -> Callable[[Any], str | None]:
+    """A check: the value (each value of a list; None passes) must lie in ``low..high``."""
+
+    def check(value: Any) -> str | None:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and not low <= v <= high:
+                return f"must be {low}..{high}, got {v}"
+        return None
+
+    return check
+
+
+def positive(value: Any) -> str | None:
+    """A check: the value (None passes) must be > 0."""
+    return None if value is None or value > 0 else f"must be positive, got {value}"
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def option_name(flat: FlatField) -> str:
+    """How a user sees the option: ``--flag`` or, for a positional, its ``METAVAR``."""
+    if flat.field.metadata.get("positional"):
+        return str(flat.field.metadata.get("metavar", flat.name.upper()))
+    return _flag(flat.name)
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -101,35 +164,53 @@ def flat_fields(cls: type) -> list[FlatField]:
     return out
 
 
+def _default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
+
+
+def _argument(flat: FlatField) -> tuple[list[str], dict[str, Any]]:
+    """(names, add_argument keywords) of one option; its value is None when it is not given."""
+    meta = flat.field.metadata
+    tp, is_list = _base_type(flat.type)
+    default = _default(flat.field)
+    help_text = meta.get("help", "")
+    if default is dataclasses.MISSING:
+        help_text = f"{help_text} (required)"
+    elif not (meta.get("switch") or default is None or "default" in help_text):
+        help_text = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
+    kwargs: dict[str, Any] = {"default": None, "help": help_text.replace("%", "%%")}  # argparse %-formats help
+    for key in ("choices", "metavar"):
+        if key in meta:
+            kwargs[key] = meta[key]
+    if "const" in meta:
+        kwargs.update(nargs="?", const=meta["const"])
+    if meta.get("switch"):
+        kwargs.update(action="store_true")
+        kwargs.pop("metavar", None)
+    elif tp is bool:
+        kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+    else:
+        kwargs.update(type=meta.get("parse") or (tp if tp in (int, float) else str))
+        if is_list:
+            kwargs.update(nargs="+", action="extend" if meta.get("append") else None)
+    if meta.get("positional"):
+        kwargs["nargs"] = "+" if is_list else None
+        return [flat.name], kwargs
+    kwargs["dest"] = flat.name
+    return [*([meta["short"]] if "short" in meta else []), _flag(flat.name)], kwargs
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one option per (flattened) dataclass field; defaults are left as None (= not given).
     A field with ``metadata["const"]`` may be given without a value (``--channels-last``)."""
     for flat in flat_fields(cls):
-        field = flat.field
-        if field.metadata.get("cli") is False:
-            continue
-        tp, is_list = _base_type(flat.type)
-        help_text = field.metadata.get("help", "")
-        default = (
-            field.default
-            if field.default is not dataclasses.MISSING
-            else (field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
-        )
-        help_text = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
-        kwargs: dict[str, Any] = {"dest": flat.name, "default": None, "help": help_text}
-        if "choices" in field.metadata:
-            kwargs["choices"] = field.metadata["choices"]
-        if "const" in field.metadata:
-            kwargs.update(nargs="?", const=field.metadata["const"])
-        if tp is bool:
-            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
-        elif is_list:
-            kwargs.update(type=tp if tp in (int, float) else str, nargs="+")
-            if field.metadata.get("append"):
-                kwargs.update(action="extend")
-        else:
-            kwargs.update(type=tp if tp in (int, float) else str)
-        parser.add_argument(_flag(flat.name), **kwargs)
+        if flat.field.metadata.get("cli") is not False:
+            names, kwargs = _argument(flat)
+            parser.add_argument(*names, **{k: v for k, v in kwargs.items() if v is not None or k == "default"})
 
 
 def renamed_note(name: str, cls: type, flags: bool = True) -> str | None:
@@ -179,9 +260,38 @@ def _construct(cls: type[T], values: dict[tuple[str, ...], Any]) -> T:
     return cls(**kwargs)
 
 
+def _given_value(flat: FlatField, value: Any) -> Any:
+    """A value as given (a flag parsed by argparse, or a YAML value): YAML strings go through the
+    option's ``parse``; nargs and YAML give lists where the field holds a tuple."""
+    parse = flat.field.metadata.get("parse")
+    if parse is not None and isinstance(value, str):
+        try:
+            value = parse(value)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise UserError(f"{option_name(flat)}: {first_line(exc)}") from None
+    if isinstance(value, list) and typing.get_origin(flat.type) is tuple:
+        value = tuple(value)
+    return value
+
+
+def check_option(flat: FlatField, value: Any) -> None:
+    """The option's own checks: its choices (for YAML values; argparse checks flags) and its
+    ``check``; one :class:`UserError` line naming the option."""
+    choices = flat.field.metadata.get("choices")
+    if choices is not None and value is not None:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v not in choices:
+                raise UserError(f"{option_name(flat)} must be one of {', '.join(map(str, choices))}, got {v!r}")
+    check = flat.field.metadata.get("check")
+    problem = check(value) if check is not None else None
+    if problem:
+        raise UserError(f"{option_name(flat)} {problem}")
+
+
 def build_config(cls: type[T], overrides: dict[str, Any], source: str = "config") -> T:
-    """Instantiate ``cls`` from a flat dict of options, rejecting unknown keys with one clear
-    line; then run the config's own check (its ``validate()``), if it has one."""
+    """Instantiate ``cls`` from a flat dict of options, rejecting unknown keys and missing required
+    options with one clear line; then run each option's check and the config's own (its
+    ``validate()``), if it has one."""
     fields = {f.name: f for f in flat_fields(cls)}
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
@@ -189,16 +299,46 @@ def build_config(cls: type[T], overrides: dict[str, Any], source: str = "config"
         raise UserError(
             f"{source}: unknown option(s) {', '.join(unknown)} for {cls.__name__}" + "".join(f"; {n}" for n in notes)
         )
-    values = {}
-    for name, value in overrides.items():
-        if isinstance(value, list) and typing.get_origin(fields[name].type) is tuple:
-            value = tuple(value)  # YAML and nargs give lists
-        values[fields[name].path] = value
+    missing = [
+        option_name(f)
+        for name, f in fields.items()
+        if _default(f.field) is dataclasses.MISSING and name not in overrides
+    ]
+    if missing:
+        raise UserError(f"{source}: {', '.join(missing)} required")
+    values = {fields[name].path: _given_value(fields[name], value) for name, value in overrides.items()}
     cfg = _construct(cls, values)
+    for flat in fields.values():
+        check_option(flat, _value_at(cfg, flat.path))
     check = getattr(cfg, "validate", None)
     if callable(check):
         check()
     return cfg
+
+
+def _value_at(cfg: Any, path: tuple[str, ...]) -> Any:
+    for attr in path:
+        cfg = getattr(cfg, attr)
+    return cfg
+
+
+def options_parser(
+    cls: type, prog: str | None = None, description: str | None = None, epilog: str | None = None
+) -> argparse.ArgumentParser:
+    """The argparse parser of ``cls``: ``--config YAML`` and one option per field (``--help``
+    shows ``description``, the options and ``epilog``, kept as written)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    _add_options(parser, cls)
+    return parser
+
+
+def _add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    parser.add_argument(
+        "--config", type=str, metavar="YAML", help="YAML file of option: value pairs (flags given here win)"
+    )
+    add_dataclass_arguments(parser, cls)
 
 
 def parse_config(
@@ -210,15 +350,12 @@ def parse_config(
     epilog: str | None = None,
     parser: argparse.ArgumentParser | None = None,
 ) -> T:
-    """Parse ``argv`` into ``cls``: defaults < ``--config`` YAML < explicit flags."""
+    """Parse ``argv`` into ``cls``: defaults < ``--config`` YAML < explicit flags. A given
+    ``parser`` (the program's own flags on it) gets ``--config`` and the options added."""
     if parser is None:
-        parser = argparse.ArgumentParser(
-            prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
-        )
-    parser.add_argument(
-        "--config", default=None, metavar="YAML", help="YAML file of option: value pairs (flags given here win)"
-    )
-    add_dataclass_arguments(parser, cls)
+        parser = options_parser(cls, prog, description, epilog)
+    else:
+        _add_options(parser, cls)
     check_renamed_flags(sys.argv[1:] if argv is None else argv, cls)
     ns = parser.parse_args(argv)
     values: dict[str, Any] = {}
@@ -230,12 +367,7 @@ def parse_config(
 
 def config_dict(cfg: Any) -> dict[str, Any]:
     """The flat {option: value} of a config (what YAML files, flags and W&B see)."""
-    flat = {}
-    for f in flat_fields(type(cfg)):
-        value = cfg
-        for attr in f.path:
-            value = getattr(value, attr)
-        flat[f.name] = value
+    flat = {f.name: _value_at(cfg, f.path) for f in flat_fields(type(cfg))}
     return json.loads(json.dumps(flat, default=str))
 
 

@@ -52,7 +52,9 @@ PACKAGED = Path(__file__).resolve().parent / "weights" / "estimator.safetensors"
 ZERO_THRESHOLDS = (1.0, 2.0, 4.0)  # |DCT| below these counts as quantised away
 N_FEATURES = 2 * 64 * (3 + len(ZERO_THRESHOLDS)) + 2
 _k, _n = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
-DCT8 = np.where(_k == 0, np.sqrt(1 / 8), np.sqrt(2 / 8)) * np.cos(np.pi * (2 * _n + 1) * _k / 16)
+_scale = np.full((8, 8), np.sqrt(2 / 8))
+_scale[0] = np.sqrt(1 / 8)  # the k = 0 row (indexing="ij": k runs down the rows)
+DCT8 = _scale * np.cos(np.pi * (2 * _n + 1) * _k / 16)
 
 
 def _planes(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,6 +100,9 @@ def features(crop: np.ndarray) -> np.ndarray:
 class QualityNet(nn.Module):
     """:func:`features` [B, 258] -> effective quality / 100 [B]; standardises its input with the
     training set's mean and spread (buffers, saved with the weights)."""
+
+    mean: torch.Tensor  # buffers (torch types module attributes as Tensor | Module)
+    std: torch.Tensor
 
     def __init__(self, width: int = 64):
         super().__init__()

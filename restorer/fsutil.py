@@ -5,15 +5,29 @@ images, plots, configs, shard manifests and journals).
 the target (``os.replace``) and fsyncs the folder, so a reader (or a crash) sees the old file or
 the new one, never half of one. The temporary file is removed on any failure, and an ``OSError``
 becomes one :class:`~restorer.errors.UserError` line ``<path>: cannot write (<reason>)``.
+:func:`jsonable` is the one rule for numbers JSON cannot hold (NaN -> null, infinities -> "inf").
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from restorer.errors import UserError
+
+
+def jsonable(value: Any) -> Any:
+    """A value for ``json.dumps`` in every JSON file the project writes: a 0-d tensor or numpy
+    scalar as its Python number; NaN (no value: nothing measured) as null; +-inf as "inf" /
+    "-inf" (JSON has neither, and the line stays parseable)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -32,7 +32,27 @@ import torch
 
 log = logging.getLogger("restorer.hardware")
 
-PRECISIONS = ("auto", "no", "bf16", "fp16")
+# The one precision vocabulary of training (--mixed-precision) and inference (--precision).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Other spellings accepted for them: Accelerate's "no" (and "fp32" spelled as a dtype) mean fp32.
+PRECISION_ALIASES = {"no": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def canonical_precision(text: str) -> str:
+    """A precision as given (any case, an alias) -> its name in :data:`PRECISIONS`; ValueError else."""
+    low = str(text).strip().lower()
+    low = PRECISION_ALIASES.get(low, low)
+    if low not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {text!r}")
+    return low
+
+
+def accelerate_precision(precision: str) -> str:
+    """The name Accelerate's ``mixed_precision`` takes for a chosen precision (fp32 -> "no")."""
+    value = canonical_precision(precision)
+    return "no" if value == "fp32" else value
+
+
 AUTO_BOOL = ("auto", "true", "false")
 
 
@@ -136,9 +156,12 @@ def cpu_native_bf16() -> tuple[bool, str]:
 
 
 def choose_precision(requested: str, device: torch.device) -> Choice:
-    """``auto`` | ``no`` | ``bf16`` | ``fp16`` -> the precision to use on ``device``."""
-    if requested not in PRECISIONS:
-        raise ValueError(f"mixed precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    """``auto`` | ``fp32`` | ``bf16`` | ``fp16`` (or an alias: ``no``) -> the precision to use on
+    ``device``, named as in :data:`PRECISIONS`."""
+    try:
+        requested = canonical_precision(requested)
+    except ValueError as exc:
+        raise ValueError(f"mixed {exc}") from None
     if requested != "auto":
         return Choice(requested, "set explicitly")
     device = torch.device(device)
@@ -148,8 +171,8 @@ def choose_precision(requested: str, device: torch.device) -> Choice:
         return Choice("fp16", f"{torch.cuda.get_device_name(device)} lacks bf16: fp16 with loss scaling")
     if device.type == "cpu":
         native, why = cpu_native_bf16()
-        return Choice("bf16" if native else "no", why)
-    return Choice("no", f"no mixed precision rule for device type {device.type!r}: fp32")
+        return Choice("bf16" if native else "fp32", why)
+    return Choice("fp32", f"no mixed precision rule for device type {device.type!r}: fp32")
 
 
 def _auto_bool(requested: str | bool, what: str) -> bool | None:

@@ -5,6 +5,7 @@ It imports nothing from the project: ``shard_tools`` imports it, and ``restorer`
 
 * :data:`IMAGE_SUFFIXES`: file suffixes read as images, everywhere in the project.
 * :data:`TILE_ENCODINGS`: the lossless encodings the builder writes tiles in (tar member suffixes).
+* :data:`ORIENTATION_TAG`: the EXIF tag every reader applies and resets.
 * :func:`to_rgb8`: any Pillow mode -> 8-bit RGB; gray is replicated, palette expanded, alpha
   composited on white ``(c*a + 255*(255-a) + 127) // 255``, 16-bit gray scaled ``round(v/257)``.
 * :func:`open_declared`: the decompression-bomb rule of every image reader in the project. The
@@ -39,6 +40,7 @@ IMAGE_SUFFIXES = (
     ".gif",
 )
 TILE_ENCODINGS = ("webp", "png", "ppm")
+ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 = upright
 
 
 class UnsupportedMode(ValueError):

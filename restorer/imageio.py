@@ -25,12 +25,11 @@ from restorer import imagecore
 from restorer.data.degrade import estimate_quality
 from restorer.errors import UserError, first_line
 from restorer.fsutil import atomic_write
-from restorer.imagecore import IMAGE_SUFFIXES  # noqa: F401  (re-exported: one list for the project)
+from restorer.imagecore import IMAGE_SUFFIXES, ORIENTATION_TAG  # noqa: F401  (IMAGE_SUFFIXES re-exported: one list for the project)
 from restorer.pngio import write_png
 
 # 200 megapixels: a 24 MP photo is far below, a 50000x50000 "bomb" far above. --max-pixels changes it.
 DEFAULT_MAX_PIXELS = 200_000_000
-ORIENTATION_TAG = 0x0112
 
 
 @dataclasses.dataclass
@@ -185,21 +184,24 @@ def format_for_suffix(path: Path) -> str | None:
     return SUFFIX_FORMATS.get(path.suffix.lower())
 
 
-def save_image(
-    pixels: np.ndarray,
-    alpha: np.ndarray | None,
-    out: Path,
-    *,
-    fmt: str = "png",
-    icc_profile: bytes | None = None,
-    exif: bytes | None = None,
-    overwrite: bool = False,
-    jpeg_quality: int = 95,
-) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class SaveOptions:
+    """How :func:`save_image` writes: the format, the metadata kept, whether an existing file may
+    be replaced, and the quality of a JPEG output."""
+
+    fmt: str = "png"
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
+    overwrite: bool = False
+    jpeg_quality: int = 95
+
+
+def save_image(pixels: np.ndarray, alpha: np.ndarray | None, out: Path, how: SaveOptions = SaveOptions()) -> list[str]:
     """Write atomically (temporary file in the same folder, then rename); never replaces an
-    existing file unless ``overwrite``. PNG (:mod:`restorer.pngio`: level 1, deflated on every
-    core), TIFF (LZW) and WebP are lossless; JPEG is written at ``jpeg_quality`` with 4:4:4
+    existing file unless ``how.overwrite``. PNG (:mod:`restorer.pngio`: level 1, deflated on every
+    core), TIFF (LZW) and WebP are lossless; JPEG is written at ``how.jpeg_quality`` with 4:4:4
     chroma. Every error names ``out`` (or its folder). Returns notes about what could not be kept."""
+    fmt, icc_profile, exif, overwrite = how.fmt, how.icc_profile, how.exif, how.overwrite
     pil_format, _ = OUTPUT_FORMATS[fmt]
     notes: list[str] = []
     if alpha is not None and pil_format == "JPEG":
@@ -218,7 +220,7 @@ def save_image(
                 write_png(fh, pixels, alpha, icc_profile, exif)
 
     else:
-        write = _pillow_writer(pixels, alpha, pil_format, icc_profile, exif, jpeg_quality)
+        write = _pillow_writer(pixels, alpha, pil_format, icc_profile, exif, how.jpeg_quality)
     try:  # no-clobber unless --overwrite: hard-linked into place, so even a race cannot clobber
         atomic_write(out, write, replace=overwrite)
     except FileExistsError:

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from restorer.config import at_least, option
+
 # channels/units of the seed preset are its last width and unit count, for the record only.
 PRESETS: dict[str, dict[str, int]] = {
     "seed": {"channels": 32, "units": 3},
@@ -48,15 +50,11 @@ PRESETS: dict[str, dict[str, int]] = {
 
 @dataclasses.dataclass
 class ModelConfig:
-    preset: str = dataclasses.field(
-        default="default", metadata={"help": f"network: {', '.join(PRESETS)} (see restorer/model.py)"}
-    )
-    channels: int | None = dataclasses.field(default=None, metadata={"help": "override the preset's width C"})
-    units: int | None = dataclasses.field(default=None, metadata={"help": "override the preset's unit count N"})
-    in_channels: int = 3  # 3 = RGB, 1 = grayscale
-    condition_on_quality: bool = dataclasses.field(
-        default=False, metadata={"help": "add an input plane of quality/100 (one blind model for all qualities)"}
-    )
+    preset: str = option("default", f"network: {', '.join(PRESETS)} (see restorer/model.py)")
+    channels: int | None = option(None, "override the preset's width C", check=at_least(1))
+    units: int | None = option(None, "override the preset's unit count N", check=at_least(1))
+    in_channels: int = option(3, "3 = RGB, 1 = grayscale (commands set it from --grayscale)", choices=(1, 3))
+    condition_on_quality: bool = option(False, "add an input plane of quality/100 (one blind model for all qualities)")
 
     def resolved(self) -> ModelConfig:
         """Fill channels/units from the preset, so the config alone describes the architecture."""
@@ -114,7 +112,8 @@ class SeedNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.001)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
         if self.condition_on_quality:
@@ -127,6 +126,13 @@ class SeedNet(nn.Module):
         return _conv_radius(self)
 
 
+def _zero(conv: nn.Conv2d) -> None:
+    """A tail that starts at zero: an untrained residual network is the identity."""
+    nn.init.zeros_(conv.weight)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
 class ResidualNet(nn.Module):
     """Head unit, N skip-connected units, tail conv, global residual."""
 
@@ -136,8 +142,7 @@ class ResidualNet(nn.Module):
         self.head = ConvUnit(in_channels + int(condition_on_quality), channels)
         self.units = nn.ModuleList(ConvUnit(channels, channels) for _ in range(units))
         self.tail = nn.Conv2d(channels, in_channels, 3, padding=1)
-        nn.init.zeros_(self.tail.weight)
-        nn.init.zeros_(self.tail.bias)
+        _zero(self.tail)
 
     def forward(self, x: torch.Tensor, quality: torch.Tensor | None = None) -> torch.Tensor:
         h = self.head(quality_plane(x, quality) if self.condition_on_quality else x)
@@ -193,12 +198,11 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(nn.Sequential(nn.Conv2d(2 * w, 4 * w, 1), nn.PixelShuffle(2)) for w in widths[:-1])
         self.up_units = nn.ModuleList(nn.ModuleList(ConvUnit(w, w) for _ in range(units)) for w in widths[:-1])
         self.tail = nn.Conv2d(channels, in_channels, 3, padding=1)
-        nn.init.zeros_(self.tail.weight)
-        nn.init.zeros_(self.tail.bias)
+        _zero(self.tail)
 
     @staticmethod
-    def _units(h: torch.Tensor, units: nn.ModuleList) -> torch.Tensor:
-        for unit in units:
+    def _units(h: torch.Tensor, units: nn.Module) -> torch.Tensor:
+        for unit in units.children():
             h = h + unit(h)
         return h
 
@@ -234,6 +238,7 @@ class UNet(nn.Module):
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     cfg = cfg.resolved()
+    assert cfg.channels is not None and cfg.units is not None  # resolved() filled them in
     if cfg.preset == "seed":
         return SeedNet(cfg.in_channels, cfg.condition_on_quality)
     if cfg.preset.startswith("unet"):
@@ -272,7 +277,7 @@ def flops_per_pixel(model: nn.Module) -> int:
 
 def receptive_radius(model: nn.Module) -> int:
     """Context pixels on each side one output pixel depends on (each network computes its own)."""
-    return int(model.receptive_radius())
+    return int(model.receptive_radius())  # type: ignore[operator]  # torch types Module attributes as Tensor | Module
 
 
 def alignment(model: nn.Module) -> int:

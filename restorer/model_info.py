@@ -7,10 +7,14 @@ a training step is taken as 3 x the forward pass (forward, gradients w.r.t. acti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
+from restorer.config import option, options_parser, parse_config
 from restorer.errors import UserError, cli_entry
 from restorer.model import PRESETS, ModelConfig, model_summary
 
+PROG = "restorer model-info"
+DESCRIPTION = __doc__.split("\n\n")[0]
 EPILOG = """examples:
   restorer model-info --preset default
   restorer model-info --preset default --channels 96 --units 12 --condition-on-quality
@@ -36,43 +40,35 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@dataclasses.dataclass(kw_only=True)
+class ModelInfoOptions:
+    """``restorer model-info``'s options: the model's own (restorer.model.ModelConfig, the fields
+    the trainer takes too) and these."""
+
+    model: ModelConfig = dataclasses.field(
+        default_factory=ModelConfig, metadata={"flatten": True, "hide": ("in_channels",)}
+    )
+    grayscale: bool = option(False, "1 input channel instead of 3", switch=True)
+    all: bool = option(False, "one row per preset", switch=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line parser (for --help and the option checks of tests/test_options.py)."""
+    return options_parser(ModelInfoOptions, PROG, DESCRIPTION, EPILOG)
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="restorer model-info",
-        description=__doc__.split("\n\n")[0],
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)} (default: default)")
-    parser.add_argument("--all", action="store_true", help="one row per preset")
-    parser.add_argument("--channels", type=int, default=None, help="override C (residual presets)")
-    parser.add_argument("--units", type=int, default=None, help="override N (residual presets)")
-    parser.add_argument("--condition-on-quality", action="store_true", help="add the quality input plane")
-    parser.add_argument("--grayscale", action="store_true", help="1 input channel instead of 3")
-    args = parser.parse_args(argv)
-    for name in ("channels", "units"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be >= 1, got {value}")
-    presets = list(PRESETS) if args.all else [args.preset]
+    args = parse_config(ModelInfoOptions, argv, prog=PROG, description=DESCRIPTION, epilog=EPILOG)
+    presets = list(PRESETS) if args.all else [args.model.preset]
     rows = []
     for preset in presets:
+        cfg = dataclasses.replace(args.model, preset=preset, in_channels=1 if args.grayscale else 3)
         try:
-            rows.append(
-                model_summary(
-                    ModelConfig(
-                        preset=preset,
-                        channels=args.channels,
-                        units=args.units,
-                        in_channels=1 if args.grayscale else 3,
-                        condition_on_quality=args.condition_on_quality,
-                    )
-                )
-            )
+            rows.append(model_summary(cfg))
         except ValueError as exc:
             raise UserError(str(exc)) from None
     print(table(rows))
-    if any(r["preset"] == "seed" for r in rows) and (args.channels or args.units):
+    if any(r["preset"] == "seed" for r in rows) and (args.model.channels or args.model.units):
         print("note: the seed preset has a fixed architecture; --channels/--units do not change it")
     return 0

@@ -26,6 +26,18 @@ META_NAME = "model.json"
 FORMAT_VERSION = 1
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        for attr in ("module", "_orig_mod"):
+            inner = getattr(model, attr, None)
+            if isinstance(inner, torch.nn.Module):
+                model = inner
+                break
+        else:
+            return model
+
+
 def export_weights(
     model: torch.nn.Module, model_cfg: ModelConfig, out_dir: str | os.PathLike, facts: dict[str, Any] | None = None
 ) -> Path:
@@ -39,8 +51,7 @@ def export_weights(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"{out}: cannot create the weights folder ({exc.strerror or exc})") from None
-    model = getattr(model, "module", model)  # unwrap DDP
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    model = unwrap(model)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     meta = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(model_cfg.resolved()), "facts": facts or {}}
     weights_path, meta_path = out / WEIGHTS_NAME, out / META_NAME

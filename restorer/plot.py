@@ -9,14 +9,17 @@ gains over JPEG per quality in the right one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from collections import defaultdict
 from pathlib import Path
 
+from restorer.config import option, options_parser, parse_config
 from restorer.errors import UserError, cli_entry
 from restorer.fsutil import atomic_write
 
+PROG = "restorer plot"
 EPILOG = """examples:
   restorer plot runs/demo                      # writes runs/demo/curves.png
   restorer plot runs/demo -o curves.png --log-loss
@@ -96,15 +99,26 @@ def plot_run(run_dir: Path, out: Path, log_loss: bool = False) -> Path:
     return out
 
 
+@dataclasses.dataclass(kw_only=True)
+class PlotOptions:
+    """``restorer plot``'s options."""
+
+    run_dir: str = option(
+        help="run directory holding metrics.jsonl (or the file itself)", positional=True, metavar="RUN_DIR"
+    )
+    out: str | None = option(None, "PNG to write (default RUN_DIR/curves.png)", short="-o", metavar="PNG")
+    log_loss: bool = option(False, "log scale for the loss panel", switch=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line parser (for --help and the option checks of tests/test_options.py)."""
+    return options_parser(PlotOptions, PROG, __doc__, EPILOG)
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="restorer plot", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("run_dir", type=Path, help="run directory holding metrics.jsonl (or the file itself)")
-    parser.add_argument("-o", "--out", type=Path, default=None, help="PNG to write (default RUN_DIR/curves.png)")
-    parser.add_argument("--log-loss", action="store_true", help="log scale for the loss panel")
-    args = parser.parse_args(argv)
-    out = args.out or ((args.run_dir if args.run_dir.is_dir() else args.run_dir.parent) / "curves.png")
-    print(plot_run(args.run_dir, out, args.log_loss))
+    args = parse_config(PlotOptions, argv, prog=PROG, description=__doc__, epilog=EPILOG)
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else (run_dir if run_dir.is_dir() else run_dir.parent) / "curves.png"
+    print(plot_run(run_dir, out, args.log_loss))
     return 0

@@ -25,7 +25,7 @@ def test_unreadable_capability_falls_back_to_a_bounded_measured_probe(monkeypatc
     assert 2.0 / 2 <= elapsed <= 2.0 + 2 * 1.25
     assert native is False and why == "measured probe: bf16 autocast 1.00x the speed of fp32 on this CPU"
     monkeypatch.setattr(hardware, "probe_cpu_bf16", lambda: (False, "probe says no"))
-    assert hardware.choose_precision("auto", torch.device("cpu")) == hardware.Choice("no", "probe says no")
+    assert hardware.choose_precision("auto", torch.device("cpu")) == hardware.Choice("fp32", "probe says no")
 
 
 @pytest.mark.parametrize(
@@ -52,10 +52,22 @@ def test_rules_and_explicit_settings():
     cpu = torch.device("cpu")
     assert hardware.choose_precision("bf16", cpu) == hardware.Choice("bf16", "set explicitly")
     assert hardware.choose_channels_last("auto", cpu, "bf16").value is True
-    assert hardware.choose_channels_last("auto", cpu, "no").value is False
+    assert hardware.choose_channels_last("auto", cpu, "fp32").value is False
     assert hardware.choose_channels_last("false", cpu, "bf16").value is False
     assert hardware.choose_compile("auto", cpu).value is False and hardware.choose_compile(True, cpu).value is True
     with pytest.raises(ValueError, match="auto, true or false"):
         hardware.choose_compile("maybe", cpu)
     with pytest.raises(ValueError, match="mixed precision"):
         hardware.choose_precision("fp8", cpu)
+
+
+def test_one_precision_vocabulary_with_aliases():
+    """auto|fp32|bf16|fp16 for training and inference; Accelerate's 'no' is read as fp32 and
+    written back only where Accelerate is created."""
+    cpu = torch.device("cpu")
+    assert hardware.PRECISIONS == ("auto", "fp32", "bf16", "fp16")
+    assert hardware.canonical_precision("no") == "fp32" and hardware.canonical_precision("BF16") == "bf16"
+    assert hardware.choose_precision("no", cpu) == hardware.Choice("fp32", "set explicitly")
+    assert [hardware.accelerate_precision(p) for p in ("fp32", "no", "bf16", "fp16")] == ["no", "no", "bf16", "fp16"]
+    with pytest.raises(ValueError, match="auto, fp32, bf16, fp16"):
+        hardware.canonical_precision("fp8")

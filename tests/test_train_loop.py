@@ -331,7 +331,7 @@ def test_save_resume_export_and_finished(shards, tmp_path, accelerator):
 # --- speed choices ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("native, expected", [(False, ("no", False, False)), (True, ("bf16", True, False))])
+@pytest.mark.parametrize("native, expected", [(False, ("fp32", False, False)), (True, ("bf16", True, False))])
 def test_auto_precision_follows_the_cpu(monkeypatch, native, expected):
     from restorer import hardware
     from restorer.train.speed import choose_speed

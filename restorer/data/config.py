@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from restorer.config import option
 from restorer.data.augment import AugmentParams
 from restorer.data.degrade import (
     KERNELS,
@@ -20,11 +21,7 @@ from restorer.data.degrade import (
 )
 from restorer.errors import UserError
 
-
-def _opt(default, help_text: str, **meta):
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help_text, **meta})
-    return dataclasses.field(default=default, metadata={"help": help_text, **meta})
+_opt = option  # a stream option: its default, help and check, in one place (restorer.config)
 
 
 @dataclasses.dataclass

@@ -65,20 +65,22 @@ def choose(
     UserError (no path in it: the caller names the file) when neither reading is available."""
     if given is not None:
         return QualityChoice(int(given), "--quality", tables, None, is_jpeg, f"--quality {given}")
-    has_tables = is_jpeg and tables is not None
+    jpeg_tables = tables if is_jpeg else None  # only a JPEG's tables say anything
     if rule == "tables" or estimator is None:
-        if not has_tables:
+        if jpeg_tables is None:
             what = "a JPEG without readable quantisation tables" if is_jpeg else "not a JPEG"
             raise UserError(f"{what}, and no quality estimator is used; give --quality Q")
-        return QualityChoice(int(tables), "tables", tables, None, True, f"tables q{tables}")
+        return QualityChoice(int(jpeg_tables), "tables", jpeg_tables, None, True, f"tables q{jpeg_tables}")
     est = estimator.estimate(pixels)
     q_est = int(round(est))
-    if not has_tables:
+    if jpeg_tables is None:
         return QualityChoice(q_est, "estimate", None, est, False, f"no JPEG tables; the pixels say q{q_est}")
-    if est < tables - MARGIN:
+    if est < jpeg_tables - MARGIN:
         why = (
             f"tables say q{tables}, the pixels q{q_est}: an earlier, stronger compression or a resize, "
             f"so the estimate, not projected"
         )
         return QualityChoice(q_est, "estimate", tables, est, False, why)
-    return QualityChoice(int(tables), "tables", tables, est, True, f"tables q{tables} (the pixels agree: q{q_est})")
+    return QualityChoice(
+        int(jpeg_tables), "tables", jpeg_tables, est, True, f"tables q{jpeg_tables} (the pixels agree: q{q_est})"
+    )

@@ -14,25 +14,31 @@ written over IMAGE or the ``--jpeg`` file, even with ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from restorer import metrics
+from restorer.config import at_least, option, options_parser, within
 from restorer.data.degrade import decoded_jpeg
 from restorer.errors import UserError, cli_entry, describe
-from restorer.imageio import open_image, save_image
+from restorer.imageio import SaveOptions, open_image, save_image
 from restorer.infer.engine import choose_restorer
 from restorer.infer.evaluate import uint8_tensor
 from restorer.infer.options import (
+    InferOptions,
     InputFiles,
-    add_model_args,
+    Models,
+    OverwriteOptions,
+    QualityOptions,
     choose_quality,
     load_models,
-    parse_args,
+    parse_options,
     project_output,
     report_weight_errors,
 )
@@ -40,6 +46,9 @@ from restorer.infer.options import (
 # Below this PSNR to the original, a --jpeg is not a JPEG of it (q5 of a real photo is ~22 dB;
 # a different photo of the same size, ~13 dB).
 MIN_JPEG_PSNR = 15.0
+
+PROG = "restorer compare"
+DESCRIPTION = "Side-by-side panel: JPEG | restored | original."
 
 EXAMPLES = """\
 examples:
@@ -49,29 +58,25 @@ examples:
 """
 
 
+@dataclasses.dataclass(kw_only=True)
+class CompareOptions(InferOptions, QualityOptions, OverwriteOptions):
+    """``restorer compare``'s options: the shared ones (restorer.infer.options) and these."""
+
+    image: str = option(help="the clean original image", positional=True, metavar="IMAGE")
+    jpeg: str | None = option(None, "an existing JPEG of IMAGE to use instead of compressing it", metavar="FILE")
+    output: str = option(help="panel PNG to write", short="-o", metavar="PNG")
+    crop: str | None = option(None, "crop box in pixels (default: automatic)", metavar="X,Y,W,H")
+    crop_size: int = option(96, "side of the automatic crop", check=at_least(8))
+    zoom: int = option(3, "nearest-neighbour enlargement", check=within(1, 16))
+
+
+def parse(argv: Sequence[str] | None = None) -> CompareOptions:
+    return parse_options(CompareOptions, argv, PROG, DESCRIPTION, EXAMPLES)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="restorer compare",
-        description="Side-by-side panel: JPEG | restored | original.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("image", metavar="IMAGE", help="the clean original image")
-    p.add_argument(
-        "--quality",
-        type=int,
-        default=None,
-        help="JPEG quality to compress with (default 10); with --jpeg, the quality to tell the model "
-        "(default: auto, as restore: the tables, or the pixel estimate; see --quality-rule)",
-    )
-    p.add_argument("--jpeg", default=None, metavar="FILE", help="an existing JPEG of IMAGE to use instead")
-    p.add_argument("-o", "--output", required=True, help="panel PNG to write")
-    p.add_argument("--crop", default=None, metavar="X,Y,W,H", help="crop box (default: automatic)")
-    p.add_argument("--crop-size", type=int, default=96, help="side of the automatic crop (default 96)")
-    p.add_argument("--zoom", type=int, default=3, help="nearest-neighbour enlargement (default 3)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing panel (never an input)")
-    add_model_args(p)
-    return p
+    """The command line parser (for --help and the option checks of tests/test_options.py)."""
+    return options_parser(CompareOptions, PROG, DESCRIPTION, EXAMPLES)
 
 
 def parse_crop(text: str, width: int, height: int) -> tuple[int, int, int, int]:
@@ -104,7 +109,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(metrics.psnr(uint8_tensor(a), uint8_tensor(b)))
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)  # Pillow's bundled font: no download
     except Exception:
@@ -113,7 +118,8 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 def make_panel(crops: list[np.ndarray], captions: list[list[str]], zoom: int, gap: int = 8) -> Image.Image:
     tiles = [
-        Image.fromarray(c).convert("RGB").resize((c.shape[1] * zoom, c.shape[0] * zoom), Image.NEAREST) for c in crops
+        Image.fromarray(c).convert("RGB").resize((c.shape[1] * zoom, c.shape[0] * zoom), Image.Resampling.NEAREST)
+        for c in crops
     ]
     font = _font(max(12, min(18, tiles[0].width // 18)))
     line_h = int(font.getbbox("Ag")[3] + 6) if hasattr(font, "getbbox") else 16
@@ -132,49 +138,58 @@ def make_panel(crops: list[np.ndarray], captions: list[list[str]], zoom: int, ga
     return panel
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv)
-    if args.zoom < 1 or args.zoom > 16 or args.crop_size < 8:
-        raise UserError("--zoom must be 1..16 and --crop-size at least 8")
-    out = Path(args.output)
-    InputFiles(Path(p) for p in (args.image, args.jpeg) if p).check(out)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out}: output exists (use --overwrite to replace it)")
-    models = load_models(args)
-    report_weight_errors(models, lambda line: print(f"error: {line}", file=sys.stderr))
-    werrs, restorers = models.errors, models.restorers
+@dataclasses.dataclass
+class Inputs:
+    """The original, its JPEG (pixels and where its bytes are), and what the model is told."""
+
+    ref: np.ndarray
+    jpeg: np.ndarray
+    source: Path | bytes  # the --jpeg file, or the bytes compressed here
+    label: str
+    quality: int | None  # from the tables of --jpeg, or the quality compressed at
+    given: int | None  # --quality with --jpeg
+    is_jpeg: bool
+
+
+def read_inputs(args: CompareOptions) -> Inputs:
+    """IMAGE, and --jpeg (checked to be a JPEG of IMAGE) or IMAGE compressed at --quality (auto: 10)."""
     ref = open_image(args.image, args.max_pixels).pixels
-    if args.jpeg:
-        jimg = open_image(args.jpeg, args.max_pixels)
-        jpeg, quality, source = jimg.pixels, jimg.quality, Path(args.jpeg)
-        given, is_jpeg = args.quality, jimg.is_jpeg
-        if jpeg.shape != ref.shape:
-            raise UserError(f"{args.jpeg}: its size or colour mode differs from {args.image}")
-        if _psnr(jpeg, ref) < MIN_JPEG_PSNR:
-            raise UserError(
-                f"{args.jpeg}: PSNR {_psnr(jpeg, ref):.2f} dB to {args.image}, below "
-                f"{MIN_JPEG_PSNR:.0f} dB: not a JPEG of that image"
-            )
-        label = f"JPEG (q{quality})" if quality else "JPEG"
-    else:
+    if not args.jpeg:
         quality = args.quality or 10
-        if not 1 <= quality <= 100:
-            raise UserError(f"--quality must be 1..100, got {quality}")
-        jpeg, source = decoded_jpeg(ref, quality)
-        label, given, is_jpeg = f"JPEG q{quality}", None, True
+        jpeg, data = decoded_jpeg(ref, quality)
+        return Inputs(ref, jpeg, data, f"JPEG q{quality}", quality, None, True)
+    jimg = open_image(args.jpeg, args.max_pixels)
+    if jimg.pixels.shape != ref.shape:
+        raise UserError(f"{args.jpeg}: its size or colour mode differs from {args.image}")
+    psnr = _psnr(jimg.pixels, ref)
+    if psnr < MIN_JPEG_PSNR:
+        raise UserError(
+            f"{args.jpeg}: PSNR {psnr:.2f} dB to {args.image}, below {MIN_JPEG_PSNR:.0f} dB: not a JPEG of that image"
+        )
+    label = f"JPEG (q{jimg.quality})" if jimg.quality else "JPEG"
+    return Inputs(ref, jimg.pixels, Path(args.jpeg), label, jimg.quality, args.quality, jimg.is_jpeg)
+
+
+def restore_input(inp: Inputs, models: Models, args: CompareOptions) -> tuple[np.ndarray, str]:
+    """The restored image (projected as ``restore`` would) and a description of what was told."""
     try:
-        choice = choose_quality(jpeg, quality, is_jpeg, given, models, args)
+        choice = choose_quality(inp.jpeg, inp.quality, inp.is_jpeg, inp.given, models, args)
     except UserError as exc:
         raise UserError(f"{args.jpeg}: {exc}") from None
-    restorer = choose_restorer(restorers, choice.quality)
+    restorer = choose_restorer(models.restorers, choice.quality)
     try:
-        restored = restorer.restore(jpeg, choice.quality)
-        restored = project_output(restored, source, args) if choice.project else restored
+        restored = restorer.restore(inp.jpeg, choice.quality)
+        restored = project_output(restored, inp.source, args) if choice.project else restored
     except Exception as exc:  # RuntimeError (out of memory, ...): one line, not a traceback
         if os.environ.get("RESTORER_DEBUG"):
             raise
         raise UserError(f"{args.image}: failed ({describe(exc)})") from None
+    return restored, f"{restorer.describe()}; told q{choice.quality}: {choice.why}"
+
+
+def panel_of(inp: Inputs, restored: np.ndarray, args: CompareOptions) -> tuple[Image.Image, str]:
+    """The panel of the crop (--crop, or where the JPEG's error is largest) and its crop box."""
+    ref, jpeg = inp.ref, inp.jpeg
     h, w = ref.shape[:2]
     if args.crop:
         box = parse_crop(args.crop, w, h)
@@ -184,17 +199,31 @@ def main(argv: list[str] | None = None) -> int:
     x, y, cw, ch = box
     crops = [a[y : y + ch, x : x + cw] for a in (jpeg, restored, ref)]
     cap = [
-        [label, f"{_psnr(jpeg, ref):.2f} dB (crop {_psnr(crops[0], crops[2]):.2f})"],
+        [inp.label, f"{_psnr(jpeg, ref):.2f} dB (crop {_psnr(crops[0], crops[2]):.2f})"],
         ["restored", f"{_psnr(restored, ref):.2f} dB (crop {_psnr(crops[1], crops[2]):.2f})"],
         ["original", f"crop {x},{y},{cw},{ch}"],
     ]
-    panel = make_panel(crops, cap, args.zoom)
-    save_image(np.asarray(panel), None, out, fmt="png", overwrite=args.overwrite)
+    return make_panel(crops, cap, args.zoom), f"{x},{y},{cw},{ch}"
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    out = Path(args.output)
+    InputFiles(Path(p) for p in (args.image, args.jpeg) if p).check(out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out}: output exists (use --overwrite to replace it)")
+    models = load_models(args)
+    report_weight_errors(models, lambda line: print(f"error: {line}", file=sys.stderr))
+    inp = read_inputs(args)
+    restored, told = restore_input(inp, models, args)
+    panel, box = panel_of(inp, restored, args)
+    save_image(np.asarray(panel), None, out, SaveOptions(fmt="png", overwrite=args.overwrite))
     print(
-        f"{out}: {label} {_psnr(jpeg, ref):.2f} dB, restored {_psnr(restored, ref):.2f} dB "
-        f"({restorer.describe()}; told q{choice.quality}: {choice.why}), crop {x},{y},{cw},{ch}"
+        f"{out}: {inp.label} {_psnr(inp.jpeg, inp.ref):.2f} dB, restored {_psnr(restored, inp.ref):.2f} dB "
+        f"({told}), crop {box}"
     )
-    return 1 if werrs else 0
+    return 1 if models.errors else 0
 
 
 if __name__ == "__main__":

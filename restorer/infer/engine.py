@@ -61,7 +61,7 @@ from restorer.modelfile import WEIGHTS_NAME, load_weights
 log = logging.getLogger("restorer.infer.engine")
 
 DEFAULT_TILE = 512
-PRECISIONS = ("fp32", "bf16")
+INFERENCE_PRECISIONS = ("fp32", "bf16")  # of restorer.hardware.PRECISIONS, those inference runs in
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -142,7 +142,7 @@ def reuse_freed_memory() -> None:
 class Restorer:
     """One loaded weights file, ready to restore uint8 images."""
 
-    model: nn.Module
+    model: nn.Module | None  # None: IdentityRestorer (the JPEG itself)
     meta: dict
     path: Path
     device: torch.device
@@ -152,8 +152,10 @@ class Restorer:
     channels_last: bool | None = None  # None = restorer.hardware's rule for device + precision
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision not in INFERENCE_PRECISIONS:
+            raise ValueError(f"precision must be one of {INFERENCE_PRECISIONS}, got {self.precision!r}")
+        if self.model is None:
+            raise ValueError("a Restorer needs a model (IdentityRestorer is the one without)")
         self.radius = receptive_radius(self.model)
         self.align = alignment(self.model)
         if self.overlap is None:
@@ -171,11 +173,10 @@ class Restorer:
         self.conditioned = bool(cfg.get("condition_on_quality", False))
         self.quality_range = trained_quality_range(self.meta.get("facts") or {}, self.path)
         if self.channels_last is None:
-            self.channels_last = bool(
-                choose_channels_last("auto", self.device, "bf16" if self.precision == "bf16" else "no").value
-            )
+            self.channels_last = bool(choose_channels_last("auto", self.device, self.precision).value)
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            # torch's stubs omit Module.to(memory_format=...), which torch accepts
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if self.device.type == "cpu":
             reuse_freed_memory()
 
@@ -204,6 +205,7 @@ class Restorer:
 
     # -- inference -------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, quality: int | None) -> torch.Tensor:
+        assert self.model is not None, "IdentityRestorer has no forward"
         q = None
         if self.conditioned:
             q = torch.full(
@@ -221,15 +223,16 @@ class Restorer:
         planes: np.ndarray,
         fn: Callable[[torch.Tensor], torch.Tensor],
         tile: int | None = None,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int], object] | None = None,
     ) -> np.ndarray:
         """Run ``fn`` ([1, C, h, w] float -> [1, C', h, w] float) over ``planes`` ([H, W, C] uint8)
         tile by tile; return [H, W, C'] uint8."""
         tile = self.tile if tile is None else tile
         h, w = planes.shape[:2]
         out: np.ndarray | None = None
-        rows = tile_spans(h, tile, self.overlap, self.align)
-        cols = tile_spans(w, tile, self.overlap, self.align)
+        overlap = self.radius if self.overlap is None else self.overlap
+        rows = tile_spans(h, tile, overlap, self.align)
+        cols = tile_spans(w, tile, overlap, self.align)
         with torch.inference_mode():
             for y0, y1, cy0, cy1 in rows:
                 for x0, x1, cx0, cx1 in cols:
@@ -250,7 +253,7 @@ class Restorer:
         pixels: np.ndarray,
         quality: int | None = None,
         tile: int | None = None,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int], object] | None = None,
     ) -> np.ndarray:
         """Restore a uint8 image ([H, W] gray or [H, W, 3] RGB); returns the same shape, uint8."""
         gray = pixels.ndim == 2

@@ -20,29 +20,34 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import io
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from restorer import metrics
+from restorer.config import at_least, option, options_parser
 from restorer.data.degrade import SUBSAMPLING, decoded_jpeg
 from restorer.data.urlio import scheme as urlio_scheme
 from restorer.errors import UserError, cli_entry, describe, first_line
-from restorer.fsutil import atomic_write_text
+from restorer.fsutil import atomic_write_text, jsonable
 from restorer.imageio import IMAGE_SUFFIXES, open_image
 from restorer.infer.engine import choose_restorer
 from restorer.infer.options import (
-    add_model_args,
+    QUALITY_CHECK,
+    InferOptions,
+    Models,
     choose_quality,
     load_models,
-    parse_args,
+    parse_options,
     project_output,
     report_weight_errors,
 )
@@ -58,53 +63,47 @@ examples:
   restorer eval --weights q10/ q20/ q30/ q40/ --images refs/ --crop-border 8 --json results.json
 """
 
+PROG = "restorer eval"
+DESCRIPTION = "PSNR / SSIM / PSNR-B of JPEG and restored images against references."
 METRICS = ("psnr", "ssim", "psnrb")
 SPACES = ("rgb", "y")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="restorer eval",
-        description="PSNR / SSIM / PSNR-B of JPEG and restored images against references.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_args(p)
-    p.add_argument("--identity", action="store_true", help="same as --weights none")
-    p.add_argument(
-        "--images",
-        required=True,
-        metavar="DIR",
+@dataclasses.dataclass(kw_only=True)
+class EvalOptions(InferOptions):
+    """``restorer eval``'s options: the shared ones (restorer.infer.options) and these."""
+
+    identity: bool = option(False, "same as --weights none", switch=True)
+    images: str = option(
         help="folder of reference images, or a BSR/BSDS500 root (uses --split); also s3:// or gs:// "
         "(copied to a temporary folder first)",
-    )
-    p.add_argument("--split", default="test", help="BSDS500 split when --images is a BSR root (default test)")
-    p.add_argument(
-        "--quality", type=int, nargs="+", default=[10, 20, 30, 40], help="JPEG qualities (default 10 20 30 40)"
-    )
-    p.add_argument(
-        "--jpeg-dir",
-        default=None,
         metavar="DIR",
-        help="use these already-compressed JPEGs (matched to references by base name) instead of compressing",
     )
-    p.add_argument(
-        "--subsampling", choices=sorted(SUBSAMPLING), default="4:2:0", help="chroma subsampling (default 4:2:0)"
+    split: str = option("test", "BSDS500 split when --images is a BSR root")
+    quality: list[int] = option([10, 20, 30, 40], "JPEG qualities to compress at, 1..100", check=QUALITY_CHECK)
+    jpeg_dir: str | None = option(
+        None,
+        "use these already-compressed JPEGs (matched to references by base name) instead of compressing",
+        metavar="DIR",
     )
-    p.add_argument(
-        "--crop-border", type=int, default=0, help="pixels cropped from each side before metrics (default 0)"
-    )
-    p.add_argument(
-        "--metrics",
-        nargs="+",
-        choices=METRICS,
-        default=list(METRICS),
-        help="metrics to compute (default: psnr ssim psnrb)",
-    )
-    p.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by name)")
-    p.add_argument("--json", default=None, metavar="PATH", help="write per-image results and means as JSON")
-    p.add_argument("--csv", default=None, metavar="PATH", help="write per-image results as CSV")
-    return p
+    subsampling: str = option("4:2:0", "chroma subsampling", choices=tuple(sorted(SUBSAMPLING)))
+    crop_border: int = option(0, "pixels cropped from each side before metrics", check=at_least(0))
+    metrics: list[str] = option(list(METRICS), "metrics to compute", choices=METRICS)
+    limit: int | None = option(None, "only the first N images (sorted by name)", check=at_least(1))
+    json: str | None = option(None, "write per-image results and means as JSON", metavar="PATH")
+    csv: str | None = option(None, "write per-image results as CSV", metavar="PATH")
+
+
+def parse(argv: Sequence[str] | None = None) -> EvalOptions:
+    opts = parse_options(EvalOptions, argv, PROG, DESCRIPTION, EXAMPLES)
+    if opts.identity:
+        opts.weights = ["none"]
+    return opts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line parser (for --help and the option checks of tests/test_options.py)."""
+    return options_parser(EvalOptions, PROG, DESCRIPTION, EXAMPLES)
 
 
 def resolve_images_dir(path: Path, split: str = "test") -> Path:
@@ -229,37 +228,24 @@ def markdown_table(summary: list[dict], identity: bool, crop: int, source: str, 
     return "\n".join(lines)
 
 
-def _jsonable(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    return v
+@dataclasses.dataclass
+class References:
+    """The reference images of a run and where their JPEGs come from."""
+
+    folder: Path
+    refs: list[Path]
+    jpeg_dir: Path | None
+    jpeg_index: dict[str, Path]
+    source: str  # how the JPEGs were made, for the table and the JSON
+    keep: object = None  # a temporary folder of fetched remote images, alive as long as this
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv)
-    if args.identity:
-        args.weights = ["none"]
-    if args.crop_border < 0:
-        raise UserError("--crop-border must be >= 0")
-    for q in args.quality:
-        if not 1 <= q <= 100:
-            raise UserError(f"--quality must be 1..100, got {q}")
-    failures = 0
-
-    def err(msg: str) -> None:
-        nonlocal failures
-        failures += 1
-        print(f"error: {msg}", file=sys.stderr)
-
-    models = load_models(args)
-    report_weight_errors(models, err)
-    restorers, identity = models.restorers, models.identity
-
-    remote = urlio_scheme(args.images) not in ("", "file")
-    if remote:
-        fetched = tempfile.TemporaryDirectory(prefix="restorer-eval-")
-        folder = fetch_remote_images(args.images, args.split, Path(fetched.name), args.limit)
+def read_references(args: EvalOptions) -> References:
+    """--images (local, a BSR root, or s3:// / gs:// fetched to a temporary folder) and --jpeg-dir."""
+    keep = None
+    if urlio_scheme(args.images) not in ("", "file"):
+        keep = tempfile.TemporaryDirectory(prefix="restorer-eval-")
+        folder = fetch_remote_images(args.images, args.split, Path(keep.name), args.limit)
     else:
         folder = resolve_images_dir(Path(args.images), args.split)
     refs = list_images(folder)[: args.limit]
@@ -279,105 +265,146 @@ def main(argv: list[str] | None = None) -> int:
         else f"by Pillow at quality {' '.join(map(str, args.quality))}, {args.subsampling}"
     )
     log.info("%d reference images in %s", len(refs), folder)
+    return References(folder, refs, jpeg_dir, jpeg_index, source, keep)
 
+
+def given_jpeg(
+    ref_path: Path, ref: np.ndarray, found: References, max_pixels: int
+) -> tuple[int | None, np.ndarray, Path]:
+    """(quality from its tables, pixels, path) of the --jpeg-dir JPEG of one reference."""
+    jp = found.jpeg_index.get(ref_path.stem)
+    if jp is None:
+        raise UserError(f"{ref_path}: no JPEG named {ref_path.stem}.jpg in {found.jpeg_dir}")
+    jimg = open_image(jp, max_pixels)
+    if not jimg.is_jpeg:
+        raise UserError(f"{jp}: not a JPEG")
+    jpeg = jimg.pixels
+    if jpeg.ndim != ref.ndim:  # gray JPEG of a colour reference or vice versa
+        jpeg = np.repeat(jpeg[:, :, None], 3, axis=2) if jpeg.ndim == 2 else jpeg.mean(axis=2).round().astype(np.uint8)
+    if jpeg.shape != ref.shape:
+        raise UserError(
+            f"{jp}: size {jpeg.shape[1]}x{jpeg.shape[0]} differs from its reference {ref.shape[1]}x{ref.shape[0]}"
+        )
+    return jimg.quality, jpeg, jp
+
+
+def jpeg_pairs(ref_path: Path, ref: np.ndarray, found: References, args: EvalOptions) -> list[tuple]:
+    """(quality, JPEG pixels, JPEG bytes or file) for each JPEG of one reference to measure."""
+    if found.jpeg_dir is not None:
+        return [given_jpeg(ref_path, ref, found, args.max_pixels)]
+    return [(q, *decoded_jpeg(ref, q, args.subsampling)) for q in args.quality]
+
+
+def measure(ref_path: Path, ref: np.ndarray, pair: tuple, models: Models, args: EvalOptions) -> dict:
+    """One row: the JPEG's metrics and, unless --weights none, the restored image's and the gain."""
+    q, jpeg, jpeg_src = pair
+    choice = None if models.identity else choose_quality(jpeg, q, True, None, models, args)
+    restorer = choose_restorer(models.restorers, q if choice is None else choice.quality)
+    row = {
+        "image": ref_path.name,
+        "quality": q,
+        "weights": str(restorer.path),
+        "width": ref.shape[1],
+        "height": ref.shape[0],
+        "crop_border": args.crop_border,
+    }
+    jm = image_metrics(jpeg, ref, args.crop_border, args.metrics)
+    row.update({f"jpeg_{k}": v for k, v in jm.items()})
+    if choice is not None:
+        row.update(
+            told_quality=choice.quality,
+            quality_source=choice.source,
+            estimate=choice.estimate,
+            projected=choice.project,
+        )
+        restored = restorer.restore(jpeg, choice.quality)
+        restored = project_output(restored, jpeg_src, args) if choice.project else restored
+        rm = image_metrics(restored, ref, args.crop_border, args.metrics)
+        row.update({f"restored_{k}": v for k, v in rm.items()})
+        for space in SPACES if "psnr" in args.metrics else ():
+            row[f"gain_psnr_{space}"] = rm[f"psnr_{space}"] - jm[f"psnr_{space}"]
+    return row
+
+
+def reference_rows(ref_path: Path, found: References, models: Models, args: EvalOptions) -> list[dict]:
+    ref = open_image(ref_path, args.max_pixels).pixels
+    return [measure(ref_path, ref, pair, models, args) for pair in jpeg_pairs(ref_path, ref, found, args)]
+
+
+def measure_all(found: References, models: Models, args: EvalOptions) -> tuple[list[dict], int]:
+    """The rows of every reference and its JPEGs, and how many references failed (one error line
+    each, printed as it happens; the others are still measured)."""
     from tqdm import tqdm
 
     rows: list[dict] = []
-    total = len(refs) * (1 if jpeg_dir else len(args.quality))
-    bar = tqdm(total=total, unit="img", disable=args.no_progress, file=sys.stderr)
-    for ref_path in refs:
-        try:
-            ref_img = open_image(ref_path, args.max_pixels)
-            ref = ref_img.pixels
-            if jpeg_dir is not None:
-                jp = jpeg_index.get(ref_path.stem)
-                if jp is None:
-                    raise UserError(f"{ref_path}: no JPEG named {ref_path.stem}.jpg in {jpeg_dir}")
-                jimg = open_image(jp, args.max_pixels)
-                if not jimg.is_jpeg:
-                    raise UserError(f"{jp}: not a JPEG")
-                jpeg = jimg.pixels
-                if jpeg.ndim != ref.ndim:  # gray JPEG of a colour reference or vice versa
-                    jpeg = (
-                        np.repeat(jpeg[:, :, None], 3, axis=2)
-                        if jpeg.ndim == 2
-                        else jpeg.mean(axis=2).round().astype(np.uint8)
-                    )
-                if jpeg.shape != ref.shape:
-                    raise UserError(
-                        f"{jp}: size {jpeg.shape[1]}x{jpeg.shape[0]} differs from its reference "
-                        f"{ref.shape[1]}x{ref.shape[0]}"
-                    )
-                pairs = [(jimg.quality, jpeg, jp)]
-            else:
-                pairs = [(q, *decoded_jpeg(ref, q, args.subsampling)) for q in args.quality]
-            for q, jpeg, jpeg_src in pairs:
-                choice = None if identity else choose_quality(jpeg, q, True, None, models, args)
-                restorer = choose_restorer(restorers, q if choice is None else choice.quality)
-                row = {
-                    "image": ref_path.name,
-                    "quality": q,
-                    "weights": str(restorer.path),
-                    "width": ref.shape[1],
-                    "height": ref.shape[0],
-                    "crop_border": args.crop_border,
-                }
-                jm = image_metrics(jpeg, ref, args.crop_border, args.metrics)
-                row.update({f"jpeg_{k}": v for k, v in jm.items()})
-                if choice is not None:
-                    row.update(
-                        told_quality=choice.quality,
-                        quality_source=choice.source,
-                        estimate=choice.estimate,
-                        projected=choice.project,
-                    )
-                    restored = restorer.restore(jpeg, choice.quality)
-                    restored = project_output(restored, jpeg_src, args) if choice.project else restored
-                    rm = image_metrics(restored, ref, args.crop_border, args.metrics)
-                    row.update({f"restored_{k}": v for k, v in rm.items()})
-                    for space in SPACES if "psnr" in args.metrics else ():
-                        row[f"gain_psnr_{space}"] = rm[f"psnr_{space}"] - jm[f"psnr_{space}"]
-                rows.append(row)
-                bar.update(1)
-        except UserError as exc:
-            err(str(exc))
-        except ValueError as exc:  # e.g. an image smaller than the SSIM window after cropping
-            err(f"{ref_path}: {first_line(exc)}")
-        except Exception as exc:  # RuntimeError (out of memory, ...): one line, go on with the next
-            if os.environ.get("RESTORER_DEBUG"):
-                raise
-            err(f"{ref_path}: failed ({describe(exc)})")
-    bar.close()
+    failed = 0
+    total = len(found.refs) * (1 if found.jpeg_dir else len(args.quality))
+    with tqdm(total=total, unit="img", disable=args.no_progress, file=sys.stderr) as bar:
+        for ref_path in found.refs:
+            try:
+                new = reference_rows(ref_path, found, models, args)
+            except Exception as exc:
+                failed += 1
+                print(f"error: {failure_line(ref_path, exc)}", file=sys.stderr)
+                continue
+            rows += new
+            bar.update(len(new))
+    return rows, failed
+
+
+def failure_line(ref_path: Path, exc: Exception) -> str:
+    """One line for a reference that could not be measured (RESTORER_DEBUG=1: the traceback)."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, ValueError):  # e.g. an image smaller than the SSIM window after cropping
+        return f"{ref_path}: {first_line(exc)}"
+    if os.environ.get("RESTORER_DEBUG"):  # RuntimeError (out of memory, ...): one line, go on
+        raise exc
+    return f"{ref_path}: failed ({describe(exc)})"
+
+
+def write_json(path: Path, rows: list[dict], summary: list[dict], found: References, models: Models) -> None:
+    doc = {
+        "protocol": {
+            "images": str(found.folder),
+            "jpeg": found.source,
+            "crop_border": rows[0]["crop_border"],
+            "y": "BT.601 16 + 65.481 R + 128.553 G + 24.966 B, /255",
+            "weights": [r.describe() for r in models.restorers],
+            "device": str(models.device),
+            "precision": models.precision.as_dict(),
+        },
+        "mean": [{k: jsonable(v) for k, v in s.items()} for s in summary],
+        "images": [{k: jsonable(v) for k, v in r.items()} for r in rows],
+    }
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    models = load_models(args)
+    report_weight_errors(models, lambda line: print(f"error: {line}", file=sys.stderr))
+    found = read_references(args)
+    rows, failed = measure_all(found, models, args)
     if not rows:
         raise UserError("no image could be evaluated")
-    summary = summarise(rows, identity, args.metrics)
-    print(markdown_table(summary, identity, args.crop_border, source, args.metrics))
+    summary = summarise(rows, models.identity, args.metrics)
+    print(markdown_table(summary, models.identity, args.crop_border, found.source, args.metrics))
     if args.json:
-        doc = {
-            "protocol": {
-                "images": str(folder),
-                "jpeg": source,
-                "crop_border": args.crop_border,
-                "y": "BT.601 16 + 65.481 R + 128.553 G + 24.966 B, /255",
-                "weights": [r.describe() for r in restorers],
-                "device": str(models.device),
-                "precision": models.precision.as_dict(),
-            },
-            "mean": [{k: _jsonable(v) for k, v in s.items()} for s in summary],
-            "images": [{k: _jsonable(v) for k, v in r.items()} for r in rows],
-        }
-        atomic_write_text(Path(args.json), json.dumps(doc, indent=1) + "\n")
+        write_json(Path(args.json), rows, summary, found, models)
     if args.csv:
-        import io
-
-        buf = io.StringIO()
-        fields = list(rows[0].keys())
-        writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-        atomic_write_text(Path(args.csv), buf.getvalue())
-    return 1 if failures else 0
+        write_csv(Path(args.csv), rows)
+    return 1 if models.errors or failed else 0
 
 
 if __name__ == "__main__":

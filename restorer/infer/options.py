@@ -1,9 +1,14 @@
-"""The options ``restore``, ``eval`` and ``compare`` share, each defined and checked once, and the
-setup they share: threads -> device -> precision -> weights.
+"""The options ``restore``, ``eval`` and ``compare`` share, each declared once as a typed field
+(:func:`restorer.config.option`: one default, one help, one check), and the setup they share:
+threads -> device -> precision -> weights.
 
-:func:`add_model_args` adds ``--weights --device --tile --tile-overlap --threads --precision
-(--bf16) --max-pixels --no-progress -v``; :func:`check_model_args` checks them (one
-:class:`~restorer.errors.UserError` line per bad value); :func:`load_models` sets the threads,
+:class:`ModelOptions` (``--weights --device --tile --tile-overlap --threads --precision (--bf16)
+--max-pixels --no-progress -v``) and :class:`RuleOptions` (``--quality-rule --no-projection``) are
+dataclasses every command's options class inherits, so each flag is the same field object in every
+command; :class:`QualityOptions` adds the ``--quality auto|Q`` that ``restore`` and ``compare`` take
+(``eval``'s ``--quality Q...`` is a list, with the same :data:`QUALITY_CHECK`). :func:`parse_options`
+parses a command line (and ``--config YAML``) into a command's class through
+:func:`restorer.config.parse_config`, the trainer's machinery. :func:`load_models` sets the threads,
 picks the device and the precision, resolves the weights (the packaged ``fast`` / ``quality``
 names, files, folders, ``none``) and loads them. It logs one line naming the device, the
 precision and the reason for it, and the weights.
@@ -19,125 +24,173 @@ import argparse
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from restorer import weights as packaged
+from restorer.config import at_least, option, parse_config, positive, within
 from restorer.errors import UserError, setup_logging
 from restorer.estimator import Estimator, load_estimator
-from restorer.hardware import Choice, choose_precision
+from restorer.hardware import PRECISIONS, Choice, canonical_precision, choose_precision
 from restorer.imageio import DEFAULT_MAX_PIXELS
 from restorer.infer.autoquality import MARGIN, RULES, QualityChoice, choose
-from restorer.infer.engine import DEFAULT_TILE, PRECISIONS, Restorer, load_restorers, pick_device, set_threads
+from restorer.infer.engine import (
+    DEFAULT_TILE,
+    INFERENCE_PRECISIONS,
+    Restorer,
+    load_restorers,
+    pick_device,
+    set_threads,
+)
 
 log = logging.getLogger("restorer.infer.options")
 
-PRECISION_CHOICES = ("auto",) + PRECISIONS
+T = TypeVar("T")
+
+# The one check of every --quality of restore, eval and compare (a told or a compression quality).
+QUALITY_CHECK = within(1, 100)
 
 
-def add_model_args(p: argparse.ArgumentParser, weights_help: str = "") -> None:
-    """The flags shared by ``restore``, ``eval`` and ``compare``."""
-    p.add_argument(
-        "--weights",
-        nargs="+",
-        default=None,
-        metavar="W",
-        help="'fast' or 'quality' (the models shipped with restorer), model.safetensors file(s) "
+def quality_arg(text: str | int) -> int | None:
+    """``--quality``: ``auto`` -> None (the rule decides), else the number."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number 1..100, got {text!r}") from None
+
+
+def inference_precision(value: str) -> str | None:
+    """The check of ``--precision``: the vocabulary is the trainer's; inference runs auto|fp32|bf16."""
+    if value in ("auto", *INFERENCE_PRECISIONS):
+        return None
+    return f"{value} is for training (with loss scaling); inference runs in auto, {', '.join(INFERENCE_PRECISIONS)}"
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelOptions:
+    """The weights and how they run: the flags shared by ``restore``, ``eval`` and ``compare``."""
+
+    weights: list[str] | None = option(
+        None,
+        "'fast' or 'quality' (the models shipped with restorer), model.safetensors file(s) "
         "or folder(s) of them, or 'none' (the JPEG itself); default: 'quality' on a GPU, "
         "'fast' on a CPU. With several, the one trained nearest to each image's JPEG "
-        "quality is used" + weights_help,
+        "quality is used",
+        metavar="W",
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
-    p.add_argument(
-        "--tile",
-        type=int,
-        default=DEFAULT_TILE,
-        help=f"tile side in pixels for bounded memory; 0 = whole image at once (default {DEFAULT_TILE})",
+    device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    tile: int = option(
+        DEFAULT_TILE, "tile side in pixels for bounded memory; 0 = whole image at once", check=at_least(0)
     )
-    p.add_argument(
-        "--tile-overlap",
-        type=int,
-        default=None,
-        help="context pixels around each tile (default: the model's receptive radius, "
+    tile_overlap: int | None = option(
+        None,
+        "context pixels around each tile (default: the model's receptive radius, "
         "which makes tiled output equal to whole-image output)",
+        check=at_least(0),
     )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
-    p.add_argument(
-        "--precision",
-        choices=PRECISION_CHOICES,
-        default=None,
-        help="auto (default): bf16 on GPUs that support it and on CPUs that compute bf16 "
-        "natively (AVX512-BF16 / AMX / Arm BF16), else fp32; bf16 is faster there but "
-        "not bit-identical to fp32",
+    threads: int | None = option(None, "CPU threads for torch (default: all cores)", check=at_least(1))
+    precision: str = option(
+        "auto",
+        "auto: bf16 on GPUs that support it and on CPUs that compute bf16 natively (AVX512-BF16 / AMX / "
+        "Arm BF16), else fp32; bf16 is faster there but not bit-identical to fp32 ('no' is accepted for fp32; "
+        "fp16 is for training only)",
+        choices=PRECISIONS,
+        parse=canonical_precision,
+        check=inference_precision,
     )
-    p.add_argument("--bf16", action="store_true", help="same as --precision bf16 (kept for old scripts)")
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help=f"refuse images declaring more pixels than this (default {DEFAULT_MAX_PIXELS:,})",
-    )
-    p.add_argument(
-        "--no-projection",
-        action="store_true",
-        help="keep the model's raw output; by default the output of a JPEG input is projected "
-        "onto the quantisation intervals of the JPEG's own DCT coefficients, which cannot "
-        "move it away from the original (restorer/infer/projection.py)",
-    )
-    p.add_argument(
-        "--quality-rule",
-        choices=RULES,
-        default="auto",
-        help="how the quality told to the model is chosen when --quality does not say: auto (default): the "
+    bf16: bool = option(False, "same as --precision bf16 (kept for old scripts)", switch=True)
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse images declaring more pixels than this", check=positive)
+    no_progress: bool = option(False, "no progress bar", switch=True)
+    verbose: bool = option(False, "debug logging", switch=True, short="-v")
+
+    def validate(self) -> None:
+        if self.bf16 and self.precision not in ("auto", "bf16"):
+            raise UserError(f"--bf16 means --precision bf16; it contradicts --precision {self.precision}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class RuleOptions:
+    """How the quality told to the model is chosen and whether the output is projected."""
+
+    quality_rule: str = option(
+        "auto",
+        "how the quality told to the model is chosen when --quality does not say: auto: the "
         "JPEG's tables, unless the pixel estimate (restorer/estimator.py) is lower by more than "
         f"{MARGIN:g} (an earlier, stronger save or a resize: then the estimate, not projected); images without "
         "tables get the estimate; tables: the tables only, always projected (the behaviour before the estimator)",
+        choices=RULES,
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    no_projection: bool = option(
+        False,
+        "keep the model's raw output; by default the output of a JPEG input is projected "
+        "onto the quantisation intervals of the JPEG's own DCT coefficients, which cannot "
+        "move it away from the original (restorer/infer/projection.py)",
+        switch=True,
+    )
 
 
-def check_model_args(args: argparse.Namespace) -> None:
-    """One check per shared flag; raises a one-line UserError."""
-    if args.tile < 0:
-        raise UserError(f"--tile must be >= 0 (0 = whole image), got {args.tile}")
-    if args.tile_overlap is not None and args.tile_overlap < 0:
-        raise UserError(f"--tile-overlap must be >= 0, got {args.tile_overlap}")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be >= 1, got {args.threads}")
-    if args.max_pixels <= 0:
-        raise UserError(f"--max-pixels must be positive, got {args.max_pixels}")
-    if args.bf16 and args.precision not in (None, "bf16"):
-        raise UserError(f"--bf16 means --precision bf16; it contradicts --precision {args.precision}")
+@dataclasses.dataclass(kw_only=True)
+class InferOptions(ModelOptions, RuleOptions):
+    """Every option ``restore``, ``eval`` and ``compare`` share (each command's class inherits it)."""
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse, set up logging (``-v``) and check the shared flags: the first lines of every command."""
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    check_model_args(args)
-    return args
+@dataclasses.dataclass(kw_only=True)
+class QualityOptions:
+    """``--quality auto|Q``: the JPEG quality to tell the model (``restore``, ``compare``)."""
+
+    quality: int | None = option(
+        None,
+        "JPEG quality to tell the model: auto (the JPEG's quantisation tables, or the pixel estimate where the "
+        "photo was compressed harder before or is not a JPEG: see --quality-rule) or 1..100; compare without "
+        "--jpeg also compresses IMAGE at it (auto: 10)",
+        parse=quality_arg,
+        metavar="auto|Q",
+        check=QUALITY_CHECK,
+    )
 
 
-def requested_precision(args: argparse.Namespace) -> str:
-    return "bf16" if args.bf16 else (args.precision or "auto")
+@dataclasses.dataclass(kw_only=True)
+class OverwriteOptions:
+    """``--overwrite``: the commands that write files (``restore``, ``compare``)."""
+
+    overwrite: bool = option(False, "replace existing outputs (never an input, even with this)", switch=True)
+
+
+def parse_options(cls: type[T], argv: Sequence[str] | None, prog: str, description: str, epilog: str) -> T:
+    """Parse a command's options (defaults < ``--config`` YAML < flags, each option's check run),
+    then set up logging (``-v``): the first lines of every command."""
+    opts = parse_config(cls, argv, prog=prog, description=description, epilog=epilog)
+    setup_logging(bool(getattr(opts, "verbose", False)))
+    return opts
+
+
+def requested_precision(opts: ModelOptions) -> str:
+    return "bf16" if opts.bf16 else opts.precision
 
 
 def resolve_precision(requested: str, device: torch.device) -> Choice:
-    """``auto`` | ``fp32`` | ``bf16`` -> the inference precision on ``device``, with its reason.
-    ``auto`` follows :func:`restorer.hardware.choose_precision`; where that would pick fp16 (a GPU
-    without bf16), inference stays in fp32."""
-    if requested not in PRECISION_CHOICES:
-        raise UserError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {requested!r}")
+    """``auto`` | ``fp32`` | ``bf16`` (or an alias) -> the inference precision on ``device``, with its
+    reason. ``auto`` follows :func:`restorer.hardware.choose_precision`; where that would pick fp16 (a
+    GPU without bf16), inference stays in fp32."""
+    try:
+        requested = canonical_precision(requested)
+    except ValueError as exc:
+        raise UserError(f"--{exc}") from None
+    problem = inference_precision(requested)
+    if problem:
+        raise UserError(f"--precision {problem}")
     if requested != "auto":
         return Choice(requested, "set explicitly")
     choice = choose_precision("auto", device)
     if choice.value == "bf16":
         return Choice("bf16", choice.reason)
-    return Choice("fp32", choice.reason if choice.value == "no" else f"{choice.reason}; inference uses fp32")
+    return Choice("fp32", choice.reason if choice.value == "fp32" else f"{choice.reason}; inference uses fp32")
 
 
 @dataclasses.dataclass
@@ -154,7 +207,7 @@ class Models:
         return all(r.model is None for r in self.restorers)
 
 
-def load_models(args: argparse.Namespace) -> Models:
+def load_models(args: InferOptions) -> Models:
     """threads -> device -> precision -> weights, the same for every command. Raises UserError
     when no weights are usable (after the per-file lines in ``errors``)."""
     set_threads(args.threads)
@@ -176,10 +229,10 @@ def load_models(args: argparse.Namespace) -> Models:
     return models
 
 
-def load_rule_estimator(args: argparse.Namespace, device: torch.device) -> Estimator | None:
+def load_rule_estimator(args: RuleOptions, device: torch.device) -> Estimator | None:
     """The packaged quality estimator when ``--quality-rule auto`` may need it; None (with a warning:
     the tables are used then) when it cannot be loaded."""
-    if getattr(args, "quality_rule", "auto") != "auto":
+    if args.quality_rule != "auto":
         return None
     try:
         return load_estimator(None, device)
@@ -189,11 +242,11 @@ def load_rule_estimator(args: argparse.Namespace, device: torch.device) -> Estim
 
 
 def choose_quality(
-    pixels: np.ndarray, tables: int | None, is_jpeg: bool, given: int | None, models: Models, args: argparse.Namespace
+    pixels: np.ndarray, tables: int | None, is_jpeg: bool, given: int | None, models: Models, args: RuleOptions
 ) -> QualityChoice:
     """:func:`restorer.infer.autoquality.choose` with the command's flags; ``--no-projection``
     turns the projection off whatever the rule says."""
-    choice = choose(pixels, tables, given, models.estimator, is_jpeg, getattr(args, "quality_rule", "auto"))
+    choice = choose(pixels, tables, given, models.estimator, is_jpeg, args.quality_rule)
     if args.no_projection and choice.project:
         choice = dataclasses.replace(choice, project=False)
     return choice
@@ -213,9 +266,7 @@ def report_weight_errors(models: Models, err: Callable[[str], None]) -> None:
         err(line)
 
 
-def project_output(
-    restored: np.ndarray, jpeg: Path | bytes, args: argparse.Namespace, *, upright: bool = True
-) -> np.ndarray:
+def project_output(restored: np.ndarray, jpeg: Path | bytes, args: RuleOptions, *, upright: bool = True) -> np.ndarray:
     """The model's output as the commands write and measure it: projected onto the JPEG's
     quantisation set (``jpeg``: the file, or its bytes) unless ``--no-projection``. ``upright``:
     ``restored`` is EXIF-upright (as ``restorer.imageio.open_image`` returns a file's pixels);

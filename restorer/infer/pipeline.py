@@ -73,7 +73,8 @@ def _overlapped(items, load, process, finish, failed, worker: ThreadPoolExecutor
             continue
         ok, processed = _run(process, loaded)
         del loaded  # the decoded input is not needed any more
-        writing = _collect(writing, failed)
+        _collect(writing, failed)
+        writing = None
         if not ok:
             failed(item, processed)
             continue
@@ -83,10 +84,9 @@ def _overlapped(items, load, process, finish, failed, worker: ThreadPoolExecutor
 
 
 def _collect(writing: tuple[Any, Future] | None, failed) -> None:
-    """Wait for a finish job; report its failure. Returns None (nothing pending)."""
+    """Wait for a finish job; report its failure."""
     if writing is not None:
         item, fut = writing
         ok, exc = fut.result()
         if not ok:
             failed(item, exc)
-    return None

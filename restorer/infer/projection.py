@@ -53,10 +53,10 @@ import torch
 from PIL import Image
 
 from restorer.errors import UserError, first_line
+from restorer.imagecore import ORIENTATION_TAG
 
 JpegSource = str | os.PathLike | bytes
 
-ORIENTATION_TAG = 0x0112
 ROWS_PER_STRIP = 64  # block rows of a component processed at once: bounds memory on big photos
 
 # JFIF full-range YCbCr (ITU-R BT.601 coefficients, as libjpeg's jccolor.c / jdcolor.c)
@@ -115,10 +115,10 @@ def read_coefficients(src: JpegSource, decoded: tuple[str, int] | None = None) -
     bytes with Pillow (``restorer.imageio.open_image`` keeps them as ``LoadedImage.data``): that
     check is not repeated (it cost a third of this function on a 24 MP photo).
     """
-    data = src if isinstance(src, bytes) else None
-    name = "<bytes>" if data is not None else str(src)
-    if data is None:
-        path = Path(src)
+    if isinstance(src, bytes):
+        data, name = src, "<bytes>"
+    else:
+        path, name = Path(os.fsdecode(src)), str(src)
         if not path.is_file():
             raise UserError(f"{name}: no such file" if not path.exists() else f"{name}: not a file")
         data = path.read_bytes()
@@ -310,7 +310,7 @@ class Projector:
         self.tables = _Tables(torch.float32, torch.device(device))
         self.strips = list(_strips(coefs))
 
-    def levels(self, x: np.ndarray, y0: int, y1: int, spans) -> torch.Tensor:
+    def levels(self, x: np.ndarray, y0: int, y1: int, spans: list[tuple[int, int]]) -> torch.Tensor:
         """Rows [y0, y1) of ``x`` (stored orientation; uint8 or float32 levels, [h, W, 3] or
         [h, W]) projected: float32 levels, planar ([3, h, W] or [1, h, W]), clipped to [0, 255]."""
         t, coefs = self.tables, self.coefs

@@ -33,21 +33,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from restorer.config import option, options_parser
 from restorer.errors import UserError, cli_entry, describe
 from restorer.fsutil import atomic_write_text
 from restorer.imageio import (
     IMAGE_SUFFIXES,
     OUTPUT_FORMATS,
     LoadedImage,
+    SaveOptions,
     find_images,
     format_for_suffix,
     open_image,
@@ -56,12 +60,14 @@ from restorer.imageio import (
 from restorer.infer.autoquality import QualityChoice
 from restorer.infer.engine import Restorer, choose_restorer
 from restorer.infer.options import (
+    InferOptions,
     InputFiles,
     Models,
-    add_model_args,
+    OverwriteOptions,
+    QualityOptions,
     choose_quality,
     load_models,
-    parse_args,
+    parse_options,
     report_weight_errors,
 )
 from restorer.infer.pipeline import run_photos
@@ -69,6 +75,7 @@ from restorer.infer.projection import JpegCoefficients, project_upright, read_co
 
 log = logging.getLogger("restorer.infer.restore")
 
+PROG = "restorer restore"
 RESTORED_TAG = ".restored"  # photo.jpg -> photo.restored.png when no -o is given
 
 EXAMPLES = """\
@@ -94,69 +101,46 @@ weights).
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="restorer restore",
-        description="Remove JPEG artifacts from photos.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, or quoted globs")
-    p.add_argument(
-        "-o",
-        "--output",
-        default=None,
-        metavar="OUT",
-        help=f"output file (a name ending in an image suffix; one input image only) or folder; "
+@dataclasses.dataclass(kw_only=True)
+class RestoreOptions(InferOptions, QualityOptions, OverwriteOptions):
+    """``restorer restore``'s options: the shared ones (restorer.infer.options) and these."""
+
+    inputs: list[str] = option(help="image files, folders, or quoted globs", positional=True, metavar="INPUT")
+    output: str | None = option(
+        None,
+        f"output file (a name ending in an image suffix; one input image only) or folder; "
         f"default: NAME{RESTORED_TAG}.png beside each input",
+        short="-o",
+        metavar="OUT",
     )
-    add_model_args(p)
-    p.add_argument(
-        "--quality",
-        type=quality_arg,
-        default=None,
-        metavar="auto|Q",
-        help="JPEG quality to tell the model: auto (default; the JPEG's quantisation tables, or the pixel "
-        "estimate where the photo was compressed harder before or is not a JPEG: see --quality-rule) or 1..100",
-    )
-    p.add_argument(
-        "--json", default=None, metavar="PATH", help="write one record per photo: quality used and why, projection"
-    )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="apply the weights even outside the JPEG quality range they were trained on "
+    json: str | None = option(None, "write one record per photo: quality used and why, projection", metavar="PATH")
+    force: bool = option(
+        False,
+        "apply the weights even outside the JPEG quality range they were trained on "
         "(default: such images are written unchanged, with a note)",
+        switch=True,
     )
-    p.add_argument(
-        "--format",
-        choices=sorted(OUTPUT_FORMATS),
-        default=None,
-        help="output format (default: from the -o file name's suffix, else png)",
+    format: str | None = option(
+        None, "output format (default: from the -o file name's suffix, else png)", choices=tuple(sorted(OUTPUT_FORMATS))
     )
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
-    p.add_argument(
-        "--recursive",
-        action="store_true",
-        help="descend into sub-folders of folder inputs (their structure is mirrored under OUT)",
+    recursive: bool = option(
+        False, "descend into sub-folders of folder inputs (their structure is mirrored under OUT)", switch=True
     )
-    p.add_argument(
-        "--sequential",
-        action="store_true",
-        help="one photo at a time: no reading or writing of the neighbours while the network runs "
+    sequential: bool = option(
+        False,
+        "one photo at a time: no reading or writing of the neighbours while the network runs "
         "(the same output files; slower on folders, and only one photo in memory instead of two)",
+        switch=True,
     )
-    return p
 
 
-def quality_arg(text: str) -> int | None:
-    """``--quality``: ``auto`` -> None (the rule decides), else the number."""
-    if str(text).strip().lower() == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or a number 1..100, got {text!r}") from None
+def parse(argv: Sequence[str] | None = None) -> RestoreOptions:
+    return parse_options(RestoreOptions, argv, PROG, "Remove JPEG artifacts from photos.", EXAMPLES)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line parser (for --help and the option checks of tests/test_options.py)."""
+    return options_parser(RestoreOptions, PROG, "Remove JPEG artifacts from photos.", EXAMPLES)
 
 
 class OutputPlan:
@@ -168,7 +152,7 @@ class OutputPlan:
         self.out = None if output is None else Path(output)
         self.single_file = False
         if self.out is not None:
-            names_folder = output.endswith(("/", os.sep)) or self.out.is_dir()
+            names_folder = (output or "").endswith(("/", os.sep)) or self.out.is_dir()
             suffix = self.out.suffix.lower()
             if not names_folder and suffix in IMAGE_SUFFIXES:
                 wanted = format_for_suffix(self.out)
@@ -207,73 +191,81 @@ def earlier_outputs(found: list[tuple[Path, Path]], inputs: list[str]) -> list[P
     return [p for p, _ in found if p.stem.endswith(RESTORED_TAG) and p.resolve() not in named]
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv)
-    if args.quality is not None and not 1 <= args.quality <= 100:
-        raise UserError(f"--quality must be 1..100, got {args.quality}")
-    failures = 0
+class Run:
+    """One ``restore`` run: the options, where outputs go, and the problems counted so far."""
 
-    def err(msg: str) -> None:
-        nonlocal failures
-        failures += 1
+    def __init__(self, args: RestoreOptions, found: list[tuple[Path, Path]]):
+        self.args, self.found = args, found
+        self.plan = OutputPlan(args.output, args.format, len(found))
+        self.inputs = InputFiles(p for p, _ in found)
+        self.targets: dict[Path, Path] = {}
+        self.records: list[dict] = []
+        self.failures = 0
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(found), unit="img", disable=args.no_progress or len(found) < 2, file=sys.stderr)
+
+    def err(self, msg: str) -> None:
+        self.failures += 1
         _write(f"error: {msg}", sys.stderr)
 
+    def load(self, item: tuple[Path, Path]) -> Loaded:
+        path, rel = item
+        target = self.plan.target(path, rel)
+        self.inputs.check(target)
+        if target in self.targets:
+            raise UserError(f"{path}: would write {target}, already written for {self.targets[target]} (rename one)")
+        self.targets[target] = path
+        if target.exists() and not self.args.overwrite:
+            raise UserError(f"{target}: output exists (use --overwrite to replace it)")
+        return _load(path, target, self.args)
+
+    def finish(self, done: Restored) -> None:
+        self.records.append(_finish(done, self.plan.fmt, self.args))
+        self.bar.update(1)
+
+    def failed(self, item: tuple[Path, Path], exc: BaseException) -> None:
+        self.bar.update(1)
+        if isinstance(exc, UserError):
+            self.err(str(exc))
+            return
+        if os.environ.get("RESTORER_DEBUG"):  # keep going with the other images unless debugging
+            raise exc
+        self.err(f"{item[0]}: failed ({describe(exc)})")
+
+
+def find_inputs(args: RestoreOptions) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """The input images (earlier outputs inside folder inputs left out, with a note) and one error
+    line per input that could not be used."""
     found, input_errors = find_images(args.inputs, args.recursive)
     skipped = set(earlier_outputs(found, args.inputs))
-    found = [(p, rel) for p, rel in found if p not in skipped]
     if skipped:
         _write(
             f"note: skipped {len(skipped)} earlier output(s) named *{RESTORED_TAG}.* in the input folders", sys.stderr
         )
-    plan = OutputPlan(args.output, args.format, len(found))
+    return [(p, rel) for p, rel in found if p not in skipped], input_errors
 
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    found, input_errors = find_inputs(args)
+    run = Run(args, found)
     models = load_models(args)
-    report_weight_errors(models, err)
+    report_weight_errors(models, run.err)
     for line in input_errors:
-        err(line)
-
-    inputs = InputFiles(p for p, _ in found)
-    targets: dict[Path, Path] = {}
-    records: list[dict] = []
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(found), unit="img", disable=args.no_progress or len(found) < 2, file=sys.stderr)
-
-    def load(item: tuple[Path, Path]) -> Loaded:
-        path, rel = item
-        target = plan.target(path, rel)
-        inputs.check(target)
-        if target in targets:
-            raise UserError(f"{path}: would write {target}, already written for {targets[target]} (rename one)")
-        targets[target] = path
-        if target.exists() and not args.overwrite:
-            raise UserError(f"{target}: output exists (use --overwrite to replace it)")
-        return _load(path, target, args)
-
-    def finish(done: Restored) -> None:
-        records.append(_finish(done, plan.fmt, args))
-        bar.update(1)
-
-    def failed(item: tuple[Path, Path], exc: BaseException) -> None:
-        bar.update(1)
-        if isinstance(exc, UserError):
-            err(str(exc))
-            return
-        if os.environ.get("RESTORER_DEBUG"):  # keep going with the other images unless debugging
-            raise exc
-        err(f"{item[0]}: failed ({describe(exc)})")
-
-    run_photos(found, load, lambda ld: _process(ld, models, args), finish, failed, not args.sequential)
-    bar.close()
+        run.err(line)
+    process = functools.partial(_process, models=models, args=args)
+    run_photos(found, run.load, process, run.finish, run.failed, not args.sequential)
+    run.bar.close()
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps({"photos": records}, indent=1) + "\n")
+        atomic_write_text(Path(args.json), json.dumps({"photos": run.records}, indent=1) + "\n")
     if not found:
         _write("error: no input images", sys.stderr)
         return 1
-    if failures:
-        _write(f"{len(found)} image(s) found, {failures} problem(s): see the error lines above", sys.stderr)
-    return 1 if failures else 0
+    if run.failures:
+        _write(f"{len(found)} image(s) found, {run.failures} problem(s): see the error lines above", sys.stderr)
+    return 1 if run.failures else 0
 
 
 def _write(msg: str, stream) -> None:
@@ -282,7 +274,7 @@ def _write(msg: str, stream) -> None:
     tqdm.write(msg, file=stream)
 
 
-def image_quality(img: LoadedImage, models: Models, args) -> QualityChoice:
+def image_quality(img: LoadedImage, models: Models, args: RestoreOptions) -> QualityChoice:
     """The quality to tell the model and whether to project (restorer.infer.autoquality); a
     UserError naming the file when neither the tables nor the estimate can say."""
     try:
@@ -331,7 +323,7 @@ class Restored:
     record: dict  # the photo's entry in --json output (its seconds added when written)
 
 
-def _load(path: Path, target: Path, args) -> Loaded:
+def _load(path: Path, target: Path, args: RestoreOptions) -> Loaded:
     started = time.perf_counter()
     img = open_image(path, args.max_pixels)
     for note in img.notes:
@@ -345,7 +337,7 @@ def _load(path: Path, target: Path, args) -> Loaded:
     return loaded
 
 
-def _process(loaded: Loaded, models: Models, args) -> Restored:
+def _process(loaded: Loaded, models: Models, args: RestoreOptions) -> Restored:
     img, path = loaded.img, loaded.img.path
     choice = image_quality(img, models, args)
     quality, restorers = choice.quality, models.restorers
@@ -355,7 +347,7 @@ def _process(loaded: Loaded, models: Models, args) -> Restored:
         pixels = _apply(restorer, img, choice, args, loaded)
         action = ""
     else:
-        lo, hi = restorer.quality_range  # covers() is True when the range is unknown
+        lo, hi = restorer.quality_range or (1, 100)  # covers() is True when the range is unknown
         pixels, action = img.pixels, "; written unchanged (outside the trained range)"
         choice = dataclasses.replace(choice, project=False)
         _write(
@@ -390,17 +382,10 @@ def _process(loaded: Loaded, models: Models, args) -> Restored:
     return Restored(pixels, meta, loaded.target, loaded.started, line, record)
 
 
-def _finish(done: Restored, fmt: str, args) -> dict:
+def _finish(done: Restored, fmt: str, args: RestoreOptions) -> dict:
     img = done.img
-    notes = save_image(
-        done.pixels,
-        img.alpha,
-        done.target,
-        fmt=fmt,
-        icc_profile=img.icc_profile,
-        exif=img.exif,
-        overwrite=args.overwrite,
-    )
+    how = SaveOptions(fmt=fmt, icc_profile=img.icc_profile, exif=img.exif, overwrite=args.overwrite)
+    notes = save_image(done.pixels, img.alpha, done.target, how)
     for note in notes:
         _write(f"warning: {img.path}: {note}", sys.stderr)
     seconds = time.perf_counter() - done.started
@@ -408,7 +393,9 @@ def _finish(done: Restored, fmt: str, args) -> dict:
     return {**done.record, "seconds": round(seconds, 3)}
 
 
-def _apply(restorer: Restorer, img: LoadedImage, choice: QualityChoice, args, loaded: Loaded) -> np.ndarray:
+def _apply(
+    restorer: Restorer, img: LoadedImage, choice: QualityChoice, args: RestoreOptions, loaded: Loaded
+) -> np.ndarray:
     """The model on one decoded image, with a per-tile bar for big photos (minutes on a CPU),
     then, for a JPEG where ``choice`` allows it, the projection onto the file's own quantisation
     set (``--no-projection`` and a re-saved photo skip it): the one place every restored image

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from restorer.config import option
 from restorer.data import StreamConfig
 from restorer.data.degrade import parse_quality
 from restorer.errors import UserError
-from restorer.hardware import AUTO_BOOL, PRECISIONS
+from restorer.hardware import AUTO_BOOL, PRECISIONS, canonical_precision
 from restorer.model import ModelConfig
+from restorer.train.step import LOSSES
 
 EXAMPLES = """examples:
   # 2 CPU processes on this machine (real gloo DDP), a few minutes:
@@ -31,12 +33,7 @@ EXAMPLES = """examples:
 """
 
 
-def _opt(default, help: str = "", **meta):
-    """A trainer option: its default and help, in one place."""
-    meta = {"help": help, **meta} if help else meta
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+_opt = option  # a trainer option: its default, help and check, in one place (restorer.config)
 
 
 @dataclasses.dataclass
@@ -74,20 +71,22 @@ class TrainConfig:
     )
     loss: str = _opt(
         "mse",
-        "training loss: mse, l1 or charbonnier (train/psnr is computed from the MSE whatever the loss)",
-        choices=["mse", "l1", "charbonnier"],
+        "training loss (train/psnr is computed from the MSE whatever the loss)",
+        choices=LOSSES,
     )
-    lr: float = 5e-4
+    lr: float = _opt(5e-4, "peak learning rate (AdamW)")
     min_lr_ratio: float = _opt(0.1, "final LR / peak LR of the cosine")
-    warmup_steps: int = 500
-    weight_decay: float = 0.0
+    warmup_steps: int = _opt(500, "linear LR warm-up steps before the cosine")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
     clip_grad: float = _opt(1.0, "max gradient norm (0 = no clipping)")
     ema_decay: float = _opt(0.999, "EMA decay (0 = no EMA)")
     # speed: chosen on the machine at run time by restorer.hardware unless set explicitly
     mixed_precision: str = _opt(
         "auto",
-        "auto: bf16 on GPUs that have it (else fp16), on CPUs only with native bf16 (else fp32)",
-        choices=list(PRECISIONS),
+        "auto: bf16 on GPUs that have it (else fp16), on CPUs only with native bf16 (else fp32); "
+        "'no' is accepted for fp32",
+        choices=PRECISIONS,
+        parse=canonical_precision,
     )
     channels_last: str = _opt("auto", "auto: on GPUs, and on CPUs with bf16", choices=list(AUTO_BOOL), const="true")
     compile: str = _opt(
@@ -98,23 +97,23 @@ class TrainConfig:
     )
     max_nonfinite: int = _opt(20, "stop after this many non-finite losses in a row")
     # validation, logging, checkpoints
-    val_every: int = 1000
-    val_qualities: list[int] = _opt([10, 20, 30, 40])
+    val_every: int = _opt(1000, "validate every N optimizer steps")
+    val_qualities: list[int] = _opt([10, 20, 30, 40], "JPEG qualities validated at")
     val_crop: int = _opt(256, "centre crop of each val image (px)")
-    val_batch_size: int = 8
+    val_batch_size: int = _opt(8, "images per validation batch")
     panel_images: int = _opt(4, "images in the JPEG|restored|clean panel")
-    log_every: int = 50
-    save_every: int = 1000
-    keep_checkpoints: int = 3
-    run_dir: str = "runs/train"
+    log_every: int = _opt(50, "log training metrics every N steps")
+    save_every: int = _opt(1000, "checkpoint every N steps")
+    keep_checkpoints: int = _opt(3, "checkpoints kept (older ones are deleted)")
+    run_dir: str = _opt("runs/train", "folder of the run: checkpoints, model.safetensors, metrics.jsonl")
     resume: str = _opt("auto", "auto, none, or a checkpoint directory")
     data_ledger: bool = _opt(
         False,
         "write RUN/ledger/rank-R.jsonl: the address (shard, sample, patch) of every patch each process took, per step",
     )
-    tracker: str = _opt("wandb", choices=["wandb", "none"])
-    wandb_project: str = "restorer"
-    run_name: str | None = None
+    tracker: str = _opt("wandb", "where metrics go besides metrics.jsonl", choices=("wandb", "none"))
+    wandb_project: str = _opt("restorer", "W&B project")
+    run_name: str | None = _opt(None, "W&B run name (default: W&B picks one)")
     # several processes and machines
     dist_timeout: float = _opt(
         600.0,
@@ -167,18 +166,6 @@ class TrainConfig:
             raise UserError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if not (0.0 <= self.ema_decay < 1.0):
             raise UserError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}")
-        choices = {
-            "mixed_precision": PRECISIONS,
-            "channels_last": AUTO_BOOL,
-            "compile": AUTO_BOOL,
-            "tracker": ("wandb", "none"),
-            "loss": ("mse", "l1", "charbonnier"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(
-                    f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
 
     def model_config(self) -> ModelConfig:
         """The architecture, every size filled in (what model.json records)."""

@@ -15,17 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        for attr in ("module", "_orig_mod"):
-            inner = getattr(model, attr, None)
-            if isinstance(inner, nn.Module):
-                model = inner
-                break
-        else:
-            return model
+from restorer.modelfile import unwrap  # noqa: F401  (re-exported: the trainer imports it from here)
 
 
 class EMA:

@@ -19,6 +19,7 @@ import torch
 
 from restorer.config import config_dict, dump_config
 from restorer.data.workers import STOP_SIGNALS
+from restorer.hardware import accelerate_precision
 from restorer.train.checkpoint import find_resume, finished_at, remove_stale_temp, resume_state, save_and_export
 from restorer.train.config import TrainConfig
 from restorer.train.datapos import apply_global_batch, open_ledger, share_quarantine, start_data
@@ -45,7 +46,7 @@ def train(cfg: TrainConfig) -> int:
     speed = choose_speed(cfg.mixed_precision, cfg.channels_last, cfg.compile, training_device_type())
     accelerator = Accelerator(
         cpu=training_device_type() == "cpu",
-        mixed_precision=speed.precision.value,
+        mixed_precision=accelerate_precision(str(speed.precision.value)),
         log_with="wandb" if use_wandb else None,
         project_dir=str(run_dir),
         kwargs_handlers=[process_group_kwargs(cfg.dist_timeout)],
@@ -59,7 +60,7 @@ def train(cfg: TrainConfig) -> int:
     set_seed(cfg.data.seed)
     apply_global_batch(cfg, accelerator.num_processes)
     channels_last = bool(speed.channels_last.value)
-    model, ema, optimizer = build_model(cfg, accelerator, channels_last)
+    model, ema, optimizer = prepare_training(cfg, accelerator, channels_last)
     state = resume_state(accelerator, resume_from, ema) if resume_from else TrainState()
     if use_wandb and state.wandb_id is None:
         import secrets
@@ -196,15 +197,15 @@ def where_to_start(accelerator, cfg: TrainConfig, run_dir: Path) -> tuple[Path |
     return resume_from, False
 
 
-def build_model(cfg: TrainConfig, accelerator, channels_last: bool):
+def prepare_training(cfg: TrainConfig, accelerator, channels_last: bool):
     """(prepared model, EMA or None, prepared AdamW). The EMA copies the plain model before any
     wrapping; no LR scheduler object (the LR is a function of the step)."""
-    from restorer.model import build_model as build_net
+    from restorer.model import build_model
     from restorer.train.ema import EMA
     from restorer.train.init import init_from_weights
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_net(cfg.model_config())
+    model = build_model(cfg.model_config())
     if cfg.init_weights:
         init_from_weights(model, cfg.model_config(), cfg.init_weights)
     model = model.to(memory_format=fmt)

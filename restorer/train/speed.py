@@ -20,7 +20,7 @@ from restorer.hardware import Choice, choose_channels_last, choose_compile, choo
 
 @dataclasses.dataclass(frozen=True)
 class SpeedChoices:
-    precision: Choice  # "no" | "bf16" | "fp16": what the Accelerator is created with
+    precision: Choice  # "fp32" | "bf16" | "fp16" (restorer.hardware.PRECISIONS)
     channels_last: Choice  # bool
     compile: Choice  # bool: asked for; whether it worked is recorded separately
 
@@ -46,7 +46,7 @@ def choose_speed(mixed_precision: str, channels_last: str, compile: str, device_
     try:
         precision = choose_precision(mixed_precision, device)
         if precision.value == "fp16" and device.type == "cpu":
-            raise UserError("--mixed-precision fp16 needs a GPU; use auto, bf16 or no on CPU")
+            raise UserError("--mixed-precision fp16 needs a GPU; use auto, bf16 or fp32 on CPU")
         return SpeedChoices(
             precision,
             choose_channels_last(channels_last, device, str(precision.value)),

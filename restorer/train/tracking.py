@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import configparser
 import json
-import math
 import netrc
 import os
 import struct
@@ -27,6 +26,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from restorer.errors import describe
+from restorer.fsutil import jsonable
 
 
 def _netrc_path() -> Path:
@@ -77,14 +77,6 @@ def prepare_wandb(run_dir: Path) -> str | None:
     )
 
 
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no inf/nan; keep the line parseable
-    return value
-
-
 class MetricsLog:
     """Append-only ``metrics.jsonl``; each line is flushed so a killed run loses at most one line.
 
@@ -114,7 +106,7 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, values: dict[str, Any], step: int) -> None:
-        row = {"step": int(step), **{k: _jsonable(v) for k, v in values.items()}}
+        row = {"step": int(step), **{k: jsonable(v) for k, v in values.items()}}
         self._fh.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
