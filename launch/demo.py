@@ -29,9 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-import skimage
-
-from shard_tools.sources import DEFAULT_VAL
+from shard_tools.sources import DEFAULT_VAL, skimage_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # accelerate and restorer of this Python's environment
@@ -49,7 +47,7 @@ def step(title: str, cmd: list[str], env: dict | None = None) -> None:
 
 def held_out_photos(shards: Path) -> Path:
     """A folder beside the shards with the val split of the default set: never trained on."""
-    photos = Path(skimage.__file__).parent / "data"
+    photos = skimage_data_dir()
     heldout = shards.parent / "heldout"
     heldout.mkdir(parents=True, exist_ok=True)
     for name in DEFAULT_VAL:
