@@ -75,7 +75,7 @@ LAUNCH ?= ACCELERATE_USE_CPU=true $(BIN)/accelerate launch --config_file launch/
 release-weights: setup
 	$(BIN)/python -m shard_tools build --bsds $(BSDS) --out data/bsr --max-samples 16
 	$(LAUNCH) launch/train.py --config launch/configs/release_$(NAME).yaml
-	$(BIN)/python bench/model_card.py --weights runs/release_$(NAME)/model.safetensors --images $(BSDS) \
+	$(BIN)/python launch/model_card.py --weights runs/release_$(NAME)/model.safetensors --images $(BSDS) \
 	    --json runs/release_$(NAME)/card.json
 	$(BIN)/python launch/package_weights.py --run runs/release_$(NAME) --name $(NAME) \
 	    --recipe launch/configs/release_$(NAME).yaml --bsr $(BSDS)

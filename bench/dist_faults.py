@@ -9,15 +9,17 @@ section quotes.
    processes are SIGKILLed, or SIGSTOPped (a frozen host); seconds until machine 0 has exited.
 
 A tiny model on tiny shards (tests/conftest.py), so the figures are the stop machinery's, not a big
-checkpoint's. The process plumbing is tests/machines.py. Ends with ``frozen_machine_exit_s: <s>``.
+checkpoint's. The process plumbing is tests/machines.py.
 
+examples:
   python bench/dist_faults.py                 # ~3 min on 2 idle cores
   python bench/dist_faults.py --dist-timeout 30 --skip-signals
+
+The last line is ``frozen_machine_exit_s: <s>`` (seconds from machine 1's SIGSTOP until machine 0 has exited).
 """
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 import tempfile
@@ -29,6 +31,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from conftest import FIT_ARGS, clean_env, free_port, write_shards  # noqa: E402
 from machines import accelerate_cmd, machines  # noqa: E402
+
+from benchcli import parser as bench_parser  # noqa: E402
 
 ARGS = [*FIT_ARGS, "--num-workers", "1", "--val-every", "100000", "--tracker", "none", "--max-steps", "100000"]
 WAYS = [("SIGTERM", "launcher"), ("SIGUSR1", "launcher"), ("SIGKILL", "launcher"), ("SIGTERM", "tree")]
@@ -90,11 +94,11 @@ def time_lost_machine(shards: Path, tmp: Path, fault: str, timeout: float) -> fl
     return took
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = bench_parser(__doc__)
     parser.add_argument("--dist-timeout", type=float, default=20, help="seconds (default 20)")
     parser.add_argument("--skip-signals", action="store_true", help="only the lost-machine timings")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="dist_faults-") as td:
         tmp = Path(td)
         shards = write_shards(tmp / "shards", splits={"train": 4, "val": 2}, samples_per_shard=2, tile=48)
@@ -103,7 +107,8 @@ def main() -> None:
         time_lost_machine(shards, tmp, "SIGKILL", args.dist_timeout)
         frozen = time_lost_machine(shards, tmp, "SIGSTOP", args.dist_timeout)
     print(f"frozen_machine_exit_s: {frozen:.1f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,15 +13,17 @@ not fitted on the test photos the realworld bench reports), it prints:
   best mean PSNR on the chain, raw network (no projection), searched over ``--told``; and the dB
   that the model loses when told ``min q`` / ``matched q`` / the last save's quality instead.
 
-  .venv/bin/python bench/effective_quality.py --weights quality --limit 16
-  .venv/bin/python bench/effective_quality.py --chains 30>80 90>30 --limit 4        # no model: PSNRs only
+examples:
+  python bench/effective_quality.py --weights quality --limit 16
+  python bench/effective_quality.py --chains 30>80 90>30 --limit 4        # no model: PSNRs only
 
-The last line is ``worst_loss_db_<rule>: X`` for the rule that loses least in its worst chain.
+The last line is ``worst_loss_db_matched: X`` or its ``_min`` / ``_last`` form: the loss in its worst
+chain of the rule (told ``min q``, ``matched q``, the last save's q) that loses least there;
+``worst_loss_db_none: nan`` without ``--weights`` (no rule is judged).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,6 +31,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+
+from benchcli import parser as bench_parser
+from benchcli import summary
 
 REPO = Path(__file__).resolve().parents[1]
 CHAINS = (
@@ -59,8 +64,8 @@ def centre(img: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(img[y : y + size, x : x + size])
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = bench_parser(__doc__)
     parser.add_argument("--weights", default=None, help="fast | quality | a model.safetensors (default: none)")
     parser.add_argument("--images", default=str(REPO.parent / "shared/datasets/BSR"), help="BSR root or folder")
     parser.add_argument("--split", default="val")
@@ -105,7 +110,7 @@ def main(argv=None) -> int:
         if restorer:
             told = sorted(set(args.told) | {qmin, qmatch, qlast})
             db = {t: float(np.mean([psnr(restorer.restore(d, t), c) for d, c in pairs])) for t in told}
-            best = max(db, key=db.get)
+            best = max(db, key=db.__getitem__)
             for name, t in (("min", qmin), ("matched", qmatch), ("last", qlast)):
                 losses[name].append(db[best] - db[t])
             line += (
@@ -117,8 +122,10 @@ def main(argv=None) -> int:
         worst = {k: max(v) for k, v in losses.items()}
         mean = {k: float(np.mean(v)) for k, v in losses.items()}
         print("mean loss vs best told q: " + ", ".join(f"{k} {v:.3f} dB" for k, v in mean.items()))
-        rule = min(worst, key=worst.get)
+        rule = min(worst, key=worst.__getitem__)
         print(f"worst_loss_db_{rule}: {worst[rule]:.3f}")
+    else:
+        print(summary("worst_loss_db_none", None))
     return 0
 
 

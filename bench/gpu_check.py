@@ -293,13 +293,8 @@ class Check:
         expected = 0.85 * min(rates) if rates else 1000.0
         return max(200, min(100_000, int(s.train_seconds * expected / s.batch)))
 
-    def stage_train(self, stage: Stage) -> None:
-        if self.no_shards(stage):
-            return
-        s = self.sizes
-        run_dir = self.work / time.strftime("train-%Y%m%d-%H%M%S")
-        steps = self.train_steps()
-        val_crop = 64 if s.tiny else int(self.recipe["val_crop"])
+    def accelerate_config(self) -> Path:
+        """One process on this machine's device, precision left to launch/train.py."""
         acc_cfg = self.work / "accelerate_1proc.yaml"
         acc_cfg.write_text(
             yaml.safe_dump(
@@ -314,6 +309,11 @@ class Check:
                 }
             )
         )
+        return acc_cfg
+
+    def train_flags(self, run_dir: Path, steps: int, val_crop: int) -> list[str]:
+        """launch/train.py's flags: the GPU recipe for ``steps`` steps, the tiny sizes on a smoke run."""
+        s = self.sizes
         flags = [
             "--config",
             str(GPU_RECIPE),
@@ -373,6 +373,17 @@ class Check:
                 "--panel-images",
                 "0",
             ]
+        return flags
+
+    def stage_train(self, stage: Stage) -> None:
+        if self.no_shards(stage):
+            return
+        s = self.sizes
+        run_dir = self.work / time.strftime("train-%Y%m%d-%H%M%S")
+        steps = self.train_steps()
+        val_crop = 64 if s.tiny else int(self.recipe["val_crop"])
+        acc_cfg = self.accelerate_config()
+        flags = self.train_flags(run_dir, steps, val_crop)
         cmd = self.python(
             "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg), str(REPO / "launch" / "train.py"), *flags
         )
@@ -500,6 +511,39 @@ def fmt(v, spec: str = ",.0f", missing: str = "-") -> str:
     return missing if v is None else format(v, spec)
 
 
+def model_lines(check: Check) -> list[str]:
+    """The model-only training step table (empty when that stage measured nothing)."""
+    m, s = check.stages.get("model", Stage("model")).figures, check.sizes
+    if not m.get("rows"):
+        return []
+    lines: list[str] = []
+    peak = m["peak_bf16_flops"]
+    lines.append(
+        f"\n## model-only training step, batch {m['batch']} x {m['patch']} px, "
+        f"{'bf16' if m['bf16'] else 'fp32'}{' + channels_last' if m['channels_last'] else ''}"
+        + (f"; MFU over {peak / 1e12:,.0f} TFLOP/s dense bf16" if peak else "; MFU n/a (no known GPU peak)")
+    )
+    lines.append(
+        f"{'preset':<8} {'C':>4} {'N':>3} {'GFLOP/patch':>11} {'eager p/s':>10} {'MFU':>6} "
+        f"{'compiled p/s':>12} {'MFU':>6} {'compile s':>9} {'speedup':>7}"
+    )
+    for preset in s.presets:
+        e, c = m["rows"].get(f"{preset}/eager", {}), m["rows"].get(f"{preset}/compiled", {})
+        base = e or c
+        if not base:
+            lines.append(f"{preset:<8} not reached")
+            continue
+        ep, cp = e.get("patches_per_s"), c.get("patches_per_s")
+        lines.append(
+            f"{preset:<8} {base['channels']:>4} {base['units']:>3} "
+            f"{3 * base['flops_per_pixel'] * m['patch'] ** 2 / 1e9:>11.2f} "
+            f"{fmt(ep, ',.1f', 'error' if 'error' in e else '-'):>10} {fmt(e.get('mfu'), '.1%'):>6} "
+            f"{fmt(cp, ',.1f', 'error' if 'error' in c else '-'):>12} {fmt(c.get('mfu'), '.1%'):>6} "
+            f"{fmt(c.get('first_step_s'), '.0f'):>9} {f'{cp / ep:.2f}x' if ep and cp else '-':>7}"
+        )
+    return lines
+
+
 def report(check: Check, total_s: float) -> list[str]:
     st, s = check.stages, check.sizes
     import torch
@@ -510,32 +554,7 @@ def report(check: Check, total_s: float) -> list[str]:
         f"   precision {check.precision.value} ({check.precision.reason}); channels_last "
         f"{check.channels_last.value}; compile in training {check.compile.value} ({check.compile.reason})",
     ]
-    m = st.get("model", Stage("model")).figures
-    if m.get("rows"):
-        peak = m["peak_bf16_flops"]
-        lines.append(
-            f"\n## model-only training step, batch {m['batch']} x {m['patch']} px, "
-            f"{'bf16' if m['bf16'] else 'fp32'}{' + channels_last' if m['channels_last'] else ''}"
-            + (f"; MFU over {peak / 1e12:,.0f} TFLOP/s dense bf16" if peak else "; MFU n/a (no known GPU peak)")
-        )
-        lines.append(
-            f"{'preset':<8} {'C':>4} {'N':>3} {'GFLOP/patch':>11} {'eager p/s':>10} {'MFU':>6} "
-            f"{'compiled p/s':>12} {'MFU':>6} {'compile s':>9} {'speedup':>7}"
-        )
-        for preset in s.presets:
-            e, c = m["rows"].get(f"{preset}/eager", {}), m["rows"].get(f"{preset}/compiled", {})
-            base = e or c
-            if not base:
-                lines.append(f"{preset:<8} not reached")
-                continue
-            ep, cp = e.get("patches_per_s"), c.get("patches_per_s")
-            lines.append(
-                f"{preset:<8} {base['channels']:>4} {base['units']:>3} "
-                f"{3 * base['flops_per_pixel'] * m['patch'] ** 2 / 1e9:>11.2f} "
-                f"{fmt(ep, ',.1f', 'error' if 'error' in e else '-'):>10} {fmt(e.get('mfu'), '.1%'):>6} "
-                f"{fmt(cp, ',.1f', 'error' if 'error' in c else '-'):>12} {fmt(c.get('mfu'), '.1%'):>6} "
-                f"{fmt(c.get('first_step_s'), '.0f'):>9} {f'{cp / ep:.2f}x' if ep and cp else '-':>7}"
-            )
+    lines += model_lines(check)
     lo = st.get("loader", Stage("loader")).figures.get("rows", {})
     if lo:
         lines.append(

@@ -383,60 +383,20 @@ def gpu_estimate(per_worker: float, per_worker_ppm: float) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    ap = parser(__doc__)
-    ap.add_argument("--seconds", type=float, default=6.0, help="timing window per measurement")
-    ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="workers for the totals")
-    ap.add_argument("--images", type=int, default=16, help="2K-class images to generate")
-    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "restorer-bench-loader")
-    ap.add_argument("--no-remote", action="store_true", help="skip the HTTP / S3 rows")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    sec = args.seconds
-
-    files_2k = make_2k_set(args.cache / "div2k_class", args.images)
+def prepare(cache: Path, images: int) -> tuple[list[Path], list[Path], dict[str, Path], str]:
+    """(2K-class files, BSDS500 files, shard folders by name, what built them): built once into ``cache``."""
+    files_2k = make_2k_set(cache / "div2k_class", images)
     files_bsds = bsds_files()
-    sh_2k_default, made_by = build_shards(
-        args.cache / "shards_2k_webp", ["--folder", str(files_2k[0].parent), "--val-fraction", "0"], "webp", files_2k
-    )
-    sh_2k_png, _ = build_shards(
-        args.cache / "shards_2k_png", ["--folder", str(files_2k[0].parent), "--val-fraction", "0"], "png", files_2k
-    )
-    sh_2k_ppm, _ = build_shards(
-        args.cache / "shards_2k_ppm", ["--folder", str(files_2k[0].parent), "--val-fraction", "0"], "ppm", files_2k
-    )
-    sh_bsds, _ = build_shards(args.cache / "shards_bsds_webp", ["--bsds", str(BSDS)], "webp", files_bsds)
-    prep = time.perf_counter() - t0
+    folder = ["--folder", str(files_2k[0].parent), "--val-fraction", "0"]
+    shards = {}
+    shards["2k_webp"], made_by = build_shards(cache / "shards_2k_webp", folder, "webp", files_2k)
+    shards["2k_png"], _ = build_shards(cache / "shards_2k_png", folder, "png", files_2k)
+    shards["2k_ppm"], _ = build_shards(cache / "shards_2k_ppm", folder, "ppm", files_2k)
+    shards["bsds_webp"], _ = build_shards(cache / "shards_bsds_webp", ["--bsds", str(BSDS)], "webp", files_bsds)
+    return files_2k, files_bsds, shards, made_by
 
-    rows = []
-    ceil = ceiling(min(sec, 3.0))
-    b2k = baseline_rate(files_2k, 0, sec * 1.5)
-    p2k = pipeline_rate(sh_2k_default, 0, sec)
-    p2k_png = pipeline_rate(sh_2k_png, 0, sec)
-    p2k_ppm = pipeline_rate(sh_2k_ppm, 0, sec)
-    b2k_tot = baseline_rate(files_2k, args.workers, sec)
-    p2k_tot = pipeline_rate(sh_2k_default, args.workers, sec)
-    aug_whole = augment_rate(files_2k, augment.whole_image, min(sec, 2.0))
-    aug_crop = augment_rate(files_2k, augment.crop_first, min(sec, 2.0))
-    bb = baseline_rate(files_bsds, 0, sec)
-    pb = pipeline_rate(sh_bsds, 0, sec)
-    sh_bsr, _ = build_shards(
-        args.cache / "shards_bsds_16", ["--bsds", str(BSDS), "--max-samples", "16"], "webp", files_bsds
-    )
-    bpe, one_pass, resampled = epochs_vs_resampled(sh_bsr, 2, sec)
-    step_s = BATCH / (0.8 * min(one_pass, resampled))  # a consumer at 80% of what the loader gives
-    paced_rows = [(name, *paced(sh_bsr, res, 2, step_s)) for name, res in (("one-pass", False), ("resampled", True))]
-    remote = None if args.no_remote else protocol_rates(sh_2k_default, sec)
-    rows = [
-        ("ceiling: Pillow crop + JPEG q10, no decode", ceil, None, ceil / b2k),
-        ("2K-class  baseline: whole PNG file per sample", b2k, b2k_tot, 1.0),
-        ("2K-class  pipeline: webp tile shards (builder default)", p2k, p2k_tot, p2k / b2k),
-        ("2K-class  pipeline: png tile shards", p2k_png, None, p2k_png / b2k),
-        ("2K-class  pipeline: ppm tile shards (--encoding ppm)", p2k_ppm, None, p2k_ppm / b2k),
-        ("BSDS500   baseline: whole JPEG file per sample", bb, None, 1.0),
-        ("BSDS500   pipeline: webp shards (tile = whole photo)", pb, None, pb / bb),
-    ]
+
+def print_header(files_2k: list[Path], files_bsds: list[Path], made_by: str, prep: float, workers: int, sec: float):
     print(
         f"loader benchmark: {PATCH} px patches, JPEG q{QUALITY} 4:2:0, batch {BATCH}, rescale p=0.5 "
         f"{PARAMS.rescale_scales}, rotate p=0.5, patches_per_image 4, shuffle buffer 1000"
@@ -446,17 +406,12 @@ def main(argv=None) -> int:
         f"BSDS500 = {len(files_bsds)} JPEGs; shards by {made_by} (512 px tiles); prep {prep:.0f}s"
     )
     print(
-        f"machine: {os.cpu_count()} cpu(s) (shared); totals use {args.workers} DataLoader workers; "
+        f"machine: {os.cpu_count()} cpu(s) (shared); totals use {workers} DataLoader workers; "
         f"{sec:.0f}s windows, steady state (after the first batch)"
     )
-    print(f"{'':56s} {'patches/s/worker':>16s} {'total':>9s} {'ratio/worker':>13s}")
-    for name, pw, tot, ratio in rows:
-        total = f"{tot:9.1f}" if tot is not None else f"{'-':>9s}"
-        print(f"{name:56s} {pw:16.1f} {total} {ratio:12.1f}x")
-    print(
-        f"augment only, 512 px tile -> {PATCH} px patch: whole-tile rescale/rotate {aug_whole:.0f}/s, "
-        f"crop-first {aug_crop:.0f}/s ({aug_crop / aug_whole:.1f}x)"
-    )
+
+
+def print_epochs(bpe: int, one_pass: float, resampled: float, step_s: float, paced_rows: list[tuple]) -> None:
     print(
         f"BSDS500 train+val, 16 per shard, 2 workers: one-pass epochs of {bpe} batches {one_pass:.1f} patches/s "
         f"vs resampled {resampled:.1f} patches/s ({one_pass / resampled:.2f}x)"
@@ -467,15 +422,72 @@ def main(argv=None) -> int:
             f"  {name:10s} {got:7.1f} patches/s, first batch of an epoch waited {boundary * 1000:6.0f} ms, "
             f"data wait {wait_frac:.1%}"
         )
+
+
+def print_remote(remote: dict[str, float]) -> None:
+    print("protocol layer, 2K-class webp shards, 1 DataLoader worker, servers on 127.0.0.1 in the bench process:")
+    print(f"  {'shards read from':40s} {'patches/s/worker':>16s} {'vs local':>9s}")
+    for name, label in (
+        ("local", "local files"),
+        ("http", "http:// (urlio, Python HTTP server)"),
+        ("s3", "s3:// (urlio + s3fs, moto server)"),
+    ):
+        print(f"  {label:40s} {remote[name]:16.1f} {remote[name] / remote['local']:8.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
+    ap.add_argument("--seconds", type=float, default=6.0, help="timing window per measurement")
+    ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="workers for the totals")
+    ap.add_argument("--images", type=int, default=16, help="2K-class images to generate")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "restorer-bench-loader")
+    ap.add_argument("--no-remote", action="store_true", help="skip the HTTP / S3 rows")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    sec = args.seconds
+    files_2k, files_bsds, shards, made_by = prepare(args.cache, args.images)
+    prep = time.perf_counter() - t0
+
+    ceil = ceiling(min(sec, 3.0))
+    b2k = baseline_rate(files_2k, 0, sec * 1.5)
+    p2k = pipeline_rate(shards["2k_webp"], 0, sec)
+    p2k_png = pipeline_rate(shards["2k_png"], 0, sec)
+    p2k_ppm = pipeline_rate(shards["2k_ppm"], 0, sec)
+    b2k_tot = baseline_rate(files_2k, args.workers, sec)
+    p2k_tot = pipeline_rate(shards["2k_webp"], args.workers, sec)
+    aug_whole = augment_rate(files_2k, augment.whole_image, min(sec, 2.0))
+    aug_crop = augment_rate(files_2k, augment.crop_first, min(sec, 2.0))
+    bb = baseline_rate(files_bsds, 0, sec)
+    pb = pipeline_rate(shards["bsds_webp"], 0, sec)
+    sh_bsr, _ = build_shards(
+        args.cache / "shards_bsds_16", ["--bsds", str(BSDS), "--max-samples", "16"], "webp", files_bsds
+    )
+    bpe, one_pass, resampled = epochs_vs_resampled(sh_bsr, 2, sec)
+    step_s = BATCH / (0.8 * min(one_pass, resampled))  # a consumer at 80% of what the loader gives
+    paced_rows = [(name, *paced(sh_bsr, res, 2, step_s)) for name, res in (("one-pass", False), ("resampled", True))]
+    remote = None if args.no_remote else protocol_rates(shards["2k_webp"], sec)
+    rows = [
+        ("ceiling: Pillow crop + JPEG q10, no decode", ceil, None, ceil / b2k),
+        ("2K-class  baseline: whole PNG file per sample", b2k, b2k_tot, 1.0),
+        ("2K-class  pipeline: webp tile shards (builder default)", p2k, p2k_tot, p2k / b2k),
+        ("2K-class  pipeline: png tile shards", p2k_png, None, p2k_png / b2k),
+        ("2K-class  pipeline: ppm tile shards (--encoding ppm)", p2k_ppm, None, p2k_ppm / b2k),
+        ("BSDS500   baseline: whole JPEG file per sample", bb, None, 1.0),
+        ("BSDS500   pipeline: webp shards (tile = whole photo)", pb, None, pb / bb),
+    ]
+    print_header(files_2k, files_bsds, made_by, prep, args.workers, sec)
+    print(f"{'':56s} {'patches/s/worker':>16s} {'total':>9s} {'ratio/worker':>13s}")
+    for name, pw, tot, ratio in rows:
+        total = f"{tot:9.1f}" if tot is not None else f"{'-':>9s}"
+        print(f"{name:56s} {pw:16.1f} {total} {ratio:12.1f}x")
+    print(
+        f"augment only, 512 px tile -> {PATCH} px patch: whole-tile rescale/rotate {aug_whole:.0f}/s, "
+        f"crop-first {aug_crop:.0f}/s ({aug_crop / aug_whole:.1f}x)"
+    )
+    print_epochs(bpe, one_pass, resampled, step_s, paced_rows)
     if remote is not None:
-        print("protocol layer, 2K-class webp shards, 1 DataLoader worker, servers on 127.0.0.1 in the bench process:")
-        print(f"  {'shards read from':40s} {'patches/s/worker':>16s} {'vs local':>9s}")
-        for name, label in (
-            ("local", "local files"),
-            ("http", "http:// (urlio, Python HTTP server)"),
-            ("s3", "s3:// (urlio + s3fs, moto server)"),
-        ):
-            print(f"  {label:40s} {remote[name]:16.1f} {remote[name] / remote['local']:8.2f}x")
+        print_remote(remote)
     print(f"pipeline share of the ceiling (per worker, 2K webp): {p2k / ceil:.0%}")
     for line in gpu_estimate(p2k, p2k_ppm):
         print(line)

@@ -24,6 +24,7 @@ is ``model_choice_best_gain_q10_db: +X.XX``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -154,6 +155,86 @@ def evaluate(weights: Path, images: Path, out: Path, limit: int | None, device: 
     return {int(r["quality"]): (r["jpeg_psnr_rgb"], r["restored_psnr_rgb"]) for r in means}
 
 
+def data_flags(shards: str, setup: dict, hw: str) -> list[str]:
+    """The data options every candidate trains with."""
+    data = ["--shards", str(Path(shards).resolve()), "--train-splits", "train", "val", "--val-split", "test"]
+    data += ["--patch-size", str(setup["patch"]), "--batch-size", str(setup["batch"])]
+    data += ["--num-workers", str(setup["workers"]), "--patches-per-image", "8", "--flip-p", "0.5", "--val-crop", "128"]
+    if hw == "gpu":
+        data += ["--resampled", "true"]
+    return data
+
+
+def schedule(run_dir: Path, steps: int, warmup: int, log_every: int, val_every: int, save_every: int) -> list[str]:
+    return [
+        *("--run-dir", str(run_dir), "--max-steps", str(steps), "--warmup-steps", str(warmup)),
+        *("--log-every", str(log_every), "--val-every", str(val_every), "--save-every", str(save_every)),
+    ]
+
+
+def run_candidate(name: str, flags: list[str], args: argparse.Namespace, data: list[str], hw: str) -> dict:
+    """A short probe for the candidate's speed, then a run of the steps that fill the budget, then eval."""
+    from restorer.model import ModelConfig, build_model, count_parameters, flops_per_pixel
+
+    setup = SETUP[hw]
+    patches_per_step = setup["batch"] * setup["procs"]
+    slug = name.replace(" ", "-")
+    probe_dir, run_dir = args.out / f"{slug}-probe", args.out / slug
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    n = args.probe_steps
+    probe = schedule(probe_dir, n, 5, n // 4, 10 * n, 10 * n)
+    launch([*data, *COMMON, *flags, *probe], args.out / f"{slug}-probe.log", hw)
+    speeds = [r["perf/patches_per_s"] for r in rows(probe_dir) if "perf/patches_per_s" in r]
+    patches_per_s = max(speeds[1:] or speeds)  # the first window includes start-up and compiling
+    steps = max(50, int(patches_per_s * args.minutes * 60 / patches_per_step))
+    print(f"{name}: {patches_per_s:.1f} patches/s -> {steps} steps for {args.minutes:g} min", flush=True)
+    run = schedule(run_dir, steps, max(10, steps // 20), max(1, steps // 20), 10 * steps, steps)
+    seconds = launch([*data, *COMMON, *flags, *run], args.out / f"{slug}.log", hw)
+    scores = evaluate(
+        run_dir / "model.safetensors",
+        Path(args.images),
+        args.out / f"{slug}-eval.json",
+        args.eval_images,
+        "cuda" if hw == "gpu" else "cpu",
+    )
+    info = json.loads((run_dir / "model.json").read_text())["model"]
+    model = build_model(ModelConfig(**info))
+    return {
+        "name": name,
+        "params": count_parameters(model),
+        "mflop_px": flops_per_pixel(model) / 1e6,
+        "patches_per_s": patches_per_s,
+        "steps": steps,
+        "seconds": seconds,
+        "jpeg_q10": scores[10][0],
+        "psnr_q10": scores[10][1],
+        "gain_q10": scores[10][1] - scores[10][0],
+        "jpeg_q40": scores[40][0],
+        "psnr_q40": scores[40][1],
+        "gain_q40": scores[40][1] - scores[40][0],
+    }
+
+
+def print_results(results: list[dict], args: argparse.Namespace, hw: str) -> None:
+    setup = SETUP[hw]
+    n_images = args.eval_images or 200
+    print(
+        f"\n{args.minutes:g} min per candidate on {'one GPU' if hw == 'gpu' else '2 CPU processes'}, "
+        f"{setup['patch']} px patches, batch {setup['procs']}x{setup['batch']}, q10-40 conditioned, precision/compile "
+        f"auto; eval: BSDS500 test, {n_images} whole images, RGB PSNR, no border crop, raw model output"
+    )
+    print(
+        f"{'candidate':<22} {'params':>9} {'MFLOP/px':>8} {'patch/s':>8} {'steps':>6} "
+        f"{'q10 dB':>7} {'gain':>6} {'q40 dB':>7} {'gain':>6}"
+    )
+    for r in results:
+        print(
+            f"{r['name']:<22} {r['params']:>9,} {r['mflop_px']:>8.2f} {r['patches_per_s']:>8.1f} {r['steps']:>6} "
+            f"{r['psnr_q10']:>7.2f} {r['gain_q10']:>+6.2f} {r['psnr_q40']:>7.2f} {r['gain_q40']:>+6.2f}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = benchcli.parser(__doc__)
     parser.add_argument("--shards", default="data/bsr", help="BSDS500 shards with train, val and test splits")
@@ -170,131 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="names (prefixes) of candidates to run")
     args = parser.parse_args(argv)
     hw = "gpu" if args.gpu else "cpu"
-    setup = SETUP[hw]
-    data = [
-        "--shards",
-        str(Path(args.shards).resolve()),
-        "--train-splits",
-        "train",
-        "val",
-        "--val-split",
-        "test",
-        "--patch-size",
-        str(setup["patch"]),
-        "--batch-size",
-        str(setup["batch"]),
-        "--num-workers",
-        str(setup["workers"]),
-        "--patches-per-image",
-        "8",
-        "--flip-p",
-        "0.5",
-        "--val-crop",
-        "128",
-    ]
-    if hw == "gpu":
-        data += ["--resampled", "true"]
-    patches_per_step = setup["batch"] * setup["procs"]
+    data = data_flags(args.shards, SETUP[hw], hw)
     args.out.mkdir(parents=True, exist_ok=True)
-    from restorer.model import ModelConfig, build_model, count_parameters, flops_per_pixel
-
     results = []
     for name, flags in CANDIDATES:
         if args.only and not any(name.startswith(o) for o in args.only):
             continue
-        slug = name.replace(" ", "-")
-        probe_dir, run_dir = args.out / f"{slug}-probe", args.out / slug
-        shutil.rmtree(probe_dir, ignore_errors=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        n = args.probe_steps
-        launch(
-            [
-                *data,
-                *COMMON,
-                *flags,
-                "--run-dir",
-                str(probe_dir),
-                "--max-steps",
-                str(n),
-                "--warmup-steps",
-                "5",
-                "--log-every",
-                str(n // 4),
-                "--val-every",
-                str(10 * n),
-                "--save-every",
-                str(10 * n),
-            ],
-            args.out / f"{slug}-probe.log",
-            hw,
-        )
-        speeds = [r["perf/patches_per_s"] for r in rows(probe_dir) if "perf/patches_per_s" in r]
-        patches_per_s = max(speeds[1:] or speeds)  # the first window includes start-up and compiling
-        steps = max(50, int(patches_per_s * args.minutes * 60 / patches_per_step))
-        print(f"{name}: {patches_per_s:.1f} patches/s -> {steps} steps for {args.minutes:g} min", flush=True)
-        seconds = launch(
-            [
-                *data,
-                *COMMON,
-                *flags,
-                "--run-dir",
-                str(run_dir),
-                "--max-steps",
-                str(steps),
-                "--warmup-steps",
-                str(max(10, steps // 20)),
-                "--log-every",
-                str(max(1, steps // 20)),
-                "--val-every",
-                str(10 * steps),
-                "--save-every",
-                str(steps),
-            ],
-            args.out / f"{slug}.log",
-            hw,
-        )
-        scores = evaluate(
-            run_dir / "model.safetensors",
-            Path(args.images),
-            args.out / f"{slug}-eval.json",
-            args.eval_images,
-            "cuda" if hw == "gpu" else "cpu",
-        )
-        info = json.loads((run_dir / "model.json").read_text())["model"]
-        model = build_model(ModelConfig(**info))
-        results.append(
-            {
-                "name": name,
-                "params": count_parameters(model),
-                "mflop_px": flops_per_pixel(model) / 1e6,
-                "patches_per_s": patches_per_s,
-                "steps": steps,
-                "seconds": seconds,
-                "jpeg_q10": scores[10][0],
-                "psnr_q10": scores[10][1],
-                "gain_q10": scores[10][1] - scores[10][0],
-                "jpeg_q40": scores[40][0],
-                "psnr_q40": scores[40][1],
-                "gain_q40": scores[40][1] - scores[40][0],
-            }
-        )
+        results.append(run_candidate(name, flags, args, data, hw))
         print(json.dumps(results[-1]), flush=True)
     (args.out / f"results-{hw}.json").write_text(json.dumps(results, indent=2) + "\n")
-    n_images = args.eval_images or 200
-    print(
-        f"\n{args.minutes:g} min per candidate on {'one GPU' if hw == 'gpu' else '2 CPU processes'}, "
-        f"{setup['patch']} px patches, batch {setup['procs']}x{setup['batch']}, q10-40 conditioned, precision/compile "
-        f"auto; eval: BSDS500 test, {n_images} whole images, RGB PSNR, no border crop, raw model output"
-    )
-    print(
-        f"{'candidate':<22} {'params':>9} {'MFLOP/px':>8} {'patch/s':>8} {'steps':>6} "
-        f"{'q10 dB':>7} {'gain':>6} {'q40 dB':>7} {'gain':>6}"
-    )
-    for r in results:
-        print(
-            f"{r['name']:<22} {r['params']:>9,} {r['mflop_px']:>8.2f} {r['patches_per_s']:>8.1f} {r['steps']:>6} "
-            f"{r['psnr_q10']:>7.2f} {r['gain_q10']:>+6.2f} {r['psnr_q40']:>7.2f} {r['gain_q40']:>+6.2f}"
-        )
+    print_results(results, args, hw)
     best = max(results, key=lambda r: r["gain_q10"])
     base = next((r for r in results if r["name"] == "default mse"), None)
     print(

@@ -11,15 +11,15 @@ images the rule treats as re-saved (estimate < tables - margin) at the chosen ma
 chosen is the smallest whole number that flags no single save of the run (the largest
 tables-minus-estimate seen on first-generation JPEGs, rounded up, plus ``--slack``).
 
-  .venv/bin/python bench/quality_rule.py --limit 40
-  .venv/bin/python bench/quality_rule.py --estimator runs/release_estimator/estimator.safetensors --limit 10
+examples:
+  python bench/quality_rule.py --limit 40
+  python bench/quality_rule.py --estimator runs/release_estimator/estimator.safetensors --limit 10
 
-Last line: ``quality_rule_margin: X`` (compare autoquality.MARGIN).
+The last line is ``quality_rule_margin: X`` (compare autoquality.MARGIN).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -30,6 +30,8 @@ if __package__ in (None, ""):
 
 import numpy as np
 
+from benchcli import parser as bench_parser
+
 REPO = Path(__file__).resolve().parents[1]
 SINGLES = tuple(f"{q}" for q in range(5, 100, 5)) + ("10:4:4:4", "30:4:4:4", "50:4:4:4", "70:4:4:4", "90:4:4:4")
 CHAINS = (
@@ -38,8 +40,8 @@ CHAINS = (
 )  # fmt: skip
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = bench_parser(__doc__)
     parser.add_argument("--estimator", default=None, help="estimator weights (default: the packaged one)")
     parser.add_argument("--images", default=str(REPO.parent / "shared/datasets/BSR"), help="BSR root or folder")
     parser.add_argument("--split", default="test")

@@ -16,17 +16,17 @@ same crops and resizes. Columns (RGB PSNR, 8-bit, peak 255, no border crop, mean
 - a second table: each case's gain had the rule used another margin (both outcomes are measured
   per image: told the tables and projected, told the estimate and raw).
 
-  .venv/bin/python bench/realworld.py --weights quality                 # the README table (200 images)
-  .venv/bin/python bench/realworld.py --weights fast --limit 20 --cases 30>80 90>30
-  .venv/bin/python bench/realworld.py --weights quality --panels bench/figures/realworld --limit 0
+examples:
+  python bench/realworld.py --weights quality                 # the README table (200 images)
+  python bench/realworld.py --weights fast --limit 20 --cases 30>80 90>30
+  python bench/realworld.py --weights quality --panels bench/figures/realworld --limit 0
 
 The last line is ``realworld_worst_default_minus_oracle_db: X`` (over the chains; >= -0.15 is the
-issue's bar) after ``realworld_min_chain_gain_db``.
+issue's bar) after ``realworld_min_chain_gain_db``; ``nan`` when no image is restored (``--limit 0``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -36,6 +36,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+
+from benchcli import parser as bench_parser
+from benchcli import summary
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = ("30>80", "30>s4>80", "40>x0.75>85", "90>30", "10", "50", "90")
@@ -91,8 +94,8 @@ def write_panel_inputs(img: np.ndarray, spec: str, folder: Path, stem: str) -> t
     return ref_path, jpeg_path
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = bench_parser(__doc__)
     parser.add_argument("--weights", default="quality", help="fast | quality | a model.safetensors")
     parser.add_argument(
         "--estimator", default=None, help="quality estimator weights (default: the packaged one; 'none': tables only)"
@@ -138,7 +141,8 @@ def main(argv=None) -> int:
         img = open_image(path).pixels
         for spec in args.cases:
             rows[spec].append({"image": path.name, **run_case(restorer, estimator, img, spec)})
-    if not paths:
+    if not paths:  # --limit 0: panel inputs only
+        print(summary("realworld_worst_default_minus_oracle_db", None))
         return 0
     table = summarise(rows)
     print(

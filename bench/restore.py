@@ -137,7 +137,7 @@ def measured_cpu(cmd: list[str], env: dict) -> tuple[int, str, str, float, float
         return proc.returncode, fo.read(), fe.read(), wall, rss, usage.ru_utime + usage.ru_stime
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = parser(__doc__)
     ap.add_argument("--full", action="store_true", help="24 MP case with the default preset (slow on CPU)")
     ap.add_argument(
@@ -174,71 +174,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--split-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--network-child", nargs="+", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.case:
-        child(args)
-        return 0
-    if args.split_child:
-        restore_stages.split_child(Path(args.split_child), args.weights, args.threads, args.compare_png)
-        return 0
-    if args.network_child:
-        restore_stages.network_child([Path(p) for p in args.network_child], args.weights, args.threads)
-        return 0
+    return ap
 
-    import numpy as np
-    import torch
 
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    threads = ["--threads", str(args.threads)] if args.threads else []
-    print(
-        f"# restore bench: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
-        f"cuda {'yes: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}"
-    )
-    if args.packaged:
-        return packaged_models(env, threads)
-    if args.end_to_end:
-        return end_to_end(args, env, threads)
-    if args.folder:
-        return folder(args, env, threads)
-    rows = []
-    tmp = Path(tempfile.mkdtemp(prefix="bench_restore_"))
-    # (name, device, tile, bf16, channels_last): "auto" = restorer.hardware's rule for the device/precision
+def restore_cmd(inputs: list[Path], out: Path, weights: str | Path, *extra: str) -> list[str]:
+    """``restorer restore INPUTS -o OUT --weights W EXTRA...`` run by this Python."""
+    cmd = [sys.executable, "-m", "restorer.cli", "restore", *map(str, inputs), "-o", str(out)]
+    return [*cmd, "--weights", str(weights), *extra]
+
+
+def failure(err: str, code: int) -> str:
+    return err.strip().splitlines()[-1] if err.strip() else str(code)
+
+
+# (name, device, tile, bf16, channels_last): "auto" = restorer.hardware's rule for the device/precision
+def speed_cases(tile: int, cuda: bool) -> list[tuple[str, str, int, bool, str]]:
     cases = [
         ("cpu_untiled", "cpu", 0, False, "auto"),
-        ("cpu_tiled", "cpu", args.tile, False, "auto"),
-        ("cpu_tiled_nhwc", "cpu", args.tile, False, "true"),
-        ("cpu_tiled_bf16", "cpu", args.tile, True, "auto"),
+        ("cpu_tiled", "cpu", tile, False, "auto"),
+        ("cpu_tiled_nhwc", "cpu", tile, False, "true"),
+        ("cpu_tiled_bf16", "cpu", tile, True, "auto"),
     ]
-    if torch.cuda.is_available():
-        cases += [("cuda_untiled", "cuda", 0, False, "auto"), ("cuda_tiled", "cuda", args.tile, False, "auto")]
-    outputs = {}
-    for name, device, tile, bf16, nhwc in cases:
+    if cuda:
+        cases += [("cuda_untiled", "cuda", 0, False, "auto"), ("cuda_tiled", "cuda", tile, False, "auto")]
+    return cases
+
+
+def run_speed_cases(args, env: dict, threads: list[str], tmp: Path, cuda: bool) -> tuple[list[tuple], dict]:
+    """Each case in a child (``--case``): (table rows, name -> the saved output)."""
+    rows, outputs = [], {}
+    for name, device, tile, bf16, nhwc in speed_cases(args.tile, cuda):
         size = args.size if device == "cpu" else "2304x1728"
         save = tmp / f"{name}.npy"
-        cmd = (
-            [
-                sys.executable,
-                __file__,
-                "--case",
-                "--preset",
-                "default",
-                "--device",
-                device,
-                "--tile",
-                str(tile),
-                "--size",
-                size,
-                "--save",
-                str(save),
-                "--channels-last",
-                nhwc,
-            ]
-            + threads
-            + (["--bf16"] if bf16 else [])
-        )
+        cmd = [sys.executable, __file__, "--case", "--preset", "default", "--device", device, "--tile", str(tile)]
+        cmd += ["--size", size, "--save", str(save), "--channels-last", nhwc, *threads] + (["--bf16"] if bf16 else [])
         code, out, err, wall, rss = measured(cmd, env)
         if code != 0:
-            print(f"{name}: FAILED ({err.strip().splitlines()[-1] if err.strip() else code})")
+            print(f"{name}: FAILED ({failure(err, code)})")
             continue
         res = json.loads(out.strip().splitlines()[-1])
         outputs[name] = save
@@ -255,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
                 res.get("cuda_peak_mib"),
             )
         )
+    return rows, outputs
+
+
+def untiled_diffs(outputs: dict[str, Path]) -> dict[str, int]:
+    """Largest pixel difference of each tiled / bf16 / NHWC output from its untiled one."""
+    import numpy as np
+
     diffs = {}
     for a, b in (
         ("cpu_untiled", "cpu_tiled"),
@@ -264,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if a in outputs and b in outputs:
             diffs[b] = int(np.abs(np.load(outputs[a]).astype(np.int16) - np.load(outputs[b]).astype(np.int16)).max())
+    return diffs
 
-    # 24 MP end to end through the CLI
+
+def cli_24mp(args, env: dict, threads: list[str], tmp: Path) -> tuple | None:
+    """24 MP end to end through the CLI, a random-weight model of the tiny (``--full``: default) preset."""
+    import torch
     from PIL import Image
 
     from restorer.model import ModelConfig, build_model
@@ -280,30 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     weights = export_weights(model, cfg, tmp / "w", facts={"quality": "10-90"})
     big = tmp / "big.jpg"
     Image.fromarray(photo_like(6000, 4000)).save(big, quality=30)
-    cmd = [
-        sys.executable,
-        "-m",
-        "restorer.cli",
-        "restore",
-        str(big),
-        "-o",
-        str(tmp / "big.png"),
-        "--weights",
-        str(weights),
-        "--device",
-        "cpu",
-        "--tile",
-        str(args.tile),
-        "--precision",
-        "fp32",
-        "--no-progress",
-    ] + threads
-    code, out, err, wall, rss = measured(cmd, env)
+    extra = ["--device", "cpu", "--tile", str(args.tile), "--precision", "fp32", "--no-progress", *threads]
+    code, out, err, wall, rss = measured(restore_cmd([big], tmp / "big.png", weights, *extra), env)
     if code == 0:
-        rows.append(("cli_24mp", big_preset, "6000x4000", args.tile, "fp32", 24.0 / wall, wall, rss, None))
-    else:
-        print(f"cli_24mp: FAILED ({err.strip().splitlines()[-1] if err.strip() else code})")
+        return ("cli_24mp", big_preset, "6000x4000", args.tile, "fp32", 24.0 / wall, wall, rss, None)
+    print(f"cli_24mp: FAILED ({failure(err, code)})")
+    return None
 
+
+def print_rows(rows: list[tuple], diffs: dict[str, int]) -> None:
     print(
         f"{'case':<16} {'preset':<8} {'size':<10} {'tile':>5} {'dtype':<5} {'Mpix/s':>8} {'seconds':>8} "
         f"{'peak RSS MiB':>13} {'max |diff| vs untiled':>22}"
@@ -316,6 +284,40 @@ def main(argv: list[str] | None = None) -> int:
             f"{extra}{cuda}"
         )
     print("(cli_24mp: end to end incl. JPEG decode and PNG encode; peak RSS of the whole `restorer restore` process)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.case:
+        child(args)
+        return 0
+    if args.split_child:
+        restore_stages.split_child(Path(args.split_child), args.weights, args.threads, args.compare_png)
+        return 0
+    if args.network_child:
+        restore_stages.network_child([Path(p) for p in args.network_child], args.weights, args.threads)
+        return 0
+
+    import torch
+
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    print(
+        f"# restore bench: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
+        f"cuda {'yes: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}"
+    )
+    if args.packaged:
+        return packaged_models(env, threads)
+    if args.end_to_end:
+        return end_to_end(args, env, threads)
+    if args.folder:
+        return folder(args, env, threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_restore_"))
+    rows, outputs = run_speed_cases(args, env, threads, tmp, torch.cuda.is_available())
+    diffs = untiled_diffs(outputs)
+    big = cli_24mp(args, env, threads, tmp)
+    rows += [big] if big else []
+    print_rows(rows, diffs)
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
@@ -338,23 +340,10 @@ def packaged_models(env: dict, threads: list[str]) -> int:
     Image.fromarray(photo_like(6000, 4000)).save(big, quality=30)
     rows = {}
     for name in names:
-        cmd = [
-            sys.executable,
-            "-m",
-            "restorer.cli",
-            "restore",
-            str(big),
-            "-o",
-            str(tmp / f"{name}.png"),
-            "--weights",
-            name,
-            "--device",
-            "cpu",
-            "--no-progress",
-        ] + threads
+        cmd = restore_cmd([big], tmp / f"{name}.png", name, "--device", "cpu", "--no-progress", *threads)
         code, out, err, wall, rss = measured(cmd, env)
         if code != 0:
-            print(f"{name}: FAILED ({err.strip().splitlines()[-1] if err.strip() else code})")
+            print(f"{name}: FAILED ({failure(err, code)})")
             continue
         rows[name] = (wall, rss)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -369,11 +358,10 @@ def packaged_models(env: dict, threads: list[str]) -> int:
 
 def _cli(inputs: list[Path], out: Path, args, env: dict, threads: list[str], extra=()) -> tuple:
     """``restorer restore`` in a child: (wall s, peak RSS MiB, CPU s, its stdout)."""
-    cmd = [sys.executable, "-m", "restorer.cli", "restore", *map(str, inputs), "-o", str(out)]
-    cmd += ["--weights", args.weights, "--no-progress", "--overwrite", *threads, *extra]
+    cmd = restore_cmd(inputs, out, args.weights, "--no-progress", "--overwrite", *threads, *extra)
     code, out_text, err, wall, rss, cpu = measured_cpu(cmd, env)
     if code != 0:
-        raise SystemExit(f"restorer restore failed: {err.strip().splitlines()[-1] if err.strip() else code}")
+        raise SystemExit(f"restorer restore failed: {failure(err, code)}")
     return wall, rss, cpu, out_text.strip()
 
 
@@ -381,7 +369,7 @@ def _child_json(flag: str, values: list[str], args, env: dict, threads: list[str
     cmd = [sys.executable, __file__, flag, *values, "--weights", args.weights, *threads, *extra]
     code, out, err, _, _ = measured(cmd, env)
     if code != 0:
-        raise SystemExit(f"{flag} failed: {err.strip().splitlines()[-1] if err.strip() else code}")
+        raise SystemExit(f"{flag} failed: {failure(err, code)}")
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -10,15 +10,18 @@ Data: the real BSDS500 (train+val+test JPEGs) as 512 px lossless webp tiles in s
 by ``python -m shard_tools build`` into ``--cache``; 128 px patches, 4 per tile, batches of 32, one
 process. ``decoded`` counts the tiles decoded before the first batch (``--workers 0`` pass, in this
 process, so it is exact); ``time`` is the median of ``--repeats`` starts with ``--workers`` loader
-workers (worker start included), the positions alternated. The last line is
-``resume_end_over_start: <ratio>x`` (time to the first batch at the end of an epoch over at its start).
+workers (worker start included), the positions alternated.
 
-    python bench/resume.py [--workers 2] [--repeats 5] [--cache DIR] [--bsds DIR]
+examples:
+  python bench/resume.py
+  python bench/resume.py --workers 2 --repeats 5 --cache /tmp/restorer-bench-loader --bsds ../shared/datasets/BSR
+
+The last line is ``resume_end_over_start: <ratio>x`` (time to the first batch at the end of an epoch
+over at its start).
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -32,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchcli import parser  # noqa: E402
 from restorer.data import StreamConfig, augment, make_train_loader  # noqa: E402
 
 BSDS = REPO.parent / "shared" / "datasets" / "BSR"
@@ -77,8 +81,8 @@ def decoded_before_first_batch(cfg: StreamConfig, pos) -> int:
     return count[0]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
     ap.add_argument("--workers", type=int, default=2, help="loader workers for the timed starts")
     ap.add_argument("--repeats", type=int, default=5, help="timed starts per position")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "restorer-bench-loader")

@@ -6,14 +6,15 @@ the checkpoint ("stop requested"), to the requeue (Restarts=1), to the requeued 
 its resume from that checkpoint. The local cluster waits cred_expire + 1 = 6 s before a requeued job
 may start (SLURM's default cred_expire, 120 s, makes that 121 s on a stock cluster).
 
-    python bench/slurm.py [--steps 4] [--preempt-steps 200]
+examples:
+  python bench/slurm.py                       # root, with slurmctld slurmd slurm-client munge installed
+  python bench/slurm.py --steps 4 --preempt-steps 200
 
 The last line is ``slurm_preempt_to_resumed_s: <seconds>``.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -23,6 +24,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from conftest import FIT_ARGS, write_shards  # noqa: E402 (the tests' tiny shards and recipe)
 from slurm_cluster import Cluster, job_env, wait_for_line, why_unavailable  # noqa: E402
+
+from benchcli import parser  # noqa: E402
 
 TIMEOUT = 900.0
 
@@ -61,11 +64,11 @@ def preemption(cluster: Cluster, work: Path, args: list[str]) -> dict[str, float
     return times
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__)
     ap.add_argument("--steps", type=int, default=4, help="training steps of the 1-node and 2-node jobs")
     ap.add_argument("--preempt-steps", type=int, default=200, help="--max-steps of the preempted job")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     reason = why_unavailable()
     if reason:
         raise SystemExit(f"error: {reason}")
@@ -96,7 +99,8 @@ def main() -> None:
         print(f"{name:40s} {seconds:7.1f} s")
     print(f"{'all of it':40s} {time.perf_counter() - t0:7.1f} s")
     print(f"slurm_preempt_to_resumed_s: {preempt['resumed from the checkpoint']:.1f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

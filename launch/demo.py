@@ -29,7 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+from shard_tools.sources import DEFAULT_VAL, skimage_data_dir
+
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # accelerate and restorer of this Python's environment
 QUALITIES = ("10", "20", "30", "40")
 
 
@@ -42,32 +45,20 @@ def step(title: str, cmd: list[str], env: dict | None = None) -> None:
     print(f"=== {title}: done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--shards", type=Path, default=Path("data/demo/shards"))
-    parser.add_argument("--max-steps", type=int, default=None, help="override demo.yaml's training steps")
-    args, train_flags = parser.parse_known_args()
-    t_start = time.perf_counter()
-    bin_dir = Path(sys.executable).parent
-    py = sys.executable
-    import skimage
-
-    from shard_tools.sources import DEFAULT_VAL
-
-    photos = Path(skimage.__file__).parent / "data"
-    heldout = args.shards.parent / "heldout"
+def held_out_photos(shards: Path) -> Path:
+    """A folder beside the shards with the val split of the default set: never trained on."""
+    photos = skimage_data_dir()
+    heldout = shards.parent / "heldout"
     heldout.mkdir(parents=True, exist_ok=True)
-    for name in DEFAULT_VAL:  # the val split of the default set: never trained on
+    for name in DEFAULT_VAL:
         if not (heldout / name).exists():
             shutil.copyfile(photos / name, heldout / name)
+    return heldout
 
-    step(
-        "1/5 shards from the embedded default photos",
-        [py, "-m", "shard_tools", "build", "--out", str(args.shards), "--max-samples", "2"],
-    )
+
+def train_command(args: argparse.Namespace, train_flags: list[str]) -> list[str]:
     train = [
-        str(bin_dir / "accelerate"),
+        str(BIN / "accelerate"),
         "launch",
         "--config_file",
         "launch/accelerate/cpu2.yaml",
@@ -81,52 +72,41 @@ def main() -> int:
     ]
     if args.max_steps:
         train += ["--max-steps", str(args.max_steps)]
-    train += train_flags  # passed through to launch/train.py: they win over demo.yaml
+    return train + train_flags  # passed through to launch/train.py: they win over demo.yaml
+
+
+def run_steps(args: argparse.Namespace, train_flags: list[str], heldout: Path) -> tuple[Path, Path, Path]:
+    """Steps 1-5; (weights, eval json, comparison picture)."""
+    step(
+        "1/5 shards from the embedded default photos",
+        [sys.executable, "-m", "shard_tools", "build", "--out", str(args.shards), "--max-samples", "2"],
+    )
     step(
         "2/5 training: 2 CPU processes (DDP over gloo), precision chosen for this CPU",
-        train,
+        train_command(args, train_flags),
         {"ACCELERATE_USE_CPU": "true"},
     )
     weights = args.run_dir / "model.safetensors"
     eval_json = args.run_dir / "eval_heldout.json"
+    restorer = str(BIN / "restorer")
     step(
         "3/5 eval on the held-out photos: JPEG vs restored",
-        [
-            str(bin_dir / "restorer"),
-            "eval",
-            "--weights",
-            str(weights),
-            "--images",
-            str(heldout),
-            "--quality",
-            *QUALITIES,
-            "--json",
-            str(eval_json),
-            "--no-progress",
-        ],
+        [restorer, "eval", "--weights", str(weights), "--images", str(heldout), "--quality", *QUALITIES]
+        + ["--json", str(eval_json), "--no-progress"],
     )
     panel = args.run_dir / "compare_q10.png"
     step(
         "4/5 comparison picture",
-        [
-            str(bin_dir / "restorer"),
-            "compare",
-            str(heldout / DEFAULT_VAL[0]),
-            "--weights",
-            str(weights),
-            "--quality",
-            "10",
-            "-o",
-            str(panel),
-            "--overwrite",
-        ],
+        [restorer, "compare", str(heldout / DEFAULT_VAL[0]), "--weights", str(weights), "--quality", "10"]
+        + ["-o", str(panel), "--overwrite"],
     )
-    step("5/5 training curves", [str(bin_dir / "restorer"), "plot", str(args.run_dir)])
+    step("5/5 training curves", [restorer, "plot", str(args.run_dir)])
+    return weights, eval_json, panel
 
-    means = json.loads(eval_json.read_text())["mean"]
-    gains = {m["quality"]: m["gain_psnr_rgb"] for m in means}
+
+def print_outputs(args: argparse.Namespace, minutes: float, weights: Path, eval_json: Path, panel: Path) -> None:
     wandb_runs = sorted((args.run_dir / "wandb").glob("offline-run-*"))
-    print(f"\n=== demo finished in {(time.perf_counter() - t_start) / 60:.1f} min")
+    print(f"\n=== demo finished in {minutes:.1f} min")
     print(f"run dir      {args.run_dir}/  (config.yaml, metrics.jsonl, checkpoints/, panels/)")
     print(f"weights      {weights}  (+ model.json)")
     print(f"eval         {eval_json}")
@@ -145,6 +125,19 @@ def main() -> int:
     print("    ACCELERATE_USE_CPU=true .venv/bin/accelerate launch --config_file launch/accelerate/cpu2.yaml \\")
     print(f"        launch/train.py --config launch/configs/cpu.yaml --shards {args.shards} --run-dir runs/cpu")
     print("  real data: make shards ARGS='--bsds PATH/TO/BSR', then launch/configs/bsds_cpu.yaml (README: Training)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--shards", type=Path, default=Path("data/demo/shards"))
+    parser.add_argument("--max-steps", type=int, default=None, help="override demo.yaml's training steps")
+    args, train_flags = parser.parse_known_args(argv)
+    t_start = time.perf_counter()
+    weights, eval_json, panel = run_steps(args, train_flags, held_out_photos(args.shards))
+    means = json.loads(eval_json.read_text())["mean"]
+    gains = {m["quality"]: m["gain_psnr_rgb"] for m in means}
+    print_outputs(args, (time.perf_counter() - t_start) / 60, weights, eval_json, panel)
     print(
         "held-out photos, RGB PSNR (no border crop): "
         + ", ".join(

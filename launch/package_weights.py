@@ -4,11 +4,11 @@
 The JSON is the model card: the run's model.json (architecture and training facts), how it was
 trained (recipe, command, data, degradations, hardware, wall time, code commit; read from the run's
 config.yaml / run_info.json / the shards' manifest unless given), the BSDS500 test table made by
-bench/model_card.py, and per-image checks (the first 3 test images at q10/50/90, fp32 + projection,
+launch/model_card.py, and per-image checks (the first 3 test images at q10/50/90, fp32 + projection,
 what `restore` does) that tests/test_weights.py re-measures. Both files are written atomically; the
 run itself is only read.
 
-  .venv/bin/python bench/model_card.py --weights runs/release_quality/model.safetensors \\
+  .venv/bin/python launch/model_card.py --weights runs/release_quality/model.safetensors \\
       --json runs/release_quality/card.json
   .venv/bin/python launch/package_weights.py --run runs/release_quality --name quality \\
       --recipe launch/configs/release_quality.yaml
@@ -24,6 +24,19 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import yaml
+
+from restorer import weights as packaged
+from restorer.data.degrade import decoded_jpeg
+from restorer.errors import UserError
+from restorer.fsutil import atomic_write, atomic_write_text
+from restorer.imageio import open_image
+from restorer.infer.engine import load_restorers
+from restorer.infer.evaluate import image_metrics, list_images, resolve_images_dir
+from restorer.infer.projection import project
+from restorer.modelfile import read_meta
 
 REPO = Path(__file__).resolve().parents[1]
 CHECK_IMAGES, CHECK_QUALITIES = 3, (10, 50, 90)
@@ -82,8 +95,6 @@ def describe_lineage(cfg: dict) -> str | None:
     if not init:
         return None
     try:
-        from restorer.modelfile import read_meta
-
         before = read_meta(REPO / init if not Path(init).is_absolute() else init)
         steps, recipe = before.get("facts", {}).get("steps"), before.get("training", {}).get("recipe")
         return f"fine-tuned from {init} ({steps} steps" + (f" by {recipe}" if recipe else "") + ")"
@@ -113,14 +124,6 @@ def describe_hardware(info: dict) -> str:
 
 def per_image_checks(weights: Path, bsr: Path) -> dict:
     """PSNR of the first test images at a few qualities, the way `restore` works (fp32 + projection)."""
-    import torch
-
-    from restorer.data.degrade import decoded_jpeg
-    from restorer.imageio import open_image
-    from restorer.infer.engine import load_restorers
-    from restorer.infer.evaluate import image_metrics, list_images, resolve_images_dir
-    from restorer.infer.projection import project
-
     restorers, errors = load_restorers([str(weights)], torch.device("cpu"), precision="fp32")
     if errors:
         sys.exit("error: " + "; ".join(errors))
@@ -146,16 +149,13 @@ def per_image_checks(weights: Path, bsr: Path) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    from restorer import weights as packaged
-    from restorer.errors import UserError
-
+def build_parser(names: tuple[str, ...] | list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a finished run dir (model.safetensors, model.json)")
-    parser.add_argument("--name", required=True, choices=packaged.NAMES)
+    parser.add_argument("--name", required=True, choices=names)
     parser.add_argument("--recipe", required=True, help="the launch/configs/release_*.yaml that trained it")
     parser.add_argument(
-        "--card", type=Path, default=None, help="bench/model_card.py --json output (default RUN/card.json)"
+        "--card", type=Path, default=None, help="launch/model_card.py --json output (default RUN/card.json)"
     )
     parser.add_argument("--bsr", type=Path, default=REPO.parent / "shared/datasets/BSR", help="BSR root for the checks")
     parser.add_argument("--command", default=None, help="the documented training command (default: from the run)")
@@ -164,47 +164,53 @@ def main(argv=None) -> int:
     parser.add_argument("--wall-time-min", type=float, default=None, help="default: run_info.json wall_seconds")
     parser.add_argument("--code", default=None, help="the commit it was trained at (default: run_info.json's)")
     parser.add_argument("--out", type=Path, default=REPO / "restorer/weights", help="folder to write NAME.* into")
-    args = parser.parse_args(argv)
+    return parser
 
-    import yaml
 
-    from restorer.fsutil import atomic_write, atomic_write_text
-
+def read_run(args: argparse.Namespace) -> tuple[dict, dict, dict, dict]:
+    """(model.json, config.yaml, run_info.json, the card) of a finished run; exits with one line if it is not."""
     try:
-        weights, meta = args.run / "model.safetensors", json.loads((args.run / "model.json").read_text())
+        meta = json.loads((args.run / "model.json").read_text())
         cfg = yaml.safe_load((args.run / "config.yaml").read_text())
         info = json.loads((args.run / "run_info.json").read_text())
         card = json.loads((args.card or args.run / "card.json").read_text())
     except (OSError, ValueError) as exc:
         sys.exit(f"error: {args.run}: not a finished run with a card ({exc})")
+    return meta, cfg, info, card
+
+
+def training_facts(args: argparse.Namespace, meta: dict, cfg: dict, info: dict) -> dict:
+    """The card's "training" section: how the run was made, from the run's files unless given."""
     wall = args.wall_time_min or (info["wall_seconds"] / 60 if info.get("wall_seconds") else None)
     if wall is None:
         sys.exit(f"error: {args.run}/run_info.json has no wall_seconds: give --wall-time-min")
     world = int(info.get("world_size", 1))
     cpu = not str(info.get("device", "")).startswith("cuda")
     steps = int(meta["facts"]["steps"])
-    doc = {
-        **meta,
-        "name": args.name,
-        "training": {
-            "recipe": args.recipe,
-            "command": args.command
-            or (CPU2_COMMAND if cpu else GPU_COMMAND).format(shards=cfg["shards"], recipe=args.recipe),
-            "data": args.data or describe_data(cfg),
-            "degradations": describe_degradations(cfg),
-            "augmentation": describe_augmentation(cfg),
-            "steps": steps,
-            "patches": steps * int(cfg["batch_size"]) * int(cfg.get("grad_accum", 1)) * world,
-            "hardware": args.hardware or describe_hardware(info),
-            "wall_time_min": round(wall, 1),
-            "parameters": info.get("parameters"),
-            "loss": cfg.get("loss", "mse"),
-            "ema_decay": cfg.get("ema_decay"),
-            "code": f"restorer at commit {args.code or info.get('code') or 'unknown'}",
-            "lineage": describe_lineage(cfg) or "trained from scratch",
-        },
-        "card": card,
+    return {
+        "recipe": args.recipe,
+        "command": args.command
+        or (CPU2_COMMAND if cpu else GPU_COMMAND).format(shards=cfg["shards"], recipe=args.recipe),
+        "data": args.data or describe_data(cfg),
+        "degradations": describe_degradations(cfg),
+        "augmentation": describe_augmentation(cfg),
+        "steps": steps,
+        "patches": steps * int(cfg["batch_size"]) * int(cfg.get("grad_accum", 1)) * world,
+        "hardware": args.hardware or describe_hardware(info),
+        "wall_time_min": round(wall, 1),
+        "parameters": info.get("parameters"),
+        "loss": cfg.get("loss", "mse"),
+        "ema_decay": cfg.get("ema_decay"),
+        "code": f"restorer at commit {args.code or info.get('code') or 'unknown'}",
+        "lineage": describe_lineage(cfg) or "trained from scratch",
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser(packaged.NAMES).parse_args(argv)
+    meta, cfg, info, card = read_run(args)
+    weights = args.run / "model.safetensors"
+    doc = {**meta, "name": args.name, "training": training_facts(args, meta, cfg, info), "card": card}
     try:
         doc["checks"] = per_image_checks(weights, args.bsr)  # before anything is written
         atomic_write(args.out / f"{args.name}.safetensors", lambda tmp: shutil.copyfile(weights, tmp))

@@ -73,7 +73,8 @@ def draw(cfg: EstimatorConfig) -> tuple[torch.Tensor, torch.Tensor]:
     loader = iter(make_train_loader(cfg.data, batch_size=16, num_workers=cfg.num_workers))
     rng = np.random.default_rng(cfg.data.seed)
     side = cfg.data.patch_size - 8
-    feats, labels = [], []
+    feats: list[np.ndarray] = []
+    labels: list[float] = []
     while len(feats) < cfg.patches:
         degraded, _, q = next(loader)
         for img, label in zip(degraded.permute(0, 2, 3, 1).numpy(), q.tolist(), strict=True):
@@ -95,8 +96,8 @@ def train(cfg: EstimatorConfig) -> Path:
     n_val = max(1, int(len(x) * cfg.holdout))
     xt, yt, xv, yv = x[:-n_val], y[:-n_val] / 100, x[-n_val:], y[-n_val:] / 100
     net = QualityNet(cfg.width)
-    net.mean.copy_(xt.mean(dim=0))
-    net.std.copy_(xt.std(dim=0) + 1e-6)
+    net.get_buffer("mean").copy_(xt.mean(dim=0))
+    net.get_buffer("std").copy_(xt.std(dim=0) + 1e-6)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-2)
     log, window = [], []
     for step in range(1, cfg.steps + 1):

@@ -293,6 +293,27 @@ def _results(tasks, params: dict, workers: int):
 
 
 # ----------------------------------------------------------------------------------- building
+def _write_image(sink: ShardSink, ref: sources.Ref, dec: Decoded, split: str, ext: str, pos: tuple[int, int]) -> None:
+    """One sample per tile of a decoded image; ``pos`` is (image index, index of its first tile written)."""
+    idx, first = pos
+    for i, t in enumerate(dec.tiles):
+        meta = {
+            "source": ref.source,
+            "source_id": ref.source_id,
+            "split": split,
+            "orig_size": list(dec.orig_size),
+            "size": list(dec.size),
+            "tile": {"y": t.y, "x": t.x, "h": t.h, "w": t.w},
+            "sha256": dec.sha256,
+            "file": ref.where,
+            "format": dec.orig_format,
+            "mode": dec.orig_mode,
+            "rotation": dec.rotation,
+        }
+        sample = {"__key__": f"{ref.key}/{t.y}_{t.x}", ext: t.data, "json": json.dumps(meta).encode()}
+        sink.write(sample, (idx, first + i))
+
+
 def build_split(
     out: Path,
     split: str,
@@ -342,23 +363,7 @@ def build_split(
                 sink.note_skip({"path": ref.where, "reason": res, "source": ref.source, "split": split})
             else:
                 dec: Decoded = res
-                first = start_tile if idx == start else 0
-                for i, t in enumerate(dec.tiles):
-                    meta = {
-                        "source": ref.source,
-                        "source_id": ref.source_id,
-                        "split": split,
-                        "orig_size": list(dec.orig_size),
-                        "size": list(dec.size),
-                        "tile": {"y": t.y, "x": t.x, "h": t.h, "w": t.w},
-                        "sha256": dec.sha256,
-                        "file": ref.where,
-                        "format": dec.orig_format,
-                        "mode": dec.orig_mode,
-                        "rotation": dec.rotation,
-                    }
-                    sample = {"__key__": f"{ref.key}/{t.y}_{t.x}", ext: t.data, "json": json.dumps(meta).encode()}
-                    sink.write(sample, (idx, first + i))
+                _write_image(sink, ref, dec, split, ext, (idx, start_tile if idx == start else 0))
                 seen[dec.sha256] = ref.where
                 sink.note_image(ref.source, dec.sha256, ref.where)
             if bar is not None:

@@ -48,7 +48,7 @@ def _join(url: str, rel: str) -> str:
 
 
 class RemoteTree:
-    """A shard folder at ``url``: what :func:`shard_tools.writer.verify` needs of it."""
+    """A shard folder at ``url``: what :func:`shard_tools.verify.verify` needs of it."""
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")

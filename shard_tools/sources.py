@@ -32,8 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
-import skimage
-
 from restorer.errors import UserError
 from shard_tools.images import IMAGE_EXTENSIONS, Skip
 
@@ -343,6 +341,12 @@ def folder(path: str, val_fraction: float) -> list[Stream]:
 
 # ----------------------------------------------------------------------------------- default
 def skimage_data_dir() -> Path:
+    # Imported here, not at the top: only the embedded default set needs scikit-image, and the
+    # Python that `make gpu-check` runs on a GPU machine may lack it (bench/gpu_check.py builds
+    # BSDS500 shards; tests/test_gpu_check.py runs it with scikit-image blocked). Not for speed:
+    # `import skimage` takes 0.01 s (it loads its submodules lazily).
+    import skimage
+
     return Path(skimage.__file__).parent / "data"
 
 

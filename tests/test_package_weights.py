@@ -1,5 +1,6 @@
 """launch/package_weights.py: a finished run becomes restorer/weights/NAME.{safetensors,json} with a
-complete card and per-image checks that re-measure; the run is only read."""
+complete card and per-image checks that re-measure; the run is only read. launch/model_card.py makes
+the card it packages (the release path of `make release-weights`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from conftest import REPO, photos
 from PIL import Image
 
 sys.path.insert(0, str(REPO / "launch"))
+import model_card  # noqa: E402
 import package_weights  # noqa: E402
 
 
@@ -136,3 +138,19 @@ def test_an_unfinished_run_is_one_line(tmp_path, capsys):
         )
     assert str(exc.value).startswith(f"error: {tmp_path}: not a finished run") and "\n" not in str(exc.value)
     assert not (tmp_path / "w").exists()
+
+
+def test_the_card_of_a_run_is_what_gets_packaged(tmp_path, small_q10_weights, capsys):
+    run, bsr, card = fake_run(tmp_path, small_q10_weights), fake_bsr(tmp_path), tmp_path / "card.json"
+    argv = ["--weights", str(run / "model.safetensors"), "--images", str(bsr), "--limit", "1", "--double-limit", "1"]
+    assert model_card.main([*argv, "--threads", "1", "--device", "cpu", "--json", str(card)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    doc = json.loads(card.read_text())
+    rows = {(r["case"], r["quality"]): r for r in doc["rows"]}
+    assert set(rows) == {(kind, q) for kind, q, _ in model_card.jobs()} and all(r["images"] == 1 for r in rows.values())
+    assert last == f"min_gain_db: {min(r['gain'] for r in doc['rows']):+.3f}"
+    assert doc["protocol"]["images"].startswith("BSDS500 test (1 images")
+    out = tmp_path / "weights"
+    args = ["--run", str(run), "--name", "fast", "--recipe", "r.yaml", "--card", str(card), "--bsr", str(bsr)]
+    assert package_weights.main([*args, "--out", str(out)]) == 0
+    assert json.loads((out / "fast.json").read_text())["card"] == doc
