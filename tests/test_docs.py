@@ -224,6 +224,31 @@ def test_documented_options_exist(helps, key):
     assert not missing, f"{key}: options the docs give that --help does not list:\n" + "\n".join(sorted(set(missing)))
 
 
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub gives a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_pages_resolve():
+    broken = []
+    for path in DOCS:
+        for target in LINK.findall(FENCE.sub("", path.read_text())):
+            if re.match(r"^[a-z]+:", target):
+                continue  # a URL
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            if not dest.exists():
+                broken.append(f"{path.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", FENCE.sub("", dest.read_text()), flags=re.M)
+                if anchor not in {_slug(h) for h in headings}:
+                    broken.append(f"{path.relative_to(REPO)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
 if __name__ == "__main__":  # a worker: run each program's --help in this process, answer as JSON
     keys = json.loads(sys.argv[1])
     answers = [(k, _help_in_process(k)) for k in keys]
