@@ -37,7 +37,7 @@ from restorer.errors import UserError, setup_logging
 from restorer.estimator import Estimator, load_estimator
 from restorer.hardware import PRECISIONS, Choice, canonical_precision, choose_precision
 from restorer.imageio import DEFAULT_MAX_PIXELS
-from restorer.infer.autoquality import MARGIN, RULES, QualityChoice, choose
+from restorer.infer.autoquality import DEFAULT_RULE, MARGIN, RULES, QualityChoice, choose
 from restorer.infer.engine import (
     DEFAULT_TILE,
     INFERENCE_PRECISIONS,
@@ -119,11 +119,12 @@ class RuleOptions:
     """How the quality told to the model is chosen and whether the output is projected."""
 
     quality_rule: str = option(
-        "auto",
-        "how the quality told to the model is chosen when --quality does not say: auto: the "
-        "JPEG's tables, unless the pixel estimate (restorer/estimator.py) is lower by more than "
-        f"{MARGIN:g} (an earlier, stronger save or a resize: then the estimate, not projected); images without "
-        "tables get the estimate; tables: the tables only, always projected (the behaviour before the estimator)",
+        DEFAULT_RULE,
+        "how the quality told to the model is chosen when --quality does not say: tables (default): "
+        "the JPEG's quantisation tables, projected; images without tables (a PNG screenshot of a JPEG) "
+        "get the pixel estimate (restorer/estimator.py), not projected; auto: also the estimate, not "
+        f"projected, when it is lower than the tables by more than {MARGIN:g} (an earlier, stronger save "
+        "or a resize; the estimator misreads some smooth first-generation photos: see docs/restore.md)",
         choices=RULES,
     )
     no_projection: bool = option(
@@ -230,14 +231,13 @@ def load_models(args: InferOptions) -> Models:
 
 
 def load_rule_estimator(args: RuleOptions, device: torch.device) -> Estimator | None:
-    """The packaged quality estimator when ``--quality-rule auto`` may need it; None (with a warning:
-    the tables are used then) when it cannot be loaded."""
-    if args.quality_rule != "auto":
-        return None
+    """The packaged quality estimator (both rules may need it: images without JPEG tables); None,
+    with a warning, when it cannot be loaded (the tables are used then, and an image without them
+    needs --quality)."""
     try:
         return load_estimator(None, device)
     except UserError as exc:
-        log.warning("%s; --quality auto falls back to the JPEG tables", exc)
+        log.warning("%s; only the JPEG tables can give the quality", exc)
         return None
 
 

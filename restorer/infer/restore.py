@@ -11,12 +11,11 @@ Guarantees (each tested in tests/test_restore.py):
   input images); anything else -> a folder (created if needed). The format follows ``--format``
   or the ``-o`` suffix; ``-o out.png --format jpeg`` is an error, never JPEG bytes in a .png.
 * The JPEG quality the model is told: ``--quality N``, else (``--quality auto``, the default) the
-  rule of :mod:`restorer.infer.autoquality`: the file's quantisation tables, unless the pixel
-  estimate says the photo went through an earlier, stronger compression or a resize (then the
-  estimate, and no projection); a file that is not a JPEG (a PNG or WebP screenshot of one) gets
-  the estimate. The value, its source and why are printed per photo; ``--json`` records them with
-  the projection decision. ``--quality-rule tables`` is the behaviour before the estimator (a
-  non-JPEG without ``--quality`` is then skipped with one line, exit status 1).
+  rule of :mod:`restorer.infer.autoquality` chosen by ``--quality-rule``: ``tables`` (default) reads
+  a JPEG's quantisation tables (projected); ``auto`` also takes the pixel estimate, unprojected,
+  where it says the photo went through an earlier, stronger compression or a resize. A file that is
+  not a JPEG (a PNG or WebP screenshot of one) gets the estimate under either rule. The value, its
+  source and why are printed per photo; ``--json`` records them with the projection decision.
 * A model is applied only inside the quality range it was trained on (model.json
   ``facts.quality_range``); outside it the decoded image is written unchanged (lossless for PNG,
   TIFF, WebP) with one ``note:`` line, unless ``--force``.
