@@ -35,6 +35,7 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from typing import Any
 
 import torch.distributed as dist
@@ -87,10 +88,10 @@ class StopRequest:
         self.requested = True
 
 
-def lone_cpu_launch(env: dict[str, str] | None = None) -> str | None:
+def lone_cpu_launch(environ: Mapping[str, str] | None = None) -> str | None:
     """The refusal line when accelerate's one-process launcher was asked for several processes or
     machines (it sets ``MASTER_ADDR`` for them but starts this process alone), else None."""
-    env = os.environ if env is None else env
+    env = os.environ if environ is None else environ
     if "ACCELERATE_USE_CPU" not in env or "MASTER_ADDR" not in env:
         return None
     if "WORLD_SIZE" in env or any(name in env for name in MPI_SIZE_VARS):
@@ -102,9 +103,9 @@ def lone_cpu_launch(env: dict[str, str] | None = None) -> str | None:
     )
 
 
-def topology(world_size: int, env: dict[str, str] | None = None) -> dict[str, Any]:
+def topology(world_size: int, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Machines and processes per machine of this run (run_info.json), from the launcher's variables."""
-    env = os.environ if env is None else env
+    env = os.environ if environ is None else environ
     local = int(env.get("LOCAL_WORLD_SIZE", world_size))
     machines = int(env.get("GROUP_WORLD_SIZE", max(1, world_size // max(1, local))))
     return {
