@@ -1,7 +1,9 @@
 """The objects one training run shares, as one typed object: :class:`TrainContext`.
 
-``train()`` builds it once (restorer.train.loop); the step, validation, checkpoint and logging
-functions take it instead of the dozen objects it holds. Tests build one with :func:`new_context`.
+``train()`` builds it once (``restorer.train.loop.start_run``); the step, validation, checkpoint
+and logging functions take it instead of the dozen objects it holds. ``forward``, ``batches``,
+``tracker`` and ``ledger`` may be left unset (tests): the model itself, ``iter(loader)`` on first
+use, no logging, no ledger.
 
 Fault injection (restorer.train.faults, ``RESTORER_FAULTS``) is ``faults``: None in every real run.
 When set, :func:`with_faults` wraps the two hot-path objects it acts on once, at the start -- the
@@ -32,6 +34,8 @@ from restorer.train.world import StopRequest
 
 @dataclasses.dataclass
 class TrainContext:
+    """The objects one training run shares (see the module docstring)."""
+
     accelerator: Accelerator
     cfg: TrainConfig
     run_dir: Path  # resolved
