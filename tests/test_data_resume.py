@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import write_shards
 
-from restorer.data import StreamConfig, augment, make_train_loader, shards, shuffle
+from restorer.data import StreamConfig, augment, make_train_loader, shards, shuffle, skips
 from restorer.data.position import AddressSet, address, resume_position, start_position, unpack
 from restorer.errors import UserError
 
@@ -217,6 +217,7 @@ def test_failed_shard_is_quarantined_for_the_run(tmp_path, monkeypatch, caplog):
     opened = []
     real = shards.open_shard
     monkeypatch.setattr(shards, "open_shard", lambda url: opened.append(url) or real(url))
+    monkeypatch.setattr(skips.warn, "count", 0)  # the rate limit is per process: earlier tests' warnings count
     loader = make_train_loader(cfg_for(root), batch_size=2, num_workers=0)
     with caplog.at_level(logging.WARNING, logger="restorer.data"):
         take(loader, 4 * loader.batches_per_epoch)

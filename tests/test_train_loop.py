@@ -5,6 +5,7 @@ a compiled model's checkpoints), and a whole ``train()`` run."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -20,6 +21,7 @@ from conftest import REPO, write_shards
 from restorer.config import config_dict, dump_config, parse_config
 from restorer.errors import AgreedError, UserError
 from restorer.train.config import TrainConfig
+from restorer.train.context import TrainContext, with_faults
 from restorer.train.faults import Faults
 from restorer.train.state import TrainState, Window
 
@@ -190,79 +192,57 @@ def test_window_figures():
 # --- one optimizer step -------------------------------------------------------------------------
 
 
-def _setup(cfg, accelerator):
+def _setup(cfg, accelerator, faults=None) -> TrainContext:
     from restorer.data import SharedEpoch
     from restorer.train.loop import build_model, make_loader
 
     model, ema, optimizer = build_model(cfg, accelerator, channels_last=False)
     loader = make_loader(cfg, accelerator, SharedEpoch(0))
-    return model, ema, optimizer, loader
-
-
-def _step(cfg, accelerator, model, ema, optimizer, batches, state, faults, bpe, tmp_path, window=None):
-    from restorer.train.step import optimizer_step
-
-    return optimizer_step(
-        model=model,
-        forward=model,
-        optimizer=optimizer,
-        accelerator=accelerator,
-        ema=ema,
-        batches=batches,
-        state=state,
-        cfg=cfg,
-        batches_per_epoch=bpe,
-        channels_last=False,
-        stop_requested=False,
-        faults=faults,
-        window=window or Window(),
-        ckpt_root=tmp_path / "none",
-    )
+    ctx = TrainContext(accelerator, cfg, Path(cfg.run_dir).resolve(), model, ema, optimizer, loader, False)
+    return with_faults(ctx, faults)
 
 
 def test_optimizer_step_accumulates_skips_nonfinite_and_updates_ema(shards, tmp_path, accelerator):
+    from restorer.train.step import optimizer_step
+
     cfg = cfg_for(shards, tmp_path / "run", "--grad-accum", "2", "--max-nonfinite", "2")
-    model, ema, optimizer, loader = _setup(cfg, accelerator)
-    bpe = loader.batches_per_epoch
-    batches, state = iter(loader), TrainState()
+    poison = Faults(nan_step=1, nan_forever=True)
+    ctx = _setup(cfg, accelerator, poison)
+    model, ema, state, bpe = ctx.model, ctx.ema, ctx.state, ctx.batches_per_epoch
     before = [p.detach().clone() for p in model.parameters()]
-    result = _step(cfg, accelerator, model, ema, optimizer, batches, state, Faults(), bpe, tmp_path)
+    result = optimizer_step(ctx)  # step 0: not poisoned yet
     assert result.taken and state.step == 1 and state.batches_taken == 2  # two micro-batches
-    assert result.loss > 0 and result.grad_norm > 0 and ema.updates == 1
+    assert result.loss > 0 and result.grad_norm > 0 and ema.updates == 1 and result.wait >= 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
-    poison = Faults(nan_step=1, nan_forever=True)
     weights = [p.detach().clone() for p in model.parameters()]
-    result = _step(cfg, accelerator, model, ema, optimizer, batches, state, poison, bpe, tmp_path)
+    result = optimizer_step(ctx)
     assert not result.taken and state.step == 1 and state.nonfinite_total == 1 and state.consecutive_bad == 1
+    assert math.isnan(result.loss) and math.isnan(result.mse)
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters())) and ema.updates == 1
     with pytest.raises(AgreedError, match="2 non-finite losses in a row at step 1"):
-        _step(cfg, accelerator, model, ema, optimizer, batches, state, poison, bpe, tmp_path)
+        optimizer_step(ctx)
     # endless: batches keep coming across epoch boundaries
-    assert state.batches_taken == 6 and loader.epoch == (6 - 1) // bpe
+    assert state.batches_taken == 6 and ctx.loader.epoch == (6 - 1) // bpe
+
+
+def test_idle_faults_leave_the_context_alone(shards, tmp_path, accelerator):
+    ctx = _setup(cfg_for(shards, tmp_path / "run"), accelerator)
+    assert with_faults(ctx, Faults()) is ctx and with_faults(ctx, None) is ctx and ctx.faults is None
+    slow = with_faults(ctx, Faults(slow_rank=0, slow_seconds=0.01))
+    assert slow.faults is not None and slow.forward is ctx.model and slow.state is ctx.state
 
 
 @pytest.mark.parametrize("loss", ["l1", "charbonnier"])
 def test_loss_option_trains_and_train_psnr_stays_the_mse_psnr(shards, tmp_path, accelerator, loss):
-    from restorer.train.state import Window
+    from restorer.train.step import optimizer_step
 
     cfg = cfg_for(shards, tmp_path / "run", "--loss", loss)
-    model, ema, optimizer, loader = _setup(cfg, accelerator)
-    window = Window()
-    result = _step(
-        cfg,
-        accelerator,
-        model,
-        ema,
-        optimizer,
-        iter(loader),
-        TrainState(),
-        Faults(),
-        loader.batches_per_epoch,
-        tmp_path,
-        window=window,
-    )
+    ctx = _setup(cfg, accelerator)
+    result = optimizer_step(ctx)
     assert result.taken and result.loss > 0
+    window = Window()
+    window.add(result)  # the one way per-step figures travel
     figures = window.figures(cfg.batch_size)
     # an untrained model is the identity: its MSE is the JPEG's, far below its L1 (errors < 1)
     assert window.mse < window.loss and figures["train/psnr"] == pytest.approx(10 * math.log10(1 / window.mse))
@@ -289,8 +269,9 @@ def test_val_pass_figures_are_consistent(shards, tmp_path, accelerator):
     from restorer.train.validation import val_pass
 
     cfg = cfg_for(shards, tmp_path / "run")
+    ctx = _setup(cfg, accelerator)
     net = build_model(cfg.model_config())  # untrained residual model: the identity
-    results, picture = val_pass(net, cfg, accelerator, Faults(), channels_last=False, with_ssim=True)
+    results, picture = val_pass(ctx, net, with_ssim=True)
     assert results["val/images"] == 4  # 2 tiles x 2 qualities
     for q in (10, 20):
         assert results[f"val/gain_q{q}"] == pytest.approx(0.0, abs=1e-9)  # identity = JPEG itself
@@ -299,19 +280,21 @@ def test_val_pass_figures_are_consistent(shards, tmp_path, accelerator):
     empty = write_shards(tmp_path / "empty", splits={"train": 2, "val": 1}, samples_per_shard=1, tile=48)
     (empty / "val" / "shard-000000.tar").write_bytes(b"broken")
     with pytest.raises(UserError, match="no readable validation samples"):  # one line, never empty figures
-        val_pass(net, cfg_for(empty, tmp_path / "run"), accelerator, Faults(), channels_last=False, with_ssim=False)
+        val_pass(dataclasses.replace(ctx, cfg=cfg_for(empty, tmp_path / "run")), net, with_ssim=False)
 
 
 def test_save_resume_export_and_finished(shards, tmp_path, accelerator):
     from restorer.modelfile import load_weights
     from restorer.train.checkpoint import find_resume, finished_at, resume_state, save_and_export
+    from restorer.train.step import optimizer_step
 
     run = tmp_path / "run"
     cfg = cfg_for(shards, run, "--max-steps", "1")
-    model, ema, optimizer, loader = _setup(cfg, accelerator)
-    state = TrainState(wandb_id="w1", last_val={"val/psnr_q10": 30.0, "val/gain_q10": 0.5})
-    _step(cfg, accelerator, model, ema, optimizer, iter(loader), state, Faults(), loader.batches_per_epoch, tmp_path)
-    path = save_and_export(accelerator, cfg, state, model=model, ema=ema, run_dir=run, loader=loader)
+    ctx = _setup(cfg, accelerator)
+    ctx.state = TrainState(wandb_id="w1", last_val={"val/psnr_q10": 30.0, "val/gain_q10": 0.5})
+    model, ema = ctx.model, ctx.ema
+    optimizer_step(ctx)
+    path = save_and_export(ctx)
     assert find_resume("auto", run / "checkpoints") == path and finished_at(path, run, 1) == 1
     assert finished_at(path, run, 2) is None  # more steps asked: not finished
     with pytest.raises(UserError, match="--resume auto"):
@@ -321,7 +304,8 @@ def test_save_resume_export_and_finished(shards, tmp_path, accelerator):
     assert all(torch.equal(a, b) for a, b in zip(exported.parameters(), ema.model.parameters()))
 
     accelerator = fresh_accelerator()  # a new process, as a resumed run is
-    model2, ema2, optimizer2, _ = _setup(cfg, accelerator)
+    again_ctx = _setup(cfg, accelerator)
+    model2, ema2 = again_ctx.model, again_ctx.ema
     again = resume_state(accelerator, path, ema2)
     assert (again.step, again.wandb_id, again.last_val["val/psnr_q10"]) == (1, "w1", 30.0)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
@@ -363,10 +347,8 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplo
 
     monkeypatch.setattr(torch, "compile", lambda model, **kw: Broken(model))
     cfg = cfg_for(shards, tmp_path / "run")
-    model, _, _, _ = _setup(cfg, accelerator)
-    smoke = smoke_step(
-        model, accelerator, batch_size=2, in_channels=3, patch_size=32, channels_last=False, condition_on_quality=False
-    )
+    ctx = _setup(cfg, accelerator)
+    model, smoke = ctx.model, smoke_step(ctx)
     with caplog.at_level(logging.WARNING):
         forward, why = compiled_forward(model, smoke, wanted=True)
     assert forward is model and "torch.compile failed" in why and "running eager" in why and "\n" not in why
@@ -388,38 +370,22 @@ def test_compiled_model_checkpoint_resumes_and_exports_loadable_weights(monkeypa
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     run = tmp_path / "run"
     cfg = cfg_for(shards, run, "--max-steps", "2")
-    model, ema, optimizer, loader = _setup(cfg, accelerator)
-    smoke = smoke_step(
-        model, accelerator, batch_size=2, in_channels=3, patch_size=32, channels_last=False, condition_on_quality=False
-    )
-    forward, why = compiled_forward(model, smoke, wanted=True)
+    ctx = _setup(cfg, accelerator)
+    model = ctx.model
+    forward, why = compiled_forward(model, smoke_step(ctx), wanted=True)
     assert why is None and forward is not model and hasattr(forward, "_orig_mod")
     assert all(p.grad is None for p in model.parameters())  # the smoke step left no gradient behind
-    state, batches = TrainState(), iter(loader)
+    ctx.forward = forward
     for _ in range(2):
-        assert optimizer_step(
-            model=model,
-            forward=forward,
-            optimizer=optimizer,
-            accelerator=accelerator,
-            ema=ema,
-            batches=batches,
-            state=state,
-            cfg=cfg,
-            batches_per_epoch=loader.batches_per_epoch,
-            channels_last=False,
-            stop_requested=False,
-            faults=Faults(),
-            window=Window(),
-            ckpt_root=run / "checkpoints",
-        ).taken
-    path = save_and_export(accelerator, cfg, state, model=model, ema=ema, run_dir=run, loader=loader)
+        assert optimizer_step(ctx).taken
+    path = save_and_export(ctx)
     for name in ("model.safetensors", "ema.safetensors"):
         assert not [k for k in load_file(str(path / name)) if "_orig_mod" in k], name
     exported, meta = load_weights(run / "model.safetensors")  # strict load into a fresh model
     assert meta["facts"]["steps"] == 2
     accelerator = fresh_accelerator()
-    model2, ema2, _, _ = _setup(cfg, accelerator)
+    again = _setup(cfg, accelerator)
+    model2, ema2 = again.model, again.ema
     assert resume_state(accelerator, path, ema2).step == 2
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
     x = torch.rand(1, 3, 32, 32)

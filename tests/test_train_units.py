@@ -71,6 +71,45 @@ def test_fault_spec_parsing():
         h.after_step(2, False, 1)
     with pytest.raises(UserError, match="RESTORER_FAULTS"):
         Faults.from_env("explode@3")
+    assert not Faults.from_env("").active() and f.active()
+
+
+def test_fault_hooks_wrap_the_batches_and_the_forward():
+    from restorer.train.faults import Faults
+
+    idle = Faults()
+    batches, forward = iter([1, 2]), lambda x, q: x
+    assert idle.wrap_batches(batches, 0) is batches and idle.wrap_forward(forward, lambda: 0, 0) is forward
+    slow = Faults(slow_rank=1, slow_seconds=1e-3)
+    assert list(slow.wrap_batches(iter([1, 2]), 1)) == [1, 2] and slow.wrap_batches(batches, 0) is batches
+    step = [0]
+    poisoned = Faults(nan_step=1).wrap_forward(forward, lambda: step[0], 0)
+    x = torch.ones(2)
+    assert torch.equal(poisoned(x, None), x)  # step 0: clean
+    step[0] = 1
+    assert torch.isnan(poisoned(x, None)).all() and torch.equal(poisoned(x, None), x)  # once
+    assert Faults(nan_step=1).wrap_forward(forward, lambda: 1, 1) is forward  # rank 0's batches only
+
+
+def test_agreed_stop_ignores_further_stop_signals():
+    import signal
+
+    from restorer.data.workers import STOP_SIGNALS
+    from restorer.train.world import StopRequest
+
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        stop = StopRequest().listen()
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled: a flag, the process goes on
+        assert stop.requested and not stop.held
+        stop.hold()
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in STOP_SIGNALS)
+        for sig in STOP_SIGNALS:  # ignored by the kernel: nothing can interrupt the checkpoint being written
+            os.kill(os.getpid(), sig)
+        assert stop.held
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
@@ -230,3 +269,23 @@ def test_metrics_log_drops_rows_after_the_resumed_step(tmp_path):
     log.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_trainer_and_data_functions_stay_small():
+    """Shape limits of restorer/train and restorer/data: no function over 60 lines or 6 parameters
+    (self/cls not counted; options objects and the trainer context carry the rest)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "restorer"
+    over = []
+    for path in sorted([*(root / "train").glob("*.py"), *(root / "data").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = node.args
+            names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+            params = len(names) + (a.vararg is not None) + (a.kwarg is not None) - (names[:1] in (["self"], ["cls"]))
+            lines = (node.end_lineno or node.lineno) - node.lineno + 1
+            if lines > 60 or params > 6:
+                over.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name}: {lines} lines, {params} args")
+    assert not over, "\n".join(over)

@@ -148,7 +148,7 @@ def draw_degradation(
     sub = subsamplings[int(rng.integers(len(subsamplings)))] if len(subsamplings) > 1 else subsamplings[0]
     size = chain.patch_size if chain is not None and chain.p else None
     if not double_p or rng.random() >= double_p:
-        if size is None or rng.random() >= chain.p:
+        if chain is None or size is None or rng.random() >= chain.p:  # chain None: size is None too
             return Degradation(quality, sub, size=size)
         saves = draw_chain(rng, qrange, subsamplings, chain, (quality, sub))
         return Degradation(quality, sub, chain=saves, size=size)

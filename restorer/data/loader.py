@@ -68,6 +68,7 @@ import logging
 import multiprocessing as mp
 import time
 from collections import Counter
+from typing import Any
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -141,19 +142,14 @@ class TrainLoader:
     """``iter(loader)``: ``(degraded uint8 [B,C,P,P], clean uint8 [B,C,P,P], quality int64 [B])``
     endlessly, exactly ``batches_per_epoch`` per epoch (see the module docstring)."""
 
-    def __init__(
-        self,
-        cfg: StreamConfig,
-        *,
-        batch_size: int,
-        num_workers: int,
-        rank: int,
-        world_size: int,
-        shared_epoch: SharedEpoch | None,
-        pin_memory: bool,
-        epoch_patches: int | None,
-    ):
+    def __init__(self, cfg: StreamConfig, options: LoaderOptions):
         cfg.validate()
+        batch_size, num_workers, rank, world_size = (
+            options.batch_size,
+            options.num_workers,
+            options.rank,
+            options.world_size,
+        )
         if batch_size < 1 or num_workers < 0 or world_size < 1 or not 0 <= rank < world_size:
             raise UserError(
                 f"train loader: need batch_size >= 1, num_workers >= 0 and 0 <= rank < world_size "
@@ -161,26 +157,16 @@ class TrainLoader:
             )
         self.cfg, self.rank, self.world_size, self.batch_size = cfg, rank, world_size, batch_size
         shards, self.listed_missing = resolve_shards(cfg.shards, cfg.splits)  # local files absent now
-        self.plan = make_plan(
-            shards,
-            cfg.shards,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            world_size=world_size,
-            patches_per_image=cfg.patches_per_image,
-            resampled=bool(cfg.resampled),
-            seed=cfg.seed,
-            epoch_patches=epoch_patches,
-        )
+        self.plan = make_plan(shards, cfg, options)
         self.num_workers = self.plan.workers if num_workers > 0 else 0
         self.batches_per_epoch = self.plan.batches_per_epoch
         self.num_samples = self.batches_per_epoch * batch_size * world_size  # patches per epoch, all ranks
         self.resampled = self.plan.resampled
-        options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in REPLAY_EXEMPT}
-        self.fingerprints = fingerprints(self.plan, options)
+        replayed = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in REPLAY_EXEMPT}
+        self.fingerprints = fingerprints(self.plan, replayed)
         self.quarantine = SharedQuarantine(len(self.plan.shards), cfg.quarantine_epochs)
-        self._own_epoch = shared_epoch is None
-        self.shared_epoch = shared_epoch or SharedEpoch(0)
+        self._own_epoch = options.shared_epoch is None
+        self.shared_epoch = options.shared_epoch or SharedEpoch(0)
         self._counts: dict[int, Counter] = {}  # per epoch, as handed out with the batches
         self._epoch: int | None = None  # the epoch being handed out
         self._start: DataPosition | None = None  # from start_at, for the first iteration
@@ -190,11 +176,19 @@ class TrainLoader:
         self.keep_ledger = False  # keep (epoch, addresses) of every batch for take_ledger()
         self._ledger: list[tuple[int, np.ndarray]] = []
         self._dataset = TrainStream(self.plan, cfg, rank, self.quarantine)
-        extra = (
-            dict(persistent_workers=True, prefetch_factor=2, worker_init_fn=init_worker) if self.num_workers > 0 else {}
-        )
-        self._loader = DataLoader(
-            self._dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin_memory, **extra
+        self._loader = self._data_loader(options.pin_memory)
+
+    def _data_loader(self, pin_memory: bool) -> DataLoader:
+        if self.num_workers == 0:
+            return DataLoader(self._dataset, batch_size=None, num_workers=0, pin_memory=pin_memory)
+        return DataLoader(
+            self._dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=True,
+            prefetch_factor=2,
+            worker_init_fn=init_worker,
         )
 
     def __len__(self) -> int:
@@ -210,7 +204,7 @@ class TrainLoader:
         refill_tiles, quarantined_shards) of the epochs handed out so far, the current one included
         (not the work the workers did ahead for later epochs). A shard is counted each epoch a read of
         it fails or a quarantine skips it."""
-        total = Counter()
+        total: Counter = Counter()
         for epoch, counts in self._counts.items():
             if self._epoch is not None and epoch <= self._epoch:
                 total.update(counts)
@@ -321,18 +315,23 @@ class TrainLoader:
         )
 
 
-def make_train_loader(
-    cfg: StreamConfig,
-    *,
-    batch_size: int,
-    num_workers: int,
-    rank: int = 0,
-    world_size: int = 1,
-    shared_epoch: SharedEpoch | None = None,
-    pin_memory: bool = False,
-    epoch_patches: int | None = None,
-) -> TrainLoader:
-    """The training stream of rank ``rank`` of ``world_size`` (see the module docstring).
+@dataclasses.dataclass(frozen=True)
+class LoaderOptions:
+    """How this process reads the stream (see :func:`make_train_loader`)."""
+
+    batch_size: int
+    num_workers: int
+    rank: int = 0
+    world_size: int = 1
+    shared_epoch: SharedEpoch | None = None
+    pin_memory: bool = False
+    epoch_patches: int | None = None  # patches per epoch over all ranks (default: one pass)
+
+
+def make_train_loader(cfg: StreamConfig, options: LoaderOptions | None = None, **fields: Any) -> TrainLoader:
+    """The training stream of ``cfg``, read as ``options`` say (or a :class:`LoaderOptions` of
+    ``fields``: ``make_train_loader(cfg, batch_size=4, num_workers=2, rank=1, world_size=2)``): rank
+    ``rank`` of ``world_size`` (see the module docstring).
 
     ``epoch_patches``: *patches* per epoch over all ranks (default: one pass, the tiles' count x
     ``patches_per_image``; required when the shard counts are unknown, e.g. ``pipe:`` URLs
@@ -342,13 +341,6 @@ def make_train_loader(
     time, at the position given to ``start_at``); if ``shared_epoch`` is None the loader keeps its
     own, advanced as each epoch is handed out (so a later ``iter()`` continues with the next epoch).
     """
-    return TrainLoader(
-        cfg,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        rank=rank,
-        world_size=world_size,
-        shared_epoch=shared_epoch,
-        pin_memory=pin_memory,
-        epoch_patches=epoch_patches,
-    )
+    if options is not None and fields:
+        raise TypeError("make_train_loader: pass options or its fields, not both")
+    return TrainLoader(cfg, options if options is not None else LoaderOptions(**fields))

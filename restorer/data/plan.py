@@ -23,11 +23,16 @@ import dataclasses
 import heapq
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from restorer.data.config import StreamConfig
 from restorer.data.shards import Shard
 from restorer.errors import UserError
+
+if TYPE_CHECKING:  # the loader imports this module; only the type is needed here
+    from restorer.data.loader import LoaderOptions
 
 log = logging.getLogger("restorer.data")
 
@@ -85,85 +90,24 @@ class Plan:
         return assign_shards(self.counts, self.world_size * self.workers, self.seed, epoch)[rank * self.workers + slot]
 
 
-def make_plan(
-    shards: Sequence[Shard],
-    spec: str,
-    *,
-    batch_size: int,
-    num_workers: int,
-    world_size: int,
-    patches_per_image: int,
-    resampled: bool,
-    seed: int,
-    epoch_patches: int | None,
-) -> Plan:
-    """The plan for ``shards`` (see the module docstring). ``num_workers`` is capped at
-    shards // world_size without resampling (with a warning), and more ranks than shards fall
-    back to resampling (with a warning), so that no slot starves."""
+def make_plan(shards: Sequence[Shard], cfg: StreamConfig, options: LoaderOptions) -> Plan:
+    """The plan for ``shards`` of the stream ``cfg`` read as ``options`` say (see the module
+    docstring). ``num_workers`` is capped at shards // world_size without resampling (with a
+    warning), and more ranks than shards fall back to resampling (with a warning), so that no slot
+    starves."""
+    spec, ppi, epoch_patches, world_size = cfg.shards, cfg.patches_per_image, options.epoch_patches, options.world_size
     known = all(s.samples is not None for s in shards)
-    ppi = patches_per_image
     if not known and not epoch_patches:
         raise UserError(
             f"{spec}: shard sample counts unknown (no manifest.json or sizes.json next to the "
             "shards): pass epoch_patches (patches per epoch, all ranks; --epoch-patches)"
         )
     if known:
-        counts = [int(s.samples) for s in shards]
+        counts = [int(s.samples or 0) for s in shards]
     else:  # spread the given epoch's tiles over the shards; short shards are topped up at run time
-        counts = [max(1, -(-int(epoch_patches) // ppi) // len(shards))] * len(shards)
-    workers = max(1, num_workers)
-    if not resampled and world_size > len(shards):
-        log.warning(
-            "%s: %d shards for %d ranks: falling back to resampled shards (with replacement)",
-            spec,
-            len(shards),
-            world_size,
-        )
-        resampled = True
-    if not resampled and world_size * workers > len(shards):
-        capped = len(shards) // world_size
-        log.warning(
-            "%s: %d shards cannot feed %d ranks x %d workers: using %d worker(s) per rank",
-            spec,
-            len(shards),
-            world_size,
-            workers,
-            capped,
-        )
-        workers = capped
-    one_pass = sum(counts) * ppi // world_size // batch_size
-    asked = int(epoch_patches) // world_size // batch_size if epoch_patches else None
-    if resampled or not known:
-        bpe = asked if asked is not None else one_pass
-    else:
-        slots = assign_shards(counts, world_size * workers, seed, 0)  # slot sizes are the same every epoch
-        smallest = min(sum(counts[i] for i in slot) for slot in slots) * ppi // batch_size
-        bpe = workers * smallest
-        if asked is not None and asked > bpe:
-            log.warning(
-                "%s: epoch_patches=%d asks for %d batches per rank, but one pass without resampling "
-                "gives %d: using one pass (set StreamConfig.resampled / --resampled for longer epochs)",
-                spec,
-                epoch_patches,
-                asked,
-                bpe,
-            )
-        elif asked is not None:
-            bpe = asked
-        elif bpe * batch_size * world_size < 0.9 * sum(counts) * ppi:
-            log.warning(
-                "%s: uneven shards: an epoch uses %d of %d patches (the rest wait for later epochs)",
-                spec,
-                bpe * batch_size * world_size,
-                sum(counts) * ppi,
-            )
-    if bpe < 1:
-        asked_text = f" (epoch_patches={epoch_patches})" if epoch_patches else ""
-        raise UserError(
-            f"{spec}: {sum(counts)} tiles x {ppi} patches{asked_text} over {world_size} rank(s) give no "
-            f"batch of {batch_size}: use more data, more patches_per_image or a smaller batch"
-        )
-    return Plan(
+        counts = [max(1, -(-int(epoch_patches or 0) // ppi) // len(shards))] * len(shards)
+    resampled, workers = _slots(spec, len(shards), bool(cfg.resampled), options)
+    plan = Plan(
         spec=spec,
         shards=tuple(shards),
         counts=tuple(counts),
@@ -171,8 +115,79 @@ def make_plan(
         resampled=resampled,
         world_size=world_size,
         workers=workers,
-        batch_size=batch_size,
-        seed=seed,
-        batches_per_epoch=bpe,
+        batch_size=options.batch_size,
+        seed=cfg.seed,
+        batches_per_epoch=0,
         patches_per_image=ppi,
     )
+    bpe = _batches_per_epoch(plan, epoch_patches)
+    if bpe < 1:
+        asked_text = f" (epoch_patches={epoch_patches})" if epoch_patches else ""
+        raise UserError(
+            f"{spec}: {sum(counts)} tiles x {ppi} patches{asked_text} over {world_size} rank(s) give no "
+            f"batch of {options.batch_size}: use more data, more patches_per_image or a smaller batch"
+        )
+    return dataclasses.replace(plan, batches_per_epoch=bpe)
+
+
+def _slots(spec: str, n_shards: int, resampled: bool, options: LoaderOptions) -> tuple[bool, int]:
+    """(resampled, workers per rank): more ranks than shards fall back to resampling, more slots
+    than shards cap the workers (each with a warning)."""
+    world_size, workers = options.world_size, max(1, options.num_workers)
+    if not resampled and world_size > n_shards:
+        log.warning(
+            "%s: %d shards for %d ranks: falling back to resampled shards (with replacement)",
+            spec,
+            n_shards,
+            world_size,
+        )
+        resampled = True
+    if not resampled and world_size * workers > n_shards:
+        capped = n_shards // world_size
+        log.warning(
+            "%s: %d shards cannot feed %d ranks x %d workers: using %d worker(s) per rank",
+            spec,
+            n_shards,
+            world_size,
+            workers,
+            capped,
+        )
+        workers = capped
+    return resampled, workers
+
+
+def _batches_per_epoch(plan: Plan, epoch_patches: int | None) -> int:
+    """Batches every rank yields per epoch (see the module docstring); may be 0."""
+    spec, counts, ppi, world_size, batch_size = (
+        plan.spec,
+        plan.counts,
+        plan.patches_per_image,
+        plan.world_size,
+        plan.batch_size,
+    )
+    one_pass = sum(counts) * ppi // world_size // batch_size
+    asked = int(epoch_patches) // world_size // batch_size if epoch_patches else None
+    if plan.resampled or not plan.counts_known:
+        return asked if asked is not None else one_pass
+    slots = assign_shards(counts, world_size * plan.workers, plan.seed, 0)  # slot sizes are the same every epoch
+    smallest = min(sum(counts[i] for i in slot) for slot in slots) * ppi // batch_size
+    bpe = plan.workers * smallest
+    if asked is not None and asked > bpe:
+        log.warning(
+            "%s: epoch_patches=%d asks for %d batches per rank, but one pass without resampling "
+            "gives %d: using one pass (set StreamConfig.resampled / --resampled for longer epochs)",
+            spec,
+            epoch_patches,
+            asked,
+            bpe,
+        )
+    elif asked is not None:
+        bpe = asked
+    elif bpe * batch_size * world_size < 0.9 * sum(counts) * ppi:
+        log.warning(
+            "%s: uneven shards: an epoch uses %d of %d patches (the rest wait for later epochs)",
+            spec,
+            bpe * batch_size * world_size,
+            sum(counts) * ppi,
+        )
+    return bpe

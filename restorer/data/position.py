@@ -142,8 +142,8 @@ def plan_segment(plan: Plan, epoch: int, index: int, excluded: AddressSet, targe
     deal = assign_shards([u[3] for u in units], slots, plan.seed, epoch)
     smallest = min(sum(units[i][3] for i in slot) for slot in deal)
     batches = min(budget, w * (smallest // plan.batch_size))
-    deal = tuple(tuple(units[i][:3] for i in slot) for slot in deal)
-    return Segment(epoch, index, batches, 0, target, excluded, deal, tuple(remaining.tolist()))
+    dealt = tuple(tuple(units[i][:3] for i in slot) for slot in deal)
+    return Segment(epoch, index, batches, 0, target, excluded, dealt, tuple(remaining.tolist()))
 
 
 def _units(plan: Plan, excluded: AddressSet, remaining: np.ndarray, slots: int) -> list[tuple[int, int, int, int]]:

@@ -45,6 +45,6 @@ class SharedQuarantine:
 
     def snapshot(self) -> np.ndarray:
         """[N, 2] int64 (shard, until) of every quarantined shard."""
-        until = np.frombuffer(self.until.get_obj(), dtype=np.int32).astype(np.int64)
+        until = np.frombuffer(memoryview(self.until.get_obj()), dtype=np.int32).astype(np.int64)
         held = np.nonzero(until >= 0)[0]
         return np.stack([held, until[held]], axis=1) if held.size else np.zeros((0, 2), np.int64)

@@ -125,7 +125,7 @@ class _ShardTries:
     def end(self) -> None:
         counter, error = self.handler.take()
         index, self.current = self.current, None
-        if index is None or error is None:
+        if index is None or error is None or counter is None:  # counter and error are set together
             return
         url = self.ctx.plan.shards[index].url
         self.tally.add(self.epoch, counter)
@@ -135,7 +135,7 @@ class _ShardTries:
         q = self.ctx.quarantine
         until = q.release_epoch(self.epoch) if q is not None else None
         note = ""
-        if until is not None:
+        if q is not None and until is not None:
             q.add(index, until)
             self.tally.failures.append((index, until))
             note = "; quarantined for the rest of the run" if until == FOREVER else f"; quarantined until epoch {until}"
@@ -224,6 +224,7 @@ class _ShareReader:
                 wanted = self._wanted(j, excluded)
                 if not wanted:
                     continue
+                items: list[Item] | None
                 if self._passed(len(wanted), j, known):
                     items = [Item(None, None, address(index, j, p)) for p in wanted]
                 else:

@@ -19,9 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
+
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from restorer.data import urlio
 from restorer.data.urlio import UrlNotFound, UrlReadError
@@ -158,8 +161,6 @@ def resolve_shards(spec: str, splits: Sequence[str] | None = ("train",)) -> tupl
     for split in splits or ():
         if split != "train":  # a pattern has no splits: it is the training data
             raise _no_split(spec, split)
-    import webdataset as wds
-
     urls = wds.shardlists.expand_urls(spec)
     sizes = _sizes_for(urls)
     return _check_local([Shard(u, sizes.get(_key(u))) for u in urls], spec)
@@ -189,7 +190,7 @@ def _check_local(shards: list[Shard], spec: str) -> tuple[list[Shard], int]:
     """Fail when no listed local shard exists. Missing ones are only warned about and counted:
     they stay in the list (and fail, counted, when read) so that the plan -- and so the batch
     count -- depends on the listing alone, never on what one node's file system shows."""
-    present = [s for s in shards if not _is_local(s.url) or urlio.local_path(s.url).is_file()]
+    present = [s for s in shards if (path := urlio.local_path(s.url)) is None or path.is_file()]
     missing = len(shards) - len(present)
     if not present:
         first = shards[0].url if shards else spec
@@ -269,12 +270,10 @@ def _opened(urls: Iterable[str], handler: Callable[[Exception], bool]) -> Iterat
                     raise
 
 
-def tar_samples(urls: Iterable[str], handler: Callable[[Exception], bool]) -> Iterator[dict]:
+def tar_samples(urls: Iterable[str], handler: Callable[[Exception], bool]) -> Generator[dict, None, None]:
     """Samples ({"__key__", "__url__", ext: bytes}) of the tar shards ``urls``, read by webdataset's
     tar stages (``tar_file_expander`` + ``group_by_keys``, as ``wds.tarfile_to_samples`` does).
     ``handler(exn)`` sees every read error of a shard; returning True skips the rest of it."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
     return group_by_keys(tar_file_expander(_opened(urls, handler), handler=handler), handler=handler)
 
 

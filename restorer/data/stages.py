@@ -70,6 +70,7 @@ def jpeg(items: Iterable[tuple[int, Item]]) -> Iterator[tuple[np.ndarray, np.nda
     """(epoch, Item) -> (degraded, clean, quality label, epoch, address); a chain's label is its
     effective quality (degrade.apply)."""
     for epoch, item in items:
+        assert item.patch is not None and item.degradation is not None  # drop_consumed left only real patches
         yield *apply(item.patch, item.degradation), epoch, item.address
 
 
@@ -86,7 +87,7 @@ def with_counts(batches: Iterable[tuple], tally: Tally) -> Iterator[WorkerBatch]
 
 def worker_pipeline(ctx: ReadContext, shares: Iterable[Share]) -> wds.DataPipeline:
     """The stages of one worker over ``shares`` (``position.worker_shares`` in training)."""
-    tally, seen = Tally(), {}
+    tally, seen = Tally(), dict[int, Share]()
     seed, size, batch = ctx.cfg.seed, ctx.cfg.shuffle_buffer, ctx.plan.batch_size
     return wds.DataPipeline(
         lambda: iter(shares),

@@ -47,6 +47,9 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
+
+import fsspec
 
 from restorer.errors import UserError
 
@@ -197,9 +200,15 @@ class _HttpOpened(_Opened):
         self.remaining: int | None = None
         for _ in range(_MAX_REDIRECTS + 1):
             parts = urllib.parse.urlsplit(url)
-            cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-            kwargs = {"context": ssl.create_default_context()} if parts.scheme == "https" else {}
-            conn = cls(parts.hostname, parts.port, timeout=policy.connect_timeout, **kwargs)
+            if not parts.hostname:
+                raise UserError(f"{url}: no host name in the URL")
+            conn: http.client.HTTPConnection
+            if parts.scheme == "https":
+                conn = http.client.HTTPSConnection(
+                    parts.hostname, parts.port, timeout=policy.connect_timeout, context=ssl.create_default_context()
+                )
+            else:
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=policy.connect_timeout)
             try:
                 conn.connect()
                 conn.sock.settimeout(policy.read_timeout)
@@ -270,6 +279,7 @@ class _PipeOpened(_Opened):
             start_new_session=True,
             bufsize=0,
         )
+        self.out = cast(io.FileIO, self.proc.stdout)  # bufsize=0: the raw pipe (a FileIO)
         self.last = time.monotonic()
         self.killed = False
         self.done = threading.Event()
@@ -291,7 +301,7 @@ class _PipeOpened(_Opened):
             pass
 
     def readinto(self, b) -> int:
-        n = self.proc.stdout.readinto(b)
+        n = self.out.readinto(b)
         self.last = time.monotonic()
         if n == 0 and len(b):
             rc = self.proc.wait()
@@ -308,7 +318,7 @@ class _PipeOpened(_Opened):
         if self.proc.poll() is None:
             self._kill()
         self.proc.wait()
-        self.proc.stdout.close()
+        self.out.close()
         self.err.close()
 
 
@@ -319,8 +329,6 @@ _FS_LOCK = threading.Lock()
 def backend_class(url: str):
     """The fsspec filesystem class for ``url``; UserError (one line naming the extra to install)
     when its package is missing or the scheme is unknown."""
-    import fsspec
-
     protocol = scheme(url)
     try:
         return fsspec.get_filesystem_class(protocol)
@@ -335,8 +343,6 @@ def backend_class(url: str):
 def filesystem(url: str):
     """(fsspec filesystem, path) for ``url`` with the backend's own defaults (its own retries;
     for writers such as the shard builder's upload). A missing package is a UserError."""
-    import fsspec
-
     backend_class(url)
     return fsspec.core.url_to_fs(url)
 
@@ -375,7 +381,7 @@ class _FsspecOpened(_Opened):
     def __init__(self, url: str, offset: int, policy: ReadPolicy):
         self.timeout = policy.read_timeout + policy.connect_timeout
         self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="urlio")
-        self.f = None
+        self.f: Any = None
         fs, path = _filesystem(url, policy)
 
         def start():
@@ -480,7 +486,7 @@ class RetryingStream(io.RawIOBase):
             except Exception:  # noqa: BLE001 (closing a broken connection)
                 pass
 
-    def _connect(self) -> None:
+    def _connect(self) -> _Opened:
         """Open at ``self.pos``; skip bytes the backend re-sends from an earlier offset."""
         while True:
             try:
@@ -493,7 +499,7 @@ class RetryingStream(io.RawIOBase):
                     if n == 0:
                         raise _Transient(f"object shorter than on the previous attempt ({self.pos} bytes)")
                     skip -= n
-                return
+                return cur
             except _Missing as exc:
                 self._drop()
                 raise UrlNotFound(self.url, str(exc), self.failures + 1) from None
@@ -507,10 +513,9 @@ class RetryingStream(io.RawIOBase):
         if self.closed:
             raise ValueError("read of a closed stream")
         while True:
-            if self._cur is None:
-                self._connect()
+            cur = self._cur if self._cur is not None else self._connect()
             try:
-                n = self._cur.readinto(b)
+                n = cur.readinto(b)
             except _Transient as exc:
                 self._fail(str(exc))
                 continue

@@ -11,8 +11,10 @@ UserError.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -32,24 +34,29 @@ def val_crop_size(height: int, width: int, crop: int) -> int:
     return min(crop, height, width) // 8 * 8
 
 
+@dataclasses.dataclass(frozen=True)
+class ValOptions:
+    """How to read a validation split (see :func:`make_val_loader`)."""
+
+    split: str | None = "val"
+    qualities: Sequence[int] = (10, 20, 30, 40)
+    crop: int = 256
+    rank: int = 0
+    world_size: int = 1
+    batch_size: int = 8
+    num_workers: int = 0
+    grayscale: bool = False
+    chroma_subsampling: str = "4:2:0"
+
+
 class ValStream(IterableDataset):
     """Items of this rank (and worker) as batches (degraded, clean, quality, counts)."""
 
-    def __init__(
-        self,
-        shard_list: list[Shard],
-        qualities: Sequence[int],
-        crop: int,
-        rank: int,
-        world_size: int,
-        batch_size: int,
-        grayscale: bool,
-        subsampling: str,
-    ):
+    def __init__(self, shard_list: list[Shard], options: ValOptions, subsampling: str):
         super().__init__()
-        self.shards, self.qualities, self.crop = shard_list, tuple(qualities), crop
-        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.grayscale, self.subsampling = grayscale, subsampling
+        self.shards, self.qualities, self.crop = shard_list, tuple(options.qualities), options.crop
+        self.rank, self.world_size, self.batch_size = options.rank, options.world_size, options.batch_size
+        self.grayscale, self.subsampling = options.grayscale, subsampling
 
     def __iter__(self):
         info = get_worker_info()
@@ -109,41 +116,34 @@ class ValStream(IterableDataset):
 class ValLoader:
     """Deterministic validation batches (see the module docstring)."""
 
-    def __init__(
-        self,
-        spec: str,
-        *,
-        split: str | None,
-        qualities: Sequence[int],
-        crop: int,
-        rank: int,
-        world_size: int,
-        batch_size: int,
-        num_workers: int,
-        grayscale: bool,
-        chroma_subsampling: str,
-    ):
+    def __init__(self, spec: str, options: ValOptions):
+        qualities, crop, rank, world_size = options.qualities, options.crop, options.rank, options.world_size
         if not qualities or any(not 1 <= int(q) <= 100 for q in qualities):
             raise UserError(f"val qualities must lie in 1..100, got {list(qualities)}")
         try:
-            subsampling = parse_subsampling(chroma_subsampling)[0]
+            subsampling = parse_subsampling(options.chroma_subsampling)[0]
         except ValueError:
             subsampling = None
-        if subsampling is None or crop < 8 or batch_size < 1 or not 0 <= rank < world_size:
+        if subsampling is None or crop < 8 or options.batch_size < 1 or not 0 <= rank < world_size:
             raise UserError(
                 "val loader: need crop >= 8, batch_size >= 1, 0 <= rank < world_size and a known "
                 f"chroma_subsampling ({', '.join(SUBSAMPLING)})"
             )
         self.spec = spec
+        split = options.split
         self.shards, self.listed_missing = resolve_shards(spec, None if split is None else [split])
         self.rank, self.world_size = rank, world_size
         self.qualities = tuple(int(q) for q in qualities)
-        total = sum(s.samples for s in self.shards) if all(s.samples is not None for s in self.shards) else None
+        total = sum(s.samples or 0 for s in self.shards) if all(s.samples is not None for s in self.shards) else None
         self.num_tiles = None if total is None else len(range(rank, total, world_size))  # this rank
         self._counts: Counter = Counter()
-        dataset = ValStream(self.shards, self.qualities, crop, rank, world_size, batch_size, grayscale, subsampling)
-        extra = dict(worker_init_fn=init_worker) if num_workers > 0 else {}
-        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, **extra)
+        dataset = ValStream(self.shards, dataclasses.replace(options, qualities=self.qualities), subsampling)
+        if options.num_workers > 0:
+            self._loader = DataLoader(
+                dataset, batch_size=None, num_workers=options.num_workers, worker_init_fn=init_worker
+            )
+        else:
+            self._loader = DataLoader(dataset, batch_size=None, num_workers=0)
 
     def stats(self) -> dict[str, int]:
         return {name: int(self._counts[name]) for name in COUNTERS}
@@ -165,20 +165,9 @@ class ValLoader:
             )
 
 
-def make_val_loader(
-    shards: str,
-    *,
-    split: str | None = "val",
-    qualities: Sequence[int] = (10, 20, 30, 40),
-    crop: int = 256,
-    rank: int = 0,
-    world_size: int = 1,
-    batch_size: int = 8,
-    num_workers: int = 0,
-    grayscale: bool = False,
-    chroma_subsampling: str = "4:2:0",
-) -> ValLoader:
-    """Validation stream (see the module docstring).
+def make_val_loader(shards: str, options: ValOptions | None = None, **fields: Any) -> ValLoader:
+    """Validation stream (see the module docstring) of the shards ``shards``, read as ``options``
+    say (or a :class:`ValOptions` of ``fields``: ``make_val_loader(spec, crop=64, rank=1, world_size=2)``).
 
     ``split``: the split of the shards dir ``shards`` (manifest.json or a ``<split>/`` folder); a
     spec without splits (a folder of tars, a brace/``::``/``pipe:`` pattern) has none but
@@ -187,15 +176,6 @@ def make_val_loader(
     ``*.tar``, or a manifest's only split (e.g. the trainer's ``--val-shards``).
     ``chroma_subsampling``: as the training stream's option; with several listed (drawn per patch
     in training) validation uses the first, so that it stays deterministic."""
-    return ValLoader(
-        shards,
-        split=split,
-        qualities=qualities,
-        crop=crop,
-        rank=rank,
-        world_size=world_size,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        grayscale=grayscale,
-        chroma_subsampling=chroma_subsampling,
-    )
+    if options is not None and fields:
+        raise TypeError("make_val_loader: pass options or its fields, not both")
+    return ValLoader(shards, options if options is not None else ValOptions(**fields))

@@ -43,8 +43,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils.other import load as accelerate_load  # weights_only=True + numpy RNG types
+from safetensors import safe_open
 
+from restorer.data.degrade import parse_quality
 from restorer.errors import PeerError, UserError, first_line
+from restorer.modelfile import export_weights, read_meta
+from restorer.train.context import TrainContext
+from restorer.train.datapos import checkpoint_data, global_batch, share_quarantine
+from restorer.train.state import TrainState
+from restorer.train.tracking import say
 
 MARKER = "COMPLETE"
 STATE_NAME = "train_state.json"
@@ -114,9 +122,6 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
     Raises a one-line :class:`UserError` for a missing/incomplete directory or for any file that
     would need arbitrary unpickling (nothing in it is executed)."""
-    from accelerate.utils.other import load as accelerate_load  # weights_only=True + numpy RNG types
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: checkpoint directory not found")
@@ -272,8 +277,6 @@ def load_checkpoint(accelerator, path: str | os.PathLike, ema=None) -> dict[str,
 def finished_at(ckpt: Path, run_dir: Path, max_steps: int) -> int | None:
     """The step of ``ckpt`` when it is a complete checkpoint at or past ``max_steps`` and
     ``run_dir/model.safetensors`` holds the weights exported with it (the run is done); else None."""
-    from restorer.modelfile import read_meta
-
     try:
         if not (ckpt / MARKER).is_file():
             return None
@@ -301,18 +304,14 @@ def find_resume(resume: str, root: Path) -> Path | None:
     return Path(resume).resolve()
 
 
-def resume_state(accelerator, path: Path, ema=None):
+def resume_state(accelerator, path: Path, ema=None) -> TrainState:
     """Load ``path`` into the prepared model/optimizer (and ``ema``); the :class:`TrainState` to go on
     from (its data position is restored by ``restorer.train.datapos.start_data``)."""
-    from restorer.train.state import TrainState
-
     return TrainState.from_checkpoint(load_checkpoint(accelerator, path, ema))
 
 
 def export_facts(cfg, state) -> dict[str, Any]:
     """The training facts ``model.json`` records beside the weights."""
-    from restorer.data.degrade import parse_quality
-
     last = state.last_val
     return {
         "quality": cfg.data.quality,
@@ -333,24 +332,18 @@ def export_facts(cfg, state) -> dict[str, Any]:
     }
 
 
-def save_and_export(accelerator, cfg, state, *, model, ema, run_dir: Path, loader, faults=None) -> Path:
-    """Checkpoint ``state`` and ``loader``'s data position (every process; the quarantines are
+def save_and_export(ctx: TrainContext) -> Path:
+    """Checkpoint ``ctx.state`` and the loader's data position (every process; the quarantines are
     shared first, so every rank saves the same), then export the weights validation uses (the EMA,
     else the model itself, never a compiled wrapper) to ``run_dir/model.safetensors`` (main process)."""
-    from restorer.modelfile import export_weights
-    from restorer.train.datapos import checkpoint_data, global_batch, share_quarantine
-    from restorer.train.ema import unwrap
-    from restorer.train.tracking import say
-
+    accelerator, cfg, state, loader = ctx.accelerator, ctx.cfg, ctx.state, ctx.loader
     world = accelerator.num_processes
     share_quarantine(accelerator, loader)
     data, arrays = checkpoint_data(loader, accelerator.process_index, accelerator.is_main_process)
     saved = state.to_checkpoint(data, world_size=world, global_batch=global_batch(cfg, world), seed=cfg.data.seed)
-    content = Content(saved, ema, arrays)
-    path = save_checkpoint(accelerator, run_dir / "checkpoints", state.step, content, cfg.keep_checkpoints, faults)
+    content = Content(saved, ctx.ema, arrays)
+    path = save_checkpoint(accelerator, ctx.ckpt_root, state.step, content, cfg.keep_checkpoints, ctx.faults)
     if accelerator.is_main_process:
-        export_weights(
-            ema.model if ema is not None else unwrap(model), cfg.model_config(), run_dir, export_facts(cfg, state)
-        )
+        export_weights(ctx.eval_net(), cfg.model_config(), ctx.run_dir, export_facts(cfg, state))
     say(accelerator, f"step {state.step}: saved {path}")
     return path

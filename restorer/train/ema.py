@@ -39,7 +39,7 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
         src = unwrap(model)
-        ema_p = list(self.model.parameters())
+        ema_p: list[torch.Tensor] = list(self.model.parameters())
         new_p = [p.detach().float() for p in src.parameters()]
         torch._foreach_lerp_(ema_p, new_p, 1.0 - d)
         for b_ema, b in zip(self.model.buffers(), src.buffers()):

@@ -22,6 +22,7 @@ import sys
 from restorer.config import parse_config
 from restorer.errors import AgreedError, PeerError, UserError
 from restorer.train.config import EXAMPLES, TrainConfig
+from restorer.train.loop import train
 from restorer.train.world import lone_cpu_launch, lost_peer, tie_to_launcher
 
 PROG = "accelerate launch launch/train.py"
@@ -38,8 +39,6 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
     refusal = lone_cpu_launch()
     if refusal:
         raise AgreedError(refusal)
-    from restorer.train.loop import train
-
     return train(cfg)
 
 

@@ -16,7 +16,8 @@
                      process meets: it must print its line and exit, not leave the others blocked)
 
 They exist so that tests exercise the real code paths (the real save, the real skip logic) rather
-than mocks; a user never needs them.
+than mocks; a user never needs them. A run without them has no fault object at all
+(``restorer.train.context.with_faults`` hooks an active one into the batches and the forward once).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import errno
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,6 +80,38 @@ class Faults:
             except ValueError:
                 raise UserError(f"{ENV}: cannot parse {item!r} (see restorer/train/faults.py)") from None
         return faults
+
+    def active(self) -> bool:
+        """Whether any fault is asked for."""
+        return self != Faults()
+
+    def wrap_batches(self, batches: Iterator, rank: int) -> Iterator:
+        """``batches``, with this rank sleeping before each one when it is the slow rank."""
+        if self.slow_rank != rank or self.slow_seconds <= 0:
+            return batches
+        return self._slow(batches, rank)
+
+    def _slow(self, batches: Iterator, rank: int) -> Iterator:
+        while True:
+            self.maybe_sleep(rank)
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            yield batch
+
+    def wrap_forward(self, forward: Callable, step: Callable[[], int], rank: int) -> Callable:
+        """``forward``, with its input made NaN when :meth:`poison_batch` says so (``step()``: the
+        optimizer step being attempted)."""
+        if self.nan_step is None or rank != 0:
+            return forward
+
+        def poisoned(x, q):
+            if self.poison_batch(step(), rank):
+                x = x * float("nan")
+            return forward(x, q)
+
+        return poisoned
 
     def poison_batch(self, step: int, rank: int) -> bool:
         """True when this rank's batch at this optimizer step must be made NaN."""

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from restorer.errors import UserError
-from restorer.hardware import Choice, choose_channels_last, choose_compile, choose_precision
+from restorer.hardware import Choice, choose_channels_last, choose_compile, choose_precision, compile_or_eager
+from restorer.train.context import TrainContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,25 +57,17 @@ def choose_speed(mixed_precision: str, channels_last: str, compile: str, device_
         raise UserError(str(exc)) from None
 
 
-def smoke_step(
-    model,
-    accelerator,
-    *,
-    batch_size: int,
-    in_channels: int,
-    patch_size: int,
-    channels_last: bool,
-    condition_on_quality: bool,
-) -> Callable[[Callable], None]:
+def smoke_step(ctx: TrainContext) -> Callable[[Callable], None]:
     """A forward/backward on a batch of the training shape, without any gradient all-reduce (so a
     process whose compile fails cannot leave its peers waiting in a collective)."""
-    device = accelerator.device
+    cfg, model, accelerator = ctx.cfg, ctx.model, ctx.accelerator
+    batch_size, patch_size, device = cfg.batch_size, cfg.data.patch_size, accelerator.device
 
     def smoke(net: Callable) -> None:
-        x = torch.rand(batch_size, in_channels, patch_size, patch_size, device=device)
-        if channels_last:
+        x = torch.rand(batch_size, cfg.model.in_channels, patch_size, patch_size, device=device)
+        if ctx.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        q = torch.full((batch_size,), 50, dtype=torch.int64, device=device) if condition_on_quality else None
+        q = torch.full((batch_size,), 50, dtype=torch.int64, device=device) if cfg.model.condition_on_quality else None
         no_sync = accelerator.no_sync(model) if hasattr(model, "no_sync") else nullcontext()
         with no_sync:
             with accelerator.autocast():
@@ -91,6 +84,4 @@ def compiled_forward(model, smoke: Callable[[Callable], None], wanted: bool) -> 
     state-dict keys never carry ``_orig_mod.``. Returns (forward, why it is eager or None)."""
     if not wanted:
         return model, None
-    from restorer.hardware import compile_or_eager
-
     return compile_or_eager(model, smoke)

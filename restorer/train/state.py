@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from restorer.train.step import StepResult
 
 
 @dataclasses.dataclass
@@ -61,6 +64,13 @@ class Window:
     grad_norm: float = 0.0
     wait: float = 0.0  # seconds waiting for the loader
     pause: float = 0.0  # seconds of validation and checkpointing
+
+    def add(self, result: StepResult) -> None:
+        """Count one attempted step (a ``restorer.train.step.StepResult``): its wait for the loader
+        always, its figures when it was taken."""
+        self.wait += result.wait
+        if result.taken:
+            self.add_step(result.loss, result.grad_norm, result.mse)
 
     def add_step(self, loss: float, grad_norm: float, mse: float | None = None) -> None:
         self.steps += 1

@@ -12,27 +12,32 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from restorer.data import to_device_float
 from restorer.errors import AgreedError, UserError
 from restorer.train.checkpoint import latest_checkpoint
+from restorer.train.context import TrainContext
 from restorer.train.schedule import lr_at
-from restorer.train.state import TrainState, Window
+from restorer.train.state import TrainState
 from restorer.train.tracking import say
 
 
 @dataclasses.dataclass(frozen=True)
 class StepResult:
+    """What one attempt gives the loop (its only way out: the loop adds it to its ``Window``)."""
+
     taken: bool  # False: skipped (non-finite)
     loss: float  # mean loss over processes and micro-batches (NaN when skipped)
     grad_norm: float  # before clipping (NaN when skipped)
     lr: float
     stop: bool  # a stop (SIGTERM/SIGUSR1) was requested on some process
+    mse: float = float("nan")  # mean MSE whatever --loss is, for train/psnr (NaN when skipped)
+    wait: float = 0.0  # seconds this process waited for the loader
 
 
 def take_batch(batches: Iterator, state: TrainState, batches_per_epoch: int) -> Any:
@@ -63,128 +68,103 @@ def pixel_loss(name: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tens
     raise ValueError(f"unknown loss {name!r} (one of {', '.join(LOSSES)})")
 
 
-def micro_batch_loss(
-    forward: Callable,
-    batch,
-    accelerator,
-    *,
-    channels_last: bool,
-    condition_on_quality: bool,
-    loss: str = "mse",
-    poison: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the ``loss`` of ``forward(degraded)`` against clean, its detached MSE for PSNR logging), in
-    fp32, the forward under the Accelerator's autocast."""
-    from restorer.data import to_device_float
-
+def micro_batch_loss(ctx: TrainContext, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the ``--loss`` of the forward of the degraded images against clean, its detached MSE for PSNR
+    logging), in fp32, the forward under the Accelerator's autocast."""
     deg, clean, q = batch
-    device = accelerator.device
-    x = to_device_float(deg, device, channels_last)
-    y = to_device_float(clean, device, channels_last)
-    if poison:
-        x = x * float("nan")
-    with accelerator.autocast():
-        out = forward(x, q.to(device) if condition_on_quality else None)
-    value = pixel_loss(loss, out, y)
-    mse = value.detach() if loss == "mse" else (out.detach().float() - y).square().mean()
+    cfg, device = ctx.cfg, ctx.accelerator.device
+    x = to_device_float(deg, device, ctx.channels_last)
+    y = to_device_float(clean, device, ctx.channels_last)
+    with ctx.accelerator.autocast():
+        out = ctx.call_forward()(x, q.to(device) if cfg.model.condition_on_quality else None)
+    value = pixel_loss(cfg.loss, out, y)
+    mse = value.detach() if cfg.loss == "mse" else (out.detach().float() - y).square().mean()
     return value, mse
 
 
-def optimizer_step(
-    *,
-    model,
-    forward: Callable,
-    optimizer,
-    accelerator,
-    ema,
-    batches: Iterator,
-    state: TrainState,
-    cfg,
-    batches_per_epoch: int,
-    channels_last: bool,
-    stop_requested: bool,
-    faults,
-    window: Window,
-    ckpt_root: Path,
-) -> StepResult:
-    """Attempt optimizer step ``state.step``; updates ``state`` and ``window``.
+def optimizer_step(ctx: TrainContext) -> StepResult:
+    """Attempt optimizer step ``ctx.state.step``; updates ``ctx.state``.
 
-    ``model`` is the prepared (DDP) module, ``forward`` what to call it through (it or its compiled
-    wrapper). Raises :class:`AgreedError` on every process after ``cfg.max_nonfinite`` skipped
-    steps in a row."""
-    device, rank = accelerator.device, accelerator.process_index
+    ``ctx.model`` is the prepared (DDP) module, ``ctx.forward`` what to call it through (it or its
+    compiled wrapper). Raises :class:`AgreedError` on every process after ``cfg.max_nonfinite``
+    skipped steps in a row."""
+    cfg, accelerator, state = ctx.cfg, ctx.accelerator, ctx.state
     lr = lr_at(
         state.step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps, min_ratio=cfg.min_lr_ratio
     )
-    for group in optimizer.param_groups:
+    for group in ctx.optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = torch.zeros((), device=device)
-    mse_sum = torch.zeros((), device=device)
+    loss_sum, mse_sum, wait = _accumulate(ctx)
+    bad, stop, mean_loss, mean_mse = _agree_step(ctx, loss_sum, mse_sum)
+    grad_norm = float("nan")
+    if not bad:
+        clip = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
+        grad_norm = float(accelerator.clip_grad_norm_(ctx.model.parameters(), clip))
+        # fp16: the loss scaler skips such steps itself
+        bad = accelerator.mixed_precision != "fp16" and not math.isfinite(grad_norm)
+    if bad:
+        ctx.optimizer.zero_grad(set_to_none=True)
+        _count_nonfinite(ctx)
+        return StepResult(False, float("nan"), float("nan"), lr, stop, wait=wait)
+    state.consecutive_bad = 0
+    ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if ctx.ema is not None:
+        ctx.ema.update(ctx.model)
+    state.step += 1
+    return StepResult(True, mean_loss, grad_norm, lr, stop, mse=mean_mse, wait=wait)
+
+
+def _accumulate(ctx: TrainContext) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Forward and backward of ``cfg.grad_accum`` micro-batches (the gradient all-reduce with the
+    last); (summed loss, summed MSE, seconds waited for the loader)."""
+    cfg, accelerator = ctx.cfg, ctx.accelerator
+    batches = ctx.next_batches()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    mse_sum = torch.zeros((), device=accelerator.device)
+    wait = 0.0
     for micro in range(cfg.grad_accum):
         t_wait = time.perf_counter()
-        batch = take_batch(batches, state, batches_per_epoch)
-        faults.maybe_sleep(rank)
-        window.wait += time.perf_counter() - t_wait
-        sync = nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
+        batch = take_batch(batches, ctx.state, ctx.batches_per_epoch)
+        wait += time.perf_counter() - t_wait
+        sync = nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(ctx.model)
         with sync:
-            loss, mse = micro_batch_loss(
-                forward,
-                batch,
-                accelerator,
-                channels_last=channels_last,
-                condition_on_quality=cfg.model.condition_on_quality,
-                loss=cfg.loss,
-                poison=faults.poison_batch(state.step, rank),
-            )
+            loss, mse = micro_batch_loss(ctx, batch)
             accelerator.backward(loss / cfg.grad_accum)
         loss_sum += loss.detach()
         mse_sum += mse
-    # one small all-reduce per step: every process learns whether any loss was non-finite, the
-    # summed loss, and whether a stop was requested -- so all take the same branch
+    return loss_sum, mse_sum, wait
+
+
+def _agree_step(ctx: TrainContext, loss_sum: torch.Tensor, mse_sum: torch.Tensor) -> tuple[bool, bool, float, float]:
+    """One small all-reduce per step: every process learns whether any loss was non-finite, the
+    summed loss and MSE, and whether a stop was requested -- so all take the same branch. Returns
+    (bad, stop, mean loss, mean MSE)."""
+    accelerator = ctx.accelerator
     flags = torch.stack(
         [
             (~torch.isfinite(loss_sum)).float(),
             torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0),
-            torch.tensor(float(stop_requested), device=device),
+            torch.tensor(float(ctx.stop.requested), device=accelerator.device),
             torch.nan_to_num(mse_sum, nan=0.0, posinf=0.0),
         ]
     )
     flags = accelerator.reduce(flags, reduction="sum")
-    bad, stop = float(flags[0]) > 0, float(flags[2]) > 0
-    mean_loss = float(flags[1]) / (accelerator.num_processes * cfg.grad_accum)
-    mean_mse = float(flags[3]) / (accelerator.num_processes * cfg.grad_accum)
-    grad_norm = float("nan")
-    if not bad:
-        grad_norm = float(
-            accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-        )
-        # fp16: the loss scaler skips such steps itself
-        bad = accelerator.mixed_precision != "fp16" and not math.isfinite(grad_norm)
-    if bad:
-        optimizer.zero_grad(set_to_none=True)
-        _count_nonfinite(state, accelerator, cfg.max_nonfinite, ckpt_root)
-        return StepResult(False, float("nan"), float("nan"), lr, stop)
-    state.consecutive_bad = 0
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if ema is not None:
-        ema.update(model)
-    state.step += 1
-    faults.after_step(state.step, accelerator.is_main_process, rank)
-    window.add_step(mean_loss, grad_norm, mean_mse)
-    return StepResult(True, mean_loss, grad_norm, lr, stop)
+    parts = accelerator.num_processes * ctx.cfg.grad_accum
+    return float(flags[0]) > 0, float(flags[2]) > 0, float(flags[1]) / parts, float(flags[3]) / parts
 
 
-def _count_nonfinite(state: TrainState, accelerator, max_nonfinite: int, ckpt_root: Path | None) -> None:
+def _count_nonfinite(ctx: TrainContext) -> None:
+    state = ctx.state
     state.nonfinite_total += 1
     state.consecutive_bad += 1
     say(
-        accelerator,
+        ctx.accelerator,
         f"step {state.step}: non-finite loss or gradient, step skipped ({state.consecutive_bad} in a "
         f"row, {state.nonfinite_total} in total)",
     )
-    if state.consecutive_bad >= max_nonfinite:
-        last = latest_checkpoint(ckpt_root) if ckpt_root is not None else None
+    if state.consecutive_bad >= ctx.cfg.max_nonfinite:
+        last = latest_checkpoint(ctx.ckpt_root)
         raise AgreedError(
             f"{state.consecutive_bad} non-finite losses in a row at step {state.step}: stopped; last "
             f"good checkpoint: {last or 'none'} (lower --lr, or check the data)"

@@ -17,16 +17,20 @@ import configparser
 import json
 import netrc
 import os
+import resource
 import struct
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
+import torch
+from PIL import Image
 
 from restorer.errors import describe
-from restorer.fsutil import jsonable
+from restorer.fsutil import atomic_write_text, jsonable
 
 
 def _netrc_path() -> Path:
@@ -127,7 +131,7 @@ class Tracker:
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", start_step) if self.main else None
 
     def log(self, values: dict[str, Any], step: int) -> None:
-        if not self.main:
+        if self.metrics is None:  # not the main process
             return
         self.metrics.write(values, step)
         if self.use_wandb:
@@ -138,13 +142,11 @@ class Tracker:
         """Save a uint8 HxWx3 panel as ``RUN/panels/step-XXXXXXX.png`` and send it to W&B."""
         if not self.main:
             return None
-        from PIL import Image
-
         out = self.run_dir / "panels" / f"step-{step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(panel).save(out)
         if self.use_wandb:
-            import wandb
+            import wandb  # lazy: ~1.8 s to import (python -X importtime, torch already loaded); --tracker wandb only
 
             run = self.accelerator.get_tracker("wandb")
             self._wandb(lambda: run.log({"val/panel": wandb.Image(panel, caption=caption)}, step=step))
@@ -158,7 +160,7 @@ class Tracker:
             print(f"warning: W&B stopped working ({describe(exc)}); logging to metrics.jsonl only", flush=True)
 
     def close(self) -> None:
-        if self.main:
+        if self.metrics is not None:
             self.metrics.close()
         # every rank reaches this line; tear the process group down together (a rank that
         # destroyed it while its peer was still writing was seen to abort in gloo's threads)
@@ -178,7 +180,7 @@ _REC = struct.Struct("<IHB")  # crc32, length, type (1 full, 2 first, 3 middle, 
 def read_wandb_records(path: str | os.PathLike) -> Iterator[Any]:
     """Yield the ``wandb_internal_pb2.Record`` messages of a ``run-<id>.wandb`` file (a LevelDB-style
     log of 32 KiB blocks after a 7-byte header)."""
-    from wandb.proto import wandb_internal_pb2
+    from wandb.proto import wandb_internal_pb2  # lazy: imports wandb (~1.8 s); tests and debugging only
 
     data = Path(path).read_bytes()
     ident, magic, version = _HEADER.unpack_from(data, 0)
@@ -201,7 +203,7 @@ def read_wandb_records(path: str | os.PathLike) -> Iterator[Any]:
         else:
             pending += chunk
         if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
+            record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]  # generated protobuf: no stubs
             record.ParseFromString(pending)
             yield record
             pending = b""
@@ -231,27 +233,19 @@ def say(accelerator, msg: str) -> None:
 
 def peak_memory_gb(device) -> dict[str, float]:
     """Peak GPU memory of this process, or its peak resident memory on CPU."""
-    import torch
-
     if device.type == "cuda":
         return {"perf/peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
-    import resource
-
     return {"perf/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def write_json(path: Path, obj: Any) -> None:
     """Write ``path`` atomically."""
-    from restorer.fsutil import atomic_write_text
-
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def code_version() -> str | None:
     """The git commit of the restorer checkout that runs (``+dirty`` with uncommitted changes to
     tracked files), for run_info.json and model cards; None outside a git checkout."""
-    import subprocess
-
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(

@@ -35,7 +35,13 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from typing import Any
+
+import torch.distributed as dist
+from accelerate.utils import InitProcessGroupKwargs
+
+from restorer.data.workers import STOP_SIGNALS
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -53,10 +59,39 @@ class Progress:
 PROGRESS = Progress()
 
 
-def lone_cpu_launch(env: dict[str, str] | None = None) -> str | None:
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM preemption, torchrun forwarding a signal, the launcher's death: see
+    :func:`tie_to_launcher`) set a flag once :meth:`listen` installed the handlers; processes agree on
+    it at the next step (the step's all-reduce), save one checkpoint and exit 0.
+
+    Once every process agreed to stop, :meth:`hold` ignores both signals (``SIG_IGN``) for the rest
+    of the run: a second signal (SLURM and torchrun send one to every process, a user may send more)
+    then cannot interrupt the checkpoint being written -- with a Python handler installed a signal
+    still interrupts system calls in C code (gloo, file writes) that need not retry them."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.held = False
+
+    def listen(self) -> StopRequest:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handler)
+        return self
+
+    def hold(self) -> None:
+        """The stop is agreed: ignore further stop signals until the process exits."""
+        self.held = True
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+
+def lone_cpu_launch(environ: Mapping[str, str] | None = None) -> str | None:
     """The refusal line when accelerate's one-process launcher was asked for several processes or
     machines (it sets ``MASTER_ADDR`` for them but starts this process alone), else None."""
-    env = os.environ if env is None else env
+    env = os.environ if environ is None else environ
     if "ACCELERATE_USE_CPU" not in env or "MASTER_ADDR" not in env:
         return None
     if "WORLD_SIZE" in env or any(name in env for name in MPI_SIZE_VARS):
@@ -68,9 +103,9 @@ def lone_cpu_launch(env: dict[str, str] | None = None) -> str | None:
     )
 
 
-def topology(world_size: int, env: dict[str, str] | None = None) -> dict[str, Any]:
+def topology(world_size: int, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Machines and processes per machine of this run (run_info.json), from the launcher's variables."""
-    env = os.environ if env is None else env
+    env = os.environ if environ is None else environ
     local = int(env.get("LOCAL_WORLD_SIZE", world_size))
     machines = int(env.get("GROUP_WORLD_SIZE", max(1, world_size // max(1, local))))
     return {
@@ -83,8 +118,6 @@ def topology(world_size: int, env: dict[str, str] | None = None) -> dict[str, An
 
 def process_group_kwargs(timeout_s: float):
     """Accelerate's handler that sets the process-group timeout (every collective, and the rendezvous)."""
-    from accelerate.utils import InitProcessGroupKwargs
-
     PROGRESS.timeout_s = timeout_s
     return InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s))
 
@@ -123,8 +156,6 @@ _CLOSED = re.compile(r"connection (closed|reset)|broken pipe|peer|socket", re.IG
 
 def lost_peer(exc: BaseException) -> str | None:
     """One line for a collective that failed because a peer is gone or frozen, else None."""
-    import torch.distributed as dist
-
     text = str(exc)
     if not (isinstance(exc, getattr(dist, "DistError", ())) or "gloo" in text or "NCCL" in text):
         return None
