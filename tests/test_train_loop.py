@@ -67,9 +67,8 @@ def shards(tmp_path_factory) -> Path:
 
 def fresh_accelerator():
     """A new single-process CPU Accelerator (Accelerate keeps its state in singletons: reset them)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

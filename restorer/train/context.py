@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 
-from accelerate import Accelerator
 from restorer.data.loader import TrainLoader
 from restorer.train.config import TrainConfig
 from restorer.train.datapos import Ledger

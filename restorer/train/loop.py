@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from accelerate import Accelerator
 from restorer.config import config_dict, dump_config
 from restorer.data import SharedEpoch, resolve_shards
 from restorer.data.loader import LoaderOptions, TrainLoader, make_train_loader
