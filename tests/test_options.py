@@ -106,7 +106,7 @@ def _literal_tuples_with(word: str) -> list[str]:
 def test_loss_choices_are_defined_once():
     loss = {f.name: f for f in dataclasses.fields(TrainConfig)}["loss"]
     assert loss.metadata["choices"] is step.LOSSES
-    assert [p.split(":")[0] for p in _literal_tuples_with("charbonnier")] == ["restorer/train/step.py"]
+    assert [p.split(":")[0] for p in _literal_tuples_with("charbonnier")] == ["restorer/train/losses.py"]
     assert [p.split(":")[0] for p in _literal_tuples_with("fp16")] == ["restorer/hardware.py"]  # PRECISIONS
 
 

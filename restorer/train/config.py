@@ -17,7 +17,7 @@ from restorer.data.degrade import parse_quality
 from restorer.errors import UserError
 from restorer.hardware import AUTO_BOOL, PRECISIONS, canonical_precision
 from restorer.model import ModelConfig
-from restorer.train.step import LOSSES
+from restorer.train.losses import LOSSES
 
 EXAMPLES = """examples:
   # 2 CPU processes on this machine (real gloo DDP), a few minutes:

@@ -22,6 +22,7 @@ from restorer.data import to_device_float
 from restorer.errors import AgreedError, UserError
 from restorer.train.checkpoint import latest_checkpoint
 from restorer.train.context import TrainContext
+from restorer.train.losses import CHARBONNIER_EPS, LOSSES, pixel_loss  # noqa: F401 (step.LOSSES: the loss vocabulary)
 from restorer.train.schedule import lr_at
 from restorer.train.state import TrainState
 from restorer.train.tracking import say
@@ -50,22 +51,6 @@ def take_batch(batches: Iterator, state: TrainState, batches_per_epoch: int) -> 
         ) from None
     state.batches_taken += 1
     return batch
-
-
-LOSSES = ("mse", "l1", "charbonnier")
-CHARBONNIER_EPS = 1e-3  # sqrt((x-y)^2 + eps^2): smooth L1 (1e-3 as in restoration papers, on [0, 1] pixels)
-
-
-def pixel_loss(name: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The training loss ``--loss`` names, in fp32: mse, l1 or charbonnier."""
-    diff = out.float() - target
-    if name == "mse":
-        return diff.square().mean()
-    if name == "l1":
-        return diff.abs().mean()
-    if name == "charbonnier":
-        return (diff.square() + CHARBONNIER_EPS**2).sqrt().mean()
-    raise ValueError(f"unknown loss {name!r} (one of {', '.join(LOSSES)})")
 
 
 def micro_batch_loss(ctx: TrainContext, batch) -> tuple[torch.Tensor, torch.Tensor]:
