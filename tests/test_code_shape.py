@@ -26,12 +26,6 @@ MAX_LINES = {"restorer": 60, "shard_tools": 60, "launch": 60, "bench": 80}
 MAX_PARAMS = {"restorer": 6}
 FUNCTION = inspect.CO_OPTIMIZED | inspect.CO_NEWLOCALS  # set on functions, not on class or module bodies
 
-# restorer/ is being brought within the limits on other branches in parallel; this one still holds
-# functions over them. The lead removes the mark once those branches are merged.
-RESTORER_OVER = pytest.mark.xfail(
-    strict=False, reason="restorer/ still has functions over the limits until the refactor branches merge"
-)
-
 
 def length(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     assert node.end_lineno is not None
@@ -92,7 +86,7 @@ def over_limits(root: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("root", [pytest.param("restorer", marks=RESTORER_OVER), "shard_tools", "launch", "bench"])
+@pytest.mark.parametrize("root", ["restorer", "shard_tools", "launch", "bench"])
 def test_functions_within_limits(root):
     found = over_limits(root)
     assert not found, f"{len(found)} over the limits:\n" + "\n".join(found)

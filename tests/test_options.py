@@ -129,39 +129,6 @@ def test_required_options_and_positionals():
     assert (opts.image, opts.output, opts.quality, opts.zoom) == ("img.png", "panel.png", None, 3)
 
 
-# -- shape limits of the option and command modules (issue 20)
-SHAPED = [
-    "restorer/config.py",
-    "restorer/hardware.py",
-    "restorer/model_info.py",
-    "restorer/plot.py",
-    "restorer/cli.py",
-    "restorer/imageio.py",
-    "restorer/imagecore.py",
-    "restorer/modelfile.py",
-    "restorer/metrics.py",
-    "restorer/model.py",
-    "restorer/estimator.py",
-    "restorer/pngio.py",
-    "restorer/fsutil.py",
-    "restorer/errors.py",
-    *sorted(str(p.relative_to(REPO)) for p in (REPO / "restorer/infer").glob("*.py")),
-]
-
-
-@pytest.mark.parametrize("path", SHAPED)
-def test_functions_are_short_and_take_few_parameters(path):
-    tree = ast.parse((REPO / path).read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            args = node.args
-            params = [*args.posonlyargs, *args.args, *args.kwonlyargs]
-            n = len([a for a in params if a.arg not in ("self", "cls")])
-            lines = node.end_lineno - node.lineno + 1
-            assert lines <= 60, f"{path}:{node.lineno} {node.name} is {lines} lines"
-            assert n <= 6, f"{path}:{node.lineno} {node.name} takes {n} parameters"
-
-
 def test_option_spellings(capsys):
     """positional, short, switch and a '%' in a help text (argparse formats help with %)."""
 

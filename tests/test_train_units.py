@@ -269,23 +269,3 @@ def test_metrics_log_drops_rows_after_the_resumed_step(tmp_path):
     log.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     assert not list(tmp_path.glob(".*.tmp"))
-
-
-def test_trainer_and_data_functions_stay_small():
-    """Shape limits of restorer/train and restorer/data: no function over 60 lines or 6 parameters
-    (self/cls not counted; options objects and the trainer context carry the rest)."""
-    import ast
-
-    root = Path(__file__).resolve().parents[1] / "restorer"
-    over = []
-    for path in sorted([*(root / "train").glob("*.py"), *(root / "data").glob("*.py")]):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            a = node.args
-            names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
-            params = len(names) + (a.vararg is not None) + (a.kwarg is not None) - (names[:1] in (["self"], ["cls"]))
-            lines = (node.end_lineno or node.lineno) - node.lineno + 1
-            if lines > 60 or params > 6:
-                over.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name}: {lines} lines, {params} args")
-    assert not over, "\n".join(over)
