@@ -391,7 +391,14 @@ class _FsspecOpened(_Opened):
                 f.seek(offset)
             return f
 
-        self.f = self._call(start)
+        try:
+            self.f = self._call(start)
+        except _Missing:
+            # A second look before "missing" counts: a backend can turn a failed request into
+            # FileNotFoundError (s3fs falls back to a listing when its HEAD fails; seen once per few
+            # full test runs with a dropping endpoint). If the second look fails otherwise, the
+            # attempt is transient and retried; a real missing object costs one extra request.
+            self.f = self._call(start)
         self.offset = offset
 
     def _call(self, fn: Callable, *args):
