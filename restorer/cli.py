@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from restorer import __version__
+
 # command -> (module, one-line summary). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "restore": ("restorer.infer.restore", "restore JPEG photos with trained weights (tiled, any size)"),
@@ -42,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from restorer import __version__
-
         print(f"restorer {__version__}")
         return 0
     command, rest = argv[0], argv[1:]

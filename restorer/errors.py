@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -34,7 +35,6 @@ def cli_entry(func: Callable[..., int | None]) -> Callable[..., int]:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs) -> int:
-        import os
 
         try:
             return int(func(*args, **kwargs) or 0)

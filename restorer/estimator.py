@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -165,8 +165,6 @@ def load_estimator(path: str | Path | None = None, device: torch.device | str = 
     if not path.is_file():
         raise UserError(f"{path}: quality estimator not found")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as fh:
             header = (fh.metadata() or {}).get(META_KEY)
         if header is None:

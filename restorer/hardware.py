@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from restorer.errors import first_line
+
 log = logging.getLogger("restorer.hardware")
 
 # The one precision vocabulary of training (--mixed-precision) and inference (--precision).
@@ -222,8 +224,6 @@ def compile_or_eager(model: torch.nn.Module, smoke: Callable[[Callable], None]) 
         compiled = torch.compile(model)
         smoke(compiled)
     except Exception as exc:  # inductor has many failure types (no compiler, unsupported op, ...)
-        from restorer.errors import first_line
-
         reason = f"torch.compile failed ({type(exc).__name__}: {first_line(exc)}); running eager"
         log.warning(reason)
         for p in model.parameters():

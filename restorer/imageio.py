@@ -15,6 +15,7 @@ decompression bomb never allocates its pixels). It also
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 from pathlib import Path
 
@@ -140,7 +141,6 @@ def find_images(inputs: list[str], recursive: bool = False) -> tuple[list[tuple[
     """Expand files, folders and globs into (file, relative output stem) pairs, plus one error
     line per input that matched nothing. Folder contents are filtered by image suffix; a file
     named explicitly is always tried (its content decides, not its extension)."""
-    import glob
 
     found: list[tuple[Path, Path]] = []
     errors: list[str] = []

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from restorer.errors import UserError, first_line
@@ -71,7 +71,6 @@ def read_meta(weights: str | os.PathLike) -> dict[str, Any]:
     try:
         if side.is_file():
             return json.loads(side.read_text())
-        from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as fh:
             header = (fh.metadata() or {}).get("restorer")

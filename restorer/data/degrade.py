@@ -50,15 +50,17 @@ def parse_quality(spec: str | int) -> tuple[int, int]:
     return lo_q, hi_q
 
 
+def parse_names(spec: str, allowed, option: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ("a", "b"), each one of ``allowed``; ValueError naming ``option`` otherwise."""
+    names = tuple(part.strip() for part in str(spec).split(",") if part.strip())
+    if not names or any(n not in allowed for n in names):
+        raise ValueError(f"{option} must be one or more of {', '.join(allowed)} separated by ',', got {spec!r}")
+    return names
+
+
 def parse_subsampling(spec: str) -> tuple[str, ...]:
     """``"4:2:0"`` -> ("4:2:0",); ``"4:2:0,4:4:4"`` -> both (one is drawn per patch)."""
-    names = tuple(part.strip() for part in str(spec).split(",") if part.strip())
-    bad = [n for n in names if n not in SUBSAMPLING]
-    if not names or bad:
-        raise ValueError(
-            f"chroma_subsampling must be one or more of {', '.join(SUBSAMPLING)} separated by ',', got {spec!r}"
-        )
-    return names
+    return parse_names(spec, SUBSAMPLING, "chroma_subsampling")
 
 
 def jpeg_bytes(img: np.ndarray | Image.Image, quality: int, subsampling: str = "4:2:0") -> bytes:
@@ -229,11 +231,7 @@ def parse_scales(spec: str | Sequence[float]) -> tuple[float, float]:
 
 def parse_kernels(spec: str) -> tuple[str, ...]:
     """``"bicubic,area"`` -> ("bicubic", "area"): the resize kernels a chain draws from."""
-    names = tuple(part.strip() for part in str(spec).split(",") if part.strip())
-    bad = [n for n in names if n not in KERNELS]
-    if not names or bad:
-        raise ValueError(f"chain_kernels must be one or more of {', '.join(KERNELS)} separated by ',', got {spec!r}")
-    return names
+    return parse_names(spec, KERNELS, "chain_kernels")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,6 +41,7 @@ the caller (``restorer.infer.options``), never hard-coded here.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -128,8 +129,6 @@ def reuse_freed_memory() -> None:
         return
     _MALLOC_TUNED = True
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
         libc.mallopt(m_mmap_threshold, ctypes.c_int(1 << 30))

@@ -32,9 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from restorer import metrics
 from restorer.config import at_least, option, options_parser
+from restorer.data import urlio
 from restorer.data.degrade import SUBSAMPLING, decoded_jpeg
 from restorer.data.urlio import scheme as urlio_scheme
 from restorer.errors import UserError, cli_entry, describe, first_line
@@ -123,8 +125,6 @@ def fetch_remote_images(url: str, split: str, dest: Path, limit: int | None = No
     """``--images s3://bucket/prefix`` (or gs://): the images of that folder -- or of its
     ``BSDS500/data/images/<split>`` -- listed through fsspec and copied through
     :mod:`restorer.data.urlio` (its timeouts and retries) into ``dest``, which is returned."""
-    from restorer.data import urlio
-
     fs, root = urlio.filesystem(url)
     base = url.rstrip("/")
     for sub in ("", "/BSDS500/data/images/" + split, "/data/images/" + split, "/images/" + split):
@@ -334,8 +334,6 @@ def reference_rows(ref_path: Path, found: References, models: Models, args: Eval
 def measure_all(found: References, models: Models, args: EvalOptions) -> tuple[list[dict], int]:
     """The rows of every reference and its JPEGs, and how many references failed (one error line
     each, printed as it happens; the others are still measured)."""
-    from tqdm import tqdm
-
     rows: list[dict] = []
     failed = 0
     total = len(found.refs) * (1 if found.jpeg_dir else len(args.quality))

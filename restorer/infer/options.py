@@ -46,6 +46,7 @@ from restorer.infer.engine import (
     pick_device,
     set_threads,
 )
+from restorer.infer.projection import project, project_upright
 
 log = logging.getLogger("restorer.infer.options")
 
@@ -274,8 +275,6 @@ def project_output(restored: np.ndarray, jpeg: Path | bytes, args: RuleOptions, 
     projection cannot read (CMYK, unusual sampling) keeps the raw output, with a warning."""
     if args.no_projection:
         return restored
-    from restorer.infer.projection import project, project_upright
-
     try:
         return project_upright(restored, jpeg) if upright else project(restored, jpeg)
     except UserError as exc:

@@ -126,7 +126,7 @@ def read_coefficients(src: JpegSource, decoded: tuple[str, int] | None = None) -
         name, orientation = decoded
     else:
         orientation = _check_with_pillow(data, name)
-    import jpeglib  # the coefficient reader (libjpeg builds inside the wheel)
+    import jpeglib  # here: 0.35 s to import (measured), needed only once a JPEG is projected
 
     # jpeglib reads paths only: give it a private temporary copy (the user's file is never touched)
     fd, tmp = tempfile.mkstemp(suffix=".jpg", prefix="restorer-proj-")

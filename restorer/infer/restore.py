@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from restorer.config import option, options_parser
 from restorer.errors import UserError, cli_entry, describe
@@ -200,8 +201,6 @@ class Run:
         self.targets: dict[Path, Path] = {}
         self.records: list[dict] = []
         self.failures = 0
-        from tqdm import tqdm
-
         self.bar = tqdm(total=len(found), unit="img", disable=args.no_progress or len(found) < 2, file=sys.stderr)
 
     def err(self, msg: str) -> None:
@@ -268,8 +267,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(msg: str, stream) -> None:
-    from tqdm import tqdm
-
     tqdm.write(msg, file=stream)
 
 
@@ -399,8 +396,6 @@ def _apply(
     then, for a JPEG where ``choice`` allows it, the projection onto the file's own quantisation
     set (``--no-projection`` and a re-saved photo skip it): the one place every restored image
     passes through."""
-    from tqdm import tqdm
-
     w, h = img.size
     with tqdm(
         total=w * h,
