@@ -124,7 +124,7 @@ def print_outputs(args: argparse.Namespace, minutes: float, weights: Path, eval_
     print(f"  train the CPU recipe on the shards the demo built ({args.shards}):")
     print("    ACCELERATE_USE_CPU=true .venv/bin/accelerate launch --config_file launch/accelerate/cpu2.yaml \\")
     print(f"        launch/train.py --config launch/configs/cpu.yaml --shards {args.shards} --run-dir runs/cpu")
-    print("  real data: make shards ARGS='--bsds PATH/TO/BSR', then launch/configs/bsds_cpu.yaml (README: Training)")
+    print("  real data: make shards ARGS='--bsds PATH/TO/BSR', then launch/configs/bsds_cpu.yaml (docs/training.md)")
 
 
 def main(argv: list[str] | None = None) -> int:
