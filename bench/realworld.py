@@ -62,12 +62,13 @@ def run_case(restorer, estimator, img: np.ndarray, spec: str) -> dict:
     tables = autoquality.tables_quality(data)
     row = {"jpeg": psnr(jpeg, ref), "tables": tables}
     row["tables_proj"] = psnr(project(restorer.restore(jpeg, tables), data), ref)
-    choice = autoquality.choose(jpeg, tables, None, estimator, is_jpeg=True)
-    row["estimate"] = choice.estimate
-    if choice.estimate is None:
+    choice = autoquality.choose(jpeg, tables, None, estimator, is_jpeg=True)  # the default rule
+    est = None if estimator is None else estimator.estimate(jpeg)  # for --quality-rule auto at any margin
+    row["estimate"] = est
+    if est is None:
         row["estimate_raw"] = row["tables_proj"]
     else:
-        row["estimate_raw"] = psnr(restorer.restore(jpeg, round(choice.estimate)), ref)
+        row["estimate_raw"] = psnr(restorer.restore(jpeg, round(est)), ref)
     row["default"] = row["tables_proj"] if choice.project else row["estimate_raw"]
     row["q_used"], row["projected"] = choice.quality, float(choice.project)
     row["oracle"] = psnr(restorer.restore(jpeg, saves[0].quality), ref)
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def sweep(rows: dict[str, list[dict]], margins=(4, 6, 8, 10, 12, 15, 18, 22)) -> None:
+def sweep(rows: dict[str, list[dict]], margins=(4, 6, 8, 10, 12, 15, 19, 22)) -> None:
     """Gain over the JPEG of each case had the rule used another margin (the measurement behind
     autoquality.MARGIN)."""
     print("\ngain over JPEG by margin (tables - estimate above it: the estimate, not projected)")
