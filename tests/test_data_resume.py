@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,13 +211,19 @@ def test_start_position_is_a_plain_epoch_start(root):
 # ------------------------------------------------------------------------------------ quarantine
 
 
-def test_failed_shard_is_quarantined_for_the_run(tmp_path, monkeypatch, caplog):
+def _with_a_bad_shard(tmp_path, monkeypatch) -> tuple[Path, Path, list[str]]:
+    """Shards with shard 2 replaced by garbage, and the list of every shard URL opened from now on."""
     root = write_shards(tmp_path / "s", splits={"train": 24}, samples_per_shard=4, tile=96)
     bad = root / "train" / "shard-000002.tar"
     bad.write_bytes(b"not a tar" * 300)
-    opened = []
+    opened: list[str] = []
     real = shards.open_shard
     monkeypatch.setattr(shards, "open_shard", lambda url: opened.append(url) or real(url))
+    return root, bad, opened
+
+
+def test_failed_shard_is_quarantined_for_the_run(tmp_path, monkeypatch, caplog):
+    root, bad, opened = _with_a_bad_shard(tmp_path, monkeypatch)
     monkeypatch.setattr(skips.warn, "count", 0)  # the rate limit is per process: earlier tests' warnings count
     loader = make_train_loader(cfg_for(root), batch_size=2, num_workers=0)
     with caplog.at_level(logging.WARNING, logger="restorer.data"):
@@ -230,12 +237,7 @@ def test_failed_shard_is_quarantined_for_the_run(tmp_path, monkeypatch, caplog):
 
 
 def test_quarantine_epochs_and_news_from_other_ranks(tmp_path, monkeypatch):
-    root = write_shards(tmp_path / "s", splits={"train": 24}, samples_per_shard=4, tile=96)
-    bad = root / "train" / "shard-000002.tar"
-    bad.write_bytes(b"not a tar" * 300)
-    opened = []
-    real = shards.open_shard
-    monkeypatch.setattr(shards, "open_shard", lambda url: opened.append(url) or real(url))
+    root, bad, opened = _with_a_bad_shard(tmp_path, monkeypatch)
     loader = make_train_loader(cfg_for(root, quarantine_epochs=1), batch_size=2, num_workers=0)
     take(loader, 5 * loader.batches_per_epoch)
     assert opened.count(str(bad)) == 3  # epochs 0, 2, 4 (skipped in the epoch after each failure)
