@@ -217,7 +217,7 @@ def load_models(args: InferOptions) -> Models:
     precision = resolve_precision(requested_precision(args), device)
     specs = list(args.weights) if args.weights else [packaged.default_name(device.type)]
     restorers, errors = load_restorers(specs, device, args.tile, args.tile_overlap, str(precision.value))
-    models = Models(restorers, errors, device, precision, specs, load_rule_estimator(args, device))
+    models = Models(restorers, errors, device, precision, specs, packaged_estimator(device))
     if restorers and not models.identity:
         default = "" if args.weights else f" (default on {device.type}; --weights to choose)"
         log.info(
@@ -231,7 +231,7 @@ def load_models(args: InferOptions) -> Models:
     return models
 
 
-def load_rule_estimator(args: RuleOptions, device: torch.device) -> Estimator | None:
+def packaged_estimator(device: torch.device) -> Estimator | None:
     """The packaged quality estimator (both rules may need it: images without JPEG tables); None,
     with a warning, when it cannot be loaded (the tables are used then, and an image without them
     needs --quality)."""
