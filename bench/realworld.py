@@ -8,13 +8,14 @@ the saves; ``50``: a single save), run on every image; the reference is the clea
 same crops and resizes. Columns (RGB PSNR, 8-bit, peak 255, no border crop, mean of per-image values):
 - ``JPEG``: the last save against the reference;
 - ``tables+proj``: the model told the quality read from the file's tables, output projected onto
-  the file's quantisation set: what ``restore`` did before ``--quality auto``;
-- ``default``: what ``restore`` does now, with the same decision code (``restorer.infer.autoquality``:
-  the tables and the pixel estimate combined by the quality rule, projection only where valid);
+  the file's quantisation set: ``--quality-rule tables`` (what ``restore`` did before ``auto``);
+- ``default``: what ``restore`` does now, with the same decision code (``restorer.infer.autoquality``,
+  rule ``auto``: the tables and projection unless the pixels carry an earlier, stronger save,
+  ``restorer.infer.resave``; then that save's quality, raw);
+- ``estimate, raw``: the model told the pixel estimate (``restorer.estimator``), raw output: the
+  rule this replaced for JPEGs, for comparison;
 - ``oracle``: the same model told the chain's FIRST quality, raw output (no projection);
-- ``q used``: mean quality the default told the model; ``proj``: share of images it projected;
-- a second table: each case's gain had the rule used another margin (both outcomes are measured
-  per image: told the tables and projected, told the estimate and raw).
+- ``q used``: mean quality the default told the model; ``proj``: share of images it projected.
 
 examples:
   python bench/realworld.py --weights quality                 # the README table (200 images)
@@ -51,8 +52,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_case(restorer, estimator, img: np.ndarray, spec: str) -> dict:
-    """The columns of one image and one chain. Both of the rule's outcomes are measured (told the
-    tables and projected; told the estimate, raw), so that any margin can be evaluated afterwards."""
+    """The columns of one image and one chain."""
     from restorer.data.degrade import apply_chain, parse_chain
     from restorer.infer import autoquality
     from restorer.infer.projection import project
@@ -63,22 +63,16 @@ def run_case(restorer, estimator, img: np.ndarray, spec: str) -> dict:
     row = {"jpeg": psnr(jpeg, ref), "tables": tables}
     row["tables_proj"] = psnr(project(restorer.restore(jpeg, tables), data), ref)
     choice = autoquality.choose(jpeg, tables, None, estimator, is_jpeg=True)  # the default rule
-    est = None if estimator is None else estimator.estimate(jpeg)  # for --quality-rule auto at any margin
-    row["estimate"] = est
-    if est is None:
-        row["estimate_raw"] = row["tables_proj"]
+    if choice.project:
+        row["default"] = row["tables_proj"]
     else:
-        row["estimate_raw"] = psnr(restorer.restore(jpeg, round(est)), ref)
-    row["default"] = row["tables_proj"] if choice.project else row["estimate_raw"]
+        row["default"] = psnr(restorer.restore(jpeg, choice.quality), ref)
     row["q_used"], row["projected"] = choice.quality, float(choice.project)
+    row["estimate"] = None if estimator is None else estimator.estimate(jpeg)
+    if row["estimate"] is not None:
+        row["estimate_raw"] = psnr(restorer.restore(jpeg, round(row["estimate"])), ref)
     row["oracle"] = psnr(restorer.restore(jpeg, saves[0].quality), ref)
     return row
-
-
-def at_margin(r: dict, margin: float) -> float:
-    """What the default would give for this row with another margin."""
-    est = r["estimate"]
-    return r["estimate_raw"] if est is not None and est < r["tables"] - margin else r["tables_proj"]
 
 
 def write_panel_inputs(img: np.ndarray, spec: str, folder: Path, stem: str) -> tuple[Path, Path]:
@@ -99,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--weights", default="quality", help="fast | quality | a model.safetensors")
     parser.add_argument(
-        "--estimator", default=None, help="quality estimator weights (default: the packaged one; 'none': tables only)"
+        "--estimator", default=None, help="estimator weights (default: the packaged one; 'none': no estimate column)"
     )
     parser.add_argument("--images", default=str(REPO.parent / "shared/datasets/BSR"), help="BSR root or folder")
     parser.add_argument("--split", default="test")
@@ -151,15 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.precision}; BSDS500 {args.split} ({len(paths)} images), RGB PSNR, no border crop; "
         f"{(time.perf_counter() - t0) / 60:.1f} min"
     )
-    print("| case | JPEG dB | tables+proj | default | oracle (first q, raw) | default - oracle | q used | proj |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    cols = ("JPEG dB", "tables+proj", "default", "estimate, raw", "oracle (first q, raw)", "default - oracle")
+    print("| case | " + " | ".join(cols) + " | q used | proj |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in table:
+        est = "n/a" if r["estimate_raw"] is None else f"{r['estimate_raw'] - r['jpeg']:+.2f}"
         print(
             f"| {r['case']} | {r['jpeg']:.2f} | {r['tables_proj'] - r['jpeg']:+.2f} | {r['default'] - r['jpeg']:+.2f} "
-            f"| {r['oracle'] - r['jpeg']:+.2f} | {r['default'] - r['oracle']:+.2f} | {r['q_used']:.1f} "
+            f"| {est} | {r['oracle'] - r['jpeg']:+.2f} | {r['default'] - r['oracle']:+.2f} | {r['q_used']:.1f} "
             f"| {100 * r['projected']:.0f}% |"
         )
-    sweep(rows)
     if args.json:
         from restorer.fsutil import atomic_write_text
 
@@ -171,23 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def sweep(rows: dict[str, list[dict]], margins=(4, 6, 8, 10, 12, 15, 19, 22)) -> None:
-    """Gain over the JPEG of each case had the rule used another margin (the measurement behind
-    autoquality.MARGIN)."""
-    print("\ngain over JPEG by margin (tables - estimate above it: the estimate, not projected)")
-    print("| case | " + " | ".join(f"m={m}" for m in margins) + " |")
-    print("|---|" + "---:|" * len(margins))
-    for spec, rs in rows.items():
-        cells = [np.mean([at_margin(r, m) - r["jpeg"] for r in rs]) for m in margins]
-        print(f"| {spec} | " + " | ".join(f"{c:+.3f}" for c in cells) + " |")
-
-
 def summarise(rows: dict[str, list[dict]]) -> list[dict]:
-    keys = ("jpeg", "tables_proj", "default", "oracle", "q_used", "projected")
+    keys = ("jpeg", "tables_proj", "default", "oracle", "q_used", "projected", "estimate_raw")
     return [
-        {"case": spec, "images": len(rs), **{k: float(np.mean([r[k] for r in rs])) for k in keys}}
+        {"case": spec, "images": len(rs), **{k: _mean([r.get(k) for r in rs]) for k in keys}}
         for spec, rs in rows.items()
     ]
+
+
+def _mean(values: list) -> float | None:
+    return None if any(v is None for v in values) else float(np.mean(values))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Protocol (stated in every table): each reference image is compressed with Pillow at each
 ``--quality`` (``degrade.jpeg_roundtrip``, 4:2:0 chroma subsampling, baseline, the encoder of the
 published BSDS500/LIVE1 JPEG rows), restored as ``restore`` would (the quality told to the model
-and the projection decided by ``--quality-rule``, ``tables`` by default, restorer.infer.autoquality;
+and the projection decided by ``--quality-rule``, ``auto`` by default, restorer.infer.autoquality;
 ``--json`` rows record both), and rounded to 8 bits like a saved output. Metrics
 are computed per image, then averaged per quality (mean of per-image values, not PSNR of the mean
 MSE), on RGB and on BT.601 Y (Y = 16 + 65.481 R + 128.553 G + 24.966 B for RGB in [0, 1], then

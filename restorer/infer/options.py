@@ -37,7 +37,7 @@ from restorer.errors import UserError, setup_logging
 from restorer.estimator import Estimator, load_estimator
 from restorer.hardware import PRECISIONS, Choice, canonical_precision, choose_precision
 from restorer.imageio import DEFAULT_MAX_PIXELS
-from restorer.infer.autoquality import DEFAULT_RULE, MARGIN, RULES, QualityChoice, choose
+from restorer.infer.autoquality import DEFAULT_RULE, RULES, QualityChoice, choose
 from restorer.infer.engine import (
     DEFAULT_TILE,
     INFERENCE_PRECISIONS,
@@ -121,11 +121,11 @@ class RuleOptions:
 
     quality_rule: str = option(
         DEFAULT_RULE,
-        "how the quality told to the model is chosen when --quality does not say: tables (default): "
-        "the JPEG's quantisation tables, projected; images without tables (a PNG screenshot of a JPEG) "
-        "get the pixel estimate (restorer/estimator.py), not projected; auto: also the estimate, not "
-        f"projected, when it is lower than the tables by more than {MARGIN:g} (an earlier, stronger save "
-        "or a resize; the estimator misreads some smooth first-generation photos: see docs/restore.md)",
+        "how the quality told to the model is chosen when --quality does not say: auto (default): the "
+        "JPEG's quantisation tables, projected, unless its pixels carry an earlier, stronger save "
+        "(restorer/infer/resave.py): then that save's quality, not projected; tables: always the tables, "
+        "projected. Either way an image without tables (a PNG screenshot of a JPEG) gets the strongest "
+        "JPEG save found in its pixels, else the pixel estimate (restorer/estimator.py), not projected",
         choices=RULES,
     )
     no_projection: bool = option(

@@ -11,10 +11,11 @@ Guarantees (each tested in tests/test_restore.py):
   input images); anything else -> a folder (created if needed). The format follows ``--format``
   or the ``-o`` suffix; ``-o out.png --format jpeg`` is an error, never JPEG bytes in a .png.
 * The JPEG quality the model is told: ``--quality N``, else (``--quality auto``, the default) the
-  rule of :mod:`restorer.infer.autoquality` chosen by ``--quality-rule``: ``tables`` (default) reads
-  a JPEG's quantisation tables (projected); ``auto`` also takes the pixel estimate, unprojected,
-  where it says the photo went through an earlier, stronger compression or a resize. A file that is
-  not a JPEG (a PNG or WebP screenshot of one) gets the estimate under either rule. The value, its
+  rule of :mod:`restorer.infer.autoquality` chosen by ``--quality-rule``: ``auto`` (default) reads
+  a JPEG's quantisation tables (projected) unless its pixels carry an earlier, stronger save
+  (:mod:`restorer.infer.resave`; then that save's quality, unprojected); ``tables`` always reads
+  the tables. A file that is not a JPEG (a PNG or WebP screenshot of one) gets the strongest JPEG
+  save found in its pixels, else the pixel estimate, under either rule. The value, its
   source and why are printed per photo; ``--json`` records them with the projection decision.
 * A model is applied only inside the quality range it was trained on (model.json
   ``facts.quality_range``); outside it the decoded image is written unchanged (lossless for PNG,
@@ -284,11 +285,13 @@ def describe_choice(choice: QualityChoice, verbose: bool) -> str:
     if choice.source == "--quality":
         why = "--quality"
     elif choice.source == "tables":
-        why = "quantisation tables" + ("" if choice.estimate is None else f", the pixels agree: q{choice.estimate:.0f}")
-    elif choice.tables is None:
-        why = "estimated from the pixels: no JPEG tables"
+        why = "quantisation tables"
+    elif choice.source == "earlier save":
+        why = f"an earlier, stronger save found in the pixels; the tables say {choice.tables}"
+    elif choice.source == "lattice":
+        why = "a JPEG save found in the pixels: no JPEG tables"
     else:
-        why = f"estimated from the pixels; the tables say {choice.tables}: an earlier, stronger compression or a resize"
+        why = "estimated from the pixels: no JPEG tables"
     text = f"quality {choice.quality} ({why})"
     if verbose or not choice.project:
         text += "; projected onto the JPEG's quantisation set" if choice.project else "; not projected"

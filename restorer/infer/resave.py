@@ -1,0 +1,149 @@
+"""Finding an earlier, stronger JPEG save in a photo's pixels: the quantisation lattice test.
+
+A JPEG save rounds every 8x8 block's DCT coefficients to multiples of its table's steps. Later
+saves at a higher quality move them only a little, so the decoded pixels of a re-saved photo still
+carry the earlier save's lattice: on the earlier save's 8x8 grid (the same grid, or shifted when
+the photo was cropped in between), the luma DCT coefficients sit near multiples of the earlier,
+larger steps. A first-generation JPEG shows only its own table's lattice on its own grid. This is
+the classic double-JPEG forensic test (primary quantisation estimation), here in its simplest form:
+
+- for each of the 64 grid offsets and each candidate quality q (libjpeg's standard tables, the
+  same ones :func:`restorer.data.degrade.estimate_quality` reads), over the DC and the ten lowest
+  AC frequencies, the *lattice score*: of the coefficients not in the zero cluster (|x| >= T/4,
+  T the candidate's step), the share within T/4 of a nonzero multiple of T;
+- a lattice is found when a score reaches :data:`THRESHOLD` on at least :data:`MIN_COEFS`
+  coefficients; for a JPEG, only candidates whose steps are at least :data:`STEP_RATIO` times the
+  file's own count (a lattice near the file's own is the file's own save).
+
+A resize between the saves destroys the lattice (the blocks no longer align with anything), so a
+resized chain is not found here (``bench/quality_rule.py`` measures what that costs: little, the
+tables and the projection do as well as the first quality there).
+
+Cost: the photo's most textured window of at most ``WINDOW`` px (a fixed cost, whatever its size),
+64 DCT passes and a vectorised score: about 0.3-0.6 s on one CPU core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from restorer.data.degrade import _reference_tables
+from restorer.estimator import DCT8
+
+# Natural-order indices (row * 8 + column) of the DC and the ten lowest AC frequencies: the ones a
+# strong save keeps nonzero often enough to show its lattice.
+FREQS = np.array([0, 1, 8, 9, 2, 16, 10, 17, 18, 3, 24])
+CANDIDATES = np.arange(5, 96)  # qualities tried for an earlier save
+# Measured (bench/quality_rule.py, BSDS500 test + scikit-image photos, 2026-11-30): first-generation
+# saves q10-95 score at most 0.71 at a candidate 1.5x their steps or more; an aligned earlier save
+# 30>80, 10>90, 20>60>90, 50>75 scores 0.84-1.0, a cropped one (30>s4>80, 40>s4>85) 0.75-0.92.
+THRESHOLD = 0.75
+STEP_RATIO = 1.5
+MIN_COEFS = 200
+WINDOW = 384
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlierSave:
+    """The lattice found: the earlier save's quality, its score, and its grid's offset (dy, dx) in
+    the photo (``(0, 0)``: aligned with the last save's grid)."""
+
+    quality: int
+    score: float
+    offset: tuple[int, int]
+
+
+@functools.cache
+def _steps() -> np.ndarray:
+    tables = _reference_tables()
+    return np.stack([tables[int(q)] for q in CANDIDATES])[:, FREQS].astype(np.float32)
+
+
+def _luma(pixels: np.ndarray) -> np.ndarray:
+    x = pixels.astype(np.float32)
+    if x.ndim == 2:
+        return x - 128
+    return 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2] - 128
+
+
+def _window(y: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the most textured of up to nine ``WINDOW`` px windows (the
+    whole plane if smaller)."""
+    h, w = y.shape
+    wh, ww = min(h, WINDOW), min(w, WINDOW)
+    best, best_energy = (0, 0, wh, ww), -1.0
+    for top in np.linspace(0, h - wh, 3 if h > wh else 1).astype(int):
+        for left in np.linspace(0, w - ww, 3 if w > ww else 1).astype(int):
+            win = y[top : top + wh, left : left + ww]
+            energy = float(np.abs(np.diff(win, axis=1)).mean() + np.abs(np.diff(win, axis=0)).mean())
+            if energy > best_energy:
+                best, best_energy = (int(top), int(left), wh, ww), energy
+    return best
+
+
+def _coefficients(y: np.ndarray, oy: int, ox: int) -> np.ndarray:
+    p = y[oy:, ox:]
+    h, w = p.shape[0] // 8 * 8, p.shape[1] // 8 * 8
+    blocks = p[:h, :w].reshape(h // 8, 8, w // 8, 8).transpose(0, 2, 1, 3).reshape(-1, 8, 8)
+    dct = DCT8.astype(np.float32)
+    return (dct @ blocks @ dct.T).reshape(-1, 64)[:, FREQS]
+
+
+def lattice_scores(coefs: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(score, count) per candidate row of ``steps`` [K, F] for coefficients [N, F]: the share of
+    the ``count`` coefficients outside the zero cluster that lie near a nonzero multiple."""
+    on = np.zeros(len(steps))
+    counted = np.zeros(len(steps))
+    for f in range(coefs.shape[1]):
+        r = coefs[None, :, f] / steps[:, f, None]
+        outside = np.abs(r) >= 0.25
+        near = np.abs(r - np.rint(r)) < 0.25
+        on += (outside & near).sum(axis=1)
+        counted += outside.sum(axis=1)
+    return on / np.maximum(counted, 1), counted
+
+
+def best_lattice(pixels: np.ndarray, tables: int | None) -> EarlierSave | None:
+    """The best-scoring candidate lattice, whatever its score (None when no candidate qualifies or
+    no offset has :data:`MIN_COEFS` coefficients outside the zero cluster)."""
+    steps = _steps()
+    allowed = np.ones(len(CANDIDATES), dtype=bool)
+    if tables is not None:
+        own = _reference_tables()[int(tables)][FREQS].sum()
+        allowed = steps.sum(axis=1) >= STEP_RATIO * own
+    if not allowed.any():
+        return None
+    y = _luma(pixels)
+    top, left, wh, ww = _window(y)
+    win = y[top : top + wh, left : left + ww]
+    best: EarlierSave | None = None
+    for oy in range(8):
+        for ox in range(8):
+            score, counted = lattice_scores(_coefficients(win, oy, ox), steps[allowed])
+            score = np.where(counted >= MIN_COEFS, score, -1.0)
+            i = int(np.argmax(score))
+            if score[i] >= 0 and (best is None or score[i] > best.score):
+                q = int(CANDIDATES[allowed][i])
+                best = EarlierSave(q, float(score[i]), ((top + oy) % 8, (left + ox) % 8))
+    return best
+
+
+def find_earlier_save(pixels: np.ndarray, tables: int | None) -> EarlierSave | None:
+    """The strongest earlier save whose lattice the pixels carry (score >= :data:`THRESHOLD`), or
+    None. ``tables``: the file's own quality (a JPEG; candidates must have steps
+    :data:`STEP_RATIO` times larger), or None (a PNG or WebP: any lattice counts, the file's last
+    JPEG save included)."""
+    best = best_lattice(pixels, tables)
+    return best if best is not None and best.score >= THRESHOLD else None
+
+
+def strongest_save(pixels: np.ndarray) -> EarlierSave | None:
+    """For an image without tables (a PNG or WebP of a JPEG): the strongest JPEG save its pixels
+    carry: the last save's lattice (the best score), then an earlier, stronger one under it."""
+    last = find_earlier_save(pixels, None)
+    if last is None:
+        return None
+    return find_earlier_save(pixels, last.quality) or last
