@@ -195,8 +195,8 @@ def earlier_outputs(found: list[tuple[Path, Path]], inputs: list[str]) -> list[P
 class Run:
     """One ``restore`` run: the options, where outputs go, and the problems counted so far."""
 
-    def __init__(self, args: RestoreOptions, found: list[tuple[Path, Path]]):
-        self.args, self.found = args, found
+    def __init__(self, args: RestoreOptions, found: list[tuple[Path, Path]], models: Models):
+        self.args, self.found, self.models = args, found, models
         self.plan = OutputPlan(args.output, args.format, len(found))
         self.inputs = InputFiles(p for p, _ in found)
         self.targets: dict[Path, Path] = {}
@@ -217,7 +217,7 @@ class Run:
         self.targets[target] = path
         if target.exists() and not self.args.overwrite:
             raise UserError(f"{target}: output exists (use --overwrite to replace it)")
-        return _load(path, target, self.args)
+        return _load(path, target, self.args, self.models)
 
     def finish(self, done: Restored) -> None:
         self.records.append(_finish(done, self.plan.fmt, self.args))
@@ -249,8 +249,8 @@ def find_inputs(args: RestoreOptions) -> tuple[list[tuple[Path, Path]], list[str
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     found, input_errors = find_inputs(args)
-    run = Run(args, found)
     models = load_models(args)
+    run = Run(args, found, models)
     report_weight_errors(models, run.err)
     for line in input_errors:
         run.err(line)
@@ -306,6 +306,7 @@ class Loaded:
     img: LoadedImage
     target: Path
     started: float  # perf_counter when its loading began
+    choice: QualityChoice  # the quality to tell the model (its lattice test runs beside the network)
     coefs: JpegCoefficients | None = None  # None: not a JPEG, --no-projection, or unreadable
     coefs_error: str | None = None  # why a JPEG's coefficients could not be read
 
@@ -322,12 +323,12 @@ class Restored:
     record: dict  # the photo's entry in --json output (its seconds added when written)
 
 
-def _load(path: Path, target: Path, args: RestoreOptions) -> Loaded:
+def _load(path: Path, target: Path, args: RestoreOptions, models: Models) -> Loaded:
     started = time.perf_counter()
     img = open_image(path, args.max_pixels)
     for note in img.notes:
         _write(f"warning: {path}: {note}", sys.stderr)
-    loaded = Loaded(img, target, started)
+    loaded = Loaded(img, target, started, image_quality(img, models, args))
     if img.is_jpeg and img.data is not None and not args.no_projection:
         try:
             loaded.coefs = read_coefficients(img.data, decoded=(str(path), img.orientation))
@@ -337,8 +338,7 @@ def _load(path: Path, target: Path, args: RestoreOptions) -> Loaded:
 
 
 def _process(loaded: Loaded, models: Models, args: RestoreOptions) -> Restored:
-    img, path = loaded.img, loaded.img.path
-    choice = image_quality(img, models, args)
+    img, path, choice = loaded.img, loaded.img.path, loaded.choice
     quality, restorers = choice.quality, models.restorers
     restorer = choose_restorer(restorers, quality)
     w, h = img.size
