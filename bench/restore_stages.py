@@ -3,7 +3,8 @@ goes, stage by stage, against the network's own time. A module of that script, n
 
 * :func:`split_child` (one child process): the stages of ``restorer restore`` one after another,
   each timed alone (wall and CPU seconds), with the same settings as the command (``load_models``
-  from its own parser): decode (``open_image``), coefficients (``read_coefficients``), network
+  from its own parser): decode (``open_image``), quality (``choose_quality``: the tables and the
+  lattice test of ``--quality auto``), coefficients (``read_coefficients``), network
   (``Restorer.restore``, after a warm-up), projection (``project_upright``), encode
   (``save_image``, PNG). ``--compare-png`` adds Pillow's PNG writer at its levels 6 and 1 (time,
   size) for the size cost of ours.
@@ -46,10 +47,12 @@ def _models(image: Path, weights: str, threads: int | None):
 def split_child(image: Path, weights: str, threads: int | None, compare_png: bool) -> None:
     """Time each stage of one restore (see the module docstring); print one JSON line."""
     from restorer.imageio import SaveOptions, open_image, save_image
+    from restorer.infer.options import choose_quality
     from restorer.infer.projection import project_upright, read_coefficients
 
     args, models, choose = _models(image, weights, threads)
     img, t_dec, c_dec = _timed(lambda: open_image(image, args.max_pixels))
+    _, t_q, c_q = _timed(lambda: choose_quality(img.pixels, img.quality, img.is_jpeg, None, models, args))
     restorer = choose(models.restorers, img.quality)
     restorer.restore(img.pixels[:256, :256], img.quality)  # warm-up (kernel selection, allocator)
     coefs, t_coef, c_coef = _timed(lambda: read_coefficients(img.data, decoded=(str(image), img.orientation)))
@@ -65,6 +68,7 @@ def split_child(image: Path, weights: str, threads: int | None, compare_png: boo
         "threads": __import__("torch").get_num_threads(),
         "stages": {
             "decode": [t_dec, c_dec],
+            "quality": [t_q, c_q],
             "coefficients": [t_coef, c_coef],
             "network": [t_net, c_net],
             "projection": [t_proj, c_proj],
