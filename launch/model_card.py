@@ -10,8 +10,9 @@ For every test image and quality (RGB, 8-bit, peak 255, no border crop; mean of 
   ``40>x0.75>85``, ``90>30``; ``restorer.data.degrade.parse_chain`` syntax), first 100 images.
 Each restored image goes through what `restore` does by default (``--quality auto``): the quality
 the model is told and whether its output is projected onto the file's quantisation set are chosen
-by ``restorer.infer.autoquality.choose`` (the tables, or the packaged estimator's reading when the
-pixels show an earlier, stronger save); "raw net gain" is the network's output before any projection.
+by ``restorer.infer.autoquality.choose`` (the tables and the projection, or, when the pixels carry
+an earlier, stronger save's quantisation lattice, that save's quality without projection); "raw
+net gain" is the network's output before any projection.
 Columns: JPEG PSNR, restored PSNR, gain, raw-network gain, SSIM and PSNR-B (JPEG -> restored), and
 the mean colour shift (mean of restored - original per channel, in 8-bit levels; the largest
 channel's, signed).
@@ -193,7 +194,7 @@ def card_doc(args: argparse.Namespace, table: list[dict], images: int, estimator
             "double": f"q{FIRST_QUALITY}, crop {CROP} px top/left, then q",
             "chain": "restorer.data.degrade.parse_chain specs; reference through the same crops/resizes",
             "restored": "restore's default (--quality auto): told quality and projection by "
-            "restorer.infer.autoquality with the packaged estimator",
+            "restorer.infer.autoquality (tables, or an earlier save's lattice)",
             "estimator": estimator.describe(),
             "device": str(device),
             "precision": precision.value,
