@@ -4,6 +4,7 @@ with its quality and grid offset; none in first-generation saves; the limit (a r
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -93,3 +94,11 @@ def test_a_never_compressed_image_has_no_lattice():
     assert strongest_save(noise) is None
     flat = np.full((64, 64, 3), 128, dtype=np.uint8)  # nothing outside the zero cluster
     assert best_lattice(flat, None) is None and strongest_save(flat) is None
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (5, 7, 3), (15, 3000, 3), (3000, 12), (9, 9)])
+def test_tiny_or_thin_images_have_no_lattice_and_no_warning(shape):
+    img = np.random.default_rng(2).integers(0, 256, size=shape, dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert best_lattice(img, None) is None and find_earlier_save(img, 80) is None

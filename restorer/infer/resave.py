@@ -131,7 +131,7 @@ def best_lattice(pixels: np.ndarray, tables: int | None) -> EarlierSave | None:
         own = _reference_tables()[int(tables)][FREQS].sum()
         keep = steps.sum(axis=1) >= STEP_RATIO * own
         steps, quals = steps[keep], quals[keep]
-    if not len(quals):
+    if not len(quals) or min(pixels.shape[:2]) < 16:  # no shifted grid has a whole block
         return None
     top, left, wh, ww = _window(pixels)
     win = _luma(pixels[top : top + wh, left : left + ww])
