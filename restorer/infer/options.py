@@ -148,8 +148,9 @@ class QualityOptions:
 
     quality: int | None = option(
         None,
-        "JPEG quality to tell the model: auto (the JPEG's quantisation tables, or the pixel estimate where the "
-        "photo was compressed harder before or is not a JPEG: see --quality-rule) or 1..100; compare without "
+        "JPEG quality to tell the model: auto (the JPEG's quantisation tables, or an earlier, stronger save "
+        "found in the pixels, or the pixel estimate for an image without tables: see --quality-rule) or "
+        "1..100; compare without "
         "--jpeg also compresses IMAGE at it (auto: 10)",
         parse=quality_arg,
         metavar="auto|Q",
@@ -202,7 +203,7 @@ class Models:
     device: torch.device
     precision: Choice
     specs: list[str]  # the weights as resolved (the default name filled in)
-    estimator: Estimator | None = None  # the pixel quality estimate of --quality-rule auto
+    estimator: Estimator | None = None  # the pixel quality estimate (images without JPEG tables)
 
     @property
     def identity(self) -> bool:
