@@ -86,7 +86,7 @@ def decoded_jpeg(img: np.ndarray | Image.Image, quality: int, subsampling: str =
 
 
 @functools.cache
-def _reference_tables() -> dict[int, np.ndarray]:
+def reference_tables() -> dict[int, np.ndarray]:
     """Luminance quantisation table that Pillow/libjpeg writes at each quality 1..100."""
     tiny = Image.new("L", (8, 8), 128)
     tables = {}
@@ -106,7 +106,7 @@ def estimate_quality(img: Image.Image) -> int | None:
     luma = np.asarray(tables[0], dtype=np.int64)
     if luma.size != 64:
         return None
-    refs = _reference_tables()
+    refs = reference_tables()
     return min(refs, key=lambda q: (int(np.abs(refs[q] - luma).sum()), -q))
 
 

@@ -16,7 +16,7 @@ the classic double-JPEG forensic test (primary quantisation estimation), here in
   file's own count (a lattice near the file's own is the file's own save).
 
 A resize between the saves destroys the lattice (the blocks no longer align with anything), so a
-resized chain is not found here (``bench/quality_rule.py`` measures what that costs: little, the
+resized chain is not found here (``bench/realworld.py`` measures what that costs: little, the
 tables and the projection do as well as the first quality there).
 
 Cost: the photo's most textured window of at most ``WINDOW`` px (a fixed cost, whatever its size),
@@ -31,7 +31,7 @@ import functools
 
 import numpy as np
 
-from restorer.data.degrade import _reference_tables
+from restorer.data.degrade import reference_tables
 from restorer.estimator import DCT8
 
 # Natural-order indices (row * 8 + column) of the DC and the ten lowest AC frequencies: the ones a
@@ -63,7 +63,7 @@ class EarlierSave:
 
 @functools.cache
 def _steps() -> np.ndarray:
-    tables = _reference_tables()
+    tables = reference_tables()
     return np.stack([tables[int(q)] for q in CANDIDATES])[:, FREQS].astype(np.float32)
 
 
@@ -128,7 +128,7 @@ def best_lattice(pixels: np.ndarray, tables: int | None) -> EarlierSave | None:
     block; the :data:`FINE_OFFSETS` best offsets, and (0, 0), are then scored in full."""
     steps, quals = _steps(), CANDIDATES
     if tables is not None:
-        own = _reference_tables()[int(tables)][FREQS].sum()
+        own = reference_tables()[int(tables)][FREQS].sum()
         keep = steps.sum(axis=1) >= STEP_RATIO * own
         steps, quals = steps[keep], quals[keep]
     if not len(quals) or min(pixels.shape[:2]) < 16:  # no shifted grid has a whole block
