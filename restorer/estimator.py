@@ -57,7 +57,7 @@ _scale[0] = np.sqrt(1 / 8)  # the k = 0 row (indexing="ij": k runs down the rows
 DCT8 = _scale * np.cos(np.pi * (2 * _n + 1) * _k / 16)
 
 
-def _planes(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def ycbcr_planes(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Y, Cb, Cr (JPEG's full-range BT.601, Cb/Cr centred on 0) of a uint8 crop; gray: zero chroma."""
     x = img.astype(np.float64)
     if x.ndim == 2:
@@ -70,17 +70,19 @@ def _planes(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-def _block_dct(plane: np.ndarray, oy: int, ox: int) -> np.ndarray:
-    """|DCT| of the whole 8x8 blocks of ``plane`` on the grid starting at (oy, ox): [blocks, 64]."""
+def block_dct(plane: np.ndarray, oy: int, ox: int) -> np.ndarray:
+    """The JPEG (orthonormal) DCT of the whole 8x8 blocks of ``plane`` on the grid starting at
+    (oy, ox): [blocks, 64], natural order (row * 8 + column), in the plane's float type."""
     p = plane[oy:, ox:]
     h, w = p.shape[0] // 8 * 8, p.shape[1] // 8 * 8
     blocks = p[:h, :w].reshape(h // 8, 8, w // 8, 8).transpose(0, 2, 1, 3).reshape(-1, 8, 8)
-    return np.abs(DCT8 @ blocks @ DCT8.T).reshape(-1, 64)
+    d = DCT8.astype(plane.dtype, copy=False)
+    return (d @ blocks @ d.T).reshape(-1, 64)
 
 
 def features(crop: np.ndarray) -> np.ndarray:
     """The 770 features of one uint8 crop (at least 16 x 16): see the module docstring."""
-    y, cb, cr = _planes(crop)
+    y, cb, cr = ycbcr_planes(crop)
     across = np.abs(np.diff(y, axis=1)).mean(axis=0)
     down = np.abs(np.diff(y, axis=0)).mean(axis=1)
     px = np.array([across[k::8].mean() for k in range(8)])
@@ -89,9 +91,9 @@ def features(crop: np.ndarray) -> np.ndarray:
     parts = []
     for rank in (0, 1):  # the blockiest grid, then the next one (an earlier save's, or none)
         oy, ox = (int(order_y[rank]) + 1) % 8, (int(order_x[rank]) + 1) % 8  # a border lies after column bx
-        luma = _block_dct(y, oy, ox)
+        luma = np.abs(block_dct(y, oy, ox))
         parts += [np.log1p(luma.mean(axis=0))] + [(luma < t).mean(axis=0) for t in ZERO_THRESHOLDS]
-        parts += [np.log1p(_block_dct(c, oy, ox).mean(axis=0)) for c in (cb, cr)]
+        parts += [np.log1p(np.abs(block_dct(c, oy, ox)).mean(axis=0)) for c in (cb, cr)]
     bx, by = int(order_x[0]), int(order_y[0])
     parts.append(np.array([px[bx] / (px.mean() + 1e-6), py[by] / (py.mean() + 1e-6)]))
     return np.concatenate(parts).astype(np.float32)

@@ -32,7 +32,7 @@ import functools
 import numpy as np
 
 from restorer.data.degrade import reference_tables
-from restorer.estimator import DCT8
+from restorer.estimator import block_dct, ycbcr_planes
 
 # Natural-order indices (row * 8 + column) of the DC and the ten lowest AC frequencies: the ones a
 # strong save keeps nonzero often enough to show its lattice.
@@ -67,13 +67,6 @@ def _steps() -> np.ndarray:
     return np.stack([tables[int(q)] for q in CANDIDATES])[:, FREQS].astype(np.float32)
 
 
-def _luma(pixels: np.ndarray) -> np.ndarray:
-    x = pixels.astype(np.float32)
-    if x.ndim == 2:
-        return x - 128
-    return 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2] - 128
-
-
 def _window(pixels: np.ndarray) -> tuple[int, int, int, int]:
     """(top, left, height, width) of the most textured of up to nine ``WINDOW`` px windows (the
     whole image if smaller), judged on the green channel (or the gray plane)."""
@@ -91,11 +84,8 @@ def _window(pixels: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def _coefficients(y: np.ndarray, oy: int, ox: int) -> np.ndarray:
-    p = y[oy:, ox:]
-    h, w = p.shape[0] // 8 * 8, p.shape[1] // 8 * 8
-    blocks = p[:h, :w].reshape(h // 8, 8, w // 8, 8).transpose(0, 2, 1, 3).reshape(-1, 8, 8)
-    dct = DCT8.astype(np.float32)
-    return (dct @ blocks @ dct.T).reshape(-1, 64)[:, FREQS]
+    """The :data:`FREQS` DCT coefficients of the level-shifted luma's blocks on grid (oy, ox)."""
+    return block_dct(y, oy, ox)[:, FREQS]
 
 
 def lattice_scores(coefs: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +124,7 @@ def best_lattice(pixels: np.ndarray, tables: int | None) -> EarlierSave | None:
     if not len(quals) or min(pixels.shape[:2]) < 16:  # no shifted grid has a whole block
         return None
     top, left, wh, ww = _window(pixels)
-    win = _luma(pixels[top : top + wh, left : left + ww])
+    win = (ycbcr_planes(pixels[top : top + wh, left : left + ww])[0] - 128).astype(np.float32)  # level shift
     offsets = [(oy, ox) for oy in range(8) for ox in range(8)]
     coarse = [_best_at(_coefficients(win, oy, ox)[::2], steps[::3], quals[::3])[0] for oy, ox in offsets]
     ranked = [offsets[i] for i in np.argsort(coarse)[::-1][:FINE_OFFSETS]]
