@@ -26,8 +26,10 @@ from ``os.wait4``) is its own:
   start to exit, peak RSS). Last line ``end_to_end_over_network: <end to end / network>``
   (the median over ``--repeat`` runs). Module: bench/restore_stages.py.
 * ``--folder N``: instead, a folder of N photo-like JPEGs of ``--folder-size``: the network alone on
-  each (decoded beforehand), then ``restorer restore folder/`` with its default overlap and with
-  ``--sequential``. Last line ``folder_rate_over_network: <network seconds / end to end seconds>``.
+  each (decoded beforehand), ``restorer restore folder/`` with its default overlap and with
+  ``--sequential``, back to back in each of ``--repeat`` rounds (order reversed every other round);
+  each rate is against its own round's network time. Last line ``folder_rate_over_network:
+  <network seconds / end to end seconds>`` (overlapped, median over the rounds).
 
 The last line is ``restore_cpu_mpix_per_s: <value>`` (default preset, tiled, fp32, CPU) for the
 default cases.
@@ -38,7 +40,7 @@ examples:
   python bench/restore.py --threads 1     # torch threads in every child
   python bench/restore.py --packaged      # the shipped models on a 24 MP JPEG, as `restore` runs them
   python bench/restore.py --end-to-end --compare-png   # the split of a 24 MP restore (fast), ~3 min on 2 cores
-  python bench/restore.py --folder 8      # 8 photos of 6 MP, overlapped and sequential
+  python bench/restore.py --folder 8 --repeat 3   # 8 photos of 6 MP, overlapped and sequential, 3 rounds
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--folder-size", default="3000x2000", help="photo size of --folder")
     ap.add_argument("--image", default=None, help="--end-to-end: this JPEG instead of the generated one")
     ap.add_argument("--weights", default="fast", help="--end-to-end / --folder: weights (default fast)")
-    ap.add_argument("--repeat", type=int, default=1, help="--end-to-end: runs (the median ratio is reported)")
+    ap.add_argument("--repeat", type=int, default=1, help="--end-to-end / --folder: runs / rounds (median reported)")
     ap.add_argument("--compare-png", action="store_true", help="--end-to-end: also Pillow's PNG levels 6 and 1")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
     ap.add_argument("--size", default="1024x768", help="image size of the speed cases")
@@ -397,7 +399,14 @@ def end_to_end(args, env: dict, threads: list[str]) -> int:
 
 
 def folder(args, env: dict, threads: list[str]) -> int:
-    """A folder of photos: the network alone, then `restorer restore` with and without overlap."""
+    """A folder of photos: the network alone, `restorer restore` overlapped and sequential, in rounds.
+
+    The three runs of a round follow each other (the order reversed every other round), and each
+    rate is taken against the network-only time of its own round: this 2-core machine's speed drifts
+    5-10% over minutes, as much as the difference being measured.
+    """
+    import statistics
+
     from PIL import Image
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_restore_"))
@@ -408,25 +417,36 @@ def folder(args, env: dict, threads: list[str]) -> int:
     for i in range(args.folder):
         images.append(src / f"p{i}.jpg")
         Image.fromarray(photo_like(w, h, seed=i)).save(images[-1], quality=30 + 5 * (i % 4))
-    net = _child_json("--network-child", [str(p) for p in images], args, env, threads)
-    network = sum(net["seconds"])
-    rows = {}
-    for name, extra in (("overlapped", []), ("sequential", ["--sequential"])):
-        rows[name] = _cli([src], tmp / name, args, env, threads, extra)[:3]
-    mp = net["megapixels"]
+    cases = {"network only": None, "restore overlapped": [], "restore sequential": ["--sequential"]}
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in cases}
+    mp = 0.0
+    for r in range(max(1, args.repeat)):
+        for name in list(cases)[:: 1 if r % 2 == 0 else -1]:
+            if cases[name] is None:
+                net = _child_json("--network-child", [str(p) for p in images], args, env, threads)
+                runs[name].append((sum(net["seconds"]), 0.0, net["cpu"]))
+                mp = net["megapixels"]
+            else:
+                runs[name].append(_cli([src], tmp / name.split()[-1], args, env, threads, cases[name])[:3])
     print(f"# {args.folder} JPEGs of {w}x{h} ({mp:.0f} MP), weights {args.weights}; end to end = process start to exit")
-    print(f"{'case':<22} {'seconds':>8} {'Mpix/s':>7} {'x network rate':>15} {'peak RSS MiB':>13} {'CPU s':>8}")
-    print(f"{'network only':<22} {network:>8.1f} {mp / network:>7.3f} {1.0:>15.3f} {'':>13} {net['cpu']:>8.1f}")
-    for name, (wall, rss, cpu) in rows.items():
-        print(
-            f"{'restore ' + name:<22} {wall:>8.1f} {mp / wall:>7.3f} {network / wall:>15.3f} {rss:>13.0f} {cpu:>8.1f}"
-        )
+    print(f"# {len(runs['network only'])} round(s) of the three runs back to back; rate = that round's network time")
+    print(f"{'case':<20} {'round':>5} {'seconds':>8} {'Mpix/s':>7} {'x network':>10} {'peak RSS MiB':>13} {'CPU s':>7}")
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    for r, (network, _, _) in enumerate(runs["network only"]):
+        for name in cases:
+            wall, rss, cpu = runs[name][r]
+            rates[name].append(network / wall)
+            rss_text = f"{rss:.0f}" if rss else ""
+            rate = network / wall
+            print(f"{name:<20} {r + 1:>5} {wall:>8.1f} {mp / wall:>7.3f} {rate:>10.3f} {rss_text:>13} {cpu:>7.1f}")
     print("(network only: Restorer.restore on the decoded photos, its CPU seconds; restore: the whole process)")
+    for name in list(cases)[1:]:
+        print(f"{name}: median rate {statistics.median(rates[name]):.3f} of the network's ({len(rates[name])} rounds)")
     print(f"load average now {os.getloadavg()[0]:.1f}")
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"folder_rate_over_network: {network / rows['overlapped'][0]:.3f}")
+    print(f"folder_rate_over_network: {statistics.median(rates['restore overlapped']):.3f}")
     return 0
 
 
