@@ -77,7 +77,13 @@ def describe_degradations(cfg: dict) -> str:
             f"three), each at its own quality of the range and chroma; one resize between two saves in "
             f"{100 * float(cfg['chain_resize_p']):.0f}% of the chains (scale {cfg['chain_scales']}, "
             f"{cfg['chain_kernels'].replace(',', ' / ')}), each gap's 8x8 grid shifted by a 1-7 px crop "
-            f"with p={cfg['chain_shift_p']}; told the chain's effective quality (the single save of equal PSNR)"
+            f"with p={cfg['chain_shift_p']}; told "
+            + (
+                "the quality restore --quality auto tells for it (an earlier save whose lattice survives, no resize "
+                "after it, with 1.5x the last save's steps; else the last save's quality)"
+                if cfg.get("chain_label") == "restore"
+                else "the chain's effective quality (the single save of equal PSNR)"
+            )
         )
     if not parts:
         parts.append("single compression only")

@@ -1,9 +1,11 @@
 """Training degradations (restorer.data.degrade): quality ranges, double JPEG on a shifted grid,
 chroma subsampling drawn from a list, and the label = the last compression's quality; real-world
-chains (saves, resizes, grid shifts) labelled with their effective quality."""
+chains (saves, resizes, grid shifts) labelled with their effective quality, or with the quality
+``restore --quality auto`` tells the model (``chain_label: restore``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections import Counter
 
@@ -247,8 +249,60 @@ def test_stream_with_chains_batches_the_patch_size_and_records_its_options(tmp_p
             "chain_resize_p",
             "chain_kernels",
             "chain_shift_p",
+            "chain_label",
         }
     )
-    for bad in (dict(chain_p=2.0), dict(chain_scales="0-1"), dict(chain_kernels="nearest"), dict(chain_shift_p=-1)):
+    for bad in (
+        dict(chain_p=2.0),
+        dict(chain_scales="0-1"),
+        dict(chain_kernels="nearest"),
+        dict(chain_shift_p=-1),
+        dict(chain_label="last"),
+    ):
         with pytest.raises(UserError, match="chain"):
             StreamConfig(**bad).validate()
+
+
+@pytest.mark.parametrize(
+    "spec, told",
+    [
+        ("30>80", 30),  # aligned earlier save: its lattice is what restore finds
+        ("30>s4>80", 30),  # cropped in between: found on its shifted grid
+        ("20>60>90", 20),  # the strongest earlier save
+        ("40>x0.75>85", 85),  # a resize hides the earlier save: the tables' quality
+        ("40>x0.8>30>85", 30),  # the save after the resize survives
+        ("30>x0.7>50>90", 50),
+        ("90>30", 30),  # the earlier save is not stronger
+        ("75>80", 80),  # nor 1.5x stronger: taken for the file's own save
+    ],
+)
+def test_restore_label_is_what_restore_tells_the_model(spec, told):
+    assert degrade.restore_label(parse_chain(spec)) == told
+
+
+def test_restore_label_matches_the_lattice_found_on_a_photo():
+    """On a whole photo, what restorer.infer.resave finds agrees with the label from the facts."""
+    from restorer.data.degrade import reference_tables
+    from restorer.infer.resave import find_earlier_save
+
+    for spec in ("30>80", "30>s4>80", "40>x0.75>85", "90>30"):
+        saves = parse_chain(spec)
+        deg, _, _ = degrade.apply_chain(data_photo(), saves)
+        assert saves[-1].quality in reference_tables()
+        found = find_earlier_save(deg, saves[-1].quality)
+        assert (found.quality if found else saves[-1].quality) == degrade.restore_label(saves), spec
+
+
+def test_stream_labels_chains_as_restore_tells_the_model(tmp_path):
+    rng = np.random.default_rng(5)
+    params = dataclasses.replace(CHAIN, p=1.0, label="restore")
+    big = np.ascontiguousarray(data_photo()[: CHAIN.source_size(), : CHAIN.source_size()])
+    labels = []
+    for _ in range(30):
+        d = draw_degradation(rng, (5, 95), 0.0, ("4:2:0",), params)
+        assert d.chain and d.chain_label == "restore"
+        labels.append((degrade.apply(big, d)[2], degrade.restore_label(d.chain)))
+    assert all(a == b for a, b in labels)
+    root = write_shards(tmp_path / "s", splits={"train": 4}, samples_per_shard=2, tile=192)
+    cfg = StreamConfig(shards=str(root), patch_size=48, chain_p=1.0, chain_label="restore", shuffle_buffer=4)
+    assert cfg.chain_params().label == "restore" and cfg.degradation_facts()["chain_label"] == "restore"

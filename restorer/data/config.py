@@ -11,6 +11,7 @@ import dataclasses
 from restorer.config import option
 from restorer.data.augment import AugmentParams
 from restorer.data.degrade import (
+    CHAIN_LABELS,
     KERNELS,
     SUBSAMPLING,
     ChainParams,
@@ -60,6 +61,12 @@ class StreamConfig:
         "per gap between two saves of a chain: probability of a crop of 0-7 px at the "
         "top and left (not both 0), which shifts the next save's 8x8 grid",
     )
+    chain_label: str = _opt(
+        "effective",
+        "the quality a chain's patch is labelled with: 'effective' (the single save of equal PSNR) "
+        "or 'restore' (what restore --quality auto tells the model: an earlier save whose lattice "
+        "survives, else the last save's quality)",
+    )
     rescale_p: float = _opt(0.5, "probability of rescaling (bicubic) before the crop")
     rescale_scales: tuple[float, ...] = _opt((0.9, 0.8, 0.7, 0.6), "scales a rescale draws from, each in (0, 1]")
     rotate_p: float = _opt(0.5, "probability of a 90/180/270 degree rotation")
@@ -86,6 +93,7 @@ class StreamConfig:
             kernels=parse_kernels(self.chain_kernels),
             shift_p=float(self.chain_shift_p),
             patch_size=int(self.patch_size),
+            label=str(self.chain_label),
         )
 
     def augment_params(self) -> AugmentParams:
@@ -110,6 +118,10 @@ class StreamConfig:
             self.augment_params().validate()
         except ValueError as exc:
             raise UserError(f"stream config: {exc}") from None
+        if self.chain_label not in CHAIN_LABELS:
+            raise UserError(
+                f"stream config: chain_label must be one of {', '.join(CHAIN_LABELS)}, got {self.chain_label!r}"
+            )
         for name in ("double_jpeg_p", "chain_p", "chain_three_p", "chain_resize_p", "chain_shift_p"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise UserError(f"stream config: {name} must lie in [0, 1], got {getattr(self, name)}")
@@ -132,5 +144,6 @@ class StreamConfig:
             "chain_scales",
             "chain_kernels",
             "chain_shift_p",
+            "chain_label",
         )
         return {name: getattr(self, name) for name in names}

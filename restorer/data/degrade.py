@@ -129,6 +129,7 @@ class Degradation:
     shift: tuple = (0, 0)
     chain: tuple = ()
     size: int | None = None
+    chain_label: str = "effective"
 
 
 def draw_quality(rng: np.random.Generator, qrange: Sequence[int]) -> int:
@@ -153,7 +154,7 @@ def draw_degradation(
         if chain is None or size is None or rng.random() >= chain.p:  # chain None: size is None too
             return Degradation(quality, sub, size=size)
         saves = draw_chain(rng, qrange, subsamplings, chain, (quality, sub))
-        return Degradation(quality, sub, chain=saves, size=size)
+        return Degradation(quality, sub, chain=saves, size=size, chain_label=chain.label)
     lo, hi = qrange
     first = quality
     if hi > lo:  # another quality of the same range
@@ -191,7 +192,7 @@ def apply(patch: np.ndarray, d: Degradation) -> tuple[np.ndarray, np.ndarray, in
     """(degraded, clean, label) of one training patch: the stream's JPEG stage. With ``d.size``
     the pair is the top-left ``size`` x ``size`` of the result (a chain ran on the whole cut
     patch first, so its resize and crops had room); the label is ``d.quality``, or for a chain its
-    :func:`effective_quality`."""
+    :func:`effective_quality` (``d.chain_label`` "effective") or :func:`restore_label` ("restore")."""
     n = d.size
     if not d.chain:
         clean = np.ascontiguousarray(patch if n is None else patch[:n, :n])
@@ -199,6 +200,8 @@ def apply(patch: np.ndarray, d: Degradation) -> tuple[np.ndarray, np.ndarray, in
     degraded, clean, _ = apply_chain(patch, d.chain)
     if n is not None:
         degraded, clean = np.ascontiguousarray(degraded[:n, :n]), np.ascontiguousarray(clean[:n, :n])
+    if d.chain_label == "restore":
+        return degraded, clean, restore_label(d.chain)
     return degraded, clean, effective_quality(clean, degraded, d.chain)
 
 
@@ -211,6 +214,7 @@ KERNELS = {
     "area": Image.Resampling.BOX,  # Pillow's box filter: the mean over each output pixel's area
 }
 MAX_SAVES, MAX_SHIFT = 3, 7
+CHAIN_LABELS = ("effective", "restore")  # what a chain's patch is labelled with: apply()
 
 
 def parse_scales(spec: str | Sequence[float]) -> tuple[float, float]:
@@ -259,6 +263,7 @@ class ChainParams:
     kernels: tuple = tuple(KERNELS)
     shift_p: float = 0.5  # per gap between two saves: share shifting the grid by a crop
     patch_size: int = 128  # side of the (degraded, clean) pair the stream wants
+    label: str = "effective"  # one of CHAIN_LABELS
 
     def source_size(self) -> int:
         """Side of the clean patch to cut so that any chain still leaves ``patch_size`` px: up to
@@ -379,3 +384,24 @@ def effective_quality(clean: np.ndarray, degraded: np.ndarray, saves: Sequence[S
         else:
             lo = mid + 1
     return int(lo)
+
+
+def restore_label(saves: Sequence[Save]) -> int:
+    """The quality ``restorer restore --quality auto`` tells the model for a chain, from the
+    chain's facts: the strongest earlier save whose quantisation lattice survives to the last save
+    (no resize after it) and whose table steps are at least ``STEP_RATIO`` times the last save's
+    (what :mod:`restorer.infer.resave` can find), else the last save's quality (read from the
+    file's tables). Training on this label teaches the model what the quality it is told means at
+    restore time, where a resize has hidden the earlier saves."""
+    from restorer.infer.resave import FREQS, STEP_RATIO  # resave imports this module
+
+    tables = reference_tables()
+    last = saves[-1]
+    own = float(tables[int(last.quality)][FREQS].sum())
+    found = [
+        int(s.quality)
+        for i, s in enumerate(saves[:-1])
+        if all(t.scale == 1.0 for t in saves[i + 1 :])
+        and float(tables[int(s.quality)][FREQS].sum()) >= STEP_RATIO * own
+    ]
+    return min(found) if found else int(last.quality)
