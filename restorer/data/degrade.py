@@ -389,19 +389,16 @@ def effective_quality(clean: np.ndarray, degraded: np.ndarray, saves: Sequence[S
 def restore_label(saves: Sequence[Save]) -> int:
     """The quality ``restorer restore --quality auto`` tells the model for a chain, from the
     chain's facts: the strongest earlier save whose quantisation lattice survives to the last save
-    (no resize after it) and whose table steps are at least ``STEP_RATIO`` times the last save's
-    (what :mod:`restorer.infer.resave` can find), else the last save's quality (read from the
-    file's tables). Training on this label teaches the model what the quality it is told means at
-    restore time, where a resize has hidden the earlier saves."""
-    from restorer.infer.resave import FREQS, STEP_RATIO  # resave imports this module
+    (no resize after it) and stronger than the last save by :func:`restorer.infer.resave.is_stronger`
+    (what that module can find), else the last save's quality (read from the file's tables).
+    Training on this label teaches the model what the quality it is told means at restore time,
+    where a resize has hidden the earlier saves."""
+    from restorer.infer.resave import is_stronger  # resave imports this module
 
-    tables = reference_tables()
-    last = saves[-1]
-    own = float(tables[int(last.quality)][FREQS].sum())
+    last = int(saves[-1].quality)
     found = [
         int(s.quality)
         for i, s in enumerate(saves[:-1])
-        if all(t.scale == 1.0 for t in saves[i + 1 :])
-        and float(tables[int(s.quality)][FREQS].sum()) >= STEP_RATIO * own
+        if all(t.scale == 1.0 for t in saves[i + 1 :]) and is_stronger(int(s.quality), last)
     ]
-    return min(found) if found else int(last.quality)
+    return min(found) if found else last

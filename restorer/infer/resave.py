@@ -67,6 +67,13 @@ def _steps() -> np.ndarray:
     return np.stack([tables[int(q)] for q in CANDIDATES])[:, FREQS].astype(np.float32)
 
 
+def is_stronger(quality: int, own: int) -> bool:
+    """Whether a save at ``quality`` counts as earlier and stronger than a file saved at ``own``:
+    its steps over :data:`FREQS` sum to at least :data:`STEP_RATIO` times the file's."""
+    tables = reference_tables()
+    return float(tables[quality][FREQS].sum()) >= STEP_RATIO * float(tables[own][FREQS].sum())
+
+
 def _window(pixels: np.ndarray) -> tuple[int, int, int, int]:
     """(top, left, height, width) of the most textured of up to nine ``WINDOW`` px windows (the
     whole image if smaller), judged on the green channel (or the gray plane)."""
@@ -118,8 +125,7 @@ def best_lattice(pixels: np.ndarray, tables: int | None) -> EarlierSave | None:
     block; the :data:`FINE_OFFSETS` best offsets, and (0, 0), are then scored in full."""
     steps, quals = _steps(), CANDIDATES
     if tables is not None:
-        own = reference_tables()[int(tables)][FREQS].sum()
-        keep = steps.sum(axis=1) >= STEP_RATIO * own
+        keep = np.array([is_stronger(int(q), int(tables)) for q in quals])
         steps, quals = steps[keep], quals[keep]
     if not len(quals) or min(pixels.shape[:2]) < 16:  # no shifted grid has a whole block
         return None
