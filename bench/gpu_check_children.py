@@ -155,7 +155,8 @@ def child_loader(spec: dict) -> None:
 
     import torch
 
-    from restorer.data import StreamConfig, make_train_loader
+    from restorer.data.config import StreamConfig
+    from restorer.data.loader import make_train_loader
 
     torch.set_num_threads(1)
     cfg = StreamConfig(

@@ -58,13 +58,11 @@ from benchcli import parser
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from restorer.data import (  # noqa: E402
-    StreamConfig,
-    augment,  # noqa: E402
-    make_train_loader,
-)
+from restorer.data import augment  # noqa: E402
 from restorer.data.batch import stack_patches  # noqa: E402
+from restorer.data.config import StreamConfig  # noqa: E402
 from restorer.data.degrade import jpeg_roundtrip  # noqa: E402
+from restorer.data.loader import make_train_loader  # noqa: E402
 
 BSDS = REPO.parent / "shared" / "datasets" / "BSR"
 PATCH, QUALITY, BATCH = 128, 10, 32

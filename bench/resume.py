@@ -36,7 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchcli import parser  # noqa: E402
-from restorer.data import StreamConfig, augment, make_train_loader  # noqa: E402
+from restorer.data import augment  # noqa: E402
+from restorer.data.config import StreamConfig  # noqa: E402
+from restorer.data.loader import make_train_loader  # noqa: E402
 
 BSDS = REPO.parent / "shared" / "datasets" / "BSR"
 BATCH = 32

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from restorer.config import dump_config, parse_config
-from restorer.data import StreamConfig, make_train_loader
+from restorer.data.config import StreamConfig
+from restorer.data.loader import make_train_loader
 from restorer.errors import UserError, cli_entry
 from restorer.estimator import QualityNet, features, save_estimator
 

@@ -14,18 +14,11 @@ import torch
 from conftest import rewrite_tar as _rewrite
 from conftest import write_shards
 
-from restorer.data import (
-    SharedEpoch,
-    StreamConfig,
-    batch,
-    make_train_loader,
-    make_val_loader,
-    plan,
-    shards,
-    to_device_float,
-    val,
-    workers,
-)
+from restorer.data import batch, plan, shards, val, workers
+from restorer.data.batch import to_device_float
+from restorer.data.config import StreamConfig
+from restorer.data.loader import SharedEpoch, make_train_loader
+from restorer.data.val import make_val_loader
 from restorer.errors import UserError
 from restorer.metrics import psnr
 

@@ -15,7 +15,8 @@ import torch
 from conftest import write_shards
 from PIL import Image
 
-from restorer.data import StreamConfig, degrade, make_train_loader
+from restorer.data import degrade
+from restorer.data.config import StreamConfig
 from restorer.data.degrade import (
     ChainParams,
     Degradation,
@@ -26,6 +27,7 @@ from restorer.data.degrade import (
     jpeg_shifted,
     parse_chain,
 )
+from restorer.data.loader import make_train_loader
 from restorer.errors import UserError
 
 

@@ -18,7 +18,9 @@ import pytest
 import torch
 from conftest import FIT_ARGS, check, launch, metrics, write_shards
 
-from restorer.data import StreamConfig, make_train_loader, make_val_loader
+from restorer.data.config import StreamConfig
+from restorer.data.loader import make_train_loader
+from restorer.data.val import make_val_loader
 from restorer.errors import UserError
 
 pytestmark = pytest.mark.timeout(240)

@@ -16,7 +16,9 @@ import pytest
 import torch
 from conftest import write_shards
 
-from restorer.data import StreamConfig, augment, make_train_loader, shards, shuffle, skips
+from restorer.data import augment, shards, shuffle, skips
+from restorer.data.config import StreamConfig
+from restorer.data.loader import make_train_loader
 from restorer.data.position import AddressSet, address, resume_position, start_position, unpack
 from restorer.errors import UserError
 

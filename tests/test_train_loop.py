@@ -94,7 +94,7 @@ def cfg_for(shards: Path, run_dir: Path, *extra: str) -> TrainConfig:
 
 
 def test_config_is_composed_and_flat(tmp_path):
-    from restorer.data import StreamConfig
+    from restorer.data.config import StreamConfig
     from restorer.model import ModelConfig
 
     cfg = parse_config(
@@ -202,7 +202,7 @@ def test_window_figures():
 
 
 def _setup(cfg, accelerator, faults=None) -> TrainContext:
-    from restorer.data import SharedEpoch
+    from restorer.data.loader import SharedEpoch
     from restorer.train.loop import make_loader, prepare_training
 
     model, ema, optimizer = prepare_training(cfg, accelerator, channels_last=False)

@@ -6,12 +6,8 @@ the plan of a resumed epoch), reading (one slot's share of an epoch), shuffle (t
 buffer), stages (one worker's webdataset pipeline), augment (crop-first patches), degrade (JPEG),
 batch (collation and the device copy), loader (the training loader), val (the validation loader);
 config holds StreamConfig, skips the counters of what was skipped, quarantine the failed shards.
+
+This file imports nothing: import from the module that defines a name
+(``from restorer.data.loader import make_train_loader``), so that a program that needs one module
+(``restorer restore`` needs ``degrade``) does not load the training loader and its dependencies.
 """
-
-from restorer.data.batch import to_device_float
-from restorer.data.config import StreamConfig
-from restorer.data.loader import SharedEpoch, make_train_loader
-from restorer.data.shards import resolve_shards
-from restorer.data.val import make_val_loader
-
-__all__ = ["StreamConfig", "SharedEpoch", "make_train_loader", "make_val_loader", "to_device_float", "resolve_shards"]

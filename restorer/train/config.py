@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from restorer.config import option
-from restorer.data import StreamConfig
+from restorer.data.config import StreamConfig
 from restorer.data.degrade import parse_quality
 from restorer.errors import UserError
 from restorer.hardware import AUTO_BOOL, PRECISIONS, canonical_precision

@@ -22,8 +22,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from restorer.config import config_dict, dump_config
-from restorer.data import SharedEpoch, resolve_shards
-from restorer.data.loader import LoaderOptions, TrainLoader, make_train_loader
+from restorer.data.loader import LoaderOptions, SharedEpoch, TrainLoader, make_train_loader
+from restorer.data.shards import resolve_shards
 from restorer.hardware import accelerate_precision, device_name
 from restorer.model import build_model, count_parameters, flops_per_pixel
 from restorer.train.checkpoint import find_resume, finished_at, remove_stale_temp, resume_state, save_and_export

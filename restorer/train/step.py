@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from restorer.data import to_device_float
+from restorer.data.batch import to_device_float
 from restorer.errors import AgreedError, UserError
 from restorer.train.checkpoint import latest_checkpoint
 from restorer.train.context import TrainContext

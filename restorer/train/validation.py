@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from restorer.data import to_device_float
+from restorer.data.batch import to_device_float
 from restorer.data.val import ValLoader, ValOptions, make_val_loader
 from restorer.errors import AgreedError
 from restorer.metrics import psnr, ssim
