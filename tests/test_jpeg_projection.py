@@ -322,3 +322,41 @@ def test_float_and_uint8_inputs_agree():
         project(bad[:-1], data)
     with pytest.raises(ValueError, match="colour JPEG"):
         project(bad[:, :, 0], data)
+
+
+# -- threads ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sub", ["4:2:0", "4:4:4"])
+def test_strips_shared_among_threads_give_the_same_bytes(monkeypatch, sub):
+    """Projector.each_strip: the strips on as many Python threads as torch had, torch on one
+    thread in each; the output is byte for byte the one-thread output, the caller's thread count
+    comes back, and more than one thread really did the work."""
+    import threading
+
+    import torch
+
+    from restorer.infer import projection
+
+    monkeypatch.setattr(projection, "ROWS_PER_STRIP", 2)  # many strips on a small photo
+    data = encode(photo(h=200, w=160), 25, sub)
+    bad = blur(decode(data))
+    names: set[str] = set()
+    rows_uint8 = projection.Projector.rows_uint8
+
+    def spy(self, *args):
+        names.add(threading.current_thread().name)
+        return rows_uint8(self, *args)
+
+    monkeypatch.setattr(projection.Projector, "rows_uint8", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, float_one = project(bad, data), project_float(bad, data)
+        assert names == {threading.current_thread().name}
+        names.clear()
+        torch.set_num_threads(3)
+        three, float_three = project(bad, data), project_float(bad, data)
+        assert torch.get_num_threads() == 3
+        assert len(names) > 1 and all(n.startswith("projection") for n in names)
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(one, three) and np.array_equal(float_one, float_three)
