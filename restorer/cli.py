@@ -5,6 +5,7 @@ Each command lives in its own module with a ``main(argv) -> int``; this file onl
 
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 
@@ -50,8 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
+    module = _import_quietly(COMMANDS[command][0])
     return int(module.main(rest) or 0)
+
+
+def _import_quietly(name: str):
+    """Import a command's module (torch and all) with Python's garbage collector paused, then
+    freeze what was imported: those objects live until exit anyway, and torch's hundreds of
+    thousands of them would otherwise be scanned again by every full collection, including the
+    interpreter's own at exit (measured on 2 cores, 2026-11-30: exit after importing torch 0.98 s,
+    with them frozen 0.24 s)."""
+    gc.disable()
+    try:
+        module = importlib.import_module(name)
+    finally:
+        gc.enable()
+    gc.freeze()
+    return module
 
 
 if __name__ == "__main__":
