@@ -126,3 +126,22 @@ def test_panel_never_replaces_an_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "refusing to write over an input" in err
     assert src.read_bytes() == before
+
+
+def test_versus_tables_shows_both_rules_on_a_resaved_jpeg(tmp_path, capsys):
+    """--versus-tables: a fourth pane, the model told the tables' quality and projected, beside
+    the default rule, which finds the earlier q30 save of a q30 -> q80 chain."""
+    from restorer.data.degrade import apply_chain, parse_chain
+
+    src, jpeg, out = tmp_path / "a.png", tmp_path / "a_30_80.jpg", tmp_path / "panel.png"
+    img = data.astronaut()
+    Image.fromarray(img).save(src)
+    jpeg.write_bytes(apply_chain(img, parse_chain("30>80"))[2])
+    argv = [str(src), "--jpeg", str(jpeg), "--weights", "none", "--crop-size", "32", "--zoom", "2", "-o", str(out)]
+    assert compare_main([*argv, "--versus-tables", "--no-progress"]) == 0
+    line = capsys.readouterr().out
+    assert "tables rule" in line and "told q80" in line and "told q30" in line
+    with Image.open(out) as panel:
+        assert panel.size[0] == 4 * 64 + 5 * 8  # JPEG, tables rule, default rule, original
+    assert compare_main([*argv, "--versus-tables", "--quality", "30", "--overwrite"]) == 2
+    assert "drop --quality" in capsys.readouterr().err

@@ -5,6 +5,9 @@ supplies an existing JPEG of it), restored, and a crop of the three is shown sid
 enlarged with nearest-neighbour (so pixels and 8x8 blocks stay visible), each captioned with its
 PSNR against the original over the whole image and over the crop. The crop is ``--crop x,y,w,h``
 or, automatically, the window where the JPEG's error is largest (aligned to the 8x8 JPEG grid).
+``--versus-tables`` adds, before the restored pane, the same model told what the JPEG's
+quantisation tables say and projected (``--quality-rule tables``): on a re-saved JPEG, the
+difference the default rule makes.
 
 A ``--jpeg`` that is not a JPEG of IMAGE (another size, or a PSNR to IMAGE below
 ``MIN_JPEG_PSNR`` dB: a different photo) is an error, not a meaningless panel. The panel is never
@@ -55,6 +58,7 @@ examples:
   restorer compare photo.png --weights runs/demo/model.safetensors --quality 10 -o panel.png
   restorer compare photo.png --weights w.safetensors --quality 20 --crop 120,80,96,96 --zoom 4 -o panel.png
   restorer compare photo.png --jpeg photo_q10.jpg --weights w.safetensors -o panel.png
+  restorer compare photo.png --jpeg resaved.jpg --weights quality --versus-tables -o panel.png
 """
 
 
@@ -68,6 +72,12 @@ class CompareOptions(InferOptions, QualityOptions, OverwriteOptions):
     crop: str | None = option(None, "crop box in pixels (default: automatic)", metavar="X,Y,W,H")
     crop_size: int = option(96, "side of the automatic crop", check=at_least(8))
     zoom: int = option(3, "nearest-neighbour enlargement", check=within(1, 16))
+    versus_tables: bool = option(
+        False,
+        "also show the model told the JPEG tables' quality, projected (--quality-rule tables): what "
+        "the default rule changes on a re-saved JPEG",
+        switch=True,
+    )
 
 
 def parse(argv: Sequence[str] | None = None) -> CompareOptions:
@@ -187,8 +197,9 @@ def restore_input(inp: Inputs, models: Models, args: CompareOptions) -> tuple[np
     return restored, f"{restorer.describe()}; told q{choice.quality}: {choice.why}"
 
 
-def panel_of(inp: Inputs, restored: np.ndarray, args: CompareOptions) -> tuple[Image.Image, str]:
-    """The panel of the crop (--crop, or where the JPEG's error is largest) and its crop box."""
+def panel_of(inp: Inputs, panes: list[tuple[str, np.ndarray]], args: CompareOptions) -> tuple[Image.Image, str]:
+    """The panel of the crop (--crop, or where the JPEG's error is largest) and its crop box:
+    the JPEG, each (caption, restored image) of ``panes``, the original."""
     ref, jpeg = inp.ref, inp.jpeg
     h, w = ref.shape[:2]
     if args.crop:
@@ -197,12 +208,13 @@ def panel_of(inp: Inputs, restored: np.ndarray, args: CompareOptions) -> tuple[I
         diff = (jpeg.astype(np.float64) - ref.astype(np.float64)) ** 2
         box = auto_crop(diff if diff.ndim == 2 else diff.mean(axis=2), args.crop_size)
     x, y, cw, ch = box
-    crops = [a[y : y + ch, x : x + cw] for a in (jpeg, restored, ref)]
-    cap = [
-        [inp.label, f"{_psnr(jpeg, ref):.2f} dB (crop {_psnr(crops[0], crops[2]):.2f})"],
-        ["restored", f"{_psnr(restored, ref):.2f} dB (crop {_psnr(crops[1], crops[2]):.2f})"],
-        ["original", f"crop {x},{y},{cw},{ch}"],
-    ]
+    ref_crop = ref[y : y + ch, x : x + cw]
+    crops, cap = [], []
+    for label, image in [(inp.label, jpeg), *panes]:
+        crops.append(image[y : y + ch, x : x + cw])
+        cap.append([label, f"{_psnr(image, ref):.2f} dB (crop {_psnr(crops[-1], ref_crop):.2f})"])
+    crops.append(ref_crop)
+    cap.append(["original", f"crop {x},{y},{cw},{ch}"])
     return make_panel(crops, cap, args.zoom), f"{x},{y},{cw},{ch}"
 
 
@@ -215,14 +227,21 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{out}: output exists (use --overwrite to replace it)")
     models = load_models(args)
     report_weight_errors(models, lambda line: print(f"error: {line}", file=sys.stderr))
+    if args.versus_tables and args.jpeg and args.quality:
+        raise UserError("--versus-tables compares how the quality is chosen; drop --quality to use it")
     inp = read_inputs(args)
+    panes, lines = [], []
+    if args.versus_tables:
+        tables = dataclasses.replace(args, quality_rule="tables")
+        restored, told = restore_input(inp, models, tables)
+        panes.append(("restored, tables rule", restored))
+        lines.append(f"tables rule {_psnr(restored, inp.ref):.2f} dB ({told})")
     restored, told = restore_input(inp, models, args)
-    panel, box = panel_of(inp, restored, args)
+    panes.append(("restored, default rule" if args.versus_tables else "restored", restored))
+    lines.append(f"restored {_psnr(restored, inp.ref):.2f} dB ({told})")
+    panel, box = panel_of(inp, panes, args)
     save_image(np.asarray(panel), None, out, SaveOptions(fmt="png", overwrite=args.overwrite))
-    print(
-        f"{out}: {inp.label} {_psnr(inp.jpeg, inp.ref):.2f} dB, restored {_psnr(restored, inp.ref):.2f} dB "
-        f"({told}), crop {box}"
-    )
+    print(f"{out}: {inp.label} {_psnr(inp.jpeg, inp.ref):.2f} dB, {', '.join(lines)}, crop {box}")
     return 1 if models.errors else 0
 
 
