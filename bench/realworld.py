@@ -40,6 +40,7 @@ import numpy as np
 
 from benchcli import parser as bench_parser
 from benchcli import summary
+from restorer.errors import cli_entry
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = ("30>80", "30>s4>80", "40>x0.75>85", "90>30", "10", "50", "90")
@@ -89,6 +90,7 @@ def write_panel_inputs(img: np.ndarray, spec: str, folder: Path, stem: str) -> t
     return ref_path, jpeg_path
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--weights", default="quality", help="fast | quality | a model.safetensors")

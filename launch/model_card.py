@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 from restorer.data.degrade import apply_chain, parse_chain
+from restorer.errors import cli_entry
 from restorer.estimator import Estimator, load_estimator
 from restorer.fsutil import atomic_write_text
 from restorer.imageio import open_image
@@ -203,6 +204,7 @@ def card_doc(args: argparse.Namespace, table: list[dict], images: int, estimator
     }
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
