@@ -122,8 +122,10 @@ def describe_hardware(info: dict) -> str:
     extra = " (gloo DDP), 1 thread each" if kind == "CPU" and world > 1 else ""
     layout = " + channels_last" if info.get("channels_last") else ""
     where = f" on {info['device_name']}" if info.get("device_name") else ""
+    mp = info.get("mixed_precision")
+    precision = "fp32" if mp in (None, "no") else f"{mp} mixed precision"
     return (
-        f"{world} {kind} process{'es' if world > 1 else ''}{extra}{where}, {info.get('mixed_precision')}"
+        f"{world} {kind} process{'es' if world > 1 else ''}{extra}{where}, {precision}"
         f"{layout} ({info.get('mixed_precision_reason', '')})"
     )
 

@@ -154,3 +154,13 @@ def test_the_card_of_a_run_is_what_gets_packaged(tmp_path, small_q10_weights, ca
     args = ["--run", str(run), "--name", "fast", "--recipe", "r.yaml", "--card", str(card), "--bsr", str(bsr)]
     assert package_weights.main([*args, "--out", str(out)]) == 0
     assert json.loads((out / "fast.json").read_text())["card"] == doc
+
+
+def test_hardware_text_names_the_precision():
+    from package_weights import describe_hardware
+
+    cpu = {"world_size": 2, "device": "cpu:0", "device_name": "AMD EPYC", "mixed_precision": "no"}
+    text = describe_hardware({**cpu, "mixed_precision_reason": "CPU lacks AVX512-BF16"})
+    assert text == "2 CPU processes (gloo DDP), 1 thread each on AMD EPYC, fp32 (CPU lacks AVX512-BF16)"
+    gpu = {"world_size": 1, "device": "cuda:0", "mixed_precision": "bf16", "channels_last": True}
+    assert describe_hardware(gpu).startswith("1 GPU process, bf16 mixed precision + channels_last (")
