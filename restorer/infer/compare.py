@@ -180,8 +180,8 @@ def read_inputs(args: CompareOptions) -> Inputs:
     return Inputs(ref, jimg.pixels, Path(args.jpeg), label, jimg.quality, args.quality, jimg.is_jpeg)
 
 
-def restore_input(inp: Inputs, models: Models, args: CompareOptions) -> tuple[np.ndarray, str]:
-    """The restored image (projected as ``restore`` would) and a description of what was told."""
+def restore_input(inp: Inputs, models: Models, args: CompareOptions) -> tuple[np.ndarray, str, str]:
+    """The restored image (projected as ``restore`` would), the weights used, and what they were told."""
     try:
         choice = choose_quality(inp.jpeg, inp.quality, inp.is_jpeg, inp.given, models, args)
     except UserError as exc:
@@ -194,7 +194,7 @@ def restore_input(inp: Inputs, models: Models, args: CompareOptions) -> tuple[np
         if os.environ.get("RESTORER_DEBUG"):
             raise
         raise UserError(f"{args.image}: failed ({describe(exc)})") from None
-    return restored, f"{restorer.describe()}; told q{choice.quality}: {choice.why}"
+    return restored, restorer.describe(), f"told q{choice.quality}: {choice.why}"
 
 
 def panel_of(inp: Inputs, panes: list[tuple[str, np.ndarray]], args: CompareOptions) -> tuple[Image.Image, str]:
@@ -233,12 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     panes, lines = [], []
     if args.versus_tables:
         tables = dataclasses.replace(args, quality_rule="tables")
-        restored, told = restore_input(inp, models, tables)
+        restored, _, told = restore_input(inp, models, tables)
         panes.append(("restored, tables rule", restored))
         lines.append(f"tables rule {_psnr(restored, inp.ref):.2f} dB ({told})")
-    restored, told = restore_input(inp, models, args)
+    restored, weights, told = restore_input(inp, models, args)
     panes.append(("restored, default rule" if args.versus_tables else "restored", restored))
-    lines.append(f"restored {_psnr(restored, inp.ref):.2f} dB ({told})")
+    lines.append(f"restored {_psnr(restored, inp.ref):.2f} dB ({weights}; {told})")
     panel, box = panel_of(inp, panes, args)
     save_image(np.asarray(panel), None, out, SaveOptions(fmt="png", overwrite=args.overwrite))
     print(f"{out}: {inp.label} {_psnr(inp.jpeg, inp.ref):.2f} dB, {', '.join(lines)}, crop {box}")
