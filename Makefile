@@ -19,7 +19,7 @@ help:
 	@echo "make bench   run four of the bench/ scripts in turn: shards.py, loader.py, train_step.py, restore.py (docs/benchmarks.md lists all of them)"
 	@echo "make demo    shards -> 2-process CPU training -> eval -> comparison picture (about 3.5 min with native bf16, 5.5 min in fp32, 2 cores)"
 	@echo "make bench-model-choice  train each candidate network/loss for the same time budget, eval on BSDS500 test (26 min on 2 CPU cores, 2026-11-26)"
-	@echo "make release-weights NAME=fast|quality  train a packaged model by launch/configs/release_NAME.yaml, make its card, install it in restorer/weights (about 31 / 90 min on 2 CPU cores with native bf16)"
+	@echo "make release-weights NAME=fast|quality  train a packaged model by launch/configs/release_NAME.yaml (release 2: fine-tunes of launch/init/NAME-v1, 7.3 / 15.5 min on 2 CPU cores in fp32), make its card (36 min for quality), install it in restorer/weights"
 	@echo "make slurm-up | slurm-down | slurm-status  a 2-node SLURM cluster on this host for launch/slurm/train.sbatch (root; apt-get install slurmctld slurmd slurm-client munge)"
 	@echo "make release-estimator  train the quality estimator (launch/configs/release_estimator.yaml) and install it in restorer/weights"
 	@echo "make bench-realworld NAME=fast|quality  default restore vs the oracle on re-saved BSDS500 test photos (bench/realworld.py)"
