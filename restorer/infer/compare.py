@@ -225,10 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     InputFiles(Path(p) for p in (args.image, args.jpeg) if p).check(out)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: output exists (use --overwrite to replace it)")
-    models = load_models(args)
-    report_weight_errors(models, lambda line: print(f"error: {line}", file=sys.stderr))
     if args.versus_tables and args.jpeg and args.quality:
         raise UserError("--versus-tables compares how the quality is chosen; drop --quality to use it")
+    models = load_models(args)
+    report_weight_errors(models, lambda line: print(f"error: {line}", file=sys.stderr))
     inp = read_inputs(args)
     panes, lines = [], []
     if args.versus_tables:
